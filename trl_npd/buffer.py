@@ -1,0 +1,151 @@
+"""The buffer between the generator and the trainer: bounded, version-tagged, evicting by staleness.
+
+The producer side (`put`) runs in the generator, possibly in another process; the consumer side (`take`) runs in
+the trainer. The transport is a bounded queue of whole generation batches, so a full buffer blocks the generator
+(backpressure) instead of growing memory or dropping samples. Staleness can only be judged against the trainer's
+current step, so eviction happens on the consumer side, and every evicted sample is counted.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Sample:
+    """One prompt and the completion the generator sampled for it, tagged with the policy that sampled it."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    # log-prob of each completion token under the behaviour policy (the snapshot, at the sampling temperature)
+    behaviour_logprobs: list[float]
+    policy_version: int
+    # optimizer step at which the generating weights were taken; staleness = current step - policy_step
+    policy_step: int
+    prompt_index: int
+    # position of the prompt in the generator's prompt stream, so a resumed run continues after it
+    stream_position: int
+    prompt_truncated: bool = False
+
+
+@dataclass
+class GeneratedBatch:
+    """What the generator hands over at once: samples of one policy version and what they cost."""
+
+    samples: list[Sample]
+    busy_s: float
+    completion_tokens: int
+    # samples the generator could not produce or discarded, by reason (e.g. "empty_prompt")
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated_prompts: int = 0
+
+
+@dataclass
+class TakeResult:
+    """What one `take` returned and what it observed on the way."""
+
+    samples: list[Sample]
+    dropped_stale: int = 0
+    wait_s: float = 0.0
+    received: list[GeneratedBatch] = field(default_factory=list)
+
+
+class SampleBuffer:
+    """Bounded buffer of generated samples.
+
+    Args:
+        transport: a queue with `put(item, timeout=)` / `get(timeout=)`: a `multiprocessing` queue when the generator
+            is a process, a `queue.Queue` when it is a thread. Its `maxsize` bounds the buffer, in generation batches.
+        generation_batch_size: samples per generation batch, to report the buffer's size in samples.
+        poll_s: how often a blocked side wakes up to check for shutdown or a failed peer.
+    """
+
+    def __init__(self, transport: Any, generation_batch_size: int, poll_s: float = 0.1) -> None:
+        self.transport = transport
+        self._generation_batch_size = generation_batch_size
+        self._poll_s = poll_s
+        self._ready: deque[Sample] = deque()
+
+    # ---- producer side (generator) -------------------------------------------------------------------------------
+    def put(self, batch: GeneratedBatch, should_stop: Callable[[], bool]) -> bool:
+        """Block until the batch fits (backpressure). Returns False, without enqueuing, if asked to stop first."""
+        while not should_stop():
+            try:
+                self.transport.put(batch, timeout=self._poll_s)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # ---- consumer side (trainer) ---------------------------------------------------------------------------------
+    def take(
+        self,
+        n: int,
+        current_step: int,
+        max_staleness: int,
+        check_producer: Callable[[], None],
+        refill: Callable[[], GeneratedBatch] | None = None,
+    ) -> TakeResult:
+        """Return the `n` oldest samples whose staleness is within `max_staleness`, evicting older ones.
+
+        Blocks while fewer than `n` fresh samples are available. `check_producer` is called while waiting and must
+        raise if the generator has failed, so a crash surfaces here instead of hanging. `refill`, when given, makes
+        the samples synchronously instead of waiting on the transport (the `sync` generator mode).
+        """
+        result = TakeResult(samples=[])
+        while len(result.samples) < n:
+            while self._ready and len(result.samples) < n:
+                sample = self._ready.popleft()
+                if current_step - sample.policy_step > max_staleness:
+                    result.dropped_stale += 1
+                else:
+                    result.samples.append(sample)
+            if len(result.samples) == n:
+                break
+            batch = self._next_batch(result, check_producer, refill)
+            result.received.append(batch)
+            self._ready.extend(batch.samples)
+        return result
+
+    def _next_batch(
+        self,
+        result: TakeResult,
+        check_producer: Callable[[], None],
+        refill: Callable[[], GeneratedBatch] | None,
+    ) -> GeneratedBatch:
+        # Time spent here is time the optimizer sits idle, whether it waits on the transport or generates inline.
+        start = time.perf_counter()
+        try:
+            if refill is not None:
+                return refill()
+            while True:
+                check_producer()
+                try:
+                    return self.transport.get(timeout=self._poll_s)
+                except queue.Empty:
+                    continue
+        finally:
+            result.wait_s += time.perf_counter() - start
+
+    def __len__(self) -> int:
+        """Samples held: those already received plus those still in the transport (approximate across processes)."""
+        try:
+            in_transport = self.transport.qsize()
+        except NotImplementedError:  # macOS multiprocessing queues
+            in_transport = 0
+        return len(self._ready) + in_transport * self._generation_batch_size
+
+    def drain(self) -> int:
+        """Discard everything still held (used at shutdown); returns the number of samples discarded."""
+        discarded = len(self._ready)
+        self._ready.clear()
+        while True:
+            try:
+                discarded += len(self.transport.get_nowait().samples)
+            except (queue.Empty, OSError, ValueError):
+                return discarded

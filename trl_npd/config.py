@@ -1,0 +1,139 @@
+"""`NearPolicyDistillConfig`: GKD's config plus the knobs of near-policy distillation."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from trl.experimental.gkd import GKDConfig
+
+GENERATOR_MODES = ("process", "thread", "sync")
+GENERATION_BACKENDS = ("transformers",)
+
+
+@dataclass
+class NearPolicyDistillConfig(GKDConfig):
+    r"""
+    Configuration for [`NearPolicyDistillTrainer`].
+
+    Every [`~trl.experimental.gkd.GKDConfig`] field keeps its meaning (`lmbda`, `beta`, `seq_kd`, `temperature`,
+    `max_new_tokens`, `teacher_model_init_kwargs`, `disable_dropout`, ...). The fields below are new.
+
+    > Parameters that control the background generator
+
+    generation_batch_size (`int` or `None`, *optional*, defaults to `None`):
+        Number of prompts the generator samples completions for at a time. `None` means two optimizer steps' worth
+        of on-policy samples: `2 * per_device_train_batch_size * gradient_accumulation_steps`.
+    generator_mode (`str`, *optional*, defaults to `"process"`):
+        Where the generator runs. `"process"`: a spawned process that generates while the optimizer trains (the
+        only mode with real overlap on CPU, see `docs/design.md`). `"thread"`: a thread in the trainer process, for
+        debugging or for models that cannot be pickled. `"sync"`: no background work; the trainer generates with its
+        live weights when it needs samples (GKD's schedule with NPD's batching, used as an ablation).
+    generator_device (`str` or `None`, *optional*, defaults to `None`):
+        Device of the generator's copy of the student, e.g. `"cpu"` or `"cuda:1"`. `None` uses the trainer's device.
+    generator_num_threads (`int` or `None`, *optional*, defaults to `None`):
+        CPU threads of the generator process when it runs on CPU. `None` gives it half of the cores and leaves the
+        trainer the rest for the duration of `train()`, so the two do not oversubscribe the machine.
+    generation_backend (`str`, *optional*, defaults to `"transformers"`):
+        Engine that samples completions. `"transformers"` uses the model's own `generate`.
+
+    > Parameters that control weight sync and staleness
+
+    weight_sync_steps (`int`, *optional*, defaults to `4`):
+        Optimizer steps between two refreshes of the generator's snapshot of the student. Each refresh increments
+        the policy version.
+    max_staleness (`int`, *optional*, defaults to `8`):
+        A sample whose generating weights are more than this many optimizer steps old is never trained on; it is
+        dropped and counted in `npd/dropped_stale`. Must be at least `weight_sync_steps - 1`, otherwise samples of
+        the newest snapshot go stale before the next refresh and training starves.
+    buffer_size (`int` or `None`, *optional*, defaults to `None`):
+        Most samples held between the generator and the trainer. A full buffer pauses the generator. `None` means
+        `2 * generation_batch_size`. Must hold at least one generation batch and one training micro-batch.
+    max_policy_kl (`float` or `None`, *optional*, defaults to `None`):
+        Bound on the per-token KL between the behaviour policy (the snapshot that sampled) and the current student,
+        estimated with k3 on the trained tokens of each optimizer step. When an optimizer step's estimate exceeds
+        it, the snapshot is refreshed at once instead of waiting for `weight_sync_steps`. `None` only logs it.
+    """
+
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Prompts sampled per generator batch. None: two optimizer steps' worth of samples."},
+    )
+    generator_mode: str = field(
+        default="process",
+        metadata={"help": "Where the generator runs.", "choices": list(GENERATOR_MODES)},
+    )
+    generator_device: str | None = field(
+        default=None, metadata={"help": "Device of the generator's snapshot. None: the trainer's device."}
+    )
+    generator_num_threads: int | None = field(
+        default=None, metadata={"help": "CPU threads of the generator process. None: half of the cores."}
+    )
+    generation_backend: str = field(
+        default="transformers",
+        metadata={"help": "Engine that samples completions.", "choices": list(GENERATION_BACKENDS)},
+    )
+    weight_sync_steps: int = field(
+        default=4, metadata={"help": "Optimizer steps between two refreshes of the generator's snapshot."}
+    )
+    max_staleness: int = field(
+        default=8, metadata={"help": "Samples older than this many optimizer steps are dropped and counted."}
+    )
+    buffer_size: int | None = field(
+        default=None, metadata={"help": "Most samples held between generator and trainer. None: 2 generation batches."}
+    )
+    max_policy_kl: float | None = field(
+        default=None,
+        metadata={"help": "Per-token k3 KL (behaviour vs current) above which the snapshot is refreshed early."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.generator_mode not in GENERATOR_MODES:
+            raise ValueError(f"generator_mode must be one of {GENERATOR_MODES}, got {self.generator_mode!r}.")
+        if self.generation_backend not in GENERATION_BACKENDS:
+            raise ValueError(
+                f"generation_backend must be one of {GENERATION_BACKENDS}, got {self.generation_backend!r}."
+            )
+        if self.weight_sync_steps < 1:
+            raise ValueError(f"weight_sync_steps must be >= 1, got {self.weight_sync_steps}.")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}.")
+        if self.max_staleness < self.weight_sync_steps - 1:
+            raise ValueError(
+                f"max_staleness={self.max_staleness} is below weight_sync_steps - 1 = {self.weight_sync_steps - 1}: "
+                "samples of the newest snapshot would go stale before the next weight sync and training would "
+                "starve. Raise max_staleness or lower weight_sync_steps."
+            )
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.max_length is not None and self.max_length - self.max_new_tokens < 1:
+            raise ValueError(
+                f"max_length={self.max_length} leaves no room for a prompt next to max_new_tokens="
+                f"{self.max_new_tokens}. Raise max_length or lower max_new_tokens."
+            )
+        if self.max_policy_kl is not None and self.max_policy_kl <= 0:
+            raise ValueError(f"max_policy_kl must be > 0 or None, got {self.max_policy_kl}.")
+        if self.generator_num_threads is not None and self.generator_num_threads < 1:
+            raise ValueError(f"generator_num_threads must be >= 1 or None, got {self.generator_num_threads}.")
+
+        step_samples = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if self.generation_batch_size is None:
+            self.generation_batch_size = 2 * step_samples
+        if self.generation_batch_size < 1:
+            raise ValueError(f"generation_batch_size must be >= 1, got {self.generation_batch_size}.")
+        if self.buffer_size is None:
+            self.buffer_size = 2 * self.generation_batch_size
+        smallest = max(self.generation_batch_size, self.per_device_train_batch_size)
+        if self.buffer_size < smallest:
+            raise ValueError(
+                f"buffer_size={self.buffer_size} is smaller than one batch: it must hold at least one generation "
+                f"batch (generation_batch_size={self.generation_batch_size}) and one training micro-batch "
+                f"(per_device_train_batch_size={self.per_device_train_batch_size})."
+            )
+
+    def resolved_generator_num_threads(self) -> int:
+        """Threads the CPU generator process gets: the configured number, or half of the cores."""
+        if self.generator_num_threads is not None:
+            return self.generator_num_threads
+        return max(1, (os.cpu_count() or 2) // 2)

@@ -1,0 +1,288 @@
+"""The generation stage: a versioned snapshot of the student, the engine that samples from it, and the loop.
+
+The snapshot lives in shared memory so a generator process can read it. The trainer publishes new weights into it
+under a lock and bumps the version; the generator copies it into its private model, under the same lock, only
+between two generation batches. A batch is therefore sampled entirely by one version (no torn weights), and the
+trainer never waits for a generation batch to finish before it can publish.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
+
+from .buffer import GeneratedBatch, Sample, SampleBuffer
+from .prompts import PromptStream
+
+
+class PolicySnapshot:
+    """Shared-memory copy of the student's weights with the policy version and step they belong to.
+
+    Args:
+        model: the student, as the trainer holds it (unwrapped). It is copied to CPU shared memory.
+        ctx: a `multiprocessing` context; its lock and values also work between threads.
+        version, step: the version this first copy carries and the optimizer step its weights come from.
+    """
+
+    def __init__(self, model: nn.Module, ctx: Any, version: int = 0, step: int = 0) -> None:
+        self.model = _inference_copy(model)
+        self.model.share_memory()
+        self._lock = ctx.Lock()
+        self._version = ctx.Value("q", version, lock=False)
+        self._step = ctx.Value("q", step, lock=False)
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._pairs_source: int | None = None
+
+    @property
+    def version(self) -> int:
+        return int(self._version.value)
+
+    @property
+    def step(self) -> int:
+        return int(self._step.value)
+
+    def publish(self, source: nn.Module, step: int) -> int:
+        """Copy `source`'s weights in, tag them with `step`, and return the new version."""
+        if self._pairs_source != id(source):
+            self._pairs = _matching_tensors(self.model, source)
+            self._pairs_source = id(source)
+        with self._lock, torch.no_grad():
+            for dst, src in self._pairs:
+                dst.copy_(src.detach(), non_blocking=False)
+            self._version.value += 1
+            self._step.value = step
+            return int(self._version.value)
+
+    def load_into(self, target: nn.Module, loaded_version: int) -> tuple[int, int] | None:
+        """Copy the snapshot into `target` if it is newer than `loaded_version`; returns its (version, step)."""
+        if self.version == loaded_version:
+            return None
+        pairs = _matching_tensors(target, self.model)
+        with self._lock, torch.no_grad():
+            for dst, src in pairs:
+                dst.copy_(src)
+            return int(self._version.value), int(self._step.value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_pairs"], state["_pairs_source"] = None, None  # per-process caches
+        return state
+
+
+def _inference_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy of `model` for sampling only.
+
+    Training-time hooks are removed: they have no role in sampling, and some (transformers'
+    `enable_input_require_grads`, used with gradient checkpointing) are local functions a process cannot receive.
+    """
+    snapshot = copy.deepcopy(model).to("cpu").eval()
+    snapshot.requires_grad_(False)
+    for module in snapshot.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks):
+            hooks.clear()
+    return snapshot
+
+
+def _matching_tensors(dst: nn.Module, src: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs (dst tensor, src tensor) by state-dict name; tied weights appear once."""
+    dst_state, src_state = dst.state_dict(keep_vars=True), src.state_dict(keep_vars=True)
+    if dst_state.keys() != src_state.keys():
+        missing = sorted(set(dst_state) ^ set(src_state))[:5]
+        raise ValueError(f"The student's weights no longer match its snapshot (differing names, e.g. {missing}).")
+    pairs, seen = [], set()
+    for name, tensor in dst_state.items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        pairs.append((tensor.data, src_state[name].data))
+    return pairs
+
+
+class _BehaviourPolicy(LogitsProcessor):
+    """Applies the sampling temperature and records the log-prob of each sampled token.
+
+    It is the last processor `generate` runs (generate is called with no warpers of its own), so what it returns is
+    exactly the distribution tokens are sampled from: the behaviour policy. The sampled token of step t is only
+    known at step t + 1, so each step gathers the previous step's log-probs; `finish` gathers the last one.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.logprobs: list[torch.Tensor] = []
+        self._previous: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._previous is not None:
+            self._gather(input_ids[:, -1])
+        scores = scores / self.temperature
+        self._previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _gather(self, tokens: torch.Tensor) -> None:
+        self.logprobs.append(self._previous.gather(1, tokens[:, None]).squeeze(1))
+        self._previous = None
+
+    def finish(self, sequences: torch.Tensor, num_new_tokens: int) -> torch.Tensor:
+        if num_new_tokens > len(self.logprobs) and self._previous is not None:
+            self._gather(sequences[:, -1])
+        return torch.stack(self.logprobs, dim=1)
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends a generation early when the pipeline shuts down, so shutdown never waits on a long batch."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class EngineConfig:
+    max_new_tokens: int
+    temperature: float
+    pad_token_id: int
+    eos_token_id: int | list[int] | None
+    device: str = "cpu"
+
+
+@dataclass
+class Completion:
+    ids: list[int]
+    logprobs: list[float]
+
+
+class TransformersEngine:
+    """Samples completions with the model's own `generate` and records the behaviour log-probs."""
+
+    def __init__(self, model: nn.Module, config: EngineConfig, should_stop: Callable[[], bool] = lambda: False):
+        self.model = model
+        self.config = config
+        self.should_stop = should_stop
+        eos = config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self._generation_config = GenerationConfig(
+            max_new_tokens=config.max_new_tokens,
+            do_sample=True,
+            temperature=1.0,  # applied by _BehaviourPolicy, so the recorded log-probs are the sampled ones
+            top_k=0,
+            top_p=1.0,
+            use_cache=True,
+            pad_token_id=config.pad_token_id,
+            eos_token_id=config.eos_token_id,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]]) -> list[Completion] | None:
+        """One completion per prompt, cut after its first EOS. None if asked to stop midway."""
+        device = torch.device(self.config.device)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.config.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention_mask[i, width - len(p) :] = 1
+        policy = _BehaviourPolicy(self.config.temperature)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sequences = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=self._generation_config,
+                logits_processor=LogitsProcessorList([policy]),
+                stopping_criteria=[_StopWhen(self.should_stop)],
+            )
+        finally:
+            self.model.train(was_training)
+        if self.should_stop():
+            return None
+        completions = sequences[:, width:].cpu()
+        logprobs = policy.finish(sequences, completions.shape[1]).cpu()
+        return [self._cut(ids.tolist(), lps.tolist()) for ids, lps in zip(completions, logprobs, strict=True)]
+
+    def _cut(self, ids: list[int], logprobs: list[float]) -> Completion:
+        for i, token in enumerate(ids):
+            if token in self._eos:
+                return Completion(ids[: i + 1], logprobs[: i + 1])
+        return Completion(ids, logprobs)
+
+
+def generate_batch(
+    engine: TransformersEngine, prompts: PromptStream, batch_size: int, version: int, step: int
+) -> GeneratedBatch | None:
+    """Sample one generation batch with the engine's current weights, tagged with their version and step."""
+    start = time.perf_counter()
+    batch_prompts = prompts.take(batch_size)
+    dropped: dict[str, int] = {}
+    usable = [p for p in batch_prompts if p.ids]
+    if len(usable) < len(batch_prompts):  # nothing to condition on; generate() cannot start from zero tokens
+        dropped["empty_prompt"] = len(batch_prompts) - len(usable)
+    completions = engine.generate([p.ids for p in usable]) if usable else []
+    if completions is None:
+        return None
+    samples = [
+        Sample(
+            prompt_ids=p.ids,
+            completion_ids=c.ids,
+            behaviour_logprobs=c.logprobs,
+            policy_version=version,
+            policy_step=step,
+            prompt_index=p.index,
+            stream_position=p.position,
+            prompt_truncated=p.truncated,
+        )
+        for p, c in zip(usable, completions, strict=True)
+    ]
+    return GeneratedBatch(
+        samples=samples,
+        busy_s=time.perf_counter() - start,
+        completion_tokens=sum(len(s.completion_ids) for s in samples),
+        dropped=dropped,
+        truncated_prompts=sum(p.truncated for p in usable),
+    )
+
+
+@dataclass
+class GeneratorSpec:
+    """Everything the background generator needs; picklable so a spawned process can receive it."""
+
+    snapshot: PolicySnapshot
+    prompts: PromptStream
+    engine: EngineConfig
+    generation_batch_size: int
+    seed: int
+    num_threads: int | None = None
+
+
+def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: Any, seed_rng: bool) -> None:
+    """The generator loop: refresh weights if a newer version exists, sample a batch, hand it to the buffer.
+
+    Runs until `stop` is set. Any exception is sent, with its traceback, through `errors` for the trainer to raise.
+    """
+    try:
+        if spec.num_threads is not None:
+            torch.set_num_threads(spec.num_threads)
+        if seed_rng:  # only in a process of its own: a thread would reseed the trainer's RNG
+            torch.manual_seed(spec.seed)
+        model = copy.deepcopy(spec.snapshot.model).to(spec.engine.device)
+        engine = TransformersEngine(model, spec.engine, should_stop=stop.is_set)
+        version, step = -1, 0
+        while not stop.is_set():
+            loaded = spec.snapshot.load_into(model, version)
+            if loaded is not None:
+                version, step = loaded
+            batch = generate_batch(engine, spec.prompts, spec.generation_batch_size, version, step)
+            if batch is None or not buffer.put(batch, stop.is_set):
+                break
+    except BaseException:  # noqa: BLE001 - everything, KeyboardInterrupt included, must reach the trainer
+        errors.put(traceback.format_exc())

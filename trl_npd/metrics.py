@@ -1,0 +1,96 @@
+"""The `npd/` metrics: accumulated between two `Trainer.log` calls, plus run totals for tests and benchmarks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .buffer import TakeResult
+
+
+@dataclass
+class NPDTotals:
+    """Counters over a whole `train()` call. Every sample that was generated and not trained on is in one of them."""
+
+    generated_samples: int = 0
+    generated_tokens: int = 0
+    generator_busy_s: float = 0.0
+    consumed_samples: int = 0
+    dropped: Counter = field(default_factory=Counter)  # by reason: "stale", "empty_prompt", ...
+    discarded_at_shutdown: int = 0
+    truncated_prompts: int = 0
+    wait_s: float = 0.0
+    weight_syncs: int = 0
+    kl_refreshes: int = 0
+    max_staleness_seen: int = 0
+
+
+class NPDMetrics:
+    """Collects what the pipeline and the loss observe; `flush` returns one log window's `npd/` values."""
+
+    def __init__(self) -> None:
+        self.totals = NPDTotals()
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._staleness: list[int] = []
+        self._dropped: Counter = Counter()
+        self._wait_s = 0.0
+        self._gen_samples = self._gen_tokens = 0
+        self._gen_busy_s = 0.0
+        self._kl_sum, self._kl_tokens = 0.0, 0
+        self._sync_s: list[float] = []
+        self._truncated = 0
+
+    def record_take(self, result: TakeResult, current_step: int) -> None:
+        staleness = [current_step - s.policy_step for s in result.samples]
+        self._staleness += staleness
+        self._dropped["stale"] += result.dropped_stale
+        self._wait_s += result.wait_s
+        t = self.totals
+        t.consumed_samples += len(result.samples)
+        t.dropped["stale"] += result.dropped_stale
+        t.wait_s += result.wait_s
+        t.max_staleness_seen = max([t.max_staleness_seen, *staleness])
+        for batch in result.received:
+            self._gen_samples += len(batch.samples)
+            self._gen_tokens += batch.completion_tokens
+            self._gen_busy_s += batch.busy_s
+            self._dropped.update(batch.dropped)
+            self._truncated += batch.truncated_prompts
+            t.generated_samples += len(batch.samples)
+            t.generated_tokens += batch.completion_tokens
+            t.generator_busy_s += batch.busy_s
+            t.dropped.update(batch.dropped)
+            t.truncated_prompts += batch.truncated_prompts
+
+    def record_policy_kl(self, kl_sum: float, tokens: int) -> None:
+        self._kl_sum += kl_sum
+        self._kl_tokens += tokens
+
+    def record_sync(self, seconds: float, early: bool) -> None:
+        self._sync_s.append(seconds)
+        self.totals.weight_syncs += 1
+        self.totals.kl_refreshes += int(early)
+
+    def flush(self, version: int, buffer_size: int) -> dict[str, float]:
+        logs: dict[str, float] = {"npd/version": float(version), "npd/buffer_size": float(buffer_size)}
+        logs["npd/wait_s"] = self._wait_s
+        logs["npd/dropped_stale"] = float(self._dropped["stale"])
+        for reason, count in self._dropped.items():
+            if reason != "stale":
+                logs[f"npd/dropped_{reason}"] = float(count)
+        if self._staleness:
+            logs["npd/staleness_mean"] = sum(self._staleness) / len(self._staleness)
+            logs["npd/staleness_max"] = float(max(self._staleness))
+        if self._gen_busy_s > 0:
+            logs["npd/gen_samples_per_s"] = self._gen_samples / self._gen_busy_s
+            logs["npd/gen_tokens_per_s"] = self._gen_tokens / self._gen_busy_s
+        if self._kl_tokens:
+            logs["npd/policy_kl"] = self._kl_sum / self._kl_tokens
+        if self._sync_s:
+            logs["npd/weight_sync_s"] = sum(self._sync_s) / len(self._sync_s)
+        if self._truncated:
+            logs["npd/truncated_prompts"] = float(self._truncated)
+        self._reset_window()
+        return logs

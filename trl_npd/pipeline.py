@@ -1,0 +1,212 @@
+"""Lifecycle of the background generator: start it, feed the trainer from it, publish weights, stop it.
+
+Three hosts run the same generation code (`generation.run_generator` / `generation.generate_batch`):
+
+- `process`: a spawned process. The only host with real overlap on a CPU machine (see docs/design.md): the
+  generator gets its own interpreter and its own torch threads, so it neither holds the trainer's GIL nor competes
+  for its thread pool.
+- `thread`: a thread of the trainer process. Same code, no pickling; generation and Python-heavy training steps
+  serialize on the GIL, so it overlaps far less.
+- `sync`: no background work. When the trainer needs samples it generates them with its live weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from .buffer import GeneratedBatch, SampleBuffer, TakeResult
+from .generation import (
+    EngineConfig,
+    GeneratorSpec,
+    PolicySnapshot,
+    TransformersEngine,
+    generate_batch,
+    run_generator,
+)
+from .prompts import PromptStream
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start a spawned process without re-running the user's `__main__` script in it.
+
+    `spawn` re-imports the parent's main module in the child, which runs an unguarded training script a second
+    time (loading its models, recursing into `train`). The generator needs nothing from that script: its target and
+    arguments live in importable modules. Hiding the main module's path and spec while the process starts keeps it
+    out of the child's preparation data.
+    """
+    main = sys.modules["__main__"]
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
+    main.__spec__ = None
+    if "__file__" in saved:
+        del main.__file__
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
+
+
+class GeneratorError(RuntimeError):
+    """The background generator failed; the message carries its original traceback."""
+
+
+class GenerationPipeline:
+    """Owns the generator, its snapshot of the student and the buffer between them.
+
+    Args:
+        mode: `"process"`, `"thread"` or `"sync"`.
+        student: the trainer's (unwrapped) student. The background modes snapshot it; `sync` generates with it.
+        prompts: the prompt stream the generator consumes.
+        engine: sampling settings and the generator's device.
+        generation_batch_size: prompts per generation batch.
+        buffer_size: most samples held between generator and trainer.
+        max_staleness: samples older than this many optimizer steps are evicted.
+        version, step: the first snapshot's policy version and the optimizer step its weights come from.
+        num_threads: torch threads of a generator process.
+        seed: seed of the generator process's sampling RNG.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str,
+        student: nn.Module,
+        prompts: PromptStream,
+        engine: EngineConfig,
+        generation_batch_size: int,
+        buffer_size: int,
+        max_staleness: int,
+        version: int,
+        step: int,
+        num_threads: int | None,
+        seed: int,
+    ) -> None:
+        self.mode = mode
+        self.max_staleness = max_staleness
+        self._student = student
+        self._prompts = prompts
+        self._engine_config = engine
+        self._generation_batch_size = generation_batch_size
+        self._version, self._step = version, step
+        self._worker: mp.process.BaseProcess | threading.Thread | None = None
+        self._ctx = mp.get_context("spawn")
+        batches = max(1, buffer_size // generation_batch_size)
+        if mode == "process":
+            transport: Any = self._ctx.Queue(maxsize=batches)
+            self._stop: Any = self._ctx.Event()
+            self._errors: Any = self._ctx.Queue()
+        else:
+            transport = queue.Queue(maxsize=batches)
+            self._stop = threading.Event()
+            self._errors = queue.Queue()
+        self.buffer = SampleBuffer(transport, generation_batch_size)
+        self._snapshot: PolicySnapshot | None = None
+        self._sync_engine: TransformersEngine | None = None
+        if mode != "sync":
+            self._snapshot = PolicySnapshot(student, self._ctx, version=version, step=step)
+            self._spec = GeneratorSpec(
+                snapshot=self._snapshot,
+                prompts=prompts,
+                engine=engine,
+                generation_batch_size=generation_batch_size,
+                seed=seed,
+                num_threads=num_threads if mode == "process" else None,
+            )
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.mode == "sync":
+            self._sync_engine = TransformersEngine(self._student, self._engine_config)
+            return
+        args = (self._spec, self.buffer, self._stop, self._errors, self.mode == "process")
+        if self.mode == "process":
+            # daemon: if the trainer process dies without cleanup, the generator dies with it
+            self._worker = self._ctx.Process(target=run_generator, args=args, name="npd-generator", daemon=True)
+            with _main_module_hidden():
+                self._worker.start()
+        else:
+            self._worker = threading.Thread(target=run_generator, args=args, name="npd-generator", daemon=True)
+            self._worker.start()
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """Stop the generator and release everything; returns the number of buffered samples discarded."""
+        self._stop.set()
+        discarded = 0
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            deadline = time.monotonic() + timeout_s
+            # Keep draining while the worker winds down: a process cannot exit while its queue still has data
+            # that no one reads.
+            while worker.is_alive() and time.monotonic() < deadline:
+                discarded += self.buffer.drain()
+                worker.join(timeout=0.05)
+            if isinstance(worker, mp.process.BaseProcess):
+                if worker.is_alive():
+                    worker.terminate()
+                    worker.join(timeout=5)
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
+        discarded += self.buffer.drain()
+        if self.mode == "process":
+            for q in (self.buffer.transport, self._errors):
+                q.close()
+                q.join_thread()
+        return discarded
+
+    # ---- trainer side ---------------------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self._snapshot.version if self._snapshot is not None else self._version
+
+    def publish(self, student: nn.Module, step: int) -> int:
+        """Make `student`'s current weights the generator's policy, tagged with `step`; returns the version."""
+        if self._snapshot is None:  # sync mode generates with the live weights: nothing to copy
+            self._version += 1
+            self._step = step
+            return self._version
+        return self._snapshot.publish(student, step)
+
+    def take(self, n: int, current_step: int) -> TakeResult:
+        """`n` samples within the staleness bound, blocking until they exist; raises if the generator failed."""
+        refill = self._generate_inline if self.mode == "sync" else None
+        return self.buffer.take(n, current_step, self.max_staleness, self.check_alive, refill)
+
+    def _generate_inline(self) -> GeneratedBatch:
+        # the live weights are those after `_step` optimizer steps: staleness is zero by construction
+        batch = generate_batch(
+            self._sync_engine, self._prompts, self._generation_batch_size, self._version, self._step
+        )
+        assert batch is not None  # nothing can stop a synchronous generation midway
+        return batch
+
+    def check_alive(self) -> None:
+        """Raise `GeneratorError` with the original traceback if the generator has failed or died."""
+        if self.mode == "sync":
+            return
+        try:
+            failure = self._errors.get_nowait()
+        except queue.Empty:
+            failure = None
+        if failure is None and self._worker is not None and not self._worker.is_alive():
+            try:  # it may have died just after reporting; give the report a moment to arrive
+                failure = self._errors.get(timeout=1.0)
+            except queue.Empty:
+                code = getattr(self._worker, "exitcode", None)
+                failure = (
+                    f"the generator {self.mode} exited unexpectedly (exit code {code}) without an error report. If "
+                    "it died while starting, its traceback is on stderr above; a model or collator defined in the "
+                    "__main__ script cannot be sent to a process (move it to a module, or use generator_mode='thread')."
+                )
+        if failure is not None:
+            raise GeneratorError(f"The background generator failed, so training cannot go on.\n{failure}")

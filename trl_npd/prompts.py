@@ -1,0 +1,126 @@
+"""The generator's supply of prompts: an endless, seeded, sharded pass over the train set, resumable by position.
+
+Prompts are extracted with the trainer's own data collator (its `prompts` / `prompt_attention_mask` outputs), so
+they are formatted and truncated exactly as GKD formats them. A prompt that leaves no room for `max_new_tokens`
+within `max_length` is truncated from the left (the oldest context goes first, as GKD's collator does) and flagged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    index: int  # row of the train dataset
+    position: int  # position in this rank's stream; the stream resumes after the last one trained on
+    truncated: bool
+
+
+class PromptStream:
+    """Yields this rank's prompts in a fresh seeded permutation every pass, forever.
+
+    Args:
+        dataset: a map-style dataset (`len` and integer indexing).
+        collator: a callable mapping a list of rows to a dict with `prompts` and `prompt_attention_mask`.
+        seed: seed of the permutations; pass `p` of the stream uses `seed + p`.
+        rank, world_size: this rank takes rows `rank, rank + world_size, ...` so ranks never share a prompt.
+        start_position: position to resume from.
+        max_prompt_tokens: prompts longer than this keep only their last `max_prompt_tokens` tokens.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[Any],
+        collator: Callable[[list[Any]], dict[str, torch.Tensor]],
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_position: int = 0,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
+        self._dataset = dataset
+        self._collator = collator
+        self._seed = seed
+        self._rows = list(range(rank, len(dataset), world_size))
+        if not self._rows:
+            raise ValueError(f"Rank {rank} of {world_size} has no prompts: the train dataset has {len(dataset)} rows.")
+        self.position = start_position
+        self._max_prompt_tokens = max_prompt_tokens
+        self._pass = -1
+        self._order: list[int] = []
+
+    def _row_at(self, position: int) -> int:
+        pass_index, offset = divmod(position, len(self._rows))
+        if pass_index != self._pass:
+            generator = torch.Generator().manual_seed(self._seed + pass_index)
+            self._order = torch.randperm(len(self._rows), generator=generator).tolist()
+            self._pass = pass_index
+        return self._rows[self._order[offset]]
+
+    def take(self, n: int) -> list[Prompt]:
+        """The next `n` prompts of the stream."""
+        positions = range(self.position, self.position + n)
+        rows = [self._row_at(p) for p in positions]
+        self.position += n
+        ids = extract_prompt_ids(self._collator, [self._dataset[r] for r in rows])
+        prompts = []
+        for prompt_ids, row, position in zip(ids, rows, positions, strict=True):
+            truncated = self._max_prompt_tokens is not None and len(prompt_ids) > self._max_prompt_tokens
+            if truncated:
+                prompt_ids = prompt_ids[-self._max_prompt_tokens :]
+            prompts.append(Prompt(ids=prompt_ids, index=row, position=position, truncated=truncated))
+        return prompts
+
+
+def extract_prompt_ids(collator: Callable[[list[Any]], dict[str, torch.Tensor]], rows: list[Any]) -> list[list[int]]:
+    """Token ids of each row's prompt, without padding, as the collator formats them."""
+    batch = collator(rows)
+    if "prompts" not in batch or "prompt_attention_mask" not in batch:
+        raise ValueError(
+            "The data collator must return `prompts` and `prompt_attention_mask` (as TRL's DataCollatorForChatML "
+            f"does) so the generator knows what to complete; it returned {sorted(batch)}."
+        )
+    mask = batch["prompt_attention_mask"].bool()
+    return [row[row_mask].tolist() for row, row_mask in zip(batch["prompts"], mask, strict=True)]
+
+
+class PromptOnlyCollator:
+    """Collator for datasets with a `prompt` column and no completions (pure on-policy training, `lmbda=1`).
+
+    `prompt` may be plain text or a conversation (a list of `{"role", "content"}` messages), which is rendered with
+    the tokenizer's chat template and a generation prompt, as TRL does for conversational prompts.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int | None = None, prompt_key: str = "prompt") -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer has no pad token. Set `tokenizer.pad_token` before training.")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.prompt_key = prompt_key
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = []
+        for row in rows:
+            prompt = row[self.prompt_key]
+            if isinstance(prompt, str):
+                prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            else:
+                text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+                prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if self.max_length is not None:
+                prompt_ids = prompt_ids[-self.max_length :]
+            ids.append(prompt_ids)
+        width = max(len(x) for x in ids)
+        prompts = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):  # left padding, as generation expects
+            if x:
+                prompts[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+                mask[i, width - len(x) :] = 1
+        return {"prompts": prompts, "prompt_attention_mask": mask}

@@ -1,0 +1,384 @@
+"""`NearPolicyDistillTrainer`: TRL's `GKDTrainer` with near-policy generation. Wiring only.
+
+The flow of one optimizer step, top to bottom:
+
+1. `get_batch_samples` pulls the step's micro-batches from the dataloader. Each is replaced, with probability
+   `lmbda`, by samples from the buffer (`_on_policy_batch`), or by teacher generations when `seq_kd`. The loss
+   normalizer is the number of completion tokens these batches actually train on.
+2. `compute_loss` runs the student and the teacher and takes the generalized JSD (losses module), and records the
+   drift between the behaviour policy and the current student.
+3. After the optimizer step, `_after_optimizer_step` publishes the weights to the generator every
+   `weight_sync_steps` steps, or at once when the drift exceeds `max_policy_kl`.
+
+The generator starts with the first batch that needs it (after checkpoint weights are restored) and stops when
+`train` returns or raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from datasets import IterableDataset
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl.experimental.gkd import GKDTrainer
+from trl.models.utils import unwrap_model_for_generation
+
+from .batching import IGNORE_INDEX, collate_samples, count_trained_tokens
+from .config import NearPolicyDistillConfig
+from .generation import EngineConfig
+from .losses import generalized_jsd_sum, k3_policy_kl, token_logprobs
+from .metrics import NPDMetrics
+from .pipeline import GenerationPipeline
+from .prompts import PromptOnlyCollator, PromptStream
+
+logger = logging.getLogger(__name__)
+
+NPD_STATE_NAME = "npd_state.json"
+
+
+class NearPolicyDistillTrainer(GKDTrainer):
+    """Near-Policy Distillation: GKD whose student samples come from a background generator.
+
+    Takes exactly `GKDTrainer`'s arguments; `args` must be a [`NearPolicyDistillConfig`]. See `docs/index.md`.
+    """
+
+    _tag_names = ["trl", "gkd", "trl-npd", "distillation"]
+    _name = "NPD"
+
+    def __init__(
+        self,
+        model: Any = None,
+        teacher_model: Any = None,
+        args: NearPolicyDistillConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any = None,
+        formatting_func: Callable | None = None,
+    ) -> None:
+        if not isinstance(args, NearPolicyDistillConfig):
+            raise TypeError(
+                f"args must be a NearPolicyDistillConfig (a drop-in for GKDConfig), got {type(args).__name__}. "
+                "Import it with `from trl_npd import NearPolicyDistillConfig as GKDConfig`."
+            )
+        _check_train_dataset(train_dataset)
+        if processing_class is not None and getattr(processing_class, "pad_token_id", 0) is None:
+            raise ValueError(
+                "The tokenizer has no pad token, which batching needs. Set one before building the trainer, e.g. "
+                "`tokenizer.pad_token = tokenizer.eos_token`."
+            )
+        if data_collator is None and _is_prompt_only(train_dataset):
+            if args.lmbda < 1.0:
+                raise ValueError(
+                    f"The train dataset has prompts but no completions ('messages'), so the off-policy fraction "
+                    f"1 - lmbda = {1 - args.lmbda:g} has nothing to train on. Set lmbda=1.0 for pure on-policy "
+                    "distillation, or provide 'messages' with completions."
+                )
+            if eval_dataset is not None:
+                raise ValueError("Evaluation needs completions: give the eval dataset a 'messages' column.")
+            data_collator = PromptOnlyCollator(processing_class, args.max_length)
+
+        super().__init__(
+            model=model,
+            teacher_model=teacher_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+        _check_tokenizer_fits(self.processing_class, self.model, self.teacher_model)
+        # compute_loss divides by the tokens trained on across the whole accumulation group
+        self.loss_is_scaled_for_ga = True
+        self.npd_metrics = NPDMetrics()
+        self._pipeline: GenerationPipeline | None = None
+        self._resume_state: dict[str, Any] = {}
+        self._next_stream_position = 0
+        self._step_kl_sum = torch.zeros((), dtype=torch.float64)
+        self._step_kl_tokens = 0
+        self.add_callback(_AfterOptimizerStep(self))
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        self._resume_state = self._load_npd_state(resume_from_checkpoint)
+        self.npd_metrics = NPDMetrics()
+        restore_threads = self._share_cpu_with_generator()
+        try:
+            return super().train(
+                resume_from_checkpoint=resume_from_checkpoint,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                **kwargs,
+            )
+        finally:  # also on exceptions and KeyboardInterrupt: nothing of the pipeline outlives train()
+            self._stop_pipeline()
+            restore_threads()
+
+    def _ensure_pipeline(self) -> GenerationPipeline:
+        if self._pipeline is not None:
+            return self._pipeline
+        args = self.args
+        self._next_stream_position = self._resume_state.get("stream_position", 0)
+        prompts = PromptStream(
+            self.train_dataset,
+            self.data_collator,
+            seed=args.seed,
+            rank=args.process_index,
+            world_size=args.world_size,
+            start_position=self._next_stream_position,
+            max_prompt_tokens=None if args.max_length is None else args.max_length - args.max_new_tokens,
+        )
+        eos = self.generation_config.eos_token_id
+        engine = EngineConfig(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            pad_token_id=self.processing_class.pad_token_id,
+            eos_token_id=self.processing_class.eos_token_id if eos is None else eos,
+            device=args.generator_device or str(args.device),
+        )
+        self._pipeline = GenerationPipeline(
+            mode=args.generator_mode,
+            student=self.accelerator.unwrap_model(self.model),
+            prompts=prompts,
+            engine=engine,
+            generation_batch_size=args.generation_batch_size,
+            buffer_size=args.buffer_size,
+            max_staleness=args.max_staleness,
+            # a resumed run snapshots the restored weights: the next version after the checkpoint's
+            version=self._resume_state.get("policy_version", -1) + 1,
+            step=self.state.global_step,
+            num_threads=self._generator_threads(),
+            seed=args.seed + args.process_index,
+        )
+        self._pipeline.start()
+        return self._pipeline
+
+    def _stop_pipeline(self) -> None:
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is None:
+            return
+        discarded = pipeline.stop()
+        totals = self.npd_metrics.totals
+        totals.discarded_at_shutdown += discarded
+        logger.info(
+            "NPD generator stopped: %d samples generated, %d trained on, dropped %s, %d still buffered at "
+            "shutdown and discarded.",
+            totals.generated_samples,
+            totals.consumed_samples,
+            dict(totals.dropped) or "none",
+            discarded,
+        )
+
+    def _generator_threads(self) -> int | None:
+        if self.args.generator_mode != "process":
+            return None
+        if self._generator_device().type == "cpu":
+            return self.args.resolved_generator_num_threads()
+        return self.args.generator_num_threads or 1
+
+    def _generator_device(self) -> torch.device:
+        return torch.device(self.args.generator_device or self.args.device)
+
+    def _share_cpu_with_generator(self) -> Callable[[], None]:
+        """A CPU generator process gets its own cores; the trainer keeps the rest while `train` runs."""
+        threads = self._generator_threads()
+        if threads is None or self._generator_device().type != "cpu" or self.args.lmbda == 0:
+            return lambda: None
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, before - threads))
+        return lambda: torch.set_num_threads(before)
+
+    # ---- data -----------------------------------------------------------------------------------------------------
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list[dict[str, Any]], torch.Tensor | None]:
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batch = next(epoch_iterator)
+            except StopIteration:
+                break
+            batches.append(self._choose_batch(batch))
+        if not batches:
+            return batches, None
+        # Normalize by what is trained on, counted after generation (GKD counts the dataset's labels instead).
+        num_items = count_trained_tokens(batches).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            num_items = self.accelerator.gather(num_items).sum()
+        return batches, num_items
+
+    def _choose_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.lmbda > 0 and random.random() < self.lmbda:
+            return self._on_policy_batch()
+        if self.seq_kd:
+            with unwrap_model_for_generation(
+                self.teacher_model, self.accelerator, generation_kwargs=self.generation_kwargs
+            ) as teacher:
+                input_ids, attention_mask, labels = self.generate_on_policy_outputs(
+                    teacher, batch, self.generation_config
+                )
+            batch = {**batch, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return batch
+
+    def _on_policy_batch(self) -> dict[str, torch.Tensor]:
+        pipeline = self._ensure_pipeline()
+        step = self.state.global_step
+        result = pipeline.take(self.args.per_device_train_batch_size, step)
+        self.npd_metrics.record_take(result, step)
+        self._next_stream_position = max(
+            self._next_stream_position, *(s.stream_position + 1 for s in result.samples)
+        )
+        return collate_samples(result.samples, self.processing_class.pad_token_id)
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        # Skip GKDTrainer.training_step: its synchronous sampling is what the background generator replaces.
+        return super(GKDTrainer, self).training_step(model, inputs, num_items_in_batch)
+
+    # ---- loss -----------------------------------------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        # use_cache=False: a cache makes transformers skip the masks that keep packed samples apart
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
+        student_outputs = model(**forward)
+        self.teacher_model.eval()
+        with torch.no_grad():
+            teacher_outputs = self.teacher_model(**forward)
+        student_logits = student_outputs.logits[:, :-1]
+        labels = inputs["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        # temperature is GKD's sampling temperature; GKD takes the divergence at temperature 1, and so do we
+        loss = generalized_jsd_sum(student_logits, teacher_outputs.logits[:, :-1], mask, self.beta)
+        if num_items_in_batch is None:  # evaluation, or a direct call: mean over this batch's tokens
+            loss = loss / mask.sum().clamp_min(1)
+        else:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+        if model.training and "behaviour_logprobs" in inputs:
+            self._record_policy_kl(student_logits, labels, mask, inputs["behaviour_logprobs"][:, 1:])
+        return (loss, student_outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_policy_kl(
+        self, student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, behaviour: torch.Tensor
+    ) -> None:
+        current = token_logprobs(student_logits[mask], labels[mask], self.temperature)
+        k3 = k3_policy_kl(current, behaviour[mask].to(current.dtype))
+        self._step_kl_sum = self._step_kl_sum.to(k3.device) + k3.sum().double()
+        self._step_kl_tokens += k3.numel()
+
+    # ---- after each optimizer step ----------------------------------------------------------------------------------
+    def _after_optimizer_step(self) -> None:
+        kl_sum, kl_tokens = self._step_kl_sum, self._step_kl_tokens
+        self._step_kl_sum, self._step_kl_tokens = torch.zeros((), dtype=torch.float64), 0
+        if self.args.world_size > 1:  # every rank must take the same sync decision
+            totals = torch.stack([kl_sum.to(self.args.device), torch.tensor(kl_tokens, device=self.args.device)])
+            kl_sum, kl_tokens = self.accelerator.reduce(totals.double(), reduction="sum").unbind()
+            kl_tokens = int(kl_tokens.item())
+        kl = float(kl_sum) / kl_tokens if kl_tokens else 0.0
+        self.npd_metrics.record_policy_kl(float(kl_sum), kl_tokens)
+        if self._pipeline is None:
+            return
+        step = self.state.global_step
+        drifted = self.args.max_policy_kl is not None and kl > self.args.max_policy_kl
+        if step % self.args.weight_sync_steps == 0 or drifted:
+            start = time.perf_counter()
+            self._pipeline.publish(self.accelerator.unwrap_model(self.model), step)
+            self.npd_metrics.record_sync(time.perf_counter() - start, early=step % self.args.weight_sync_steps != 0)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and self._pipeline is not None:
+            logs.update(self.npd_metrics.flush(self._pipeline.version, len(self._pipeline.buffer)))
+        super().log(logs, start_time)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        version = self._pipeline.version if self._pipeline is not None else self._resume_state.get("policy_version", -1)
+        state = {"policy_version": version, "stream_position": self._next_stream_position}
+        with open(os.path.join(folder, NPD_STATE_NAME), "w") as f:
+            json.dump(state, f, indent=2)
+
+    def _load_npd_state(self, resume_from_checkpoint: str | bool | None) -> dict[str, Any]:
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return {}
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:  # Trainer.train raises the proper error for this
+                return {}
+        path = os.path.join(resume_from_checkpoint, NPD_STATE_NAME)
+        if not os.path.isfile(path):
+            logger.warning("%s has no %s: the generator restarts its prompt stream and versions.", path, NPD_STATE_NAME)
+            return {}
+        with open(path) as f:
+            return json.load(f)
+
+
+class _AfterOptimizerStep(TrainerCallback):
+    def __init__(self, trainer: NearPolicyDistillTrainer) -> None:
+        self._trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._trainer._after_optimizer_step()
+
+
+def _check_train_dataset(dataset: Any) -> None:
+    if dataset is None:
+        raise ValueError("NearPolicyDistillTrainer needs a train_dataset: the generator samples its prompts.")
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise ValueError("The train dataset must be map-style (with a length): the generator indexes its prompts.")
+    if len(dataset) == 0:
+        raise ValueError("The train dataset is empty: there are no prompts to distil on.")
+
+
+def _is_prompt_only(dataset: Any) -> bool:
+    columns = getattr(dataset, "column_names", None) or []
+    return "prompt" in columns and "messages" not in columns
+
+
+def _check_tokenizer_fits(tokenizer: Any, student: nn.Module, teacher: nn.Module) -> None:
+    """Every token id the tokenizer can produce must index both models' embeddings."""
+    n_tokens = len(tokenizer)
+    for role, model in (("student", student), ("teacher", teacher)):
+        vocab = model.get_input_embeddings().num_embeddings
+        if n_tokens > vocab:
+            raise ValueError(
+                f"The tokenizer has {n_tokens} tokens but the {role}'s embedding has only {vocab} rows: the two were "
+                "not made for each other. Use the tokenizer the student and teacher share."
+            )
