@@ -140,12 +140,14 @@ class SampleBuffer:
             in_transport = 0
         return len(self._ready) + in_transport * self._generation_batch_size
 
-    def drain(self) -> int:
-        """Discard everything still held (used at shutdown); returns the number of samples discarded."""
-        discarded = len(self._ready)
+    def drain(self) -> tuple[int, int]:
+        """Discard everything still held (at shutdown). Returns (samples the trainer had received but not used,
+        samples still in the transport, never delivered)."""
+        unused = len(self._ready)
         self._ready.clear()
+        undelivered = 0
         while True:
             try:
-                discarded += len(self.transport.get_nowait().samples)
+                undelivered += len(self.transport.get_nowait().samples)
             except (queue.Empty, OSError, ValueError):
-                return discarded
+                return unused, undelivered

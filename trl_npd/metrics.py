@@ -10,18 +10,24 @@ from .buffer import TakeResult
 
 @dataclass
 class NPDTotals:
-    """Counters over a whole `train()` call. Every sample that was generated and not trained on is in one of them."""
+    """Counters over a whole `train()` call.
 
-    generated_samples: int = 0
+    Every sample the trainer received is trained on, dropped as stale, or unused when training ends:
+    `generated_samples == consumed_samples + dropped["stale"] + unused_at_shutdown`. Prompts that yielded no sample
+    are counted in `dropped` under their reason ("empty_prompt"), and samples still on their way from the generator
+    when it stopped in `undelivered_at_shutdown`.
+    """
+
+    generated_samples: int = 0  # received by the trainer from the generator
     generated_tokens: int = 0
     generator_busy_s: float = 0.0
     consumed_samples: int = 0
     dropped: Counter = field(default_factory=Counter)  # by reason: "stale", "empty_prompt", ...
-    discarded_at_shutdown: int = 0
+    unused_at_shutdown: int = 0
+    undelivered_at_shutdown: int = 0
     truncated_prompts: int = 0
     wait_s: float = 0.0
-    weight_syncs: int = 0
-    kl_refreshes: int = 0
+    weight_syncs: Counter = field(default_factory=Counter)  # by reason: "schedule", "drift", "stale_snapshot"
     max_staleness_seen: int = 0
 
 
@@ -68,10 +74,9 @@ class NPDMetrics:
         self._kl_sum += kl_sum
         self._kl_tokens += tokens
 
-    def record_sync(self, seconds: float, early: bool) -> None:
+    def record_sync(self, seconds: float, reason: str) -> None:
         self._sync_s.append(seconds)
-        self.totals.weight_syncs += 1
-        self.totals.kl_refreshes += int(early)
+        self.totals.weight_syncs[reason] += 1
 
     def flush(self, version: int, buffer_size: int) -> dict[str, float]:
         logs: dict[str, float] = {"npd/version": float(version), "npd/buffer_size": float(buffer_size)}

@@ -138,17 +138,20 @@ class GenerationPipeline:
             self._worker = threading.Thread(target=run_generator, args=args, name="npd-generator", daemon=True)
             self._worker.start()
 
-    def stop(self, timeout_s: float = 30.0) -> int:
-        """Stop the generator and release everything; returns the number of buffered samples discarded."""
+    def stop(self, timeout_s: float = 30.0) -> tuple[int, int]:
+        """Stop the generator and release everything.
+
+        Returns (samples received by the trainer but not used, samples generated but never delivered).
+        """
         self._stop.set()
-        discarded = 0
+        unused, undelivered = 0, 0
         worker, self._worker = self._worker, None
         if worker is not None:
             deadline = time.monotonic() + timeout_s
             # Keep draining while the worker winds down: a process cannot exit while its queue still has data
             # that no one reads.
             while worker.is_alive() and time.monotonic() < deadline:
-                discarded += self.buffer.drain()
+                undelivered += self.buffer.drain()[1]
                 worker.join(timeout=0.05)
             if isinstance(worker, mp.process.BaseProcess):
                 if worker.is_alive():
@@ -157,17 +160,23 @@ class GenerationPipeline:
                 if worker.is_alive():
                     worker.kill()
                     worker.join()
-        discarded += self.buffer.drain()
+        held, in_transport = self.buffer.drain()
+        unused, undelivered = unused + held, undelivered + in_transport
         if self.mode == "process":
             for q in (self.buffer.transport, self._errors):
                 q.close()
                 q.join_thread()
-        return discarded
+        return unused, undelivered
 
     # ---- trainer side ---------------------------------------------------------------------------------------------
     @property
     def version(self) -> int:
         return self._snapshot.version if self._snapshot is not None else self._version
+
+    @property
+    def policy_step(self) -> int:
+        """Optimizer step of the weights the generator currently samples with (once it has loaded them)."""
+        return self._snapshot.step if self._snapshot is not None else self._step
 
     def publish(self, student: nn.Module, step: int) -> int:
         """Make `student`'s current weights the generator's policy, tagged with `step`; returns the version."""

@@ -10,8 +10,8 @@ The flow of one optimizer step, top to bottom:
 3. After the optimizer step, `_after_optimizer_step` publishes the weights to the generator every
    `weight_sync_steps` steps, or at once when the drift exceeds `max_policy_kl`.
 
-The generator starts with the first batch that needs it (after checkpoint weights are restored) and stops when
-`train` returns or raises.
+The generator starts when training begins (after checkpoint weights are restored) and stops when `train` returns
+or raises.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self._next_stream_position = 0
         self._step_kl_sum = torch.zeros((), dtype=torch.float64)
         self._step_kl_tokens = 0
-        self.add_callback(_AfterOptimizerStep(self))
+        self.add_callback(_PipelineHooks(self))
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def train(
@@ -183,16 +183,18 @@ class NearPolicyDistillTrainer(GKDTrainer):
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is None:
             return
-        discarded = pipeline.stop()
+        unused, undelivered = pipeline.stop()
         totals = self.npd_metrics.totals
-        totals.discarded_at_shutdown += discarded
+        totals.unused_at_shutdown += unused
+        totals.undelivered_at_shutdown += undelivered
         logger.info(
-            "NPD generator stopped: %d samples generated, %d trained on, dropped %s, %d still buffered at "
-            "shutdown and discarded.",
+            "NPD generator stopped: %d samples received, %d trained on, dropped %s, %d unused and %d undelivered "
+            "when training ended.",
             totals.generated_samples,
             totals.consumed_samples,
             dict(totals.dropped) or "none",
-            discarded,
+            unused,
+            undelivered,
         )
 
     def _generator_threads(self) -> int | None:
@@ -249,6 +251,11 @@ class NearPolicyDistillTrainer(GKDTrainer):
     def _on_policy_batch(self) -> dict[str, torch.Tensor]:
         pipeline = self._ensure_pipeline()
         step = self.state.global_step
+        if step - pipeline.policy_step > self.args.max_staleness:
+            # Everything the generator could make would be evicted, and no scheduled sync can come before the next
+            # optimizer step: publish now rather than starve. The schedule keeps this from happening; this keeps a
+            # bypassed schedule from turning into a hang.
+            self._publish(step, reason="stale_snapshot")
         result = pipeline.take(self.args.per_device_train_batch_size, step)
         self.npd_metrics.record_take(result, step)
         self._next_stream_position = max(
@@ -314,10 +321,15 @@ class NearPolicyDistillTrainer(GKDTrainer):
             return
         step = self.state.global_step
         drifted = self.args.max_policy_kl is not None and kl > self.args.max_policy_kl
-        if step % self.args.weight_sync_steps == 0 or drifted:
-            start = time.perf_counter()
-            self._pipeline.publish(self.accelerator.unwrap_model(self.model), step)
-            self.npd_metrics.record_sync(time.perf_counter() - start, early=step % self.args.weight_sync_steps != 0)
+        if step % self.args.weight_sync_steps == 0:
+            self._publish(step, reason="schedule")
+        elif drifted:
+            self._publish(step, reason="drift")
+
+    def _publish(self, step: int, reason: str) -> None:
+        start = time.perf_counter()
+        self._pipeline.publish(self.accelerator.unwrap_model(self.model), step)
+        self.npd_metrics.record_sync(time.perf_counter() - start, reason)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training and self._pipeline is not None:
@@ -350,9 +362,16 @@ class NearPolicyDistillTrainer(GKDTrainer):
             return json.load(f)
 
 
-class _AfterOptimizerStep(TrainerCallback):
+class _PipelineHooks(TrainerCallback):
+    """Ties the pipeline to the training loop: start once weights are in place, sync after optimizer steps."""
+
     def __init__(self, trainer: NearPolicyDistillTrainer) -> None:
         self._trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Checkpoint weights are restored before this event on every path (plain, DeepSpeed, FSDP).
+        if self._trainer.lmbda > 0:
+            self._trainer._ensure_pipeline()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._trainer._after_optimizer_step()

@@ -1,0 +1,26 @@
+"""Test helpers that the spawned generator process must be able to import."""
+
+import threading
+
+import psutil
+from transformers import Qwen3ForCausalLM
+
+
+class ExplodingGenerateModel(Qwen3ForCausalLM):
+    """A student whose `generate` fails, as a real generator might (CUDA OOM, a bad token id...)."""
+
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("boom: the generator's model failed while sampling")
+
+
+def live_workers() -> tuple[set[str], set[int]]:
+    """Names of live threads and pids of live child processes, ignoring Python's own resource tracker.
+
+    The resource tracker is a singleton the standard library starts once per interpreter for any `spawn`
+    context's locks and queues; it is not ours to stop and does not belong to one `train()` call.
+    """
+    from multiprocessing import resource_tracker
+
+    tracker_pid = getattr(resource_tracker._resource_tracker, "_pid", None)
+    children = {p.pid for p in psutil.Process().children(recursive=True) if p.pid != tracker_pid}
+    return {t.name for t in threading.enumerate()}, children

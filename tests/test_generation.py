@@ -1,0 +1,108 @@
+import multiprocessing as mp
+import threading
+
+import torch
+
+from trl_npd.generation import EngineConfig, PolicySnapshot, TransformersEngine
+from trl_npd.pipeline import GenerationPipeline
+from trl_npd.prompts import PromptStream
+from trl.experimental.utils import DataCollatorForChatML
+from trl_npd.toy import build_model
+
+
+def forward_logprobs(model, prompt_ids, completion_ids, temperature):
+    """Reference: log-probs of the completion tokens from one plain forward pass."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1]
+    return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0]
+
+
+def engine_config(tokenizer, **kwargs):
+    values = dict(
+        max_new_tokens=12, temperature=0.7, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    values.update(kwargs)
+    return EngineConfig(**values)
+
+
+def test_behaviour_logprobs_are_those_of_the_sampling_distribution(tokenizer, student):
+    torch.manual_seed(0)
+    engine = TransformersEngine(student.eval(), engine_config(tokenizer))
+    prompts = [tokenizer("What is 1+2?")["input_ids"], tokenizer("What is 12+30?")["input_ids"]]
+    completions = engine.generate(prompts)
+    for prompt, completion in zip(prompts, completions, strict=True):
+        assert len(completion.ids) == len(completion.logprobs) >= 1
+        expected = forward_logprobs(student, prompt, completion.ids, temperature=0.7)
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_completions_stop_after_the_first_eos(tokenizer, student):
+    with torch.no_grad():  # make EOS overwhelmingly likely so every completion ends early
+        student.lm_head.weight[tokenizer.eos_token_id] += 50 * student.model.norm.weight.sign()
+    engine = TransformersEngine(student.eval(), engine_config(tokenizer, max_new_tokens=20))
+    completions = engine.generate([tokenizer("What is 1+2?")["input_ids"]] * 4)
+    for completion in completions:
+        assert completion.ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.eos_token_id not in completion.ids[:-1]
+
+
+def test_publish_bumps_version_and_step_and_reaches_the_generator(tokenizer, student):
+    snapshot = PolicySnapshot(student, mp.get_context("spawn"), version=0, step=0)
+    other = build_model(tokenizer, hidden_size=32, num_layers=2, seed=7)
+    assert snapshot.publish(other, step=4) == 1 and snapshot.step == 4
+    target = build_model(tokenizer, hidden_size=32, num_layers=2, seed=9)
+    assert snapshot.load_into(target, loaded_version=0) == (1, 4)
+    for a, b in zip(target.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert snapshot.load_into(target, loaded_version=1) is None  # already current: no copy
+
+
+def test_after_a_sync_samples_follow_the_new_weights_and_no_sample_mixes_versions(tokenizer, dataset):
+    """Publish two different students alternately while a generator thread samples: each sample's log-probs must
+    match exactly the weights of the version it is tagged with (a torn snapshot would match neither)."""
+    model_a = build_model(tokenizer, hidden_size=32, num_layers=2, seed=11)
+    model_b = build_model(tokenizer, hidden_size=32, num_layers=2, seed=12)
+    collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=96)
+    pipeline = GenerationPipeline(
+        mode="thread",
+        student=model_a,
+        prompts=PromptStream(dataset, collator, seed=0),
+        engine=engine_config(tokenizer, max_new_tokens=6, temperature=1.0),
+        generation_batch_size=2,
+        buffer_size=2,
+        max_staleness=10**6,
+        version=0,
+        step=0,
+        num_threads=None,
+        seed=0,
+    )
+    weights = {0: model_a}
+    stop_publishing = threading.Event()
+
+    def publisher():
+        step = 0
+        while not stop_publishing.is_set():
+            step += 1
+            source = model_b if step % 2 else model_a
+            weights[pipeline.publish(source, step)] = source
+            stop_publishing.wait(0.01)
+
+    pipeline.start()
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    try:
+        samples = []
+        while len({s.policy_version for s in samples}) < 4 or len(samples) < 24:
+            samples += pipeline.take(2, current_step=0).samples
+    finally:
+        stop_publishing.set()
+        thread.join()
+        pipeline.stop()
+    for sample in samples:
+        own = weights[sample.policy_version]
+        other = model_a if own is model_b else model_b
+        expected = forward_logprobs(own, sample.prompt_ids, sample.completion_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(sample.behaviour_logprobs), expected, atol=1e-4, rtol=1e-4)
+        wrong = forward_logprobs(other, sample.prompt_ids, sample.completion_ids, 1.0)
+        assert (torch.tensor(sample.behaviour_logprobs) - wrong).abs().max() > 1e-2

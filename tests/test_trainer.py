@@ -1,0 +1,270 @@
+"""End-to-end behaviour of NearPolicyDistillTrainer on tiny local models."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from datasets import Dataset, IterableDataset
+from helpers import ExplodingGenerateModel, live_workers
+from transformers import TrainerCallback
+
+from trl_npd import GeneratorError, NearPolicyDistillTrainer
+from trl_npd.losses import generalized_jsd_sum
+from trl_npd.toy import build_model
+from trl.experimental.gkd import GKDConfig
+
+NPD_METRICS = {
+    "npd/staleness_mean",
+    "npd/staleness_max",
+    "npd/dropped_stale",
+    "npd/buffer_size",
+    "npd/wait_s",
+    "npd/gen_samples_per_s",
+    "npd/gen_tokens_per_s",
+    "npd/policy_kl",
+    "npd/version",
+    "npd/weight_sync_s",
+}
+
+
+class RecordingTrainer(NearPolicyDistillTrainer):
+    """Records, for every training micro-batch that reaches compute_loss, the step and its rows' policy steps."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            policy_steps = inputs["policy_step"].tolist() if "policy_step" in inputs else None
+            self.seen.append(
+                {
+                    "step": self.state.global_step,
+                    "policy_steps": policy_steps,
+                    "inputs": inputs,
+                    "num_items_in_batch": num_items_in_batch,
+                }
+            )
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def trainer_for(student, teacher, tokenizer, dataset, args, cls=RecordingTrainer, **kwargs):
+    return cls(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer, **kwargs
+    )
+
+
+def test_trains_in_a_background_process_within_the_staleness_bound_and_logs_npd_metrics(
+    student, teacher, tokenizer, dataset, make_config
+):
+    threads_before, children_before = live_workers()
+    args = make_config(max_steps=12, weight_sync_steps=2, max_staleness=2, generation_batch_size=4, buffer_size=8)
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    trainer.train()
+
+    assert trainer.state.global_step == 12
+    staleness = [step - p for record in trainer.seen for p in record["policy_steps"] for step in [record["step"]]]
+    assert len(staleness) == 12 * 4  # every micro-batch was on-policy (lmbda=1)
+    assert max(staleness) <= 2  # the bound holds on every consumed sample
+    totals = trainer.npd_metrics.totals
+    assert totals.consumed_samples == 48
+    assert totals.weight_syncs == {"schedule": 6}  # every weight_sync_steps=2 of 12 steps
+    # nothing silently lost: every received sample was trained on, dropped as stale, or unused at the end
+    assert totals.generated_samples == totals.consumed_samples + totals.dropped["stale"] + totals.unused_at_shutdown
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert NPD_METRICS <= logged
+    versions = [entry["npd/version"] for entry in trainer.state.log_history if "npd/version" in entry]
+    assert versions == sorted(versions) and versions[-1] == 6
+    assert live_workers() == (threads_before, children_before)  # no thread or process outlives train()
+
+
+def test_generator_crash_surfaces_in_the_trainer_with_its_cause(tokenizer, teacher, dataset, make_config):
+    threads_before, children_before = live_workers()
+    student = ExplodingGenerateModel(build_model(tokenizer, hidden_size=32, num_layers=2).config)
+    trainer = trainer_for(student, teacher, tokenizer, dataset, make_config())
+    start = time.monotonic()
+    with pytest.raises(GeneratorError, match="boom: the generator's model failed while sampling"):
+        trainer.train()
+    assert time.monotonic() - start < 60  # spawn start-up plus one poll, not a hang
+    assert live_workers() == (threads_before, children_before)
+
+
+class InterruptAt(TrainerCallback):
+    def __init__(self, step, exception):
+        self.step, self.exception = step, exception
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise self.exception
+
+
+@pytest.mark.parametrize("exception", [KeyboardInterrupt(), RuntimeError("user callback failed")])
+def test_interrupt_or_error_mid_training_stops_the_generator(student, teacher, tokenizer, dataset, make_config, exception):
+    threads_before, children_before = live_workers()
+    trainer = trainer_for(
+        student, teacher, tokenizer, dataset, make_config(max_steps=50), callbacks=[InterruptAt(2, exception)]
+    )
+    with pytest.raises(type(exception)):
+        trainer.train()
+    assert trainer._pipeline is None
+    assert live_workers() == (threads_before, children_before)
+
+
+def test_loss_is_normalized_by_completion_tokens_across_gradient_accumulation(
+    student, teacher, tokenizer, dataset, make_config
+):
+    """One optimizer step over 2 micro-batches: the gradient must be that of (sum of per-token JSD over both) /
+    (completion tokens of both), recomputed here from the exact batches that were trained on."""
+    reference_student = build_model(tokenizer, hidden_size=32, num_layers=2, seed=1)
+    reference_student.load_state_dict(student.state_dict())
+    grads = {}
+
+    class CaptureGradients(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    args = make_config(
+        max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, generator_mode="sync",
+        max_grad_norm=0.0, max_new_tokens=12,
+    )
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args, callbacks=[CaptureGradients()])
+    trainer.train()
+
+    batches = [record["inputs"] for record in trainer.seen]
+    assert len(batches) == 2
+    total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    assert all(int(record["num_items_in_batch"]) == total for record in trainer.seen)
+    teacher.eval()
+    loss = 0.0
+    for b in batches:
+        s = reference_student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        with torch.no_grad():
+            t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        labels = b["labels"][:, 1:]
+        loss = loss + generalized_jsd_sum(s[:, :-1], t[:, :-1], labels != -100, beta=args.beta)
+    (loss / total).backward()
+    assert grads.keys() == {name for name, _ in reference_student.named_parameters()}
+    for name, param in reference_student.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_gkd_script_flow_train_evaluate_checkpoint_and_resume(student, teacher, tokenizer, dataset, make_config, tmp_path):
+    """What TRL's gkd.py does, with lmbda=0.5: train, evaluate, save checkpoints, resume from the last one. On
+    resume the generator starts from the restored weights, versions continue, and the prompt stream goes on."""
+    args = make_config(
+        lmbda=0.5, max_steps=8, save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=4,
+        weight_sync_steps=2, max_staleness=4,
+    )
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args, eval_dataset=dataset.select(range(8)))
+    trainer.train()
+    on_policy = [r for r in trainer.seen if r["policy_steps"] is not None]
+    off_policy = [r for r in trainer.seen if r["policy_steps"] is None]
+    assert on_policy and off_policy  # lmbda=0.5 mixes student samples and dataset completions
+    assert any("eval_loss" in entry for entry in trainer.state.log_history)
+    with open(os.path.join(args.output_dir, "checkpoint-8", "npd_state.json")) as f:
+        saved = json.load(f)
+    assert saved["policy_version"] == trainer.npd_metrics.totals.weight_syncs["schedule"] == 4  # 8 / 2
+    assert saved["stream_position"] > 0
+
+    resumed_student = build_model(tokenizer, hidden_size=32, num_layers=2, seed=99)  # weights come from the checkpoint
+    args = make_config(
+        lmbda=1.0, max_steps=10, save_strategy="steps", save_steps=4, weight_sync_steps=2, max_staleness=4,
+        output_dir=args.output_dir,
+    )
+    resumed = trainer_for(resumed_student, teacher, tokenizer, dataset, args)
+    resumed.train(resume_from_checkpoint=True)
+    first = resumed.seen[0]
+    assert first["step"] == 8 and set(first["policy_steps"]) == {8}
+    # the generator sampled with the restored weights: its behaviour log-probs are the current student's
+    history = [e for e in resumed.state.log_history if "npd/policy_kl" in e and e["step"] == 10]
+    assert history and history[0]["npd/policy_kl"] < 1e-3
+    assert resumed.state.log_history[-2]["npd/version"] >= saved["policy_version"] + 1
+    with open(os.path.join(args.output_dir, "checkpoint-10", "npd_state.json")) as f:
+        assert json.load(f)["stream_position"] > saved["stream_position"]
+
+
+def test_bad_inputs_fail_before_training_with_clear_messages(student, teacher, tokenizer, dataset, make_config):
+    args = make_config()
+    with pytest.raises(ValueError, match="vocab_size"):
+        trainer_for(student, build_model(tokenizer, hidden_size=64) .__class__(
+            build_model(tokenizer, hidden_size=64).config.__class__(**{
+                **build_model(tokenizer, hidden_size=64).config.to_dict(), "vocab_size": len(tokenizer) + 64})),
+            tokenizer, dataset, args)
+    with pytest.raises(ValueError, match="train dataset is empty"):
+        trainer_for(student, teacher, tokenizer, dataset.select([]), args)
+    with pytest.raises(ValueError, match="needs a train_dataset"):
+        trainer_for(student, teacher, tokenizer, None, args)
+    with pytest.raises(ValueError, match="map-style"):
+        trainer_for(student, teacher, tokenizer, IterableDataset.from_generator(lambda: iter([dataset[0]])), args)
+    with pytest.raises(TypeError, match="NearPolicyDistillConfig"):
+        trainer_for(student, teacher, tokenizer, dataset, GKDConfig(output_dir=args.output_dir, bf16=False))
+    prompts_only = Dataset.from_list([{"prompt": "What is 1+2?"}] * 4)
+    with pytest.raises(ValueError, match="Set lmbda=1.0"):
+        trainer_for(student, teacher, tokenizer, prompts_only, make_config(lmbda=0.5))
+
+
+def test_a_tokenizer_without_pad_token_or_larger_than_the_models_is_refused(student, teacher, dataset, make_config):
+    from trl_npd.toy import build_tokenizer
+
+    no_pad = build_tokenizer()
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        trainer_for(student, teacher, no_pad, dataset, make_config())
+    bigger = build_tokenizer(vocab_size=600)
+    with pytest.raises(ValueError, match="embedding has only"):
+        trainer_for(student, teacher, bigger, dataset, make_config())
+
+
+def test_prompts_too_long_for_max_length_are_truncated_and_counted(student, teacher, tokenizer, make_config):
+    long_question = " ".join(f"{i}+{i}" for i in range(60))
+    rows = [{"messages": [{"role": "user", "content": long_question}, {"role": "assistant", "content": "0"}]}] * 4
+    args = make_config(max_steps=2, max_length=40, max_new_tokens=8, generator_mode="sync")
+    trainer = trainer_for(student, teacher, tokenizer, Dataset.from_list(rows), args)
+    trainer.train()
+    assert trainer.npd_metrics.totals.truncated_prompts > 0
+    for record in trainer.seen:
+        assert record["inputs"]["input_ids"].shape[1] <= 40
+
+
+def test_prompt_only_dataset_trains_fully_on_policy_in_a_thread(student, teacher, tokenizer, make_config):
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i}+{i}?"}]} for i in range(16)]
+    threads_before, children_before = live_workers()
+    trainer = trainer_for(student, teacher, tokenizer, Dataset.from_list(rows), make_config(generator_mode="thread"))
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert all(record["policy_steps"] is not None for record in trainer.seen)
+    assert live_workers() == (threads_before, children_before)
+
+
+def test_policy_drift_above_max_policy_kl_refreshes_the_snapshot_early(student, teacher, tokenizer, dataset, make_config):
+    args = make_config(
+        generator_mode="thread", weight_sync_steps=100, max_staleness=100, max_policy_kl=1e-12, learning_rate=1e-2
+    )
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    trainer.train()
+    totals = trainer.npd_metrics.totals
+    # the scheduled sync (every 100 steps) never comes in 6 steps: every refresh is a drift refresh
+    assert set(totals.weight_syncs) == {"drift"} and totals.weight_syncs["drift"] >= 5
+
+
+def test_without_max_policy_kl_only_the_schedule_refreshes(student, teacher, tokenizer, dataset, make_config):
+    args = make_config(generator_mode="sync", weight_sync_steps=3, max_staleness=3)
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    trainer.train()
+    assert trainer.npd_metrics.totals.weight_syncs == {"schedule": 2}
+
+
+def test_a_snapshot_older_than_the_bound_is_refreshed_instead_of_starving(
+    student, teacher, tokenizer, dataset, make_config
+):
+    trainer = trainer_for(student, teacher, tokenizer, dataset, make_config(generator_mode="thread"))
+    try:
+        trainer._ensure_pipeline()
+        trainer.state.global_step = 50  # as if the sync schedule had been bypassed: every sample would be stale
+        batch = trainer._on_policy_batch()
+        assert set(batch["policy_step"].tolist()) == {50}
+        assert trainer.npd_metrics.totals.weight_syncs == {"stale_snapshot": 1}
+    finally:
+        trainer._stop_pipeline()
