@@ -27,6 +27,7 @@ class NPDTotals:
     undelivered_at_shutdown: int = 0
     truncated_prompts: int = 0
     wait_s: float = 0.0
+    first_sample_wait_s: float = 0.0  # part of wait_s: generator start-up plus its first batch
     weight_syncs: Counter = field(default_factory=Counter)  # by reason: "schedule", "drift", "stale_snapshot"
     max_staleness_seen: int = 0
 
@@ -54,6 +55,8 @@ class NPDMetrics:
         self._dropped["stale"] += result.dropped_stale
         self._wait_s += result.wait_s
         t = self.totals
+        if t.consumed_samples == 0:
+            t.first_sample_wait_s = result.wait_s
         t.consumed_samples += len(result.samples)
         t.dropped["stale"] += result.dropped_stale
         t.wait_s += result.wait_s
