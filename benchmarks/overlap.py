@@ -24,10 +24,10 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import torch  # noqa: E402
+import torch
 
-from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer  # noqa: E402
-from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer  # noqa: E402
+from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
+from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
 
 PRESETS = {
     # student ~0.3M params, teacher ~4x; generation and training of comparable cost on 2 CPU cores
@@ -57,7 +57,11 @@ def run(mode: str, preset: dict, output_dir: str) -> dict:
         seed=0,
     )
     trainer = NearPolicyDistillTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=arithmetic_dataset(512), processing_class=tokenizer
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=arithmetic_dataset(512),
+        processing_class=tokenizer,
     )
     start = time.perf_counter()
     trainer.train()
@@ -91,7 +95,10 @@ def main() -> None:
     parser.add_argument("--out", default="results/overlap.json")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
-    runs = [run(mode, preset, os.path.join(os.path.dirname(args.out) or ".", f"overlap-{mode}")) for mode in args.modes.split(",")]
+    runs = [
+        run(mode, preset, os.path.join(os.path.dirname(args.out) or ".", f"overlap-{mode}"))
+        for mode in args.modes.split(",")
+    ]
     report = {
         "preset": args.preset,
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -101,11 +108,15 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"{'mode':8} {'steady_wall_s':>13} {'gen_busy_s':>10} {'train_busy_s':>12} {'wait_s':>7} {'overlap':>7} "
-          f"{'samples/s':>9} {'startup_s':>9}")
+    print(
+        f"{'mode':8} {'steady_wall_s':>13} {'gen_busy_s':>10} {'train_busy_s':>12} {'wait_s':>7} {'overlap':>7} "
+        f"{'samples/s':>9} {'startup_s':>9}"
+    )
     for r in runs:
-        print(f"{r['mode']:8} {r['steady_wall_s']:13.2f} {r['gen_busy_s']:10.2f} {r['train_busy_s']:12.2f} "
-              f"{r['wait_s']:7.2f} {r['overlap']:7.2f} {r['samples_per_s']:9.2f} {r['first_sample_wait_s']:9.2f}")
+        print(
+            f"{r['mode']:8} {r['steady_wall_s']:13.2f} {r['gen_busy_s']:10.2f} {r['train_busy_s']:12.2f} "
+            f"{r['wait_s']:7.2f} {r['overlap']:7.2f} {r['samples_per_s']:9.2f} {r['first_sample_wait_s']:9.2f}"
+        )
 
 
 if __name__ == "__main__":

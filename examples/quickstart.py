@@ -12,8 +12,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer  # noqa: E402
-from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer  # noqa: E402
+from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
+from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
 
 
 def main() -> None:
@@ -60,7 +60,14 @@ def main() -> None:
     )
 
 
-SHOWN = ["npd/version", "npd/staleness_mean", "npd/staleness_max", "npd/policy_kl", "npd/wait_s", "npd/gen_samples_per_s"]
+SHOWN = [
+    "npd/version",
+    "npd/staleness_mean",
+    "npd/staleness_max",
+    "npd/policy_kl",
+    "npd/wait_s",
+    "npd/gen_samples_per_s",
+]
 
 if __name__ == "__main__":
     main()

@@ -8,10 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # `helpers` must import in the spawned generator too
 
-import pytest  # noqa: E402
+import pytest
 
-from trl_npd import NearPolicyDistillConfig  # noqa: E402
-from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer  # noqa: E402
+from trl_npd import NearPolicyDistillConfig
+from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,11 @@ import multiprocessing as mp
 import threading
 
 import torch
+from trl.experimental.utils import DataCollatorForChatML
 
 from trl_npd.generation import EngineConfig, PolicySnapshot, TransformersEngine
 from trl_npd.pipeline import GenerationPipeline
 from trl_npd.prompts import PromptStream
-from trl.experimental.utils import DataCollatorForChatML
 from trl_npd.toy import build_model
 
 

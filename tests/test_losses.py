@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from trl.experimental.gkd import GKDTrainer
 
 from trl_npd.losses import generalized_jsd_sum, k3_policy_kl, token_logprobs
-from trl.experimental.gkd import GKDTrainer
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.2])

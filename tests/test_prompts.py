@@ -1,8 +1,8 @@
 import pytest
 import torch
+from trl.experimental.utils import DataCollatorForChatML
 
 from trl_npd.prompts import PromptOnlyCollator, PromptStream, extract_prompt_ids
-from trl.experimental.utils import DataCollatorForChatML
 
 
 def test_ranks_get_disjoint_shards_that_cover_the_dataset(tokenizer, dataset):

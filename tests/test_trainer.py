@@ -8,12 +8,12 @@ import pytest
 import torch
 from datasets import Dataset, IterableDataset
 from helpers import ExplodingGenerateModel, live_workers
-from transformers import TrainerCallback
+from transformers import Qwen3Config, Qwen3ForCausalLM, TrainerCallback
+from trl.experimental.gkd import GKDConfig
 
 from trl_npd import GeneratorError, NearPolicyDistillTrainer
 from trl_npd.losses import generalized_jsd_sum
 from trl_npd.toy import build_model
-from trl.experimental.gkd import GKDConfig
 
 NPD_METRICS = {
     "npd/staleness_mean",
@@ -80,10 +80,11 @@ def test_trains_in_a_background_process_within_the_staleness_bound_and_logs_npd_
     assert live_workers() == (threads_before, children_before)  # no thread or process outlives train()
 
 
-def test_generator_crash_surfaces_in_the_trainer_with_its_cause(tokenizer, teacher, dataset, make_config):
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_generator_crash_surfaces_in_the_trainer_with_its_cause(tokenizer, teacher, dataset, make_config, mode):
     threads_before, children_before = live_workers()
     student = ExplodingGenerateModel(build_model(tokenizer, hidden_size=32, num_layers=2).config)
-    trainer = trainer_for(student, teacher, tokenizer, dataset, make_config())
+    trainer = trainer_for(student, teacher, tokenizer, dataset, make_config(generator_mode=mode))
     start = time.monotonic()
     with pytest.raises(GeneratorError, match="boom: the generator's model failed while sampling"):
         trainer.train()
@@ -101,7 +102,9 @@ class InterruptAt(TrainerCallback):
 
 
 @pytest.mark.parametrize("exception", [KeyboardInterrupt(), RuntimeError("user callback failed")])
-def test_interrupt_or_error_mid_training_stops_the_generator(student, teacher, tokenizer, dataset, make_config, exception):
+def test_interrupt_or_error_mid_training_stops_the_generator(
+    student, teacher, tokenizer, dataset, make_config, exception
+):
     threads_before, children_before = live_workers()
     trainer = trainer_for(
         student, teacher, tokenizer, dataset, make_config(max_steps=50), callbacks=[InterruptAt(2, exception)]
@@ -126,8 +129,12 @@ def test_loss_is_normalized_by_completion_tokens_across_gradient_accumulation(
             grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
     args = make_config(
-        max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, generator_mode="sync",
-        max_grad_norm=0.0, max_new_tokens=12,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        generator_mode="sync",
+        max_grad_norm=0.0,
+        max_new_tokens=12,
     )
     trainer = trainer_for(student, teacher, tokenizer, dataset, args, callbacks=[CaptureGradients()])
     trainer.train()
@@ -150,12 +157,20 @@ def test_loss_is_normalized_by_completion_tokens_across_gradient_accumulation(
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_gkd_script_flow_train_evaluate_checkpoint_and_resume(student, teacher, tokenizer, dataset, make_config, tmp_path):
+def test_gkd_script_flow_train_evaluate_checkpoint_and_resume(
+    student, teacher, tokenizer, dataset, make_config, tmp_path
+):
     """What TRL's gkd.py does, with lmbda=0.5: train, evaluate, save checkpoints, resume from the last one. On
     resume the generator starts from the restored weights, versions continue, and the prompt stream goes on."""
     args = make_config(
-        lmbda=0.5, max_steps=8, save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=4,
-        weight_sync_steps=2, max_staleness=4,
+        lmbda=0.5,
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=4,
+        eval_strategy="steps",
+        eval_steps=4,
+        weight_sync_steps=2,
+        max_staleness=4,
     )
     trainer = trainer_for(student, teacher, tokenizer, dataset, args, eval_dataset=dataset.select(range(8)))
     trainer.train()
@@ -170,7 +185,12 @@ def test_gkd_script_flow_train_evaluate_checkpoint_and_resume(student, teacher, 
 
     resumed_student = build_model(tokenizer, hidden_size=32, num_layers=2, seed=99)  # weights come from the checkpoint
     args = make_config(
-        lmbda=1.0, max_steps=10, save_strategy="steps", save_steps=4, weight_sync_steps=2, max_staleness=4,
+        lmbda=1.0,
+        max_steps=10,
+        save_strategy="steps",
+        save_steps=4,
+        weight_sync_steps=2,
+        max_staleness=4,
         output_dir=args.output_dir,
     )
     resumed = trainer_for(resumed_student, teacher, tokenizer, dataset, args)
@@ -187,11 +207,9 @@ def test_gkd_script_flow_train_evaluate_checkpoint_and_resume(student, teacher, 
 
 def test_bad_inputs_fail_before_training_with_clear_messages(student, teacher, tokenizer, dataset, make_config):
     args = make_config()
+    bigger_vocab = Qwen3ForCausalLM(Qwen3Config(**{**teacher.config.to_dict(), "vocab_size": len(tokenizer) + 64}))
     with pytest.raises(ValueError, match="vocab_size"):
-        trainer_for(student, build_model(tokenizer, hidden_size=64) .__class__(
-            build_model(tokenizer, hidden_size=64).config.__class__(**{
-                **build_model(tokenizer, hidden_size=64).config.to_dict(), "vocab_size": len(tokenizer) + 64})),
-            tokenizer, dataset, args)
+        trainer_for(student, bigger_vocab, tokenizer, dataset, args)
     with pytest.raises(ValueError, match="train dataset is empty"):
         trainer_for(student, teacher, tokenizer, dataset.select([]), args)
     with pytest.raises(ValueError, match="needs a train_dataset"):
@@ -201,7 +219,7 @@ def test_bad_inputs_fail_before_training_with_clear_messages(student, teacher, t
     with pytest.raises(TypeError, match="NearPolicyDistillConfig"):
         trainer_for(student, teacher, tokenizer, dataset, GKDConfig(output_dir=args.output_dir, bf16=False))
     prompts_only = Dataset.from_list([{"prompt": "What is 1+2?"}] * 4)
-    with pytest.raises(ValueError, match="Set lmbda=1.0"):
+    with pytest.raises(ValueError, match=r"Set lmbda=1\.0"):
         trainer_for(student, teacher, tokenizer, prompts_only, make_config(lmbda=0.5))
 
 
@@ -238,7 +256,9 @@ def test_prompt_only_dataset_trains_fully_on_policy_in_a_thread(student, teacher
     assert live_workers() == (threads_before, children_before)
 
 
-def test_policy_drift_above_max_policy_kl_refreshes_the_snapshot_early(student, teacher, tokenizer, dataset, make_config):
+def test_policy_drift_above_max_policy_kl_refreshes_the_snapshot_early(
+    student, teacher, tokenizer, dataset, make_config
+):
     args = make_config(
         generator_mode="thread", weight_sync_steps=100, max_staleness=100, max_policy_kl=1e-12, learning_rate=1e-2
     )
@@ -283,5 +303,64 @@ def test_generation_overlaps_training_in_wall_clock(tokenizer, dataset, make_con
     steady_wall_s = trainer.state.log_history[-1]["train_runtime"] - totals.first_sample_wait_s
     train_busy_s = steady_wall_s - (totals.wait_s - totals.first_sample_wait_s)
     assert totals.generator_busy_s + train_busy_s > 1.3 * steady_wall_s, (
-        totals.generator_busy_s, train_busy_s, steady_wall_s
+        totals.generator_busy_s,
+        train_busy_s,
+        steady_wall_s,
     )
+
+
+def test_peft_config_trains_only_the_adapters_and_the_generator_follows(
+    student, teacher, tokenizer, dataset, make_config
+):
+    from peft import LoraConfig
+
+    class CheckSnapshot(RecordingTrainer):
+        """After each publish, the generator's snapshot must equal the live adapted student, adapters included."""
+
+        published = 0
+
+        def _publish(self, step, reason):
+            super()._publish(step, reason)
+            snapshot = self._pipeline._snapshot.model.state_dict()
+            live = self.accelerator.unwrap_model(self.model).state_dict()
+            assert snapshot.keys() == live.keys() and any("lora_" in k for k in live)
+            assert all(torch.equal(snapshot[k], live[k].detach().cpu()) for k in live)
+            self.published += 1
+
+    base_before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    args = make_config(generator_mode="thread", learning_rate=1e-2, weight_sync_steps=1, max_staleness=1)
+    trainer = trainer_for(
+        student,
+        teacher,
+        tokenizer,
+        dataset,
+        args,
+        cls=CheckSnapshot,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(params[n], before) for n, before in lora_before.items())
+    for name, before in base_before.items():
+        peft_name = next(
+            n for n in params if n.endswith(name.replace(".weight", ".base_layer.weight")) or n.endswith(name)
+        )
+        assert torch.equal(params[peft_name].detach(), before), name
+    assert trainer.published == 6  # weight_sync_steps=1 over 6 steps, each checked above
+
+
+def test_seq_kd_without_student_sampling_trains_on_teacher_generations(
+    student, teacher, tokenizer, dataset, make_config
+):
+    threads_before, children_before = live_workers()
+    args = make_config(lmbda=0.0, seq_kd=True, max_steps=2, max_new_tokens=5)
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    trainer.train()
+    assert trainer.npd_metrics.totals.generated_samples == 0  # lmbda=0: the student never samples
+    assert live_workers() == (threads_before, children_before)  # and no generator was started
+    for record in trainer.seen:
+        inputs = record["inputs"]
+        completion_tokens = (inputs["labels"] != -100).sum(dim=1)
+        assert (completion_tokens <= 5).all()  # the teacher's max_new_tokens-long generations, not the dataset's
+        assert (inputs["input_ids"].shape[1] - inputs["prompts"].shape[1]) <= 5

@@ -5,9 +5,9 @@ import os
 # GKDTrainer lives in trl.experimental; importing trl_npd is consent to use it, so keep its warning quiet.
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from .config import NearPolicyDistillConfig  # noqa: E402
-from .pipeline import GeneratorError  # noqa: E402
-from .trainer import NearPolicyDistillTrainer  # noqa: E402
+from .config import NearPolicyDistillConfig
+from .pipeline import GeneratorError
+from .trainer import NearPolicyDistillTrainer
 
 __all__ = ["GeneratorError", "NearPolicyDistillConfig", "NearPolicyDistillTrainer"]
 __version__ = "0.1.0"

@@ -284,5 +284,5 @@ def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: 
             batch = generate_batch(engine, spec.prompts, spec.generation_batch_size, version, step)
             if batch is None or not buffer.put(batch, stop.is_set):
                 break
-    except BaseException:  # noqa: BLE001 - everything, KeyboardInterrupt included, must reach the trainer
+    except BaseException:
         errors.put(traceback.format_exc())

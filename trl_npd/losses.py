@@ -32,9 +32,7 @@ def generalized_jsd_sum(
     elif beta == 1:
         per_token = _kl(student, teacher)
     else:
-        mixture = torch.logsumexp(
-            torch.stack([student + math.log1p(-beta), teacher + math.log(beta)]), dim=0
-        )
+        mixture = torch.logsumexp(torch.stack([student + math.log1p(-beta), teacher + math.log(beta)]), dim=0)
         per_token = beta * _kl(teacher, mixture) + (1 - beta) * _kl(student, mixture)
     return per_token.sum()
 

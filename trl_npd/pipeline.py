@@ -215,7 +215,8 @@ class GenerationPipeline:
                 failure = (
                     f"the generator {self.mode} exited unexpectedly (exit code {code}) without an error report. If "
                     "it died while starting, its traceback is on stderr above; a model or collator defined in the "
-                    "__main__ script cannot be sent to a process (move it to a module, or use generator_mode='thread')."
+                    "__main__ script cannot be sent to a process (move it to a module, or use "
+                    "generator_mode='thread')."
                 )
         if failure is not None:
             raise GeneratorError(f"The background generator failed, so training cannot go on.\n{failure}")

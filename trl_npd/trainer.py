@@ -22,7 +22,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from datasets import IterableDataset
@@ -51,7 +51,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
     Takes exactly `GKDTrainer`'s arguments; `args` must be a [`NearPolicyDistillConfig`]. See `docs/index.md`.
     """
 
-    _tag_names = ["trl", "gkd", "trl-npd", "distillation"]
+    _tag_names: ClassVar[list[str]] = ["trl", "gkd", "trl-npd", "distillation"]
     _name = "NPD"
 
     def __init__(
@@ -160,7 +160,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             temperature=args.temperature,
             pad_token_id=self.processing_class.pad_token_id,
             eos_token_id=self.processing_class.eos_token_id if eos is None else eos,
-            device=args.generator_device or str(args.device),
+            device=str(self._generator_device()),
         )
         self._pipeline = GenerationPipeline(
             mode=args.generator_mode,
@@ -210,7 +210,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
     def _share_cpu_with_generator(self) -> Callable[[], None]:
         """A CPU generator process gets its own cores; the trainer keeps the rest while `train` runs."""
         threads = self._generator_threads()
-        if threads is None or self._generator_device().type != "cpu" or self.args.lmbda == 0:
+        if threads is None or self._generator_device().type != "cpu" or self.lmbda == 0:
             return lambda: None
         before = torch.get_num_threads()
         torch.set_num_threads(max(1, before - threads))
@@ -258,9 +258,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             self._publish(step, reason="stale_snapshot")
         result = pipeline.take(self.args.per_device_train_batch_size, step)
         self.npd_metrics.record_take(result, step)
-        self._next_stream_position = max(
-            self._next_stream_position, *(s.stream_position + 1 for s in result.samples)
-        )
+        self._next_stream_position = max(self._next_stream_position, *(s.stream_position + 1 for s in result.samples))
         return collate_samples(result.samples, self.processing_class.pad_token_id)
 
     def training_step(
@@ -342,7 +340,9 @@ class NearPolicyDistillTrainer(GKDTrainer):
         if not self.args.should_save:
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        version = self._pipeline.version if self._pipeline is not None else self._resume_state.get("policy_version", -1)
+        version = (
+            self._pipeline.version if self._pipeline is not None else self._resume_state.get("policy_version", -1)
+        )
         state = {"policy_version": version, "stream_position": self._next_stream_position}
         with open(os.path.join(folder, NPD_STATE_NAME), "w") as f:
             json.dump(state, f, indent=2)
@@ -356,7 +356,9 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 return {}
         path = os.path.join(resume_from_checkpoint, NPD_STATE_NAME)
         if not os.path.isfile(path):
-            logger.warning("%s has no %s: the generator restarts its prompt stream and versions.", path, NPD_STATE_NAME)
+            logger.warning(
+                "%s has no %s: the generator restarts its prompt stream and versions.", path, NPD_STATE_NAME
+            )
             return {}
         with open(path) as f:
             return json.load(f)
