@@ -146,9 +146,10 @@ def test_loss_is_normalized_by_completion_tokens_across_gradient_accumulation(
     teacher.eval()
     loss = 0.0
     for b in batches:
-        s = reference_student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        layout = {k: b[k] for k in ("attention_mask", "position_ids") if k in b}  # padded or packed rows
+        s = reference_student(input_ids=b["input_ids"], use_cache=False, **layout).logits
         with torch.no_grad():
-            t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            t = teacher(input_ids=b["input_ids"], use_cache=False, **layout).logits
         labels = b["labels"][:, 1:]
         loss = loss + generalized_jsd_sum(s[:, :-1], t[:, :-1], labels != -100, beta=args.beta)
     (loss / total).backward()
@@ -354,13 +355,15 @@ def test_seq_kd_without_student_sampling_trains_on_teacher_generations(
     student, teacher, tokenizer, dataset, make_config
 ):
     threads_before, children_before = live_workers()
-    args = make_config(lmbda=0.0, seq_kd=True, max_steps=2, max_new_tokens=5)
+    # padded rows, so each row is one sample; the dataset's own completions are longer than the teacher may write
+    args = make_config(lmbda=0.0, seq_kd=True, max_steps=2, max_new_tokens=5, padding_free=False)
     trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    dataset_completion_tokens = (trainer.data_collator([dataset[i] for i in range(8)])["labels"] != -100).sum(dim=1)
+    assert (dataset_completion_tokens > 5).all()
     trainer.train()
     assert trainer.npd_metrics.totals.generated_samples == 0  # lmbda=0: the student never samples
     assert live_workers() == (threads_before, children_before)  # and no generator was started
+    assert len(trainer.seen) == 2
     for record in trainer.seen:
-        inputs = record["inputs"]
-        completion_tokens = (inputs["labels"] != -100).sum(dim=1)
-        assert (completion_tokens <= 5).all()  # the teacher's max_new_tokens-long generations, not the dataset's
-        assert (inputs["input_ids"].shape[1] - inputs["prompts"].shape[1]) <= 5
+        completion_tokens = (record["inputs"]["labels"] != -100).sum(dim=1)
+        assert ((completion_tokens >= 1) & (completion_tokens <= 5)).all()  # the teacher's generations

@@ -1,9 +1,12 @@
-"""Turns buffer samples into a training batch: right-padded rows with labels on completion tokens only.
+"""Training sequences and the padded batch layout (`padding_free=False`); `packing` holds the padding-free one.
 
-This is the seam where the padding-free packing stage plugs in; it returns the same keys.
+Every training micro-batch, on-policy or not, goes through a list of `Sequence`s, so the padded and packed layouts
+are built from the same data and can be compared token for token.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -12,29 +15,62 @@ from .buffer import Sample
 IGNORE_INDEX = -100
 
 
-def collate_samples(samples: list[Sample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Batch `samples` as `[prompt, completion, pad...]` rows.
+@dataclass
+class Sequence:
+    """One training sequence: its tokens, its labels (-100 where not trained) and optional per-token extras."""
 
-    Returns `input_ids`, `attention_mask`, `labels` (-100 on prompt and padding), `behaviour_logprobs` (the
-    sampling log-prob of each label token, aligned with `labels`, 0 elsewhere) and `policy_step` per row.
-    """
-    width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
-    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    behaviour_logprobs = torch.zeros((len(samples), width), dtype=torch.float32)
-    for row, sample in enumerate(samples):
-        prompt_len, total = len(sample.prompt_ids), len(sample.prompt_ids) + len(sample.completion_ids)
-        input_ids[row, :total] = torch.tensor(sample.prompt_ids + sample.completion_ids, dtype=torch.long)
-        attention_mask[row, :total] = 1
-        labels[row, prompt_len:total] = torch.tensor(sample.completion_ids, dtype=torch.long)
-        behaviour_logprobs[row, prompt_len:total] = torch.tensor(sample.behaviour_logprobs, dtype=torch.float32)
+    input_ids: list[int]
+    labels: list[int]
+    behaviour_logprobs: list[float] | None = None  # aligned with input_ids; sampled tokens only
+    policy_step: int | None = None
+
+
+def sequences_from_samples(samples: list[Sample]) -> list[Sequence]:
+    """`[prompt, completion]` sequences, trained on the completion, with its behaviour log-probs."""
+    return [
+        Sequence(
+            input_ids=s.prompt_ids + s.completion_ids,
+            labels=[IGNORE_INDEX] * len(s.prompt_ids) + s.completion_ids,
+            behaviour_logprobs=[0.0] * len(s.prompt_ids) + s.behaviour_logprobs,
+            policy_step=s.policy_step,
+        )
+        for s in samples
+    ]
+
+
+def sequences_from_padded(batch: dict[str, torch.Tensor]) -> list[Sequence]:
+    """The sequences of a padded batch (either padding side), read through its attention mask."""
+    rows = zip(batch["input_ids"], batch["attention_mask"].bool(), batch["labels"], strict=True)
+    return [Sequence(input_ids=ids[mask].tolist(), labels=labels[mask].tolist()) for ids, mask, labels in rows]
+
+
+def pad_sequences(sequences: list[Sequence], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows: `input_ids`, `attention_mask`, `labels`, and for generated sequences
+    `behaviour_logprobs` (0 off the sampled tokens) and `policy_step` per row."""
+    width = max(len(s.input_ids) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    behaviour_logprobs = torch.zeros((len(sequences), width), dtype=torch.float32)
+    for row, s in enumerate(sequences):
+        n = len(s.input_ids)
+        input_ids[row, :n] = torch.tensor(s.input_ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(s.labels, dtype=torch.long)
+        if s.behaviour_logprobs is not None:
+            behaviour_logprobs[row, :n] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels} | on_policy_extras(
+        sequences, behaviour_logprobs
+    )
+
+
+def on_policy_extras(sequences: list[Sequence], behaviour_logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`behaviour_logprobs` and per-sequence `policy_step`, for batches of generated sequences only."""
+    if any(s.policy_step is None for s in sequences):
+        return {}
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
         "behaviour_logprobs": behaviour_logprobs,
-        "policy_step": torch.tensor([s.policy_step for s in samples], dtype=torch.long),
+        "policy_step": torch.tensor([s.policy_step for s in sequences], dtype=torch.long),
     }
 
 

@@ -53,6 +53,20 @@ class NearPolicyDistillConfig(GKDConfig):
         Bound on the per-token KL between the behaviour policy (the snapshot that sampled) and the current student,
         estimated with k3 on the trained tokens of each optimizer step. When an optimizer step's estimate exceeds
         it, the snapshot is refreshed at once instead of waiting for `weight_sync_steps`. `None` only logs it.
+
+    > Parameters that control batching and the loss
+
+    padding_free (`bool`, *optional*, defaults to `True`):
+        Pack each training micro-batch's sequences into rows of at most `max_length` tokens (first-fit-decreasing),
+        with `position_ids` restarting at every sequence and no padding inside rows. This is trl_npd's own packing
+        stage; SFTTrainer's padding-free collator does not apply to GKD's batches. `False` right-pads each sequence
+        to the longest.
+    use_fused_loss (`bool`, *optional*, defaults to `True`):
+        Compute the generalized JSD with Liger's fused-linear kernel on the trained positions' hidden states, so
+        the `(tokens x vocab)` logits are never materialized. `False` uses the plain reference path.
+    fused_loss_compile (`bool` or `None`, *optional*, defaults to `None`):
+        `torch.compile` the fused kernel's chunk loop. `None` compiles on CUDA only: on CPU the first call costs
+        seconds of compilation.
     """
 
     generation_batch_size: int | None = field(
@@ -85,6 +99,16 @@ class NearPolicyDistillConfig(GKDConfig):
     max_policy_kl: float | None = field(
         default=None,
         metadata={"help": "Per-token k3 KL (behaviour vs current) above which the snapshot is refreshed early."},
+    )
+
+    padding_free: bool = field(
+        default=True, metadata={"help": "Pack training sequences into rows without padding (trl_npd's own stage)."}
+    )
+    use_fused_loss: bool = field(
+        default=True, metadata={"help": "Liger fused-linear JSD: never materialize the (tokens x vocab) logits."}
+    )
+    fused_loss_compile: bool | None = field(
+        default=None, metadata={"help": "torch.compile the fused loss. None: only on CUDA."}
     )
 
     def __post_init__(self) -> None:

@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .buffer import TakeResult
+from .packing import PackingStats
 
 
 @dataclass
@@ -48,6 +49,7 @@ class NPDMetrics:
         self._kl_sum, self._kl_tokens = 0.0, 0
         self._sync_s: list[float] = []
         self._truncated = 0
+        self._packing: list[PackingStats] = []
 
     def record_take(self, result: TakeResult, current_step: int) -> None:
         staleness = [current_step - s.policy_step for s in result.samples]
@@ -72,6 +74,9 @@ class NPDMetrics:
             t.generator_busy_s += batch.busy_s
             t.dropped.update(batch.dropped)
             t.truncated_prompts += batch.truncated_prompts
+
+    def record_packing(self, stats: PackingStats) -> None:
+        self._packing.append(stats)
 
     def record_policy_kl(self, kl_sum: float, tokens: int) -> None:
         self._kl_sum += kl_sum
@@ -98,6 +103,9 @@ class NPDMetrics:
             logs["npd/policy_kl"] = self._kl_sum / self._kl_tokens
         if self._sync_s:
             logs["npd/weight_sync_s"] = sum(self._sync_s) / len(self._sync_s)
+        if self._packing:
+            logs["npd/row_fill"] = sum(p.row_fill for p in self._packing) / len(self._packing)
+            logs["npd/pad_frac"] = sum(p.pad_frac for p in self._packing) / len(self._packing)
         if self._truncated:
             logs["npd/truncated_prompts"] = float(self._truncated)
         self._reset_window()

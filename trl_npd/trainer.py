@@ -30,13 +30,14 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.experimental.gkd import GKDTrainer
-from trl.models.utils import unwrap_model_for_generation
+from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
-from .batching import IGNORE_INDEX, collate_samples, count_trained_tokens
+from .batching import Sequence, count_trained_tokens, pad_sequences, sequences_from_padded, sequences_from_samples
 from .config import NearPolicyDistillConfig
 from .generation import EngineConfig
-from .losses import generalized_jsd_sum, k3_policy_kl, token_logprobs
+from .losses import distillation_loss, k3_policy_kl
 from .metrics import NPDMetrics
+from .packing import pack_sequences
 from .pipeline import GenerationPipeline
 from .prompts import PromptOnlyCollator, PromptStream
 
@@ -92,21 +93,26 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 raise ValueError("Evaluation needs completions: give the eval dataset a 'messages' column.")
             data_collator = PromptOnlyCollator(processing_class, args.max_length)
 
-        super().__init__(
-            model=model,
-            teacher_model=teacher_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            peft_config=peft_config,
-            formatting_func=formatting_func,
-        )
+        # SFTTrainer's padding-free mode needs its own collator, which GKD's batches cannot use; packing is our stage.
+        padding_free, args.padding_free = args.padding_free, False
+        try:
+            super().__init__(
+                model=model,
+                teacher_model=teacher_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                peft_config=peft_config,
+                formatting_func=formatting_func,
+            )
+        finally:
+            args.padding_free = padding_free
         _check_tokenizer_fits(self.processing_class, self.model, self.teacher_model)
         # compute_loss divides by the tokens trained on across the whole accumulation group
         self.loss_is_scaled_for_ga = True
@@ -116,6 +122,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self._next_stream_position = 0
         self._step_kl_sum = torch.zeros((), dtype=torch.float64)
         self._step_kl_tokens = 0
+        self._forward_redirection = _ForwardRedirection()
         self.add_callback(_PipelineHooks(self))
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
@@ -245,8 +252,8 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 input_ids, attention_mask, labels = self.generate_on_policy_outputs(
                     teacher, batch, self.generation_config
                 )
-            batch = {**batch, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        return batch
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return self._training_batch(sequences_from_padded(batch))
 
     def _on_policy_batch(self) -> dict[str, torch.Tensor]:
         pipeline = self._ensure_pipeline()
@@ -259,7 +266,16 @@ class NearPolicyDistillTrainer(GKDTrainer):
         result = pipeline.take(self.args.per_device_train_batch_size, step)
         self.npd_metrics.record_take(result, step)
         self._next_stream_position = max(self._next_stream_position, *(s.stream_position + 1 for s in result.samples))
-        return collate_samples(result.samples, self.processing_class.pad_token_id)
+        return self._training_batch(sequences_from_samples(result.samples))
+
+    def _training_batch(self, sequences: list[Sequence]) -> dict[str, torch.Tensor]:
+        pad = self.processing_class.pad_token_id
+        if not self.args.padding_free:
+            return pad_sequences(sequences, pad)
+        budget = self.args.max_length or sum(len(s.input_ids) for s in sequences)
+        batch, stats = pack_sequences(sequences, budget, pad)
+        self.npd_metrics.record_packing(stats)
+        return batch
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -275,35 +291,40 @@ class NearPolicyDistillTrainer(GKDTrainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        # use_cache=False: a cache makes transformers skip the masks that keep packed samples apart
-        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
-        student_outputs = model(**forward)
-        self.teacher_model.eval()
-        with torch.no_grad():
-            teacher_outputs = self.teacher_model(**forward)
-        student_logits = student_outputs.logits[:, :-1]
-        labels = inputs["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        # temperature is GKD's sampling temperature; GKD takes the divergence at temperature 1, and so do we
-        loss = generalized_jsd_sum(student_logits, teacher_outputs.logits[:, :-1], mask, self.beta)
-        if num_items_in_batch is None:  # evaluation, or a direct call: mean over this batch's tokens
-            loss = loss / mask.sum().clamp_min(1)
+        if return_outputs:  # evaluation that wants logits: the reference path is the one that has them
+            student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            return loss, student_outputs
+        on_policy = model.training and "behaviour_logprobs" in inputs
+        fused = self.args.use_fused_loss
+        compiled = self.args.fused_loss_compile
+        loss_kwargs = {
+            "beta": self.beta,
+            "fused": fused,
+            # drift is measured against the sampling distribution, i.e. at the sampling temperature
+            "logprob_temperature": self.temperature if on_policy else None,
+            "compiled": self.args.device.type == "cuda" if compiled is None else compiled,
+        }
+        if fused:  # through the wrapper's forward, so DDP/FSDP see the backbone call they wrap
+            unwrapped = self.accelerator.unwrap_model(model)
+            result = self._forward_redirection(
+                model, unwrapped, distillation_loss, unwrapped, self.teacher_model, inputs, **loss_kwargs
+            )
         else:
-            loss = loss / num_items_in_batch
+            result = distillation_loss(model, self.teacher_model, inputs, **loss_kwargs)
+        # temperature is GKD's sampling temperature; GKD takes the divergence at temperature 1, and so do we
+        if num_items_in_batch is None:  # evaluation, or a direct call: mean over this batch's tokens
+            loss = result.loss_sum / result.num_tokens.clamp_min(1)
+        else:
+            loss = result.loss_sum / num_items_in_batch
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
-        if model.training and "behaviour_logprobs" in inputs:
-            self._record_policy_kl(student_logits, labels, mask, inputs["behaviour_logprobs"][:, 1:])
-        return (loss, student_outputs) if return_outputs else loss
-
-    @torch.no_grad()
-    def _record_policy_kl(
-        self, student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, behaviour: torch.Tensor
-    ) -> None:
-        current = token_logprobs(student_logits[mask], labels[mask], self.temperature)
-        k3 = k3_policy_kl(current, behaviour[mask].to(current.dtype))
-        self._step_kl_sum = self._step_kl_sum.to(k3.device) + k3.sum().double()
-        self._step_kl_tokens += k3.numel()
+        if on_policy:
+            behaviour = inputs["behaviour_logprobs"][:, 1:][result.mask]
+            k3 = k3_policy_kl(result.current_logprobs, behaviour.to(result.current_logprobs.dtype))
+            self._step_kl_sum = self._step_kl_sum.to(k3.device) + k3.sum().double()
+            self._step_kl_tokens += k3.numel()
+        return loss
 
     # ---- after each optimizer step ----------------------------------------------------------------------------------
     def _after_optimizer_step(self) -> None:

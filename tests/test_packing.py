@@ -1,0 +1,90 @@
+import itertools
+
+import pytest
+import torch
+
+from trl_npd.batching import Sequence, pad_sequences
+from trl_npd.losses import distillation_loss
+from trl_npd.packing import first_fit_decreasing, pack_sequences
+from trl_npd.toy import build_model
+
+
+def random_sequences(lengths, prompt_len=3, seed=0, with_logprobs=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 500, (n,), generator=g).tolist()
+        out.append(
+            Sequence(
+                input_ids=ids,
+                labels=[-100] * prompt_len + ids[prompt_len:],
+                behaviour_logprobs=[0.0] * prompt_len + [-1.0] * (n - prompt_len) if with_logprobs else None,
+                policy_step=0 if with_logprobs else None,
+            )
+        )
+    return out
+
+
+def test_first_fit_decreasing_places_everything_once_within_the_budget():
+    lengths = [7, 3, 9, 2, 5, 5, 1, 8]
+    bins = first_fit_decreasing(lengths, budget=10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 4  # 40 tokens into bins of 10: FFD reaches the lower bound here
+
+
+def test_packed_layout_restarts_positions_and_masks_each_first_token():
+    sequences = random_sequences([6, 4, 9], prompt_len=2, with_logprobs=True)
+    batch, stats = pack_sequences(sequences, max_tokens_per_row=10, pad_token_id=0)
+    assert batch["input_ids"].shape == (2, 10)  # rows [9] and [6, 4] (FFD), width of the fullest
+    assert batch["position_ids"][1].tolist() == list(range(6)) + list(range(4))
+    assert batch["position_ids"][0].tolist() == [*range(9), 0]  # tail padding: a segment of its own
+    assert batch["labels"][1, 6] == -100 and batch["labels"][1, 0] == -100
+    assert batch["labels"][0, 9] == -100
+    assert "attention_mask" not in batch
+    assert stats.row_fill == pytest.approx(19 / 20) and stats.pad_frac == pytest.approx(1 / 20)
+    assert batch["policy_step"].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_row_gives_each_sample_the_logits_it_gets_alone_in_train_mode(tokenizer, attention):
+    model = build_model(tokenizer, hidden_size=32, num_layers=2, seed=3)
+    model.config._attn_implementation = attention
+    model.train()  # train mode: where a default cache would silently merge the packed samples
+    sequences = random_sequences([7, 12, 5, 9])
+    batch, _ = pack_sequences(sequences, max_tokens_per_row=64, pad_token_id=tokenizer.pad_token_id)
+    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    checked = 0
+    for row in range(batch["input_ids"].shape[0]):
+        starts = [*(batch["position_ids"][row] == 0).nonzero().flatten().tolist(), batch["input_ids"].shape[1]]
+        for start, end in itertools.pairwise(starts):
+            alone = model(input_ids=batch["input_ids"][row : row + 1, start:end], use_cache=False).logits
+            torch.testing.assert_close(
+                torch.log_softmax(packed[row, start:end], -1), torch.log_softmax(alone[0], -1), atol=1e-5, rtol=1e-5
+            )
+            checked += 1
+    assert checked == 4  # one segment per sample (the row is full, so no padding segment)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tokenizer, fused, beta):
+    student = build_model(tokenizer, hidden_size=32, num_layers=2, seed=4).train()
+    teacher = build_model(tokenizer, hidden_size=48, num_layers=2, seed=5).eval()
+    sequences = random_sequences([11, 6, 14, 8, 5], seed=1)
+    packed, _ = pack_sequences(sequences, max_tokens_per_row=24, pad_token_id=tokenizer.pad_token_id)
+    padded = pad_sequences(sequences, tokenizer.pad_token_id)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # really packed
+
+    def loss_and_grads(batch):
+        student.zero_grad()
+        result = distillation_loss(student, teacher, batch, beta, fused=fused)
+        result.loss_sum.backward()
+        return result, {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    packed_result, packed_grads = loss_and_grads(packed)
+    padded_result, padded_grads = loss_and_grads(padded)
+    assert packed_result.num_tokens == padded_result.num_tokens == sum(len(s.input_ids) - 3 for s in sequences)
+    torch.testing.assert_close(packed_result.loss_sum, padded_result.loss_sum, atol=1e-5, rtol=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,70 @@
+"""Padding-free packing: sequences of any length go into rows of at most a token budget, first-fit-decreasing.
+
+Each sequence keeps its own `position_ids` (restarting at 0) and the batch carries no `attention_mask`, so
+transformers derives the sample boundaries from `position_ids` and attention stays block-diagonal. It only does so
+when no cache exists; the trainer's forwards pass `use_cache=False` for this reason, and the tests check in train
+mode that a packed row gives each sample exactly the log-probs it gets alone. Labels are -100 on prompt tokens, on
+padding and at each sample's first position, so no sample learns to predict another's first token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batching import IGNORE_INDEX, Sequence, on_policy_extras
+
+
+@dataclass
+class PackingStats:
+    row_fill: float  # real tokens / (rows x token budget)
+    pad_frac: float  # padding tokens / tensor size
+
+
+def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group item indices into bins of total length <= budget: longest first, each into the first bin it fits."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if lengths[index] <= free:
+                bins[b].append(index)
+                room[b] -= lengths[index]
+                break
+        else:
+            bins.append([index])
+            room.append(budget - lengths[index])
+    return bins
+
+
+def pack_sequences(
+    sequences: list[Sequence], max_tokens_per_row: int, pad_token_id: int
+) -> tuple[dict[str, torch.Tensor], PackingStats]:
+    """Rows of packed sequences: `input_ids`, `position_ids`, `labels`, and for generated sequences
+    `behaviour_logprobs` and `policy_step` (per sequence). Rows shorter than the longest are padded at the end."""
+    lengths = [len(s.input_ids) for s in sequences]
+    budget = max(max_tokens_per_row, *lengths)  # a sequence longer than the budget gets a row of its own
+    rows = first_fit_decreasing(lengths, budget)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    behaviour_logprobs = torch.zeros((len(rows), width), dtype=torch.float32)
+    for r, row in enumerate(rows):
+        start = 0
+        for index in row:
+            s, end = sequences[index], start + lengths[index]
+            input_ids[r, start:end] = torch.tensor(s.input_ids, dtype=torch.long)
+            position_ids[r, start:end] = torch.arange(lengths[index])
+            labels[r, start:end] = torch.tensor(s.labels, dtype=torch.long)
+            labels[r, start] = IGNORE_INDEX  # predicted from the previous sample's last token: never trained
+            if s.behaviour_logprobs is not None:
+                behaviour_logprobs[r, start:end] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
+            start = end
+        # the tail padding forms one more segment with its own positions; no real token attends to it
+        position_ids[r, start:] = torch.arange(width - start)
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+    batch |= on_policy_extras(sequences, behaviour_logprobs)
+    real = sum(lengths)
+    return batch, PackingStats(row_fill=real / (len(rows) * budget), pad_frac=1.0 - real / (len(rows) * width))
