@@ -24,3 +24,15 @@ def live_workers() -> tuple[set[str], set[int]]:
     tracker_pid = getattr(resource_tracker._resource_tracker, "_pid", None)
     children = {p.pid for p in psutil.Process().children(recursive=True) if p.pid != tracker_pid}
     return {t.name for t in threading.enumerate()}, children
+
+
+class FailsOnSecondGenerate(Qwen3ForCausalLM):
+    """A student whose sampling works once, then fails: a late failure the trainer may never wait on."""
+
+    calls = 0
+
+    def generate(self, *args, **kwargs):
+        type(self).calls += 1
+        if type(self).calls >= 2:
+            raise RuntimeError("late boom: the second generation batch failed")
+        return super().generate(*args, **kwargs)

@@ -1,6 +1,8 @@
 import multiprocessing as mp
+import os
 import threading
 
+import pytest
 import torch
 from trl.experimental.utils import DataCollatorForChatML
 
@@ -106,3 +108,37 @@ def test_after_a_sync_samples_follow_the_new_weights_and_no_sample_mixes_version
         torch.testing.assert_close(torch.tensor(sample.behaviour_logprobs), expected, atol=1e-4, rtol=1e-4)
         wrong = forward_logprobs(other, sample.prompt_ids, sample.completion_ids, 1.0)
         assert (torch.tensor(sample.behaviour_logprobs) - wrong).abs().max() > 1e-2
+
+
+def test_the_models_own_generation_config_does_not_change_what_is_sampled(tokenizer, student):
+    """Checkpoints ship generation settings (repetition_penalty, min_p, ...). transformers would merge them into
+    sampling, and the recorded log-probs would no longer be those of the sampling distribution."""
+    student.generation_config.repetition_penalty = 1.3
+    student.generation_config.min_p = 0.5
+    student.generation_config.no_repeat_ngram_size = 2
+    torch.manual_seed(0)
+    engine = TransformersEngine(student.eval(), engine_config(tokenizer, temperature=1.0, max_new_tokens=16))
+    prompt = tokenizer("What is 11+11?")["input_ids"]
+    for completion in engine.generate([prompt] * 3):
+        expected = forward_logprobs(student, prompt, completion.ids, temperature=1.0)
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-4, rtol=1e-4)
+    assert student.generation_config.repetition_penalty == 1.3  # the model's own config is left as it was
+
+
+def _hold_lock_and_die(lock):
+    lock.acquire()
+    os._exit(0)
+
+
+def test_publish_does_not_hang_when_the_generator_died_holding_the_snapshot_lock(student):
+    snapshot = PolicySnapshot(student, mp.get_context("spawn"))
+    holder = mp.get_context("fork").Process(target=_hold_lock_and_die, args=(snapshot._lock,))
+    holder.start()
+    holder.join()
+
+    def check_alive():
+        if not holder.is_alive():
+            raise RuntimeError("generator is gone")
+
+    with pytest.raises(RuntimeError, match="generator is gone"):
+        snapshot.publish(student, step=1, check_alive=check_alive)

@@ -60,7 +60,8 @@ def test_trains_in_a_background_process_within_the_staleness_bound_and_logs_npd_
     student, teacher, tokenizer, dataset, make_config
 ):
     threads_before, children_before = live_workers()
-    args = make_config(max_steps=12, weight_sync_steps=2, max_staleness=2, generation_batch_size=4, buffer_size=8)
+    # generation batches of 8 against micro-batches of 4: leftovers exercise the accounting at shutdown
+    args = make_config(max_steps=12, weight_sync_steps=2, max_staleness=2, generation_batch_size=8, buffer_size=16)
     trainer = trainer_for(student, teacher, tokenizer, dataset, args)
     trainer.train()
 
@@ -288,7 +289,7 @@ def test_a_snapshot_older_than_the_bound_is_refreshed_instead_of_starving(
         assert set(batch["policy_step"].tolist()) == {50}
         assert trainer.npd_metrics.totals.weight_syncs == {"stale_snapshot": 1}
     finally:
-        trainer._stop_pipeline()
+        trainer._stop_pipeline(raise_failure=True)
 
 
 def test_generation_overlaps_training_in_wall_clock(tokenizer, dataset, make_config):
@@ -367,3 +368,26 @@ def test_seq_kd_without_student_sampling_trains_on_teacher_generations(
     for record in trainer.seen:
         completion_tokens = (record["inputs"]["labels"] != -100).sum(dim=1)
         assert ((completion_tokens >= 1) & (completion_tokens <= 5)).all()  # the teacher's generations
+
+
+def test_a_late_generator_failure_is_raised_even_if_the_trainer_never_waits(tokenizer, teacher, dataset, make_config):
+    from helpers import FailsOnSecondGenerate
+
+    student = FailsOnSecondGenerate(build_model(tokenizer, hidden_size=32, num_layers=2).config)
+    # the first generation batch (16 samples) covers all 4 steps: the trainer never blocks after the failure
+    args = make_config(generator_mode="thread", max_steps=4, generation_batch_size=16, buffer_size=32)
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    with pytest.raises(GeneratorError, match="late boom"):
+        trainer.train()
+
+
+def test_sync_mode_tags_samples_with_the_live_weights_step(student, teacher, tokenizer, dataset, make_config):
+    args = make_config(
+        generator_mode="sync", max_steps=8, weight_sync_steps=4, max_staleness=3, generation_batch_size=12
+    )
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    trainer.train()
+    assert trainer.npd_metrics.totals.dropped["stale"] == 0
+    # a generation batch serves 3 micro-batches: its samples are 0, 1 and 2 steps old, never more
+    staleness = [r["step"] - p for r in trainer.seen for p in r["policy_steps"]]
+    assert max(staleness) == 2 and min(staleness) == 0

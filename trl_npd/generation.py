@@ -49,17 +49,26 @@ class PolicySnapshot:
     def step(self) -> int:
         return int(self._step.value)
 
-    def publish(self, source: nn.Module, step: int) -> int:
-        """Copy `source`'s weights in, tag them with `step`, and return the new version."""
+    def publish(self, source: nn.Module, step: int, check_alive: Callable[[], None] = lambda: None) -> int:
+        """Copy `source`'s weights in, tag them with `step`, and return the new version.
+
+        `check_alive` is called while waiting for the lock and must raise if the generator died: a generator killed
+        while loading the snapshot never releases the lock.
+        """
         if self._pairs_source != id(source):
             self._pairs = _matching_tensors(self.model, source)
             self._pairs_source = id(source)
-        with self._lock, torch.no_grad():
-            for dst, src in self._pairs:
-                dst.copy_(src.detach(), non_blocking=False)
+        while not self._lock.acquire(timeout=0.1):
+            check_alive()
+        try:
+            with torch.no_grad():
+                for dst, src in self._pairs:
+                    dst.copy_(src.detach())
             self._version.value += 1
             self._step.value = step
             return int(self._version.value)
+        finally:
+            self._lock.release()
 
     def load_into(self, target: nn.Module, loaded_version: int) -> tuple[int, int] | None:
         """Copy the snapshot into `target` if it is newer than `loaded_version`; returns its (version, step)."""
@@ -109,8 +118,9 @@ def _matching_tensors(dst: nn.Module, src: nn.Module) -> list[tuple[torch.Tensor
 class _BehaviourPolicy(LogitsProcessor):
     """Applies the sampling temperature and records the log-prob of each sampled token.
 
-    It is the last processor `generate` runs (generate is called with no warpers of its own), so what it returns is
-    exactly the distribution tokens are sampled from: the behaviour policy. The sampled token of step t is only
+    It is the last processor `generate` runs (generate is called with temperature 1, top-k and top-p off, and a
+    neutral model config, so no warper follows it), so what it returns is exactly the distribution tokens are
+    sampled from: the behaviour policy. The sampled token of step t is only
     known at step t + 1, so each step gathers the previous step's log-probs; `finish` gathers the last one.
     """
 
@@ -168,6 +178,14 @@ class TransformersEngine:
         self.model = model
         self.config = config
         self.should_stop = should_stop
+        # the module whose generation_config `generate` reads (inside a PEFT wrapper, the wrapped model)
+        self._generating = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # transformers fills every field we leave unset from the model's own generation_config (a checkpoint's
+        # repetition_penalty, min_p, ...), which would sample from something other than the recorded policy.
+        # While sampling, the model sees a neutral config instead.
+        self._neutral_model_config = GenerationConfig(
+            eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        )
         eos = config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._generation_config = GenerationConfig(
@@ -192,8 +210,9 @@ class TransformersEngine:
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention_mask[i, width - len(p) :] = 1
         policy = _BehaviourPolicy(self.config.temperature)
-        was_training = self.model.training
+        was_training, model_config = self.model.training, self._generating.generation_config
         self.model.eval()
+        self._generating.generation_config = self._neutral_model_config
         try:
             sequences = self.model.generate(
                 input_ids=input_ids.to(device),
@@ -204,6 +223,7 @@ class TransformersEngine:
             )
         finally:
             self.model.train(was_training)
+            self._generating.generation_config = model_config
         if self.should_stop():
             return None
         completions = sequences[:, width:].cpu()

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -58,6 +59,13 @@ def _main_module_hidden() -> Iterator[None]:
 
 class GeneratorError(RuntimeError):
     """The background generator failed; the message carries its original traceback."""
+
+
+@dataclass
+class StopReport:
+    unused: int  # samples the trainer had received but not trained on
+    undelivered: int  # samples generated but still on their way
+    failure: str | None  # a generator traceback nobody had raised yet
 
 
 class GenerationPipeline:
@@ -138,11 +146,8 @@ class GenerationPipeline:
             self._worker = threading.Thread(target=run_generator, args=args, name="npd-generator", daemon=True)
             self._worker.start()
 
-    def stop(self, timeout_s: float = 30.0) -> tuple[int, int]:
-        """Stop the generator and release everything.
-
-        Returns (samples received by the trainer but not used, samples generated but never delivered).
-        """
+    def stop(self, timeout_s: float = 30.0) -> StopReport:
+        """Stop the generator and release everything; reports what was left and any failure not yet raised."""
         self._stop.set()
         unused, undelivered = 0, 0
         worker, self._worker = self._worker, None
@@ -151,7 +156,8 @@ class GenerationPipeline:
             # Keep draining while the worker winds down: a process cannot exit while its queue still has data
             # that no one reads.
             while worker.is_alive() and time.monotonic() < deadline:
-                undelivered += self.buffer.drain()[1]
+                held, in_transport = self.buffer.drain()
+                unused, undelivered = unused + held, undelivered + in_transport
                 worker.join(timeout=0.05)
             if isinstance(worker, mp.process.BaseProcess):
                 if worker.is_alive():
@@ -162,11 +168,17 @@ class GenerationPipeline:
                     worker.join()
         held, in_transport = self.buffer.drain()
         unused, undelivered = unused + held, undelivered + in_transport
+        failure = None
+        if self.mode != "sync":
+            try:
+                failure = self._errors.get_nowait()
+            except queue.Empty:
+                pass
         if self.mode == "process":
             for q in (self.buffer.transport, self._errors):
                 q.close()
                 q.join_thread()
-        return unused, undelivered
+        return StopReport(unused=unused, undelivered=undelivered, failure=failure)
 
     # ---- trainer side ---------------------------------------------------------------------------------------------
     @property
@@ -184,17 +196,17 @@ class GenerationPipeline:
             self._version += 1
             self._step = step
             return self._version
-        return self._snapshot.publish(student, step)
+        return self._snapshot.publish(student, step, self.check_alive)
 
     def take(self, n: int, current_step: int) -> TakeResult:
         """`n` samples within the staleness bound, blocking until they exist; raises if the generator failed."""
-        refill = self._generate_inline if self.mode == "sync" else None
+        refill = (lambda: self._generate_inline(current_step)) if self.mode == "sync" else None
         return self.buffer.take(n, current_step, self.max_staleness, self.check_alive, refill)
 
-    def _generate_inline(self) -> GeneratedBatch:
-        # the live weights are those after `_step` optimizer steps: staleness is zero by construction
+    def _generate_inline(self, current_step: int) -> GeneratedBatch:
+        # the live weights are those after `current_step` optimizer steps: these samples start at staleness 0
         batch = generate_batch(
-            self._sync_engine, self._prompts, self._generation_batch_size, self._version, self._step
+            self._sync_engine, self._prompts, self._generation_batch_size, self._version, current_step
         )
         assert batch is not None  # nothing can stop a synchronous generation midway
         return batch

@@ -54,6 +54,7 @@ class PromptStream:
         self._max_prompt_tokens = max_prompt_tokens
         self._pass = -1
         self._order: list[int] = []
+        self._empty_in_a_row = 0
 
     def _row_at(self, position: int) -> int:
         pass_index, offset = divmod(position, len(self._rows))
@@ -71,6 +72,12 @@ class PromptStream:
         ids = extract_prompt_ids(self._collator, [self._dataset[r] for r in rows])
         prompts = []
         for prompt_ids, row, position in zip(ids, rows, positions, strict=True):
+            self._empty_in_a_row = 0 if prompt_ids else self._empty_in_a_row + 1
+            if self._empty_in_a_row > len(self._rows):  # a whole pass without one usable prompt: never will be
+                raise ValueError(
+                    f"None of the {len(self._rows)} prompts of this rank has a token to condition on; the "
+                    "generator cannot produce anything. Check the dataset's prompts and the chat template."
+                )
             truncated = self._max_prompt_tokens is not None and len(prompt_ids) > self._max_prompt_tokens
             if truncated:
                 prompt_ids = prompt_ids[-self._max_prompt_tokens :]

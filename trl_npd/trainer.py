@@ -38,7 +38,7 @@ from .generation import EngineConfig
 from .losses import distillation_loss, k3_policy_kl
 from .metrics import NPDMetrics
 from .packing import pack_sequences
-from .pipeline import GenerationPipeline
+from .pipeline import GenerationPipeline, GeneratorError
 from .prompts import PromptOnlyCollator, PromptStream
 
 logger = logging.getLogger(__name__)
@@ -137,15 +137,19 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self.npd_metrics = NPDMetrics()
         restore_threads = self._share_cpu_with_generator()
         try:
-            return super().train(
+            output = super().train(
                 resume_from_checkpoint=resume_from_checkpoint,
                 trial=trial,
                 ignore_keys_for_eval=ignore_keys_for_eval,
                 **kwargs,
             )
-        finally:  # also on exceptions and KeyboardInterrupt: nothing of the pipeline outlives train()
-            self._stop_pipeline()
+        except BaseException:  # KeyboardInterrupt included: nothing of the pipeline outlives train()
+            self._stop_pipeline(raise_failure=False)
+            raise
+        finally:
             restore_threads()
+        self._stop_pipeline(raise_failure=True)  # a generator that failed late must not go unreported
+        return output
 
     def _ensure_pipeline(self) -> GenerationPipeline:
         if self._pipeline is not None:
@@ -186,11 +190,12 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self._pipeline.start()
         return self._pipeline
 
-    def _stop_pipeline(self) -> None:
+    def _stop_pipeline(self, raise_failure: bool) -> None:
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is None:
             return
-        unused, undelivered = pipeline.stop()
+        report = pipeline.stop()
+        unused, undelivered = report.unused, report.undelivered
         totals = self.npd_metrics.totals
         totals.unused_at_shutdown += unused
         totals.undelivered_at_shutdown += undelivered
@@ -203,6 +208,10 @@ class NearPolicyDistillTrainer(GKDTrainer):
             unused,
             undelivered,
         )
+        if report.failure is not None:
+            if raise_failure:
+                raise GeneratorError(f"The background generator failed during training.\n{report.failure}")
+            logger.error("The background generator had also failed:\n%s", report.failure)
 
     def _generator_threads(self) -> int | None:
         if self.args.generator_mode != "process":
@@ -338,6 +347,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self.npd_metrics.record_policy_kl(float(kl_sum), kl_tokens)
         if self._pipeline is None:
             return
+        self._pipeline.check_alive()  # a failure surfaces at the next step even if the buffer never runs dry
         step = self.state.global_step
         drifted = self.args.max_policy_kl is not None and kl > self.args.max_policy_kl
         if step % self.args.weight_sync_steps == 0:
@@ -357,16 +367,20 @@ class NearPolicyDistillTrainer(GKDTrainer):
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # written first, so a checkpoint pushed to the Hub by the parent's save already contains it
+        if self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            os.makedirs(folder, exist_ok=True)
+            if self._pipeline is not None:
+                version = self._pipeline.version
+            else:
+                version = self._resume_state.get("policy_version", -1)
+            state = {"policy_version": version, "stream_position": self._next_stream_position}
+            with open(os.path.join(folder, NPD_STATE_NAME), "w") as f:
+                json.dump(state, f, indent=2)
         super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        version = (
-            self._pipeline.version if self._pipeline is not None else self._resume_state.get("policy_version", -1)
-        )
-        state = {"policy_version": version, "stream_position": self._next_stream_position}
-        with open(os.path.join(folder, NPD_STATE_NAME), "w") as f:
-            json.dump(state, f, indent=2)
 
     def _load_npd_state(self, resume_from_checkpoint: str | bool | None) -> dict[str, Any]:
         if resume_from_checkpoint is None or resume_from_checkpoint is False:

@@ -1,0 +1,151 @@
+"""Peak memory and time of one distillation loss call (forward + backward): fused vs unfused.
+
+    python benchmarks/loss_memory.py --out results/loss_memory.json
+
+Each (implementation, tokens) pair runs in its own subprocess, so its peak resident memory (`ru_maxrss`) is its
+own. The call is `loss.backward()` of the generalized JSD (beta=0.5) between a student head and a teacher head
+applied to `(tokens, hidden)` states:
+  - `unfused`: the reference path, `trl_npd.losses.generalized_jsd_sum` on full `(tokens, vocab)` logits;
+  - `fused`: `trl_npd.losses.fused_jsd_sum` (Liger's fused-linear JSD, eager);
+  - `fused-compiled`: the same with `torch.compile` (the first call, which compiles, is not timed).
+Each child caps its address space (`--mem-cap-gb`): an implementation that needs more reports `oom` instead of
+waking the kernel's OOM killer. On CUDA, peaks come from `torch.cuda.max_memory_allocated` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+IMPLEMENTATIONS = ("unfused", "fused", "fused-compiled")
+
+
+def child(impl: str, tokens: int, vocab: int, hidden: int, repeats: int, device: str) -> dict:
+    import torch
+
+    from trl_npd.losses import fused_jsd_sum, generalized_jsd_sum
+
+    torch.manual_seed(0)
+    student_head = torch.nn.Linear(hidden, vocab, bias=False, device=device)
+    teacher_head = torch.nn.Linear(hidden, vocab, bias=False, device=device).requires_grad_(False)
+    student_hidden = torch.randn(tokens, hidden, device=device, requires_grad=True)
+    teacher_hidden = torch.randn(tokens, hidden, device=device)
+    targets = torch.randint(0, vocab, (tokens,), device=device)
+
+    def call() -> None:
+        student_head.zero_grad(set_to_none=True)
+        student_hidden.grad = None
+        if impl == "unfused":
+            loss = generalized_jsd_sum(
+                student_head(student_hidden)[None], teacher_head(teacher_hidden)[None], (targets >= 0)[None], 0.5
+            )
+        else:
+            loss = fused_jsd_sum(
+                student_hidden,
+                student_head,
+                teacher_hidden,
+                teacher_head,
+                targets,
+                0.5,
+                compiled=impl == "fused-compiled",
+            )
+        loss.backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    if impl == "fused-compiled":
+        call()  # compilation, not timed
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    ms_per_call = (time.perf_counter() - start) / repeats * 1000
+    if device.startswith("cuda"):
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_mb": peak_mb, "baseline_mb": baseline_mb, "ms_per_call": ms_per_call}
+
+
+def run_one(impl: str, tokens: int, args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        impl,
+        "--tokens",
+        str(tokens),
+        "--vocab",
+        str(args.vocab),
+        "--hidden",
+        str(args.hidden),
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+        "--mem-cap-gb",
+        str(args.mem_cap_gb),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    row = {"impl": impl, "tokens": tokens, "peak_mb": None, "ms_per_call": None, "status": "ok"}
+    if done.returncode == 0:
+        row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    elif "can't allocate memory" in done.stderr or "MemoryError" in done.stderr or "out of memory" in done.stderr:
+        row["status"] = f"oom (over the {args.mem_cap_gb} GB cap)"
+    else:
+        row["status"] = f"failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/loss_memory.json")
+    parser.add_argument("--tokens", default="1024,4096,8192")
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mem-cap-gb", type=float, default=20.0)
+    parser.add_argument("--child", choices=IMPLEMENTATIONS)
+    args = parser.parse_args()
+
+    if args.child:
+        if args.device == "cpu":
+            cap = int(args.mem_cap_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        print(json.dumps(child(args.child, int(args.tokens), args.vocab, args.hidden, args.repeats, args.device)))
+        return
+
+    rows = [run_one(impl, int(n), args) for n in args.tokens.split(",") for impl in args.impls.split(",")]
+    report = {
+        "benchmark": "loss_memory",
+        "device": args.device if args.device != "cpu" else f"cpu: {platform.machine()}, {os.cpu_count()} cores",
+        "date": datetime.date.today().isoformat(),
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "runs": rows,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"{'impl':15} {'tokens':>6} {'peak_mb':>9} {'ms_per_call':>11} {'vs unfused':>10}  status")
+    unfused = {r["tokens"]: r["peak_mb"] for r in rows if r["impl"] == "unfused"}
+    for r in rows:
+        ratio = f"{r['peak_mb'] / unfused[r['tokens']]:.3f}" if r["peak_mb"] and unfused.get(r["tokens"]) else "-"
+        peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] else "-"
+        ms = f"{r['ms_per_call']:.0f}" if r["ms_per_call"] else "-"
+        print(f"{r['impl']:15} {r['tokens']:>6} {peak:>9} {ms:>11} {ratio:>10}  {r['status']}")
+
+
+if __name__ == "__main__":
+    main()
