@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+TAIL_MASS_EPS = 1e-6  # tail buckets with less probability mass than this are treated as empty
 
 
 def generalized_jsd_sum(
@@ -113,6 +115,82 @@ def chunked_token_logprobs(
         for h, t in zip(hidden.split(chunk_size), tokens.split(chunk_size), strict=True)
     ]
     return torch.cat(out) if out else hidden.new_zeros(0)
+
+
+def topk_token_loss(
+    student_logprobs: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    ce_weight: float,
+) -> torch.Tensor:
+    """NPD's per-token objective: `ce_weight * CE + (1 - ce_weight) * KL(teacher || student)` over k + 1 buckets.
+
+    The buckets are the teacher's top-k tokens plus one tail bucket holding the rest of each distribution's mass,
+    so both sides are proper distributions and the KL is exact on that partition. `student_logprobs` is `(n, V)`
+    log-softmax; the teacher side is `(n, k)` ids and log-probs. CE is on `targets`, the tokens trained on.
+    """
+    student_topk = student_logprobs.gather(-1, teacher_topk_ids)
+    kl = (teacher_topk_logprobs.exp() * (teacher_topk_logprobs - student_topk)).sum(-1)
+    # The tail bucket. A teacher tail under TAIL_MASS_EPS (k close to V; float32 sums round by ~1e-7) counts as
+    # empty: its term is at most that small, and its log would be noise. Inputs of the discarded branch are made
+    # finite first, because torch.where still carries the NaN gradient of the branch it discards.
+    max_topk_mass = math.log1p(-TAIL_MASS_EPS)
+    teacher_topk_mass = torch.logsumexp(teacher_topk_logprobs, dim=-1)
+    has_tail = teacher_topk_mass < max_topk_mass
+    teacher_tail = _log1mexp(torch.where(has_tail, teacher_topk_mass, -1.0))
+    student_tail = _log1mexp(
+        torch.where(has_tail, torch.logsumexp(student_topk, dim=-1), -1.0).clamp(max=max_topk_mass)
+    )
+    kl = kl + torch.where(has_tail, teacher_tail.exp() * (teacher_tail - student_tail), 0.0)
+    ce = -student_logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    return ce_weight * ce + (1.0 - ce_weight) * kl
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2 (Maechler, 2012)."""
+    x = x.clamp(max=0.0)
+    near_zero = x > -math.log(2)
+    # each branch only sees inputs it is accurate (and finite) on, so neither leaks a NaN gradient
+    return torch.where(
+        near_zero,
+        torch.log(-torch.expm1(torch.where(near_zero, x, -1.0))),
+        torch.log1p(-torch.exp(torch.where(near_zero, -1.0, x))),
+    )
+
+
+def topk_distill_sum(
+    student_hidden: torch.Tensor,
+    student_head: nn.Linear,
+    targets: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    ce_weight: float,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Sum of `topk_token_loss` over `(N, H)` hidden states, projected chunk by chunk in float32.
+
+    Each chunk's `(chunk, V)` logits are recomputed in the backward pass instead of being kept, so peak memory
+    holds one chunk's logits, never `(N, V)`.
+    """
+    weight = student_head.weight.float()
+    bias = None if student_head.bias is None else student_head.bias.float()
+
+    def chunk_loss(hidden: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        logprobs = torch.log_softmax(F.linear(hidden.float(), weight, bias), dim=-1)
+        return topk_token_loss(logprobs, *tensors, ce_weight=ce_weight).sum()
+
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    chunks = zip(
+        student_hidden.split(chunk_size),
+        targets.split(chunk_size),
+        teacher_topk_ids.split(chunk_size),
+        teacher_topk_logprobs.split(chunk_size),
+        strict=True,
+    )
+    for hidden, *tensors in chunks:
+        total = total + checkpoint(chunk_loss, hidden, *tensors, use_reentrant=False)
+    return total
 
 
 @dataclass
