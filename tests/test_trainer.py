@@ -391,3 +391,18 @@ def test_sync_mode_tags_samples_with_the_live_weights_step(student, teacher, tok
     # a generation batch serves 3 micro-batches: its samples are 0, 1 and 2 steps old, never more
     staleness = [r["step"] - p for r in trainer.seen for p in r["policy_steps"]]
     assert max(staleness) == 2 and min(staleness) == 0
+
+
+def test_topk_objective_trains_on_policy_without_a_teacher_forward_in_the_trainer(
+    student, teacher, tokenizer, dataset, make_config
+):
+    teacher_calls = []
+    # on the backbone: the fused and top-k paths call it directly, without the LM wrapper's forward
+    teacher.model.register_forward_hook(lambda module, args, output: teacher_calls.append(1))
+    args = make_config(teacher_top_k=4, ce_weight=0.1, max_steps=4)
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert all("teacher_topk_ids" in r["inputs"] for r in trainer.seen)  # scored by the generator
+    assert teacher_calls == []  # and so the training steps never ran the teacher
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)

@@ -23,6 +23,9 @@ class Sequence:
     labels: list[int]
     behaviour_logprobs: list[float] | None = None  # aligned with input_ids; sampled tokens only
     policy_step: int | None = None
+    # the teacher's top-k at each sampled token, from the scoring stage: (completion tokens, k)
+    teacher_topk_ids: list[list[int]] | None = None
+    teacher_topk_logprobs: list[list[float]] | None = None
 
 
 def sequences_from_samples(samples: list[Sample]) -> list[Sequence]:
@@ -33,6 +36,8 @@ def sequences_from_samples(samples: list[Sample]) -> list[Sequence]:
             labels=[IGNORE_INDEX] * len(s.prompt_ids) + s.completion_ids,
             behaviour_logprobs=[0.0] * len(s.prompt_ids) + s.behaviour_logprobs,
             policy_step=s.policy_step,
+            teacher_topk_ids=s.teacher_topk_ids,
+            teacher_topk_logprobs=s.teacher_topk_logprobs,
         )
         for s in samples
     ]
@@ -59,19 +64,35 @@ def pad_sequences(sequences: list[Sequence], pad_token_id: int) -> dict[str, tor
         labels[row, :n] = torch.tensor(s.labels, dtype=torch.long)
         if s.behaviour_logprobs is not None:
             behaviour_logprobs[row, :n] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
+    starts = [(row, 0) for row in range(len(sequences))]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels} | on_policy_extras(
-        sequences, behaviour_logprobs
+        sequences, behaviour_logprobs, starts, width
     )
 
 
-def on_policy_extras(sequences: list[Sequence], behaviour_logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`behaviour_logprobs` and per-sequence `policy_step`, for batches of generated sequences only."""
+def on_policy_extras(
+    sequences: list[Sequence], behaviour_logprobs: torch.Tensor, starts: list[tuple[int, int]], width: int
+) -> dict[str, torch.Tensor]:
+    """For batches of generated sequences only: `behaviour_logprobs`, per-sequence `policy_step`, and the stored
+    teacher top-k (`teacher_topk_ids`, `teacher_topk_logprobs`, shape `(rows, width, k)`) when it was scored.
+    `starts[i]` is the (row, column) where sequence i begins."""
     if any(s.policy_step is None for s in sequences):
         return {}
-    return {
+    extras = {
         "behaviour_logprobs": behaviour_logprobs,
         "policy_step": torch.tensor([s.policy_step for s in sequences], dtype=torch.long),
     }
+    if all(s.teacher_topk_ids is not None for s in sequences):
+        k = len(sequences[0].teacher_topk_ids[0])
+        ids = torch.zeros((behaviour_logprobs.shape[0], width, k), dtype=torch.long)
+        logprobs = torch.zeros((behaviour_logprobs.shape[0], width, k), dtype=torch.float32)
+        for s, (row, col) in zip(sequences, starts, strict=True):
+            # the top-k of completion token j sits at that token's position, like its label
+            first = col + len(s.input_ids) - len(s.teacher_topk_ids)
+            ids[row, first : col + len(s.input_ids)] = torch.tensor(s.teacher_topk_ids, dtype=torch.long)
+            logprobs[row, first : col + len(s.input_ids)] = torch.tensor(s.teacher_topk_logprobs)
+        extras |= {"teacher_topk_ids": ids, "teacher_topk_logprobs": logprobs}
+    return extras
 
 
 def count_trained_tokens(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:

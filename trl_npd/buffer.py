@@ -31,6 +31,9 @@ class Sample:
     # position of the prompt in the generator's prompt stream, so a resumed run continues after it
     stream_position: int
     prompt_truncated: bool = False
+    # the teacher's top-k at each completion token, when the scoring stage ran (`teacher_top_k`)
+    teacher_topk_ids: list[list[int]] | None = None
+    teacher_topk_logprobs: list[list[float]] | None = None
 
 
 @dataclass

@@ -67,6 +67,14 @@ class NearPolicyDistillConfig(GKDConfig):
     fused_loss_compile (`bool` or `None`, *optional*, defaults to `None`):
         `torch.compile` the fused kernel's chunk loop. `None` compiles on CUDA only: on CPU the first call costs
         seconds of compilation.
+    teacher_top_k (`int` or `None`, *optional*, defaults to `None`):
+        `None` trains on GKD's generalized JSD over the full vocabulary. An integer k selects the NPD paper's
+        objective instead: `ce_weight * CE + (1 - ce_weight) * KL(teacher || student)` over the teacher's top-k
+        tokens plus one tail bucket (the paper uses k=10). The generator scores each sample with the teacher when
+        it is made, so on-policy training steps run no teacher forward; `beta` is not used.
+    ce_weight (`float`, *optional*, defaults to `0.1`):
+        Weight of the cross-entropy on the trained tokens in the top-k objective; the paper's 1 - lambda with
+        lambda = 0.9. Ignored without `teacher_top_k`.
     """
 
     generation_batch_size: int | None = field(
@@ -111,6 +119,11 @@ class NearPolicyDistillConfig(GKDConfig):
         default=None, metadata={"help": "torch.compile the fused loss. None: only on CUDA."}
     )
 
+    teacher_top_k: int | None = field(
+        default=None, metadata={"help": "None: full-vocabulary JSD. k: NPD's CE + top-k forward KL objective."}
+    )
+    ce_weight: float = field(default=0.1, metadata={"help": "CE weight of the top-k objective (1 - lambda)."})
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.generator_mode not in GENERATOR_MODES:
@@ -138,6 +151,10 @@ class NearPolicyDistillConfig(GKDConfig):
             )
         if self.max_policy_kl is not None and self.max_policy_kl <= 0:
             raise ValueError(f"max_policy_kl must be > 0 or None, got {self.max_policy_kl}.")
+        if self.teacher_top_k is not None and self.teacher_top_k < 1:
+            raise ValueError(f"teacher_top_k must be >= 1 or None, got {self.teacher_top_k}.")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}.")
         if self.generator_num_threads is not None and self.generator_num_threads < 1:
             raise ValueError(f"generator_num_threads must be >= 1 or None, got {self.generator_num_threads}.")
 

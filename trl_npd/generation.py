@@ -21,6 +21,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from .buffer import GeneratedBatch, Sample, SampleBuffer
 from .prompts import PromptStream
+from .scoring import TeacherScorer
 
 
 class PolicySnapshot:
@@ -33,7 +34,7 @@ class PolicySnapshot:
     """
 
     def __init__(self, model: nn.Module, ctx: Any, version: int = 0, step: int = 0) -> None:
-        self.model = _inference_copy(model)
+        self.model = inference_copy(model)
         self.model.share_memory()
         self._lock = ctx.Lock()
         self._version = ctx.Value("q", version, lock=False)
@@ -86,7 +87,7 @@ class PolicySnapshot:
         return state
 
 
-def _inference_copy(model: nn.Module) -> nn.Module:
+def inference_copy(model: nn.Module) -> nn.Module:
     """A CPU copy of `model` for sampling only.
 
     Training-time hooks are removed: they have no role in sampling, and some (transformers'
@@ -238,9 +239,15 @@ class TransformersEngine:
 
 
 def generate_batch(
-    engine: TransformersEngine, prompts: PromptStream, batch_size: int, version: int, step: int
+    engine: TransformersEngine,
+    prompts: PromptStream,
+    batch_size: int,
+    version: int,
+    step: int,
+    scorer: TeacherScorer | None = None,
 ) -> GeneratedBatch | None:
-    """Sample one generation batch with the engine's current weights, tagged with their version and step."""
+    """Sample one generation batch with the engine's current weights, tagged with their version and step, and
+    score it with the teacher when a scorer is given."""
     start = time.perf_counter()
     batch_prompts = prompts.take(batch_size)
     dropped: dict[str, int] = {}
@@ -263,6 +270,8 @@ def generate_batch(
         )
         for p, c in zip(usable, completions, strict=True)
     ]
+    if scorer is not None:
+        scorer.score(samples)
     return GeneratedBatch(
         samples=samples,
         busy_s=time.perf_counter() - start,
@@ -282,6 +291,8 @@ class GeneratorSpec:
     generation_batch_size: int
     seed: int
     num_threads: int | None = None
+    teacher: nn.Module | None = None  # an inference copy, for the scoring stage
+    teacher_top_k: int | None = None
 
 
 def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: Any, seed_rng: bool) -> None:
@@ -296,12 +307,16 @@ def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: 
             torch.manual_seed(spec.seed)
         model = copy.deepcopy(spec.snapshot.model).to(spec.engine.device)
         engine = TransformersEngine(model, spec.engine, should_stop=stop.is_set)
+        scorer = None
+        if spec.teacher is not None:
+            teacher = copy.deepcopy(spec.teacher).to(spec.engine.device)
+            scorer = TeacherScorer(teacher, spec.teacher_top_k, spec.engine.device)
         version, step = -1, 0
         while not stop.is_set():
             loaded = spec.snapshot.load_into(model, version)
             if loaded is not None:
                 version, step = loaded
-            batch = generate_batch(engine, spec.prompts, spec.generation_batch_size, version, step)
+            batch = generate_batch(engine, spec.prompts, spec.generation_batch_size, version, step, scorer)
             if batch is None or not buffer.put(batch, stop.is_set):
                 break
     except BaseException:

@@ -193,6 +193,21 @@ def topk_distill_sum(
     return total
 
 
+@torch.no_grad()
+def teacher_topk(
+    hidden: torch.Tensor, head: nn.Linear, k: int, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-`k` (ids, log-probs) of `log_softmax(head(hidden))` for `(N, H)` hidden states, chunk by chunk."""
+    ids, values = [], []
+    for chunk in hidden.split(chunk_size):
+        top = torch.log_softmax(F.linear(chunk.float(), head.weight.float(), head.bias), dim=-1).topk(k, dim=-1)
+        ids.append(top.indices)
+        values.append(top.values)
+    if not ids:
+        return hidden.new_zeros((0, k), dtype=torch.long), hidden.new_zeros((0, k), dtype=torch.float32)
+    return torch.cat(ids), torch.cat(values)
+
+
 @dataclass
 class LossResult:
     loss_sum: torch.Tensor  # summed over trained tokens; the caller normalizes
@@ -211,11 +226,17 @@ def distillation_loss(
     logprob_temperature: float | None = None,
     chunk_size: int = 1024,
     compiled: bool = False,
+    teacher_top_k: int | None = None,
+    ce_weight: float = 0.0,
 ) -> LossResult:
-    """Generalized JSD between teacher and student on a padded or packed batch, summed over trained tokens.
+    """The distillation loss on a padded or packed batch, summed over trained tokens.
 
-    `inputs` holds `input_ids`, `labels` and either `attention_mask` (padded rows) or `position_ids` (packed rows).
-    With `logprob_temperature`, also returns the student's log-probs of the trained tokens at that temperature.
+    The objective is the generalized JSD(beta) over the full vocabulary or, with `teacher_top_k`, NPD's top-k
+    objective (`topk_token_loss`, weighted by `ce_weight`). The top-k objective uses the teacher top-k stored in the
+    batch by the scoring stage (no teacher forward); a batch without them (dataset completions) gets them from a
+    teacher forward here. `inputs` holds `input_ids`, `labels` and either `attention_mask` (padded rows) or
+    `position_ids` (packed rows). With `logprob_temperature`, also returns the student's log-probs of the trained
+    tokens at that temperature.
     """
     forward = {"input_ids": inputs["input_ids"], "use_cache": False}  # a cache would drop the packed-sequence mask
     for key in ("attention_mask", "position_ids"):
@@ -225,7 +246,31 @@ def distillation_loss(
     mask = labels != IGNORE_INDEX
     targets = labels[mask]
     current = None
-    if not fused:
+    if teacher_top_k is not None:
+        if "teacher_topk_ids" in inputs:
+            topk_ids = inputs["teacher_topk_ids"][:, 1:][mask]
+            topk_logprobs = inputs["teacher_topk_logprobs"][:, 1:][mask]
+        else:
+            with torch.no_grad():
+                hidden = backbone(teacher)(**forward).last_hidden_state[:, :-1][mask]
+            topk_ids, topk_logprobs = teacher_topk(hidden, lm_head(teacher), teacher_top_k, chunk_size)
+        if fused:
+            student_head = lm_head(student)
+            student_hidden = backbone(student)(**forward).last_hidden_state[:, :-1][mask]
+            loss_sum = topk_distill_sum(
+                student_hidden, student_head, targets, topk_ids, topk_logprobs, ce_weight, chunk_size
+            )
+            if logprob_temperature is not None:
+                current = chunked_token_logprobs(
+                    student_hidden, student_head, targets, logprob_temperature, chunk_size
+                )
+        else:
+            student_logits = student(**forward).logits[:, :-1][mask]
+            logprobs = torch.log_softmax(student_logits.float(), dim=-1)
+            loss_sum = topk_token_loss(logprobs, targets, topk_ids, topk_logprobs, ce_weight).sum()
+            if logprob_temperature is not None:
+                current = token_logprobs(student_logits.detach(), targets, logprob_temperature)
+    elif not fused:
         student_logits = student(**forward).logits[:, :-1]
         with torch.no_grad():
             teacher_logits = teacher(**forward).logits[:, :-1]
@@ -233,15 +278,15 @@ def distillation_loss(
         if logprob_temperature is not None:
             current = token_logprobs(student_logits[mask].detach(), targets, logprob_temperature)
     else:
-        student_head = _lm_head(student)
-        student_hidden = _backbone(student)(**forward).last_hidden_state[:, :-1][mask]
+        student_head = lm_head(student)
+        student_hidden = backbone(student)(**forward).last_hidden_state[:, :-1][mask]
         with torch.no_grad():
-            teacher_hidden = _backbone(teacher)(**forward).last_hidden_state[:, :-1][mask]
+            teacher_hidden = backbone(teacher)(**forward).last_hidden_state[:, :-1][mask]
         loss_sum = fused_jsd_sum(
             student_hidden,
             student_head,
             teacher_hidden,
-            _lm_head(teacher),
+            lm_head(teacher),
             targets,
             beta,
             chunk_size=chunk_size,
@@ -252,14 +297,14 @@ def distillation_loss(
     return LossResult(loss_sum=loss_sum, num_tokens=mask.sum(), mask=mask, current_logprobs=current)
 
 
-def _backbone(model: nn.Module) -> nn.Module:
+def backbone(model: nn.Module) -> nn.Module:
     """The transformer stack below the LM head (inside a PEFT wrapper, the adapted one)."""
     if hasattr(model, "get_base_model"):  # peft.PeftModel
         model = model.get_base_model()
     return model.base_model
 
 
-def _lm_head(model: nn.Module) -> nn.Linear:
+def lm_head(model: nn.Module) -> nn.Linear:
     head = model.get_output_embeddings()
     # Only a plain linear projection is exactly `hidden @ weight.T + bias`, which is all the fused kernel computes.
     if not (isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward):

@@ -51,9 +51,11 @@ def pack_sequences(
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     behaviour_logprobs = torch.zeros((len(rows), width), dtype=torch.float32)
+    starts: list[tuple[int, int]] = [(0, 0)] * len(sequences)
     for r, row in enumerate(rows):
         start = 0
         for index in row:
+            starts[index] = (r, start)
             s, end = sequences[index], start + lengths[index]
             input_ids[r, start:end] = torch.tensor(s.input_ids, dtype=torch.long)
             position_ids[r, start:end] = torch.arange(lengths[index])
@@ -65,6 +67,6 @@ def pack_sequences(
         # the tail padding forms one more segment with its own positions; no real token attends to it
         position_ids[r, start:] = torch.arange(width - start)
     batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
-    batch |= on_policy_extras(sequences, behaviour_logprobs)
+    batch |= on_policy_extras(sequences, behaviour_logprobs, starts, width)
     real = sum(lengths)
     return batch, PackingStats(row_fill=real / (len(rows) * budget), pad_frac=1.0 - real / (len(rows) * width))

@@ -31,9 +31,11 @@ from .generation import (
     PolicySnapshot,
     TransformersEngine,
     generate_batch,
+    inference_copy,
     run_generator,
 )
 from .prompts import PromptStream
+from .scoring import TeacherScorer
 
 
 @contextlib.contextmanager
@@ -82,6 +84,8 @@ class GenerationPipeline:
         version, step: the first snapshot's policy version and the optimizer step its weights come from.
         num_threads: torch threads of a generator process.
         seed: seed of the generator process's sampling RNG.
+        teacher, teacher_top_k: with both, the generator scores each sample with the teacher's top-k (the scoring
+            stage), on a copy of the teacher of its own.
     """
 
     def __init__(
@@ -98,6 +102,8 @@ class GenerationPipeline:
         step: int,
         num_threads: int | None,
         seed: int,
+        teacher: nn.Module | None = None,
+        teacher_top_k: int | None = None,
     ) -> None:
         self.mode = mode
         self.max_staleness = max_staleness
@@ -120,7 +126,13 @@ class GenerationPipeline:
         self.buffer = SampleBuffer(transport, generation_batch_size)
         self._snapshot: PolicySnapshot | None = None
         self._sync_engine: TransformersEngine | None = None
+        self._teacher, self._teacher_top_k = teacher, teacher_top_k
+        self._sync_scorer: TeacherScorer | None = None
         if mode != "sync":
+            teacher_copy = None
+            if teacher is not None and teacher_top_k is not None:
+                teacher_copy = inference_copy(teacher)
+                teacher_copy.share_memory()
             self._snapshot = PolicySnapshot(student, self._ctx, version=version, step=step)
             self._spec = GeneratorSpec(
                 snapshot=self._snapshot,
@@ -129,12 +141,16 @@ class GenerationPipeline:
                 generation_batch_size=generation_batch_size,
                 seed=seed,
                 num_threads=num_threads if mode == "process" else None,
+                teacher=teacher_copy,
+                teacher_top_k=teacher_top_k,
             )
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
         if self.mode == "sync":
             self._sync_engine = TransformersEngine(self._student, self._engine_config)
+            if self._teacher is not None and self._teacher_top_k is not None:
+                self._sync_scorer = TeacherScorer(self._teacher, self._teacher_top_k, self._engine_config.device)
             return
         args = (self._spec, self.buffer, self._stop, self._errors, self.mode == "process")
         if self.mode == "process":
@@ -206,7 +222,12 @@ class GenerationPipeline:
     def _generate_inline(self, current_step: int) -> GeneratedBatch:
         # the live weights are those after `current_step` optimizer steps: these samples start at staleness 0
         batch = generate_batch(
-            self._sync_engine, self._prompts, self._generation_batch_size, self._version, current_step
+            self._sync_engine,
+            self._prompts,
+            self._generation_batch_size,
+            self._version,
+            current_step,
+            self._sync_scorer,
         )
         assert batch is not None  # nothing can stop a synchronous generation midway
         return batch

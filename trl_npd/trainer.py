@@ -186,6 +186,8 @@ class NearPolicyDistillTrainer(GKDTrainer):
             step=self.state.global_step,
             num_threads=self._generator_threads(),
             seed=args.seed + args.process_index,
+            teacher=self.accelerator.unwrap_model(self.teacher_model),
+            teacher_top_k=args.teacher_top_k,
         )
         self._pipeline.start()
         return self._pipeline
@@ -313,6 +315,8 @@ class NearPolicyDistillTrainer(GKDTrainer):
             # drift is measured against the sampling distribution, i.e. at the sampling temperature
             "logprob_temperature": self.temperature if on_policy else None,
             "compiled": self.args.device.type == "cuda" if compiled is None else compiled,
+            "teacher_top_k": self.args.teacher_top_k,
+            "ce_weight": self.args.ce_weight,
         }
         if fused:  # through the wrapper's forward, so DDP/FSDP see the backbone call they wrap
             unwrapped = self.accelerator.unwrap_model(model)

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from trl_npd.batching import pad_sequences, sequences_from_samples
+from trl_npd.buffer import Sample
+from trl_npd.losses import distillation_loss
+from trl_npd.packing import pack_sequences
+from trl_npd.scoring import TeacherScorer
+from trl_npd.toy import build_model
+
+
+def make_samples(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i, (prompt_len, completion_len) in enumerate(lengths):
+        ids = torch.randint(3, 500, (prompt_len + completion_len,), generator=g).tolist()
+        samples.append(
+            Sample(
+                prompt_ids=ids[:prompt_len],
+                completion_ids=ids[prompt_len:],
+                behaviour_logprobs=[-1.0] * completion_len,
+                policy_version=0,
+                policy_step=0,
+                prompt_index=i,
+                stream_position=i,
+            )
+        )
+    return samples
+
+
+def test_stored_topk_is_the_teachers_topk_at_each_completion_token(tokenizer):
+    teacher = build_model(tokenizer, hidden_size=48, num_layers=2, seed=5).eval()
+    samples = make_samples([(4, 6), (7, 3), (2, 9)])
+    TeacherScorer(teacher, k=5, chunk_size=4).score(samples)
+    for s in samples:
+        with torch.no_grad():
+            logits = teacher(torch.tensor([s.prompt_ids + s.completion_ids]), use_cache=False).logits[0]
+        # the distribution over completion token j comes from the position before it
+        expected = torch.log_softmax(logits[len(s.prompt_ids) - 1 : -1], -1).topk(5, dim=-1)
+        assert torch.equal(torch.tensor(s.teacher_topk_ids), expected.indices)
+        torch.testing.assert_close(torch.tensor(s.teacher_topk_logprobs), expected.values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_loss_from_stored_topk_equals_the_loss_from_a_teacher_forward(tokenizer, packed, fused):
+    student = build_model(tokenizer, hidden_size=32, num_layers=2, seed=4).train()
+    teacher = build_model(tokenizer, hidden_size=48, num_layers=2, seed=5).eval()
+    samples = make_samples([(4, 6), (7, 3), (2, 9), (5, 5)])
+    TeacherScorer(teacher, k=4).score(samples)
+    sequences = sequences_from_samples(samples)
+    if packed:
+        batch, _ = pack_sequences(sequences, max_tokens_per_row=20, pad_token_id=tokenizer.pad_token_id)
+    else:
+        batch = pad_sequences(sequences, tokenizer.pad_token_id)
+    without = {k: v for k, v in batch.items() if not k.startswith("teacher_topk")}
+    assert "teacher_topk_ids" in batch
+
+    def run(inputs):
+        student.zero_grad()
+        result = distillation_loss(student, teacher, inputs, 0.5, fused=fused, teacher_top_k=4, ce_weight=0.1)
+        result.loss_sum.backward()
+        return result.loss_sum.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    stored_loss, stored_grads = run(batch)
+    inline_loss, inline_grads = run(without)
+    torch.testing.assert_close(stored_loss, inline_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in inline_grads.items():
+        torch.testing.assert_close(stored_grads[name], grad, atol=1e-5, rtol=1e-4)
