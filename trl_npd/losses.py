@@ -19,6 +19,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# Rows per chunk of the chunked projections: about 2**25 logits (128 MB in float32) per chunk. Liger's fixed 1024
+# rows meant 622 MB per temporary at Qwen's vocabulary and a 12.6 GB peak in eager mode; 220 rows gave 5.0 GB at
+# the same speed (docs/benchmarks.md).
+LOGITS_PER_CHUNK = 2**25
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk so that one chunk's logits stay near LOGITS_PER_CHUNK."""
+    return max(16, min(1024, LOGITS_PER_CHUNK // vocab_size))
+
+
 TAIL_MASS_EPS = 1e-6  # tail buckets with less probability mass than this are treated as empty
 
 
@@ -75,7 +86,7 @@ def fused_jsd_sum(
     targets: torch.Tensor,
     beta: float,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     compiled: bool = False,
 ) -> torch.Tensor:
     """`generalized_jsd_sum` of `student_head(student_hidden)` and `teacher_head(teacher_hidden)`, fused.
@@ -91,7 +102,7 @@ def fused_jsd_sum(
         ignore_index=IGNORE_INDEX,
         temperature=temperature,
         compiled=compiled,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size or chunk_rows(student_head.weight.shape[0]),
     )
     mean = loss_fn(
         student_hidden.float(),
@@ -107,9 +118,10 @@ def fused_jsd_sum(
 
 @torch.no_grad()
 def chunked_token_logprobs(
-    hidden: torch.Tensor, head: nn.Linear, tokens: torch.Tensor, temperature: float, chunk_size: int = 1024
+    hidden: torch.Tensor, head: nn.Linear, tokens: torch.Tensor, temperature: float, chunk_size: int | None = None
 ) -> torch.Tensor:
     """`token_logprobs(head(hidden), tokens)` for `(N, H)` hidden states, without materializing `(N, V)` logits."""
+    chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
     out = [
         token_logprobs(F.linear(h.float(), head.weight.float(), head.bias), t, temperature)
         for h, t in zip(hidden.split(chunk_size), tokens.split(chunk_size), strict=True)
@@ -166,7 +178,7 @@ def topk_distill_sum(
     teacher_topk_ids: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
     ce_weight: float,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Sum of `topk_token_loss` over `(N, H)` hidden states, projected chunk by chunk in float32.
 
@@ -180,6 +192,7 @@ def topk_distill_sum(
         logprobs = torch.log_softmax(F.linear(hidden.float(), weight, bias), dim=-1)
         return topk_token_loss(logprobs, *tensors, ce_weight=ce_weight).sum()
 
+    chunk_size = chunk_size or chunk_rows(weight.shape[0])
     total = student_hidden.new_zeros((), dtype=torch.float32)
     chunks = zip(
         student_hidden.split(chunk_size),
@@ -195,9 +208,10 @@ def topk_distill_sum(
 
 @torch.no_grad()
 def teacher_topk(
-    hidden: torch.Tensor, head: nn.Linear, k: int, chunk_size: int = 1024
+    hidden: torch.Tensor, head: nn.Linear, k: int, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-`k` (ids, log-probs) of `log_softmax(head(hidden))` for `(N, H)` hidden states, chunk by chunk."""
+    chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
     ids, values = [], []
     for chunk in hidden.split(chunk_size):
         top = torch.log_softmax(F.linear(chunk.float(), head.weight.float(), head.bias), dim=-1).topk(k, dim=-1)
@@ -224,7 +238,7 @@ def distillation_loss(
     *,
     fused: bool,
     logprob_temperature: float | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     compiled: bool = False,
     teacher_top_k: int | None = None,
     ce_weight: float = 0.0,

@@ -17,7 +17,7 @@ from .losses import backbone, lm_head, teacher_topk
 class TeacherScorer:
     """Scores samples with `teacher`: top-`k` log-probs (temperature 1) of the teacher at each completion token."""
 
-    def __init__(self, teacher: nn.Module, k: int, device: str = "cpu", chunk_size: int = 1024) -> None:
+    def __init__(self, teacher: nn.Module, k: int, device: str = "cpu", chunk_size: int | None = None) -> None:
         self.teacher = teacher
         self.k = k
         self.device = torch.device(device)
