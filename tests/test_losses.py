@@ -192,3 +192,53 @@ def test_topk_objective_with_the_whole_vocabulary_is_forward_kl_and_finite():
     torch.testing.assert_close(loss, forward_kl, rtol=1e-5, atol=1e-5)
     loss.sum().backward()
     assert torch.isfinite(student_logits.grad).all()
+
+
+def test_a_confident_student_gets_the_exact_tail_term_and_its_gradient():
+    """The student puts all but ~4e-7 of its mass on the teacher's top-2, while the teacher keeps a real tail:
+    the tail term and the gradient that moves mass back to the tail must be exact."""
+    student_logits = torch.tensor([[20.0, 20.0, 5.0, 5.0]], dtype=torch.float64, requires_grad=True)
+    teacher = torch.log_softmax(torch.tensor([[1.0, 1.2, 0.5, 0.3]], dtype=torch.float64), -1)
+    ids = torch.tensor([[0, 1]])
+    loss = topk_token_loss(torch.log_softmax(student_logits, -1), torch.tensor([0]), ids, teacher.gather(-1, ids), 0.0)
+    (grad,) = torch.autograd.grad(loss.sum(), student_logits)
+
+    reference_logits = student_logits.detach().clone().requires_grad_(True)
+    q = torch.softmax(reference_logits, -1)[0]
+    p = teacher.exp()[0]
+    p_b, q_b = torch.stack([p[0], p[1], p[2] + p[3]]), torch.stack([q[0], q[1], q[2] + q[3]])
+    exact = (p_b * (p_b / q_b).log()).sum()
+    (exact_grad,) = torch.autograd.grad(exact, reference_logits)
+    torch.testing.assert_close(loss[0], exact, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grad, exact_grad, rtol=1e-6, atol=1e-9)
+    assert grad[0, 2] < -0.1  # mass is pushed back to the tail tokens
+
+
+def test_chunked_projections_accept_a_bf16_head_with_a_bias():
+    head = nn.Linear(8, 17).to(torch.bfloat16)
+    hidden = torch.randn(5, 8, dtype=torch.bfloat16)
+    tokens = torch.randint(0, 17, (5,))
+    got = chunked_token_logprobs(hidden, head, tokens, 1.0)
+    expected = token_logprobs(hidden.float() @ head.weight.float().T + head.bias.float(), tokens)
+    torch.testing.assert_close(got, expected)
+
+
+def test_models_that_transform_their_logits_are_refused_by_the_chunked_paths(tokenizer):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=30.0,
+    )
+    student, teacher = Gemma2ForCausalLM(config), Gemma2ForCausalLM(config)
+    ids = torch.randint(3, 500, (1, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        distillation_loss(student, teacher, batch, 0.5, fused=True)
+    distillation_loss(student, teacher, batch, 0.5, fused=False)  # the plain path applies the soft-capping

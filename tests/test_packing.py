@@ -88,3 +88,33 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tokenizer, f
     torch.testing.assert_close(packed_result.loss_sum, padded_result.loss_sum, atol=1e-5, rtol=1e-5)
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_a_sequence_longer_than_the_budget_does_not_stretch_the_other_rows():
+    sequences = random_sequences([15, 8, 7], prompt_len=2)
+    batch, stats = pack_sequences(sequences, max_tokens_per_row=10, pad_token_id=0)
+    assert batch["input_ids"].shape == (3, 15)  # [15] alone; 8 and 7 cannot share a row of 10
+    for row, sequence in zip(batch["input_ids"], sequences, strict=True):  # FFD order is the given order here
+        n = len(sequence.input_ids)
+        assert row[:n].tolist() == sequence.input_ids  # each short row holds one sequence, then padding
+    assert batch["position_ids"][1, 8] == 0 and batch["position_ids"][2, 7] == 0  # padding segments start there
+    assert stats.row_fill == pytest.approx(30 / (3 * 10))
+
+
+def test_models_that_ignore_position_ids_are_detected_and_trained_on_padded_rows(tokenizer, dataset, make_config):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from trl_npd import NearPolicyDistillTrainer
+    from trl_npd.packing import packing_leaks
+
+    def bloom(seed):
+        torch.manual_seed(seed)
+        return BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4))
+
+    student, teacher = bloom(0), bloom(1)
+    assert packing_leaks(student, len(tokenizer))  # ALiBi: packed samples would see each other
+    assert not packing_leaks(build_model(tokenizer), len(tokenizer))
+    trainer = NearPolicyDistillTrainer(
+        model=student, teacher_model=teacher, args=make_config(), train_dataset=dataset, processing_class=tokenizer
+    )
+    assert trainer.args.padding_free and not trainer._pack

@@ -5,7 +5,7 @@ from trl_npd.batching import pad_sequences, sequences_from_samples
 from trl_npd.buffer import Sample
 from trl_npd.losses import distillation_loss
 from trl_npd.packing import pack_sequences
-from trl_npd.scoring import TeacherScorer
+from trl_npd.scoring import SampleScorer
 from trl_npd.toy import build_model
 
 
@@ -31,7 +31,7 @@ def make_samples(lengths, seed=0):
 def test_stored_topk_is_the_teachers_topk_at_each_completion_token(tokenizer):
     teacher = build_model(tokenizer, hidden_size=48, num_layers=2, seed=5).eval()
     samples = make_samples([(4, 6), (7, 3), (2, 9)])
-    TeacherScorer(teacher, k=5, chunk_size=4).score(samples)
+    SampleScorer(teacher, top_k=5).score(samples)
     for s in samples:
         with torch.no_grad():
             logits = teacher(torch.tensor([s.prompt_ids + s.completion_ids]), use_cache=False).logits[0]
@@ -47,7 +47,7 @@ def test_loss_from_stored_topk_equals_the_loss_from_a_teacher_forward(tokenizer,
     student = build_model(tokenizer, hidden_size=32, num_layers=2, seed=4).train()
     teacher = build_model(tokenizer, hidden_size=48, num_layers=2, seed=5).eval()
     samples = make_samples([(4, 6), (7, 3), (2, 9), (5, 5)])
-    TeacherScorer(teacher, k=4).score(samples)
+    SampleScorer(teacher, top_k=4).score(samples)
     sequences = sequences_from_samples(samples)
     if packed:
         batch, _ = pack_sequences(sequences, max_tokens_per_row=20, pad_token_id=tokenizer.pad_token_id)

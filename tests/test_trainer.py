@@ -1,6 +1,8 @@
 """End-to-end behaviour of NearPolicyDistillTrainer on tiny local models."""
 
 import json
+import logging
+import math
 import os
 import time
 
@@ -396,13 +398,67 @@ def test_sync_mode_tags_samples_with_the_live_weights_step(student, teacher, tok
 def test_topk_objective_trains_on_policy_without_a_teacher_forward_in_the_trainer(
     student, teacher, tokenizer, dataset, make_config
 ):
-    teacher_calls = []
-    # on the backbone: the fused and top-k paths call it directly, without the LM wrapper's forward
-    teacher.model.register_forward_hook(lambda module, args, output: teacher_calls.append(1))
     args = make_config(teacher_top_k=4, ce_weight=0.1, max_steps=4)
     trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    teacher_calls = []  # counted from here on: construction probes both models once (packing_leaks)
+    # on the backbone: the fused and top-k paths call it directly, without the LM wrapper's forward
+    teacher.model.register_forward_hook(lambda module, args, output: teacher_calls.append(1))
     trainer.train()
     assert trainer.state.global_step == 4
     assert all("teacher_topk_ids" in r["inputs"] for r in trainer.seen)  # scored by the generator
     assert teacher_calls == []  # and so the training steps never ran the teacher
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+
+
+def test_samples_outside_the_ifd_band_never_reach_compute_loss(student, teacher, tokenizer, dataset, make_config):
+    class TraceSamples(RecordingTrainer):
+        """Records every sample the pipeline hands over, to compare with what compute_loss receives."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.handed_over = []
+
+        def _ensure_pipeline(self):
+            pipeline = super()._ensure_pipeline()
+            if not hasattr(pipeline, "_traced"):
+                take = pipeline.take
+
+                def traced(n, step):
+                    result = take(n, step)
+                    self.handed_over += result.samples
+                    return result
+
+                pipeline.take, pipeline._traced = traced, True
+            return pipeline
+
+    # a quantile band always rejects some samples; padded rows make each sample one row of compute_loss input
+    args = make_config(
+        generator_mode="thread", ifd_filter=True, ifd_band="quantile", ifd_quantiles=(0.25, 0.75), padding_free=False
+    )
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args, cls=TraceSamples)
+    trainer.train()
+    totals = trainer.npd_metrics.totals
+    assert totals.dropped["ifd_low"] > 0 and totals.dropped["ifd_high"] > 0  # the filter really filtered
+    assert all(not math.isnan(s.ifd_delta) for s in trainer.handed_over)
+    trained = [
+        row[mask.bool()].tolist()
+        for record in trainer.seen
+        for row, mask in zip(record["inputs"]["input_ids"], record["inputs"]["attention_mask"], strict=True)
+    ]
+    assert sorted(trained) == sorted(s.prompt_ids + s.completion_ids for s in trainer.handed_over)
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"npd/ifd_delta_mean", "npd/ifd_kept_frac", "npd/ifd_dropped_low", "npd/ifd_dropped_high"} <= logged
+
+
+def test_an_ifd_band_that_rejects_everything_warns_and_widens_instead_of_starving(
+    student, teacher, tokenizer, dataset, make_config, caplog
+):
+    args = make_config(
+        generator_mode="thread", ifd_filter=True, ifd_delta_min=1e6, ifd_delta_max=2e6, ifd_max_rejected_in_a_row=8
+    )
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    with caplog.at_level(logging.WARNING, logger="trl_npd.trainer"):
+        trainer.train()
+    assert trainer.state.global_step == 6
+    assert any("[1000000.0, 2000000.0]" in r.message and "quantile" in r.message for r in caplog.records)
+    assert trainer.npd_metrics.totals.dropped["ifd_low"] >= 8

@@ -34,6 +34,9 @@ class Sample:
     # the teacher's top-k at each completion token, when the scoring stage ran (`teacher_top_k`)
     teacher_topk_ids: list[list[int]] | None = None
     teacher_topk_logprobs: list[list[float]] | None = None
+    # log-probs of the completion tokens under the snapshot at temperature 1 (Δ-IFD's student conditional NLL)
+    behaviour_logprobs_t1: list[float] | None = None
+    ifd_delta: float | None = None  # NaN when undefined (nothing scored without the prompt)
 
 
 @dataclass
@@ -46,6 +49,8 @@ class GeneratedBatch:
     # samples the generator could not produce or discarded, by reason (e.g. "empty_prompt")
     dropped: dict[str, int] = field(default_factory=dict)
     truncated_prompts: int = 0
+    ifd_deltas: list[float] = field(default_factory=list)  # of every scored sample, kept or not
+    warnings: list[str] = field(default_factory=list)  # for the trainer to log
 
 
 @dataclass

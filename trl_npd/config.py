@@ -75,6 +75,25 @@ class NearPolicyDistillConfig(GKDConfig):
     ce_weight (`float`, *optional*, defaults to `0.1`):
         Weight of the cross-entropy on the trained tokens in the top-k objective; the paper's 1 - lambda with
         lambda = 0.9. Ignored without `teacher_top_k`.
+
+    > Parameters that control Δ-IFD selection
+
+    ifd_filter (`bool`, *optional*, defaults to `True`):
+        Score every generated sample's Δ-IFD = IFD_teacher - IFD_student (IFD = NLL with the prompt / NLL without)
+        in the generator, and train only on samples inside the band. Costs two extra forwards per sample, off the
+        training critical path.
+    ifd_band (`str`, *optional*, defaults to `"absolute"`):
+        `"absolute"`: keep `ifd_delta_min <= Δ <= ifd_delta_max`. `"quantile"`: keep Δ between the `ifd_quantiles`
+        of the last `ifd_window` scored samples.
+    ifd_delta_min (`float`, *optional*, defaults to `0.0`), ifd_delta_max (`float`, *optional*, defaults to `0.8`):
+        The absolute band, from the NPD paper.
+    ifd_quantiles (`tuple[float, float]`, *optional*, defaults to `(0.1, 0.9)`):
+        The quantile band.
+    ifd_window (`int`, *optional*, defaults to `1024`):
+        Scored samples the quantile band is computed over, in samples.
+    ifd_max_rejected_in_a_row (`int`, *optional*, defaults to `256`):
+        Consecutive rejections after which the absolute band gives way to the quantile band, with a warning that
+        names the band and the observed Δ distribution, so training never starves silently.
     """
 
     generation_batch_size: int | None = field(
@@ -123,6 +142,17 @@ class NearPolicyDistillConfig(GKDConfig):
         default=None, metadata={"help": "None: full-vocabulary JSD. k: NPD's CE + top-k forward KL objective."}
     )
     ce_weight: float = field(default=0.1, metadata={"help": "CE weight of the top-k objective (1 - lambda)."})
+    ifd_filter: bool = field(default=True, metadata={"help": "Train only on samples in the Δ-IFD band."})
+    ifd_band: str = field(default="absolute", metadata={"help": "Δ-IFD band.", "choices": ["absolute", "quantile"]})
+    ifd_delta_min: float = field(default=0.0, metadata={"help": "Lower edge of the absolute Δ-IFD band."})
+    ifd_delta_max: float = field(default=0.8, metadata={"help": "Upper edge of the absolute Δ-IFD band."})
+    ifd_quantiles: tuple[float, float] = field(
+        default=(0.1, 0.9), metadata={"help": "Quantiles of recent Δ-IFD bounding the quantile band."}
+    )
+    ifd_window: int = field(default=1024, metadata={"help": "Recent samples the quantile band is taken over."})
+    ifd_max_rejected_in_a_row: int = field(
+        default=256, metadata={"help": "Rejections in a row before the absolute band falls back to the quantile one."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,6 +185,15 @@ class NearPolicyDistillConfig(GKDConfig):
             raise ValueError(f"teacher_top_k must be >= 1 or None, got {self.teacher_top_k}.")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}.")
+        if self.ifd_band not in ("absolute", "quantile"):
+            raise ValueError(f"ifd_band must be 'absolute' or 'quantile', got {self.ifd_band!r}.")
+        if self.ifd_delta_min > self.ifd_delta_max:
+            raise ValueError(f"ifd_delta_min={self.ifd_delta_min} is above ifd_delta_max={self.ifd_delta_max}.")
+        lo, hi = self.ifd_quantiles
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"ifd_quantiles must satisfy 0 <= lo < hi <= 1, got {self.ifd_quantiles}.")
+        if self.ifd_window < 1 or self.ifd_max_rejected_in_a_row < 1:
+            raise ValueError("ifd_window and ifd_max_rejected_in_a_row must be >= 1.")
         if self.generator_num_threads is not None and self.generator_num_threads < 1:
             raise ValueError(f"generator_num_threads must be >= 1 or None, got {self.generator_num_threads}.")
 

@@ -21,7 +21,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from .buffer import GeneratedBatch, Sample, SampleBuffer
 from .prompts import PromptStream
-from .scoring import TeacherScorer
+from .scoring import SampleScorer
+from .selection import DeltaIFDFilter
 
 
 class PolicySnapshot:
@@ -93,7 +94,11 @@ def inference_copy(model: nn.Module) -> nn.Module:
     Training-time hooks are removed: they have no role in sampling, and some (transformers'
     `enable_input_require_grads`, used with gradient checkpointing) are local functions a process cannot receive.
     """
-    snapshot = copy.deepcopy(model).to("cpu").eval()
+    # Copy straight to CPU: tensors go in the deepcopy memo as CPU clones, so a model on a GPU is never
+    # duplicated there first.
+    memo: dict[int, torch.Tensor] = {id(b): b.detach().to("cpu", copy=True) for b in model.buffers()}
+    memo |= {id(p): nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=False) for p in model.parameters()}
+    snapshot = copy.deepcopy(model, memo).eval()
     snapshot.requires_grad_(False)
     for module in snapshot.modules():
         for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks):
@@ -125,26 +130,34 @@ class _BehaviourPolicy(LogitsProcessor):
     known at step t + 1, so each step gathers the previous step's log-probs; `finish` gathers the last one.
     """
 
-    def __init__(self, temperature: float) -> None:
+    def __init__(self, temperature: float, record_t1: bool = False) -> None:
         self.temperature = temperature
+        self.record_t1 = record_t1
         self.logprobs: list[torch.Tensor] = []
-        self._previous: torch.Tensor | None = None
+        self.logprobs_t1: list[torch.Tensor] = []  # at temperature 1, for Δ-IFD
+        self._previous: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._previous is not None:
             self._gather(input_ids[:, -1])
+        raw = torch.log_softmax(scores.float(), dim=-1) if self.record_t1 and self.temperature != 1.0 else None
         scores = scores / self.temperature
-        self._previous = torch.log_softmax(scores.float(), dim=-1)
+        tempered = torch.log_softmax(scores.float(), dim=-1)
+        self._previous = (tempered, tempered if raw is None and self.record_t1 else raw)
         return scores
 
     def _gather(self, tokens: torch.Tensor) -> None:
-        self.logprobs.append(self._previous.gather(1, tokens[:, None]).squeeze(1))
+        tempered, raw = self._previous
+        self.logprobs.append(tempered.gather(1, tokens[:, None]).squeeze(1))
+        if raw is not None:
+            self.logprobs_t1.append(raw.gather(1, tokens[:, None]).squeeze(1))
         self._previous = None
 
-    def finish(self, sequences: torch.Tensor, num_new_tokens: int) -> torch.Tensor:
+    def finish(self, sequences: torch.Tensor, num_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if num_new_tokens > len(self.logprobs) and self._previous is not None:
             self._gather(sequences[:, -1])
-        return torch.stack(self.logprobs, dim=1)
+        t1 = torch.stack(self.logprobs_t1, dim=1) if self.logprobs_t1 else None
+        return torch.stack(self.logprobs, dim=1), t1
 
 
 class _StopWhen(StoppingCriteria):
@@ -170,13 +183,21 @@ class EngineConfig:
 class Completion:
     ids: list[int]
     logprobs: list[float]
+    logprobs_t1: list[float] | None = None
 
 
 class TransformersEngine:
     """Samples completions with the model's own `generate` and records the behaviour log-probs."""
 
-    def __init__(self, model: nn.Module, config: EngineConfig, should_stop: Callable[[], bool] = lambda: False):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: EngineConfig,
+        should_stop: Callable[[], bool] = lambda: False,
+        record_t1: bool = False,
+    ) -> None:
         self.model = model
+        self.record_t1 = record_t1
         self.config = config
         self.should_stop = should_stop
         # the module whose generation_config `generate` reads (inside a PEFT wrapper, the wrapped model)
@@ -210,7 +231,7 @@ class TransformersEngine:
         for i, p in enumerate(prompts):
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention_mask[i, width - len(p) :] = 1
-        policy = _BehaviourPolicy(self.config.temperature)
+        policy = _BehaviourPolicy(self.config.temperature, record_t1=self.record_t1)
         was_training, model_config = self.model.training, self._generating.generation_config
         self.model.eval()
         self._generating.generation_config = self._neutral_model_config
@@ -228,14 +249,16 @@ class TransformersEngine:
         if self.should_stop():
             return None
         completions = sequences[:, width:].cpu()
-        logprobs = policy.finish(sequences, completions.shape[1]).cpu()
-        return [self._cut(ids.tolist(), lps.tolist()) for ids, lps in zip(completions, logprobs, strict=True)]
+        logprobs, logprobs_t1 = policy.finish(sequences, completions.shape[1])
+        rows = logprobs_t1.cpu().tolist() if logprobs_t1 is not None else [None] * len(prompts)
+        return [
+            self._cut(ids.tolist(), lps.tolist(), t1)
+            for ids, lps, t1 in zip(completions, logprobs.cpu(), rows, strict=True)
+        ]
 
-    def _cut(self, ids: list[int], logprobs: list[float]) -> Completion:
-        for i, token in enumerate(ids):
-            if token in self._eos:
-                return Completion(ids[: i + 1], logprobs[: i + 1])
-        return Completion(ids, logprobs)
+    def _cut(self, ids: list[int], logprobs: list[float], logprobs_t1: list[float] | None) -> Completion:
+        end = next((i + 1 for i, token in enumerate(ids) if token in self._eos), len(ids))
+        return Completion(ids[:end], logprobs[:end], None if logprobs_t1 is None else logprobs_t1[:end])
 
 
 def generate_batch(
@@ -244,10 +267,11 @@ def generate_batch(
     batch_size: int,
     version: int,
     step: int,
-    scorer: TeacherScorer | None = None,
+    scorer: SampleScorer | None = None,
+    selector: DeltaIFDFilter | None = None,
 ) -> GeneratedBatch | None:
-    """Sample one generation batch with the engine's current weights, tagged with their version and step, and
-    score it with the teacher when a scorer is given."""
+    """Sample one generation batch with the engine's current weights, tagged with their version and step; score
+    it (teacher top-k, Δ-IFD) and keep the samples in the Δ-IFD band, when a scorer and a selector are given."""
     start = time.perf_counter()
     batch_prompts = prompts.take(batch_size)
     dropped: dict[str, int] = {}
@@ -267,18 +291,60 @@ def generate_batch(
             prompt_index=p.index,
             stream_position=p.position,
             prompt_truncated=p.truncated,
+            behaviour_logprobs_t1=c.logprobs_t1,
         )
         for p, c in zip(usable, completions, strict=True)
     ]
     if scorer is not None:
         scorer.score(samples)
+    deltas, warnings = [], []
+    if selector is not None:
+        deltas = [s.ifd_delta for s in samples]
+        selected = selector.select(deltas)
+        samples = [samples[i] for i in selected.kept]
+        dropped.update(selected.dropped)
+        warnings = selected.warnings
     return GeneratedBatch(
         samples=samples,
         busy_s=time.perf_counter() - start,
         completion_tokens=sum(len(s.completion_ids) for s in samples),
         dropped=dropped,
         truncated_prompts=sum(p.truncated for p in usable),
+        ifd_deltas=deltas,
+        warnings=warnings,
     )
+
+
+@dataclass
+class IFDSettings:
+    """The Δ-IFD filter's settings (see `selection.DeltaIFDFilter`)."""
+
+    band: str
+    low: float
+    high: float
+    quantiles: tuple[float, float]
+    window: int
+    max_rejected_in_a_row: int
+
+
+def scoring_stage(
+    teacher: nn.Module | None,
+    student: nn.Module,
+    top_k: int | None,
+    ifd: IFDSettings | None,
+    bos_token_id: int | None,
+    engine: EngineConfig,
+) -> tuple[SampleScorer | None, DeltaIFDFilter | None]:
+    """The scorer and selector a generator needs, or None for each it does not."""
+    if teacher is None or (top_k is None and ifd is None):
+        return None, None
+    scorer = SampleScorer(
+        teacher, top_k=top_k, student=student, ifd=ifd is not None, bos_token_id=bos_token_id, device=engine.device
+    )
+    selector = None
+    if ifd is not None:
+        selector = DeltaIFDFilter(ifd.band, ifd.low, ifd.high, ifd.quantiles, ifd.window, ifd.max_rejected_in_a_row)
+    return scorer, selector
 
 
 @dataclass
@@ -293,6 +359,8 @@ class GeneratorSpec:
     num_threads: int | None = None
     teacher: nn.Module | None = None  # an inference copy, for the scoring stage
     teacher_top_k: int | None = None
+    ifd: IFDSettings | None = None
+    bos_token_id: int | None = None
 
 
 def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: Any, seed_rng: bool) -> None:
@@ -306,17 +374,15 @@ def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: 
         if seed_rng:  # only in a process of its own: a thread would reseed the trainer's RNG
             torch.manual_seed(spec.seed)
         model = copy.deepcopy(spec.snapshot.model).to(spec.engine.device)
-        engine = TransformersEngine(model, spec.engine, should_stop=stop.is_set)
-        scorer = None
-        if spec.teacher is not None:
-            teacher = copy.deepcopy(spec.teacher).to(spec.engine.device)
-            scorer = TeacherScorer(teacher, spec.teacher_top_k, spec.engine.device)
+        engine = TransformersEngine(model, spec.engine, should_stop=stop.is_set, record_t1=spec.ifd is not None)
+        teacher = None if spec.teacher is None else copy.deepcopy(spec.teacher).to(spec.engine.device)
+        scorer, selector = scoring_stage(teacher, model, spec.teacher_top_k, spec.ifd, spec.bos_token_id, spec.engine)
         version, step = -1, 0
         while not stop.is_set():
             loaded = spec.snapshot.load_into(model, version)
             if loaded is not None:
                 version, step = loaded
-            batch = generate_batch(engine, spec.prompts, spec.generation_batch_size, version, step, scorer)
+            batch = generate_batch(engine, spec.prompts, spec.generation_batch_size, version, step, scorer, selector)
             if batch is None or not buffer.put(batch, stop.is_set):
                 break
     except BaseException:

@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-# Rows per chunk of the chunked projections: about 2**25 logits (128 MB in float32) per chunk. Liger's fixed 1024
-# rows meant 622 MB per temporary at Qwen's vocabulary and a 12.6 GB peak in eager mode; 220 rows gave 5.0 GB at
-# the same speed (docs/benchmarks.md).
+# Rows per chunk of the chunked projections: about 2**25 logits (128 MB in float32) per chunk; Liger rounds the
+# number of chunks down, so its chunks can hold up to twice that. Liger's fixed 1024 rows meant 622 MB per
+# temporary at Qwen's vocabulary and a 12.6 GB peak in eager mode; 220 rows gave 5.0 GB at the same speed.
 LOGITS_PER_CHUNK = 2**25
 
 
@@ -110,8 +110,8 @@ def fused_jsd_sum(
         teacher_hidden.float(),
         teacher_head.weight.float(),
         targets,
-        None if student_head.bias is None else student_head.bias.float(),
-        None if teacher_head.bias is None else teacher_head.bias.float(),
+        _float(student_head.bias),
+        _float(teacher_head.bias),
     )
     return mean * (targets != IGNORE_INDEX).sum().clamp_min(1)  # Liger divides by this call's tokens
 
@@ -123,7 +123,7 @@ def chunked_token_logprobs(
     """`token_logprobs(head(hidden), tokens)` for `(N, H)` hidden states, without materializing `(N, V)` logits."""
     chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
     out = [
-        token_logprobs(F.linear(h.float(), head.weight.float(), head.bias), t, temperature)
+        token_logprobs(F.linear(h.float(), head.weight.float(), _float(head.bias)), t, temperature)
         for h, t in zip(hidden.split(chunk_size), tokens.split(chunk_size), strict=True)
     ]
     return torch.cat(out) if out else hidden.new_zeros(0)
@@ -144,16 +144,16 @@ def topk_token_loss(
     """
     student_topk = student_logprobs.gather(-1, teacher_topk_ids)
     kl = (teacher_topk_logprobs.exp() * (teacher_topk_logprobs - student_topk)).sum(-1)
-    # The tail bucket. A teacher tail under TAIL_MASS_EPS (k close to V; float32 sums round by ~1e-7) counts as
-    # empty: its term is at most that small, and its log would be noise. Inputs of the discarded branch are made
-    # finite first, because torch.where still carries the NaN gradient of the branch it discards.
-    max_topk_mass = math.log1p(-TAIL_MASS_EPS)
+    # The tail bucket. The teacher's tail is known only through its top-k: 1 - their mass. A teacher tail under
+    # TAIL_MASS_EPS (k close to V; float32 sums round by ~1e-7) counts as empty: its term is at most that small.
+    # The student's tail is exact, a log-sum-exp over the tokens outside the top-k, so a student that puts almost
+    # all its mass on the top-k still gets the gradient that moves mass back to the tail. Inputs of discarded
+    # branches are made finite first, because torch.where still carries the NaN gradient of the branch it discards.
     teacher_topk_mass = torch.logsumexp(teacher_topk_logprobs, dim=-1)
-    has_tail = teacher_topk_mass < max_topk_mass
+    has_tail = teacher_topk_mass < math.log1p(-TAIL_MASS_EPS)
     teacher_tail = _log1mexp(torch.where(has_tail, teacher_topk_mass, -1.0))
-    student_tail = _log1mexp(
-        torch.where(has_tail, torch.logsumexp(student_topk, dim=-1), -1.0).clamp(max=max_topk_mass)
-    )
+    outside_topk = student_logprobs.scatter(-1, teacher_topk_ids, -torch.inf)
+    student_tail = torch.logsumexp(torch.where(has_tail[:, None], outside_topk, 0.0), dim=-1)
     kl = kl + torch.where(has_tail, teacher_tail.exp() * (teacher_tail - student_tail), 0.0)
     ce = -student_logprobs.gather(-1, targets[:, None]).squeeze(-1)
     return ce_weight * ce + (1.0 - ce_weight) * kl
@@ -185,8 +185,7 @@ def topk_distill_sum(
     Each chunk's `(chunk, V)` logits are recomputed in the backward pass instead of being kept, so peak memory
     holds one chunk's logits, never `(N, V)`.
     """
-    weight = student_head.weight.float()
-    bias = None if student_head.bias is None else student_head.bias.float()
+    weight, bias = student_head.weight.float(), _float(student_head.bias)
 
     def chunk_loss(hidden: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
         logprobs = torch.log_softmax(F.linear(hidden.float(), weight, bias), dim=-1)
@@ -214,7 +213,9 @@ def teacher_topk(
     chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
     ids, values = [], []
     for chunk in hidden.split(chunk_size):
-        top = torch.log_softmax(F.linear(chunk.float(), head.weight.float(), head.bias), dim=-1).topk(k, dim=-1)
+        top = torch.log_softmax(F.linear(chunk.float(), head.weight.float(), _float(head.bias)), dim=-1).topk(
+            k, dim=-1
+        )
         ids.append(top.indices)
         values.append(top.values)
     if not ids:
@@ -318,7 +319,27 @@ def backbone(model: nn.Module) -> nn.Module:
     return model.base_model
 
 
+# Config fields of models whose logits are not just `hidden @ W.T + b` (Gemma 2/3 soft-capping, Granite and Cohere
+# scaling). The chunked paths project hidden states themselves and would skip the transform.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
+
+
+def _float(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.float()
+
+
 def lm_head(model: nn.Module) -> nn.Linear:
+    """The LM head, if the model's logits are exactly `head(hidden)`; raises otherwise."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(text_config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"This model transforms its logits ({name}={value}), which the chunked projections (the fused "
+                "loss, the top-k objective and the scoring stage) would skip. Set use_fused_loss=False and "
+                "teacher_top_k=None, and ifd_filter=False, to train it on the plain path."
+            )
     head = model.get_output_embeddings()
     # Only a plain linear projection is exactly `hidden @ weight.T + bias`, which is all the fused kernel computes.
     if not (isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ class NPDMetrics:
         self._sync_s: list[float] = []
         self._truncated = 0
         self._packing: list[PackingStats] = []
+        self._ifd_deltas: list[float] = []
 
     def record_take(self, result: TakeResult, current_step: int) -> None:
         staleness = [current_step - s.policy_step for s in result.samples]
@@ -69,6 +71,7 @@ class NPDMetrics:
             self._gen_busy_s += batch.busy_s
             self._dropped.update(batch.dropped)
             self._truncated += batch.truncated_prompts
+            self._ifd_deltas += batch.ifd_deltas
             t.generated_samples += len(batch.samples)
             t.generated_tokens += batch.completion_tokens
             t.generator_busy_s += batch.busy_s
@@ -91,8 +94,15 @@ class NPDMetrics:
         logs["npd/wait_s"] = self._wait_s
         logs["npd/dropped_stale"] = float(self._dropped["stale"])
         for reason, count in self._dropped.items():
-            if reason != "stale":
+            if reason not in ("stale", "ifd_low", "ifd_high"):
                 logs[f"npd/dropped_{reason}"] = float(count)
+        if self._ifd_deltas:
+            defined = [d for d in self._ifd_deltas if not math.isnan(d)]
+            if defined:
+                logs["npd/ifd_delta_mean"] = sum(defined) / len(defined)
+            low, high = self._dropped["ifd_low"], self._dropped["ifd_high"]
+            logs["npd/ifd_kept_frac"] = 1.0 - (low + high) / len(self._ifd_deltas)
+            logs["npd/ifd_dropped_low"], logs["npd/ifd_dropped_high"] = float(low), float(high)
         if self._staleness:
             logs["npd/staleness_mean"] = sum(self._staleness) / len(self._staleness)
             logs["npd/staleness_max"] = float(max(self._staleness))

@@ -18,12 +18,13 @@ from .batching import IGNORE_INDEX, Sequence, on_policy_extras
 
 @dataclass
 class PackingStats:
-    row_fill: float  # real tokens / (rows x token budget)
+    row_fill: float  # real tokens / (rows x token budget); above 1 only when sequences exceed the budget
     pad_frac: float  # padding tokens / tensor size
 
 
 def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
-    """Group item indices into bins of total length <= budget: longest first, each into the first bin it fits."""
+    """Group item indices into bins of total length <= budget: longest first, each into the first bin it fits.
+    An item longer than the budget gets a bin of its own, which nothing else joins."""
     bins: list[list[int]] = []
     room: list[int] = []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -34,7 +35,7 @@ def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
                 break
         else:
             bins.append([index])
-            room.append(budget - lengths[index])
+            room.append(max(0, budget - lengths[index]))
     return bins
 
 
@@ -44,8 +45,8 @@ def pack_sequences(
     """Rows of packed sequences: `input_ids`, `position_ids`, `labels`, and for generated sequences
     `behaviour_logprobs` and `policy_step` (per sequence). Rows shorter than the longest are padded at the end."""
     lengths = [len(s.input_ids) for s in sequences]
-    budget = max(max_tokens_per_row, *lengths)  # a sequence longer than the budget gets a row of its own
-    rows = first_fit_decreasing(lengths, budget)
+    budget = max_tokens_per_row
+    rows = first_fit_decreasing(lengths, budget)  # a sequence longer than the budget gets a row of its own
     width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -70,3 +71,27 @@ def pack_sequences(
     batch |= on_policy_extras(sequences, behaviour_logprobs, starts, width)
     real = sum(lengths)
     return batch, PackingStats(row_fill=real / (len(rows) * budget), pad_frac=1.0 - real / (len(rows) * width))
+
+
+@torch.no_grad()
+def packing_leaks(model: torch.nn.Module, vocab_size: int) -> bool:
+    """Whether `model` lets packed samples see each other, measured on a tiny probe.
+
+    Models that ignore `position_ids` when building their attention mask (ALiBi models such as Bloom, for one)
+    attend across the samples of a packed row. Two short sequences run packed and alone; any difference beyond
+    the dtype's rounding is a leak.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocab_size, (n,), generator=generator) for n in (3, 4))
+    packed_ids = torch.cat([first, second])[None].to(device)
+    position_ids = torch.cat([torch.arange(3), torch.arange(4)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        packed = model(input_ids=packed_ids, position_ids=position_ids, use_cache=False).logits[0, 3:].float()
+        alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
+    finally:
+        model.train(was_training)
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    return bool((packed - alone).abs().max() > tolerance * max(1.0, float(alone.abs().max())))

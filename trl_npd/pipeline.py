@@ -28,14 +28,17 @@ from .buffer import GeneratedBatch, SampleBuffer, TakeResult
 from .generation import (
     EngineConfig,
     GeneratorSpec,
+    IFDSettings,
     PolicySnapshot,
     TransformersEngine,
     generate_batch,
     inference_copy,
     run_generator,
+    scoring_stage,
 )
 from .prompts import PromptStream
-from .scoring import TeacherScorer
+from .scoring import SampleScorer
+from .selection import DeltaIFDFilter
 
 
 @contextlib.contextmanager
@@ -84,8 +87,9 @@ class GenerationPipeline:
         version, step: the first snapshot's policy version and the optimizer step its weights come from.
         num_threads: torch threads of a generator process.
         seed: seed of the generator process's sampling RNG.
-        teacher, teacher_top_k: with both, the generator scores each sample with the teacher's top-k (the scoring
-            stage), on a copy of the teacher of its own.
+        teacher, teacher_top_k, ifd, bos_token_id: the scoring and selection stages. With `teacher_top_k` the
+            generator stores the teacher's top-k with each sample; with `ifd` it keeps only samples in the Δ-IFD
+            band. Both run on the generator's own copy of the teacher.
     """
 
     def __init__(
@@ -104,6 +108,8 @@ class GenerationPipeline:
         seed: int,
         teacher: nn.Module | None = None,
         teacher_top_k: int | None = None,
+        ifd: IFDSettings | None = None,
+        bos_token_id: int | None = None,
     ) -> None:
         self.mode = mode
         self.max_staleness = max_staleness
@@ -126,11 +132,12 @@ class GenerationPipeline:
         self.buffer = SampleBuffer(transport, generation_batch_size)
         self._snapshot: PolicySnapshot | None = None
         self._sync_engine: TransformersEngine | None = None
-        self._teacher, self._teacher_top_k = teacher, teacher_top_k
-        self._sync_scorer: TeacherScorer | None = None
+        self._teacher, self._teacher_top_k, self._ifd, self._bos_token_id = teacher, teacher_top_k, ifd, bos_token_id
+        self._sync_scorer: SampleScorer | None = None
+        self._sync_selector: DeltaIFDFilter | None = None
         if mode != "sync":
             teacher_copy = None
-            if teacher is not None and teacher_top_k is not None:
+            if teacher is not None and (teacher_top_k is not None or ifd is not None):
                 teacher_copy = inference_copy(teacher)
                 teacher_copy.share_memory()
             self._snapshot = PolicySnapshot(student, self._ctx, version=version, step=step)
@@ -143,14 +150,17 @@ class GenerationPipeline:
                 num_threads=num_threads if mode == "process" else None,
                 teacher=teacher_copy,
                 teacher_top_k=teacher_top_k,
+                ifd=ifd,
+                bos_token_id=bos_token_id,
             )
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
         if self.mode == "sync":
-            self._sync_engine = TransformersEngine(self._student, self._engine_config)
-            if self._teacher is not None and self._teacher_top_k is not None:
-                self._sync_scorer = TeacherScorer(self._teacher, self._teacher_top_k, self._engine_config.device)
+            self._sync_engine = TransformersEngine(self._student, self._engine_config, record_t1=self._ifd is not None)
+            self._sync_scorer, self._sync_selector = scoring_stage(
+                self._teacher, self._student, self._teacher_top_k, self._ifd, self._bos_token_id, self._engine_config
+            )
             return
         args = (self._spec, self.buffer, self._stop, self._errors, self.mode == "process")
         if self.mode == "process":
@@ -228,6 +238,7 @@ class GenerationPipeline:
             self._version,
             current_step,
             self._sync_scorer,
+            self._sync_selector,
         )
         assert batch is not None  # nothing can stop a synchronous generation midway
         return batch

@@ -1,51 +1,140 @@
-"""The scoring stage: the teacher's view of each generated sample, computed once, off the training critical path.
+"""The scoring stage: what the teacher (and the generating snapshot) think of each sample, computed once, in the
+generator, off the training critical path.
 
-It runs in the generator (after sampling, before the buffer) with the generator's own copy of the teacher, and
-stores with each sample the teacher's top-k token ids and log-probs at every completion position. A training step
-on such samples needs no teacher forward at all.
+- With `teacher_top_k`: the teacher's top-k token ids and log-probs at every completion position, so a training
+  step on such samples needs no teacher forward.
+- With Δ-IFD: the four mean NLLs of the completion, teacher and student, with and without the prompt, combined into
+  `ifd_delta`. The teacher's conditional NLL comes from the same forward as the top-k; the student's comes free from
+  the sampler (its temperature-1 log-probs). The two unconditional NLLs cost one forward each over the completion
+  alone, preceded by BOS when the tokenizer has one (otherwise the completion's first token is not scored).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from .buffer import Sample
-from .losses import backbone, lm_head, teacher_topk
+from .losses import _float, backbone, chunk_rows, lm_head, token_logprobs
+from .selection import delta_ifd
 
 
-class TeacherScorer:
-    """Scores samples with `teacher`: top-`k` log-probs (temperature 1) of the teacher at each completion token."""
+class SampleScorer:
+    """Scores samples in place with the teacher's top-k and/or their Δ-IFD.
 
-    def __init__(self, teacher: nn.Module, k: int, device: str = "cpu", chunk_size: int | None = None) -> None:
-        self.teacher = teacher
-        self.k = k
+    Args:
+        teacher: the teacher (an inference copy in the generator).
+        top_k: store the teacher's top-k at each completion token (`teacher_topk_ids`, `teacher_topk_logprobs`).
+        student: the generating snapshot, needed for Δ-IFD (its unconditional NLL).
+        ifd: compute `ifd_delta` for each sample.
+        bos_token_id: prepended to the completion for the unconditional NLLs, when not None.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        top_k: int | None = None,
+        student: nn.Module | None = None,
+        ifd: bool = False,
+        bos_token_id: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        if ifd and student is None:
+            raise ValueError("Δ-IFD scoring needs the generating student.")
+        self.teacher, self.top_k, self.student, self.ifd = teacher, top_k, student, ifd
+        self.bos_token_id = bos_token_id
         self.device = torch.device(device)
-        self.chunk_size = chunk_size
 
     @torch.no_grad()
     def score(self, samples: list[Sample]) -> None:
-        """Attach `teacher_topk_ids` and `teacher_topk_logprobs` (one list of k per completion token) in place."""
-        if not samples:
+        if not samples or (self.top_k is None and not self.ifd):
             return
-        width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
-        input_ids = torch.zeros((len(samples), width), dtype=torch.long)
+        sequences = [s.prompt_ids + s.completion_ids for s in samples]
+        scored = [range(len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)) for s in samples]
+        hidden, tokens = self._hidden_and_tokens(self.teacher, sequences, scored)
+        head = lm_head(self.teacher)
+        topk_ids, topk_values, token_lps = [], [], []
+        chunk = chunk_rows(head.weight.shape[0])
+        for h, t in zip(hidden.split(chunk), tokens.split(chunk), strict=True):
+            # one log-softmax per chunk serves both the top-k and the sampled tokens' log-probs
+            logprobs = torch.log_softmax(
+                nn.functional.linear(h.float(), head.weight.float(), _float(head.bias)), dim=-1
+            )
+            if self.top_k is not None:
+                top = logprobs.topk(self.top_k, dim=-1)
+                topk_ids.append(top.indices.cpu())
+                topk_values.append(top.values.cpu())
+            token_lps.append(logprobs.gather(-1, t[:, None]).squeeze(-1).cpu())
+        token_lps = torch.cat(token_lps) if token_lps else torch.zeros(0)
+        if self.top_k is not None:
+            ids, values = torch.cat(topk_ids), torch.cat(topk_values)
+        start = 0
+        teacher_conditional = []
+        for s in samples:
+            end = start + len(s.completion_ids)
+            if self.top_k is not None:
+                s.teacher_topk_ids = ids[start:end].tolist()
+                s.teacher_topk_logprobs = values[start:end].tolist()
+            teacher_conditional.append(_mean_nll(token_lps[start:end]))
+            start = end
+        if self.ifd:
+            teacher_unconditional = self._unconditional_nll(self.teacher, samples)
+            student_unconditional = self._unconditional_nll(self.student, samples)
+            for i, s in enumerate(samples):
+                student_conditional = _mean_nll(torch.tensor(s.behaviour_logprobs_t1))
+                nlls = (
+                    teacher_conditional[i],
+                    teacher_unconditional[i],
+                    student_conditional,
+                    student_unconditional[i],
+                )
+                s.ifd_delta = math.nan if any(math.isnan(x) for x in nlls) else delta_ifd(*nlls)
+
+    def _unconditional_nll(self, model: nn.Module, samples: list[Sample]) -> list[float]:
+        bos = [] if self.bos_token_id is None else [self.bos_token_id]
+        sequences = [bos + s.completion_ids for s in samples]
+        scored = [range(1, len(seq)) for seq in sequences]  # every token that has a predecessor
+        hidden, tokens = self._hidden_and_tokens(model, sequences, scored)
+        logprobs = _chunked_logprobs(hidden, lm_head(model), tokens)
+        out, start = [], 0
+        for positions in scored:
+            out.append(_mean_nll(logprobs[start : start + len(positions)]))
+            start += len(positions)
+        return out
+
+    def _hidden_and_tokens(
+        self, model: nn.Module, sequences: list[list[int]], scored: list[range]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states predicting each scored token (row-major) and those tokens."""
+        width = max(len(seq) for seq in sequences)
+        input_ids = torch.zeros((len(sequences), width), dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
-        # position j predicts token j + 1: the completion's tokens are predicted from [prompt_len - 1, total - 1)
         predicting = torch.zeros_like(input_ids, dtype=torch.bool)
-        for row, s in enumerate(samples):
-            total = len(s.prompt_ids) + len(s.completion_ids)
-            input_ids[row, :total] = torch.tensor(s.prompt_ids + s.completion_ids)
-            attention_mask[row, :total] = 1
-            predicting[row, len(s.prompt_ids) - 1 : total - 1] = True
-        hidden = backbone(self.teacher)(
+        targets = []
+        for row, (seq, positions) in enumerate(zip(sequences, scored, strict=True)):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            attention_mask[row, : len(seq)] = 1
+            for p in positions:
+                predicting[row, p - 1] = True  # position p - 1 predicts token p
+            targets += [seq[p] for p in positions]
+        hidden = backbone(model)(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
         ).last_hidden_state[predicting.to(self.device)]
-        ids, values = teacher_topk(hidden, lm_head(self.teacher), self.k, self.chunk_size)
-        ids, values = ids.cpu(), values.cpu()
-        start = 0
-        for s in samples:  # `predicting` is row-major, so each sample's positions are contiguous and in order
-            end = start + len(s.completion_ids)
-            s.teacher_topk_ids = ids[start:end].tolist()
-            s.teacher_topk_logprobs = values[start:end].tolist()
-            start = end
+        return hidden, torch.tensor(targets, dtype=torch.long, device=self.device)
+
+
+def _chunked_logprobs(hidden: torch.Tensor, head: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
+    chunk = chunk_rows(head.weight.shape[0])
+    parts = [
+        token_logprobs(nn.functional.linear(h.float(), head.weight.float(), _float(head.bias)), t).cpu()
+        for h, t in zip(hidden.split(chunk), tokens.split(chunk), strict=True)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def _mean_nll(logprobs: torch.Tensor) -> float:
+    """Mean negative log-likelihood; NaN when nothing was scored (IFD is then undefined)."""
+    return -float(logprobs.mean()) if logprobs.numel() else math.nan

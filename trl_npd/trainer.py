@@ -34,10 +34,10 @@ from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from .batching import Sequence, count_trained_tokens, pad_sequences, sequences_from_padded, sequences_from_samples
 from .config import NearPolicyDistillConfig
-from .generation import EngineConfig
+from .generation import EngineConfig, IFDSettings
 from .losses import distillation_loss, k3_policy_kl
 from .metrics import NPDMetrics
-from .packing import pack_sequences
+from .packing import pack_sequences, packing_leaks
 from .pipeline import GenerationPipeline, GeneratorError
 from .prompts import PromptOnlyCollator, PromptStream
 
@@ -114,6 +114,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
         finally:
             args.padding_free = padding_free
         _check_tokenizer_fits(self.processing_class, self.model, self.teacher_model)
+        self._pack = args.padding_free and not self._packing_leaks()
         # compute_loss divides by the tokens trained on across the whole accumulation group
         self.loss_is_scaled_for_ga = True
         self.npd_metrics = NPDMetrics()
@@ -188,9 +189,38 @@ class NearPolicyDistillTrainer(GKDTrainer):
             seed=args.seed + args.process_index,
             teacher=self.accelerator.unwrap_model(self.teacher_model),
             teacher_top_k=args.teacher_top_k,
+            ifd=self._ifd_settings(),
+            bos_token_id=self.processing_class.bos_token_id,
         )
         self._pipeline.start()
         return self._pipeline
+
+    def _packing_leaks(self) -> bool:
+        """Probe both models once: packing is only used if it keeps samples apart in each of them."""
+        vocab = len(self.processing_class)
+        for role, model in (("student", self.model), ("teacher", self.accelerator.unwrap_model(self.teacher_model))):
+            if packing_leaks(model, vocab):
+                logger.warning(
+                    "The %s (%s) lets packed samples attend to each other: it ignores position_ids when it builds "
+                    "its attention mask (ALiBi models do). Training batches are padded instead of packed.",
+                    role,
+                    type(model).__name__,
+                )
+                return True
+        return False
+
+    def _ifd_settings(self) -> IFDSettings | None:
+        args = self.args
+        if not args.ifd_filter:
+            return None
+        return IFDSettings(
+            band=args.ifd_band,
+            low=args.ifd_delta_min,
+            high=args.ifd_delta_max,
+            quantiles=tuple(args.ifd_quantiles),
+            window=args.ifd_window,
+            max_rejected_in_a_row=args.ifd_max_rejected_in_a_row,
+        )
 
     def _stop_pipeline(self, raise_failure: bool) -> None:
         pipeline, self._pipeline = self._pipeline, None
@@ -276,12 +306,15 @@ class NearPolicyDistillTrainer(GKDTrainer):
             self._publish(step, reason="stale_snapshot")
         result = pipeline.take(self.args.per_device_train_batch_size, step)
         self.npd_metrics.record_take(result, step)
+        for batch in result.received:
+            for warning in batch.warnings:
+                logger.warning(warning)
         self._next_stream_position = max(self._next_stream_position, *(s.stream_position + 1 for s in result.samples))
         return self._training_batch(sequences_from_samples(result.samples))
 
     def _training_batch(self, sequences: list[Sequence]) -> dict[str, torch.Tensor]:
         pad = self.processing_class.pad_token_id
-        if not self.args.padding_free:
+        if not self._pack:
             return pad_sequences(sequences, pad)
         budget = self.args.max_length or sum(len(s.input_ids) for s in sequences)
         batch, stats = pack_sequences(sequences, budget, pad)

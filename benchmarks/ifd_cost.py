@@ -1,0 +1,90 @@
+"""What Δ-IFD costs the generator: wall time per sample with and without scoring and selection.
+
+    python benchmarks/ifd_cost.py --out results/ifd_cost.json
+
+The generator's own loop step (`generation.generate_batch`) runs on the same student, teacher and prompts, in one
+process, alternating the variants so drift in machine speed hits both alike:
+  - `generate`: sampling only (Δ-IFD off);
+  - `generate+ifd`: sampling, the three extra forwards of Δ-IFD scoring, and the band selection.
+All of this happens in the generator, off the training critical path: the cost shows up as generator throughput,
+not as trainer time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+from trl.experimental.utils import DataCollatorForChatML
+
+from trl_npd.generation import EngineConfig, IFDSettings, TransformersEngine, generate_batch, scoring_stage
+from trl_npd.prompts import PromptStream
+from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
+
+PRESETS = {
+    "cpu": dict(student=(128, 2), teacher=(256, 4), batch=16, new_tokens=48, repeats=6),
+    "micro": dict(student=(32, 1), teacher=(64, 1), batch=2, new_tokens=4, repeats=1),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--out", default="results/ifd_cost.json")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    student = build_model(tokenizer, hidden_size=preset["student"][0], num_layers=preset["student"][1], seed=1).eval()
+    teacher = build_model(tokenizer, hidden_size=preset["teacher"][0], num_layers=preset["teacher"][1], seed=2).eval()
+    engine_config = EngineConfig(
+        max_new_tokens=preset["new_tokens"],
+        temperature=0.9,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    ifd = IFDSettings("quantile", 0.0, 0.8, (0.1, 0.9), 1024, 256)
+    variants = {
+        "generate": (TransformersEngine(student, engine_config), (None, None)),
+        "generate+ifd": (
+            TransformersEngine(student, engine_config, record_t1=True),
+            scoring_stage(teacher, student, None, ifd, tokenizer.bos_token_id, engine_config),
+        ),
+    }
+    collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=256)
+    seconds = {name: [] for name in variants}
+    for repeat in range(preset["repeats"] + 1):
+        for name, (engine, (scorer, selector)) in variants.items():
+            prompts = PromptStream(arithmetic_dataset(256), collator, seed=repeat)  # the same prompts for both
+            start = time.perf_counter()
+            batch = generate_batch(engine, prompts, preset["batch"], 0, 0, scorer, selector)
+            elapsed = time.perf_counter() - start
+            if repeat > 0:  # the first round warms up
+                seconds[name].append(elapsed / (len(batch.samples) + sum(batch.dropped.values())))
+    runs = [{"variant": name, "ms_per_sample": statistics.median(s) * 1000} for name, s in seconds.items()]
+    base = runs[0]["ms_per_sample"]
+    for run in runs:
+        run["vs_generate"] = run["ms_per_sample"] / base
+    report = {
+        "benchmark": "ifd_cost",
+        "preset": args.preset,
+        "device": f"cpu: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "date": datetime.date.today().isoformat(),
+        "runs": runs,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"{'variant':14} {'ms/sample':>10} {'vs generate':>12}")
+    for run in runs:
+        print(f"{run['variant']:14} {run['ms_per_sample']:10.2f} {run['vs_generate']:12.2f}")
+
+
+if __name__ == "__main__":
+    main()
