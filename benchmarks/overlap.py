@@ -36,7 +36,7 @@ PRESETS = {
 }
 
 
-def run(mode: str, preset: dict, output_dir: str) -> dict:
+def run(mode: str, preset: dict, output_dir: str, generator_threads: int | None = None, ifd: bool = True) -> dict:
     tokenizer = build_tokenizer()
     student = build_model(tokenizer, hidden_size=preset["student"][0], num_layers=preset["student"][1], seed=1)
     teacher = build_model(tokenizer, hidden_size=preset["teacher"][0], num_layers=preset["teacher"][1], seed=2)
@@ -49,6 +49,8 @@ def run(mode: str, preset: dict, output_dir: str) -> dict:
         max_new_tokens=preset["new_tokens"],
         max_length=256,
         generator_mode=mode,
+        generator_num_threads=generator_threads,
+        ifd_filter=ifd,
         report_to="none",
         save_strategy="no",
         logging_steps=10**6,
@@ -85,6 +87,7 @@ def run(mode: str, preset: dict, output_dir: str) -> dict:
         "samples_per_s": totals.consumed_samples / steady_wall_s,
         "generated_samples": totals.generated_samples,
         "dropped_stale": totals.dropped["stale"],
+        "dropped_ifd": totals.dropped["ifd_low"] + totals.dropped["ifd_high"],
     }
 
 
@@ -93,16 +96,21 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--modes", default="process,thread,sync")
     parser.add_argument("--out", default="results/overlap.json")
+    parser.add_argument("--generator-threads", type=int, default=None, help="generator_num_threads (process mode)")
+    parser.add_argument("--no-ifd", action="store_true", help="turn Δ-IFD selection off (it is on by default)")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
+    folder = os.path.dirname(args.out) or "."
     runs = [
-        run(mode, preset, os.path.join(os.path.dirname(args.out) or ".", f"overlap-{mode}"))
+        run(mode, preset, os.path.join(folder, f"overlap-{mode}"), args.generator_threads, not args.no_ifd)
         for mode in args.modes.split(",")
     ]
     report = {
         "preset": args.preset,
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": datetime.date.today().isoformat(),
+        "ifd_filter": not args.no_ifd,
+        "generator_threads": args.generator_threads,
         "runs": runs,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -87,3 +87,12 @@ def test_a_one_token_completion_without_bos_has_an_undefined_delta_not_a_nan_cra
     SampleScorer(teacher, student=student, ifd=True, bos_token_id=1).score([with_bos])
     assert math.isnan(without_bos.ifd_delta)  # nothing to score without the prompt: kept, counted as undefined
     assert math.isfinite(with_bos.ifd_delta)
+
+
+def test_an_empty_completion_has_an_undefined_delta(tokenizer):
+    """generate() always returns at least one token, but the scorer must not crash or divide by zero on none."""
+    student = build_model(tokenizer, hidden_size=32, num_layers=1, seed=1)
+    teacher = build_model(tokenizer, hidden_size=48, num_layers=1, seed=2)
+    empty = make_sample([5, 6], [], [])
+    SampleScorer(teacher, student=student, ifd=True, bos_token_id=1).score([empty])
+    assert math.isnan(empty.ifd_delta)
