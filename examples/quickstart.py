@@ -54,7 +54,9 @@ def main() -> None:
     totals = trainer.npd_metrics.totals
     print(
         f"\n{totals.generated_samples} samples generated, {totals.consumed_samples} trained on, "
-        f"{totals.dropped['stale']} dropped as stale, {totals.unused_at_shutdown} unused at the end; "
+        f"{totals.dropped['stale']} dropped as stale, "
+        f"{totals.dropped['ifd_low'] + totals.dropped['ifd_high']} dropped by Δ-IFD before the buffer, "
+        f"{totals.unused_at_shutdown} unused at the end; "
         f"the trainer waited {totals.wait_s:.1f} s on the buffer ({totals.first_sample_wait_s:.1f} s of it for the "
         "generator process to start)."
     )
