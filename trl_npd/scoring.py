@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .buffer import Sample
-from .losses import _float, backbone, chunk_rows, lm_head, token_logprobs
+from .losses import backbone, chunk_rows, chunked_token_logprobs, lm_head, project
 from .selection import delta_ifd
 
 
@@ -60,9 +60,7 @@ class SampleScorer:
         chunk = chunk_rows(head.weight.shape[0])
         for h, t in zip(hidden.split(chunk), tokens.split(chunk), strict=True):
             # one log-softmax per chunk serves both the top-k and the sampled tokens' log-probs
-            logprobs = torch.log_softmax(
-                nn.functional.linear(h.float(), head.weight.float(), _float(head.bias)), dim=-1
-            )
+            logprobs = torch.log_softmax(project(h, head), dim=-1)
             if self.top_k is not None:
                 top = logprobs.topk(self.top_k, dim=-1)
                 topk_ids.append(top.indices.cpu())
@@ -98,7 +96,7 @@ class SampleScorer:
         sequences = [bos + s.completion_ids for s in samples]
         scored = [range(1, len(seq)) for seq in sequences]  # every token that has a predecessor
         hidden, tokens = self._hidden_and_tokens(model, sequences, scored)
-        logprobs = _chunked_logprobs(hidden, lm_head(model), tokens)
+        logprobs = chunked_token_logprobs(hidden, lm_head(model), tokens, temperature=1.0).cpu()
         out, start = [], 0
         for positions in scored:
             out.append(_mean_nll(logprobs[start : start + len(positions)]))
@@ -124,15 +122,6 @@ class SampleScorer:
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
         ).last_hidden_state[predicting.to(self.device)]
         return hidden, torch.tensor(targets, dtype=torch.long, device=self.device)
-
-
-def _chunked_logprobs(hidden: torch.Tensor, head: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
-    chunk = chunk_rows(head.weight.shape[0])
-    parts = [
-        token_logprobs(nn.functional.linear(h.float(), head.weight.float(), _float(head.bias)), t).cpu()
-        for h, t in zip(hidden.split(chunk), tokens.split(chunk), strict=True)
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def _mean_nll(logprobs: torch.Tensor) -> float:
