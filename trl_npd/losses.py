@@ -18,7 +18,8 @@ from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from .batching import IGNORE_INDEX
+
 # Rows per chunk of the chunked projections: about 2**25 logits (128 MB in float32) per chunk; Liger rounds the
 # number of chunks down, so its chunks can hold up to twice that. Liger's fixed 1024 rows meant 622 MB per
 # temporary at Qwen's vocabulary and a 12.6 GB peak in eager mode; 220 rows gave 5.0 GB at the same speed.
