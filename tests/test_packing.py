@@ -1,11 +1,12 @@
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from trl_npd.batching import Sequence, pad_sequences
 from trl_npd.losses import distillation_loss
-from trl_npd.packing import first_fit_decreasing, pack_sequences
+from trl_npd.packing import attends_per_sample, first_fit_decreasing, pack_sequences, row_token_budget
 from trl_npd.toy import build_model
 
 
@@ -118,3 +119,39 @@ def test_models_that_ignore_position_ids_are_detected_and_trained_on_padded_rows
         model=student, teacher_model=teacher, args=make_config(), train_dataset=dataset, processing_class=tokenizer
     )
     assert trainer.args.padding_free and not trainer._pack
+
+
+def test_dense_attention_caps_rows_at_the_longest_sequence_and_still_drops_padding():
+    lengths = [10, 4, 4, 6, 5]
+    assert row_token_budget(lengths, 1024, per_sample_attention=True) == 1024
+    assert row_token_budget(lengths, None, per_sample_attention=True) == sum(lengths)
+    budget = row_token_budget(lengths, 1024, per_sample_attention=False)
+    assert budget == 10
+    batch, stats = pack_sequences(random_sequences(lengths), budget, pad_token_id=0)
+    padded = pad_sequences(random_sequences(lengths), pad_token_id=0)
+    # never wider than the padded batch, so a dense attention never costs more than padding does ...
+    assert batch["input_ids"].shape[1] == padded["input_ids"].shape[1] == 10
+    # ... while short sequences still share rows: [10], [6, 4], [5, 4]
+    assert batch["input_ids"].shape[0] == 3 and stats.pad_frac < 1 - sum(lengths) / padded["input_ids"].numel()
+
+
+def test_only_varlen_attention_counts_as_per_sample():
+    def model(implementation):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=implementation))
+
+    for name in ("flash_attention_2", "flash_attention_3", "flex_attention", "kernels-community/flash-attn3"):
+        assert attends_per_sample(model(name)), name
+    for name in ("sdpa", "eager", None):
+        assert not attends_per_sample(model(name)), name
+
+
+def test_the_trainer_packs_rows_no_wider_than_the_longest_sample_under_sdpa(tokenizer, dataset, make_config):
+    from trl_npd import NearPolicyDistillTrainer
+
+    student, teacher = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
+    trainer = NearPolicyDistillTrainer(
+        model=student, teacher_model=teacher, args=make_config(), train_dataset=dataset, processing_class=tokenizer
+    )
+    assert trainer._pack and not trainer._per_sample_attention  # toy models run SDPA on CPU
+    batch = trainer._training_batch(random_sequences([12, 5, 4, 7, 4]))
+    assert batch["input_ids"].shape == (3, 12)  # [12], [7, 5], [4, 4]

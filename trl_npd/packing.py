@@ -73,6 +73,32 @@ def pack_sequences(
     return batch, PackingStats(row_fill=real / (len(rows) * budget), pad_frac=1.0 - real / (len(rows) * width))
 
 
+# attention implementations that run a packed row as its separate samples (a varlen kernel, or flex attention's
+# block mask); the others (sdpa, eager) attend over the whole row with a dense block-diagonal mask
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def attends_per_sample(model: torch.nn.Module) -> bool:
+    """Whether `model`'s attention costs a packed row what its samples would cost one by one."""
+    implementation = str(getattr(model.config, "_attn_implementation", None) or "")
+    return implementation in VARLEN_ATTENTION or "flash" in implementation  # hub kernels, e.g. kernels-community/...
+
+
+def row_token_budget(lengths: list[int], max_length: int | None, per_sample_attention: bool) -> int:
+    """How many tokens one packed row may hold.
+
+    With per-sample attention a long row is free: rows hold up to `max_length` tokens (all of them if unset). With
+    dense attention a row of n tokens costs an (n x n) attention, so rows are capped at the longest sequence: short
+    sequences still share rows, the padding is still gone, and attention never costs more than the padded batch's.
+    On 2 CPU cores with SDPA, uncapped 1024-token rows made the training step 13-15% slower than padding
+    (docs/benchmarks.md).
+    """
+    longest = max(lengths)
+    if per_sample_attention:
+        return max_length or sum(lengths)
+    return longest
+
+
 @torch.no_grad()
 def packing_leaks(model: torch.nn.Module, vocab_size: int) -> bool:
     """Whether `model` lets packed samples see each other, measured on a tiny probe.

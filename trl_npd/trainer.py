@@ -37,7 +37,7 @@ from .config import NearPolicyDistillConfig
 from .generation import EngineConfig, IFDSettings
 from .losses import distillation_loss, k3_policy_kl
 from .metrics import NPDMetrics
-from .packing import pack_sequences, packing_leaks
+from .packing import attends_per_sample, pack_sequences, packing_leaks, row_token_budget
 from .pipeline import GenerationPipeline, GeneratorError
 from .prompts import PromptOnlyCollator, PromptStream
 
@@ -115,6 +115,9 @@ class NearPolicyDistillTrainer(GKDTrainer):
             args.padding_free = padding_free
         _check_tokenizer_fits(self.processing_class, self.model, self.teacher_model)
         self._pack = args.padding_free and not self._packing_leaks()
+        self._per_sample_attention = all(
+            attends_per_sample(m) for m in (self.model, self.accelerator.unwrap_model(self.teacher_model))
+        )
         # compute_loss divides by the tokens trained on across the whole accumulation group
         self.loss_is_scaled_for_ga = True
         self.npd_metrics = NPDMetrics()
@@ -316,7 +319,9 @@ class NearPolicyDistillTrainer(GKDTrainer):
         pad = self.processing_class.pad_token_id
         if not self._pack:
             return pad_sequences(sequences, pad)
-        budget = self.args.max_length or sum(len(s.input_ids) for s in sequences)
+        budget = row_token_budget(
+            [len(s.input_ids) for s in sequences], self.args.max_length, self._per_sample_attention
+        )
         batch, stats = pack_sequences(sequences, budget, pad)
         self.npd_metrics.record_packing(stats)
         return batch
