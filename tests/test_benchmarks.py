@@ -56,3 +56,54 @@ def test_ifd_cost_benchmark_micro(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert [r["variant"] for r in runs] == ["generate", "generate+ifd"]
     assert all(r["ms_per_sample"] > 0 for r in runs)
+
+
+def test_throughput_benchmark_micro(tmp_path):
+    out = tmp_path / "throughput.json"
+    table = run("throughput.py", "--preset", "micro", "--trainers", "gkd,distillation,npd,ceiling", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert {"preset", "device", "date", "runs", "ceiling_samples_per_s"} <= set(report)
+    assert [r["trainer"] for r in report["runs"]] == ["gkd", "distillation", "npd", "ceiling"]
+    for r in report["runs"]:
+        assert {"samples_per_s", "completion_tokens_per_s", "wall_s", "peak_mem_mb", "wait_frac"} <= set(r)
+        # the same work: every trainer trained the same number of samples, on completion tokens it generated
+        assert r["samples"] == report["steps"] * report["effective_batch"]
+        assert 0 < r["completion_tokens"] <= r["samples"] * report["new_tokens"]
+        assert r["samples_per_s"] > 0 and r["peak_mem_mb"] > 0
+    by_name = {r["trainer"]: r for r in report["runs"]}
+    assert by_name["gkd"]["wait_frac"] is None and 0 <= by_name["npd"]["wait_frac"] <= 1
+    assert report["ceiling_samples_per_s"] == by_name["ceiling"]["samples_per_s"]
+    assert (tmp_path / "throughput.png").stat().st_size > 0
+    assert "vs gkd" in table
+
+
+def test_arena_benchmark_micro(tmp_path):
+    out = tmp_path / "arena.json"
+    cache = tmp_path / "cache"
+    table = run("arena.py", "--preset", "micro", "--seed", "3", "--out", str(out), "--cache-dir", str(cache))
+    report = json.loads(out.read_text())
+    assert {"task", "teacher_acc", "student_init_acc", "runs"} <= set(report)
+    assert [r["method"] for r in report["runs"]] == ["sft", "gkd", "npd", "npd-no-ifd", "npd-sync"]
+    for r in report["runs"]:
+        assert 0 <= r["acc"] <= 1 and r["wall_s"] > 0 and r["steps"] == 4
+        times = [t for t, _ in r["curve"]]
+        assert times == sorted(times) and times[0] == 0 and r["curve"][0][1] == report["student_init_acc"]
+        assert r["curve"][-1][1] == r["acc"]
+    assert (tmp_path / "arena.png").stat().st_size > 0
+    assert not report["teacher_cached"] and any(cache.iterdir())
+    # a second run with the same teacher config takes the cached teacher
+    run(
+        "arena.py",
+        "--preset",
+        "micro",
+        "--seed",
+        "4",
+        "--methods",
+        "gkd",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+    )
+    assert json.loads(out.read_text())["teacher_cached"]
+    assert "curve" in table

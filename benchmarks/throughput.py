@@ -1,0 +1,452 @@
+"""Training throughput of NPD against TRL's on-policy distillation trainers, on the same work.
+
+    python benchmarks/throughput.py --preset cpu-tiny --out results/throughput-cpu-tiny.json
+
+Every trainer gets the same student and teacher (same seeds), the same prompts, `max_new_tokens`, effective batch
+and optimizer steps, the same divergence (generalized JSD, beta 0.5) at sampling temperature 1, and trains on each
+generated sample once:
+
+- `gkd`: TRL's `GKDTrainer` with `lmbda=1` (samples with the student before every step);
+- `distillation`: `trl.DistillationTrainer` with transformers' `generate` (no vLLM);
+- `npd`: `NearPolicyDistillTrainer` with its defaults (background process, Δ-IFD selection on);
+- `npd-no-ifd`: the same without Δ-IFD, to tell selection cost from the rest;
+- `npd-sync`: the generator forced synchronous (`generator_mode="sync"`): what asynchrony alone buys;
+- `ceiling`: NPD's training loop fed from a buffer filled before the clock starts (generation removed): the rate
+  the optimizer alone sustains.
+
+Each trainer runs in a fresh Python process, one after the other, so that memory peaks and thread pools are its
+own. The clock runs from `on_train_begin` to `on_train_end` of the `Trainer` callbacks, so it includes NPD's
+generator start-up but not model loading. Reported per trainer:
+
+- `samples_per_s`: samples trained on per second of that wall time;
+- `completion_tokens_per_s`: completion tokens trained on (counted in the loss inputs) per second;
+- `steady_samples_per_s`: the same rate after the first optimizer step, which holds every trainer's start-up
+  (NPD's generator process start, everyone's first generation): the rate a long run tends to;
+- `peak_mem_mb`: CPU: peak resident memory of the trainer process plus that of its largest child (the generator);
+  CUDA: `torch.cuda.max_memory_allocated` of the trainer process (a generator process's own GPU memory is not in it);
+- `wait_frac`: fraction of the wall time the optimizer was blocked waiting for samples (NPD only: for `npd-sync`
+  that is its inline generation; for TRL's trainers, which generate inline by design, null).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+TRAINERS = ["gkd", "distillation", "npd", "npd-no-ifd", "npd-sync", "ceiling"]
+
+# Model shapes: (hidden, layers, heads, kv heads, head_dim, intermediate); the GPU presets use Qwen3's own.
+QWEN3_0_6B = (1024, 28, 16, 8, 128, 3072)
+QWEN3_1_7B = (2048, 28, 16, 8, 128, 6144)
+QWEN3_4B = (2560, 36, 32, 8, 128, 9728)
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~3.4M-parameter student, ~13M teacher (3.9x); 64 new tokens, effective batch 8. Under 10 minutes on 2 cores.
+    "cpu-tiny": dict(
+        student=(256, 3, 4, 2, 64, 1024),
+        teacher=(512, 3, 8, 4, 64, 2048),
+        vocab=None,
+        new_tokens=64,
+        batch=8,
+        steps=48,
+    ),
+    "gpu-small": dict(
+        student=QWEN3_0_6B, teacher=QWEN3_1_7B, vocab=151_936, new_tokens=256, batch=32, steps=24, bf16=True
+    ),
+    "gpu-medium": dict(
+        student=QWEN3_0_6B, teacher=QWEN3_4B, vocab=151_936, new_tokens=256, batch=32, steps=24, bf16=True
+    ),
+    # smoke test only: a few steps of tiny models
+    "micro": dict(
+        student=(32, 1, 2, 1, 16, 64), teacher=(64, 1, 2, 1, 32, 128), vocab=None, new_tokens=8, batch=2, steps=3
+    ),
+}
+
+
+# ---- one trainer, in its own process -----------------------------------------------------------------------------
+def build_models(preset: dict[str, Any]) -> tuple[Any, Any, Any]:
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from trl_npd.toy import build_tokenizer
+
+    tokenizer = build_tokenizer()
+
+    def model(shape: tuple[int, ...], seed: int) -> Any:
+        hidden, layers, heads, kv_heads, head_dim, intermediate = shape
+        config = Qwen3Config(
+            # the GPU presets keep Qwen3's vocabulary, so the head costs what it costs there; the toy tokenizer
+            # produces ids in its first 512 rows only
+            vocab_size=preset["vocab"] or len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=2048,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            tie_word_embeddings=False,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            built = Qwen3ForCausalLM(config)
+        built.generation_config.eos_token_id = tokenizer.eos_token_id
+        built.generation_config.pad_token_id = tokenizer.pad_token_id
+        return built
+
+    student, teacher = model(preset["student"], seed=1), model(preset["teacher"], seed=2)
+    if preset.get("bf16"):
+        teacher = teacher.to(torch.bfloat16)  # the teacher only runs forward: keep it in bf16, as users would
+    return tokenizer, student, teacher
+
+
+def common_args(preset: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    return dict(
+        output_dir=output_dir,
+        max_steps=preset["steps"],
+        per_device_train_batch_size=preset["batch"],
+        gradient_accumulation_steps=1,
+        learning_rate=1e-5,
+        beta=0.5,
+        temperature=1.0,
+        gradient_checkpointing=False,
+        bf16=bool(preset.get("bf16")),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        seed=0,
+    )
+
+
+# where each trainer generates inline, inside its training step (NPD generates outside it, in the background)
+INLINE_GENERATION = ("generate_on_policy_outputs", "_generate_and_score_completions")
+
+
+def counting(trainer_cls: type, count: Any) -> type:
+    """`trainer_cls` that counts the completion tokens it trains on and times its training steps.
+
+    `step_s` is the time inside `training_step` (forward, backward and, for TRL's trainers, inline generation);
+    `inline_generation_s` the part of it spent generating.
+    """
+
+    class Counting(trainer_cls):
+        bench_tokens = 0
+        step_s = 0.0
+        inline_generation_s = 0.0
+
+        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            type(self).bench_tokens += int(count(inputs))
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+        def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return super().training_step(*args, **kwargs)
+            finally:
+                type(self).step_s += time.perf_counter() - start
+
+    for name in INLINE_GENERATION:
+        if hasattr(trainer_cls, name):
+            raw = inspect.getattr_static(trainer_cls, name)
+            if isinstance(raw, staticmethod):  # GKD's generate_on_policy_outputs
+                setattr(Counting, name, staticmethod(_timed(raw.__func__, Counting)))
+            else:
+                setattr(Counting, name, _timed(raw, Counting))
+    return Counting
+
+
+def _timed(function: Any, owner: type) -> Any:
+    """`function`, adding its run time to `owner.inline_generation_s`."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            owner.inline_generation_s += time.perf_counter() - start
+
+    return timed
+
+
+def make_trainer(name: str, preset: dict[str, Any], output_dir: str) -> Any:
+    from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
+    from trl_npd.toy import arithmetic_dataset
+
+    tokenizer, student, teacher = build_models(preset)
+    # enough distinct prompts that nobody repeats one
+    dataset = arithmetic_dataset(4 * preset["steps"] * preset["batch"], seed=0)
+    labels_count = lambda inputs: (inputs["labels"] != -100).sum()  # noqa: E731
+    if name == "gkd":
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        args = GKDConfig(**common_args(preset, output_dir), lmbda=1.0, max_new_tokens=preset["new_tokens"])
+        return counting(GKDTrainer, labels_count)(
+            model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+    if name == "distillation":
+        from trl import DistillationConfig, DistillationTrainer
+
+        prompts = dataset.map(lambda row: {"prompt": row["messages"][:1]}, remove_columns=["messages"])
+        args = DistillationConfig(**common_args(preset, output_dir), max_completion_length=preset["new_tokens"])
+        return counting(DistillationTrainer, lambda inputs: inputs["completion_mask"].sum())(
+            model=student, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tokenizer
+        )
+    overrides = {
+        "npd": {},
+        "npd-no-ifd": {"ifd_filter": False},
+        "npd-sync": {"generator_mode": "sync"},
+        # generation is done before the clock starts, so nothing in it should be selected or timed
+        "ceiling": {"generator_mode": "sync", "ifd_filter": False},
+    }[name]
+    args = NearPolicyDistillConfig(
+        **common_args(preset, output_dir), lmbda=1.0, max_new_tokens=preset["new_tokens"], **overrides
+    )
+    trainer_cls = _ceiling_trainer_cls() if name == "ceiling" else NearPolicyDistillTrainer
+    return counting(trainer_cls, labels_count)(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+
+
+def _ceiling_trainer_cls() -> type:
+    from trl_npd import NearPolicyDistillTrainer
+    from trl_npd.batching import sequences_from_samples
+
+    class CeilingTrainer(NearPolicyDistillTrainer):
+        """NPD fed from samples generated before training starts, each retagged as fresh when taken."""
+
+        def prefill(self) -> None:
+            needed = self.args.max_steps * self.args.per_device_train_batch_size
+            self._prefilled = list(self._ensure_pipeline().take(needed, current_step=0).samples)
+
+        def _on_policy_batch(self) -> dict[str, Any]:
+            samples = [self._prefilled.pop() for _ in range(self.args.per_device_train_batch_size)]
+            for sample in samples:  # generated "just now": the staleness bound never evicts a prefilled sample
+                sample.policy_step = self.state.global_step
+            self.npd_metrics.totals.consumed_samples += len(samples)
+            return self._training_batch(sequences_from_samples(samples))
+
+    return CeilingTrainer
+
+
+class _Clock:
+    """A `TrainerCallback` that times the training loop itself: from `on_train_begin` to `on_train_end`."""
+
+    def __new__(cls) -> Any:
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            start = end = first_step_end = None
+
+            def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+                self.start = time.perf_counter()
+
+            def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+                if self.first_step_end is None:
+                    self.first_step_end = time.perf_counter()
+
+            def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+                self.end = time.perf_counter()
+
+        return Clock()
+
+
+def peak_mem_mb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN holds the largest child that has been waited for
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + child) / 1024
+
+
+def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = make_trainer(name, preset, output_dir)
+        clock = _Clock()
+        # first in the list, so NPD's generator start-up (in its own on_train_begin hook) is on the clock
+        trainer.callback_handler.callbacks.insert(0, clock)
+        if name == "ceiling":
+            trainer.prefill()
+        trainer.train()
+    wall_s = clock.end - clock.start
+    steps = trainer.state.global_step
+    samples = steps * preset["batch"]
+    # after the first optimizer step: start-up (a generator process, the first generation) is behind every trainer
+    steady_s = clock.end - clock.first_step_end
+    wait_frac = None
+    cls = type(trainer)
+    wait_s = 0.0
+    npd = getattr(trainer, "npd_metrics", None)
+    if npd is not None and name != "ceiling":
+        wait_s = npd.totals.wait_s
+        wait_frac = wait_s / wall_s
+        assert npd.totals.consumed_samples == samples, (npd.totals.consumed_samples, samples)
+    if npd is not None and name == "ceiling":
+        assert npd.totals.consumed_samples == samples
+    extras = {}
+    if npd is not None:
+        totals = npd.totals
+        extras = {
+            "generated_samples": totals.generated_samples,
+            "dropped": dict(totals.dropped),
+            "first_sample_wait_s": totals.first_sample_wait_s,
+            "weight_syncs": sum(totals.weight_syncs.values()),
+        }
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "trainer": name,
+        "steps": steps,
+        "samples": samples,
+        "completion_tokens": type(trainer).bench_tokens,
+        "samples_per_s": samples / wall_s,
+        "completion_tokens_per_s": type(trainer).bench_tokens / wall_s,
+        "wall_s": wall_s,
+        "steady_samples_per_s": (samples - preset["batch"]) / steady_s,
+        "peak_mem_mb": peak_mem_mb(device),
+        "wait_frac": wait_frac,
+        # where the wall time went: generation inside the training step (TRL's trainers), waiting for the buffer
+        # (NPD; inline generation for npd-sync), forward and backward, and the rest (optimizer, weight syncs, ...)
+        "time_s": {
+            "inline_generation": cls.inline_generation_s,
+            "buffer_wait": wait_s,
+            "forward_backward": cls.step_s - cls.inline_generation_s,
+            "other": wall_s - cls.step_s - wait_s,
+        },
+        **extras,
+    }
+
+
+# ---- the whole comparison ----------------------------------------------------------------------------------------
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def parameter_counts(preset: dict[str, Any]) -> dict[str, int]:
+    _, student, teacher = build_models(preset)
+    return {
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    by_name = {r["trainer"]: r for r in report["runs"]}
+    gkd = by_name.get("gkd")
+    print(
+        f"{'trainer':13} {'samples/s':>9} {'tokens/s':>9} {'vs gkd':>7} {'tok vs gkd':>10} {'steady/s':>8} "
+        f"{'steady vs gkd':>13} {'wall_s':>7} {'peak_mb':>8} {'wait':>5}"
+    )
+    for r in report["runs"]:
+        ratio = f"{r['samples_per_s'] / gkd['samples_per_s']:.2f}x" if gkd else "-"
+        tok_ratio = f"{r['completion_tokens_per_s'] / gkd['completion_tokens_per_s']:.2f}x" if gkd else "-"
+        steady_ratio = f"{r['steady_samples_per_s'] / gkd['steady_samples_per_s']:.2f}x" if gkd else "-"
+        wait = "-" if r["wait_frac"] is None else f"{r['wait_frac']:.0%}"
+        print(
+            f"{r['trainer']:13} {r['samples_per_s']:9.2f} {r['completion_tokens_per_s']:9.1f} {ratio:>7} "
+            f"{tok_ratio:>10} {r['steady_samples_per_s']:8.2f} {steady_ratio:>13} "
+            f"{r['wall_s']:7.1f} {r['peak_mem_mb']:8.0f} {wait:>5}"
+        )
+    print(f"\n{'where the time goes':19} {'generate':>8} {'wait':>8} {'fwd+bwd':>8} {'other':>8}  (share of wall)")
+    for r in report["runs"]:
+        shares = [
+            r["time_s"][k] / r["wall_s"] for k in ("inline_generation", "buffer_wait", "forward_backward", "other")
+        ]
+        print(f"{r['trainer']:19} " + " ".join(f"{share:8.0%}" for share in shares))
+    npd = by_name.get("npd")
+    if npd and report.get("ceiling_samples_per_s"):
+        print(f"npd at {npd['samples_per_s'] / report['ceiling_samples_per_s']:.0%} of the ceiling")
+    if npd and "distillation" in by_name:
+        print(f"npd vs DistillationTrainer: {npd['samples_per_s'] / by_name['distillation']['samples_per_s']:.2f}x")
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bars = ax.bar([r["trainer"] for r in runs], [r["samples_per_s"] for r in runs], color="tab:blue")
+    for bar, r in zip(bars, runs, strict=True):
+        ax.annotate(f"{r['samples_per_s']:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center")
+    ax.set_ylabel("samples trained / s")
+    ax.set_title(f"Throughput, preset {report['preset']} ({report['device']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
+    parser.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated subset of " + str(TRAINERS))
+    parser.add_argument("--out", default="results/throughput-cpu-tiny.json")
+    parser.add_argument("--plot", default=None, help="PNG path for the bar chart (default: next to --out)")
+    parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: one trainer, JSON to stdout
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    if args.run_one:
+        print("RESULT " + json.dumps(run_one(args.run_one, preset)))
+        return
+
+    runs = []
+    for name in args.trainers.split(","):
+        if name not in TRAINERS:
+            raise SystemExit(f"unknown trainer {name!r}; choose from {TRAINERS}")
+        done = subprocess.run(
+            [sys.executable, __file__, "--preset", args.preset, "--run-one", name],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-4000:]}")
+        line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+        runs.append(json.loads(line[len("RESULT ") :]))
+        print(f"{name}: {runs[-1]['samples_per_s']:.2f} samples/s", flush=True)
+    ceiling = next((r["samples_per_s"] for r in runs if r["trainer"] == "ceiling"), None)
+    report = {
+        "preset": args.preset,
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        **parameter_counts(preset),
+        "new_tokens": preset["new_tokens"],
+        "effective_batch": preset["batch"],
+        "steps": preset["steps"],
+        "runs": runs,
+        "ceiling_samples_per_s": ceiling,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    plot(report, args.plot or os.path.splitext(args.out)[0] + ".png")
+    print_table(report)
+
+
+if __name__ == "__main__":
+    main()
