@@ -1,0 +1,113 @@
+"""`trl-npd`: the command line, shaped like TRL's GKD and distillation scripts.
+
+    trl-npd --model_name_or_path Qwen/Qwen3-0.6B --teacher_model_name_or_path Qwen/Qwen3-4B \\
+        --dataset_name trl-lib/chatbot_arena_completions --output_dir Qwen3-0.6B-NPD
+
+It parses `(ScriptArguments, NearPolicyDistillConfig, ModelConfig)` with TRL's `TrlParser`, so every flag of TRL's
+GKD example (`--use_peft`, `--lora_r`, `--push_to_hub`, ...) and every NPD field works, as does `--config
+recipe.yaml`. `--dataset_name` also takes a local path: a folder written by `save_to_disk`, or a `.json`, `.jsonl`,
+`.csv` or `.parquet` file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from datasets import DatasetDict, load_dataset, load_from_disk
+
+from .config import NearPolicyDistillConfig
+
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes
+
+
+def load_datasets(name_or_path: str, config: str | None = None, streaming: bool = False) -> DatasetDict:
+    """A Hub dataset by name, or a local one: a `save_to_disk` folder, or a json/jsonl/csv/parquet file."""
+    if os.path.isdir(name_or_path) and any(
+        os.path.isfile(os.path.join(name_or_path, marker)) for marker in SAVED_DATASET_MARKERS
+    ):
+        loaded = load_from_disk(name_or_path)
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    if os.path.isfile(name_or_path):
+        extension = os.path.splitext(name_or_path)[1].lower()
+        if extension not in DATA_FILE_BUILDERS:
+            raise ValueError(
+                f"Cannot read {name_or_path!r}: a local --dataset_name must be a save_to_disk folder or a "
+                f"{', '.join(DATA_FILE_BUILDERS)} file."
+            )
+        return load_dataset(DATA_FILE_BUILDERS[extension], data_files=name_or_path, streaming=streaming)
+    # a Hub name, or a folder of data files that `load_dataset` understands
+    return load_dataset(name_or_path, name=config, streaming=streaming)
+
+
+def make_parser() -> Any:
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    return TrlParser((ScriptArguments, NearPolicyDistillConfig, ModelConfig), prog="trl-npd")
+
+
+def run(script_args: Any, training_args: NearPolicyDistillConfig, model_args: Any) -> Any:
+    """Train, save and (with `--push_to_hub`) push; returns the trainer."""
+    from transformers import AutoTokenizer
+    from trl import get_peft_config, get_quantization_config
+
+    from .trainer import NearPolicyDistillTrainer
+
+    if script_args.dataset_name is None:
+        raise ValueError("--dataset_name is required: a Hub dataset, a save_to_disk folder or a data file.")
+    if model_args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required: the student to distil into.")
+    if training_args.teacher_model_name_or_path is None:
+        raise ValueError("--teacher_model_name_or_path is required: the teacher to distil from.")
+
+    common = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    student_kwargs = dict(common)
+    quantization_config = get_quantization_config(model_args)  # --load_in_4bit / --load_in_8bit (needs a GPU)
+    if quantization_config is not None:
+        student_kwargs["quantization_config"] = quantization_config
+    training_args.model_init_kwargs = {**student_kwargs, **(training_args.model_init_kwargs or {})}
+    # the teacher is never quantized by the student's flags: it defines the distribution the student learns
+    training_args.teacher_model_init_kwargs = {**common, **(training_args.teacher_model_init_kwargs or {})}
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        padding_side="left",
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    datasets = load_datasets(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = datasets[script_args.dataset_test_split]
+    trainer = NearPolicyDistillTrainer(
+        model=model_args.model_name_or_path,
+        teacher_model=training_args.teacher_model_name_or_path,
+        args=training_args,
+        train_dataset=datasets[script_args.dataset_train_split],
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    run(script_args, training_args, model_args)
+
+
+if __name__ == "__main__":
+    main()
