@@ -107,3 +107,16 @@ def test_arena_benchmark_micro(tmp_path):
     )
     assert json.loads(out.read_text())["teacher_cached"]
     assert "curve" in table
+
+
+def test_lora_sync_benchmark_micro(tmp_path):
+    out = tmp_path / "lora.json"
+    table = run("lora_sync.py", "--preset", "micro", "--out", str(out))
+    report = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in report["sync"]}
+    assert set(rows) == {"adapters", "merged", "full"}
+    # adapters are what training changes: fewer bytes than the merged modules, which are fewer than everything
+    assert 0 < rows["adapters"]["mb"] < rows["merged"]["mb"] < rows["full"]["mb"]
+    assert all(r["ms_per_sync"] > 0 for r in rows.values())
+    assert report["generation"]["lora_snapshot_ms_per_token"] > 0 and report["generation"]["merged_ms_per_token"] > 0
+    assert "ms/sync" in table

@@ -142,3 +142,20 @@ def test_publish_does_not_hang_when_the_generator_died_holding_the_snapshot_lock
 
     with pytest.raises(RuntimeError, match="generator is gone"):
         snapshot.publish(student, step=1, check_alive=check_alive)
+
+
+def test_publish_sends_only_what_training_can_change_and_follows_unfreezing(student):
+    """Frozen weights (a LoRA student's base) go in with the first snapshot and are never copied again."""
+    frozen = student.model.embed_tokens.weight
+    frozen.requires_grad_(False)
+    original = frozen.detach().clone()
+    snapshot = PolicySnapshot(student, mp.get_context("spawn"))
+    with torch.no_grad():
+        frozen.add_(1.0)  # a frozen tensor cannot change in training; changing it shows whether publish reads it
+        student.lm_head.weight.add_(1.0)
+    snapshot.publish(student, step=1)
+    assert torch.equal(snapshot.model.lm_head.weight, student.lm_head.weight)
+    assert torch.equal(snapshot.model.model.embed_tokens.weight, original)  # not sent
+    frozen.requires_grad_(True)  # unfreezing changes what a publish must send
+    snapshot.publish(student, step=2)
+    assert torch.equal(snapshot.model.model.embed_tokens.weight, frozen)

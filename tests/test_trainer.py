@@ -314,7 +314,7 @@ def test_generation_overlaps_training_in_wall_clock(tokenizer, dataset, make_con
 
 
 def test_peft_config_trains_only_the_adapters_and_the_generator_follows(
-    student, teacher, tokenizer, dataset, make_config
+    student, teacher, tokenizer, dataset, make_config, tmp_path
 ):
     from peft import LoraConfig
 
@@ -329,6 +329,12 @@ def test_peft_config_trains_only_the_adapters_and_the_generator_follows(
             live = self.accelerator.unwrap_model(self.model).state_dict()
             assert snapshot.keys() == live.keys() and any("lora_" in k for k in live)
             assert all(torch.equal(snapshot[k], live[k].detach().cpu()) for k in live)
+            # and the generator's log-probs are the adapted student's on the same input
+            ids = torch.tensor([[3, 17, 42, 8, 99, 5]])
+            with torch.no_grad():
+                generator_lps = self._pipeline._snapshot.model(input_ids=ids).logits.log_softmax(-1)
+                trainer_lps = self.accelerator.unwrap_model(self.model)(input_ids=ids).logits.log_softmax(-1)
+            torch.testing.assert_close(generator_lps, trainer_lps, rtol=0, atol=1e-6)
             self.published += 1
 
     base_before = {n: p.detach().clone() for n, p in student.named_parameters()}
@@ -352,6 +358,17 @@ def test_peft_config_trains_only_the_adapters_and_the_generator_follows(
         )
         assert torch.equal(params[peft_name].detach(), before), name
     assert trainer.published == 6  # weight_sync_steps=1 over 6 steps, each checked above
+
+    # the saved adapter loads onto a fresh base with PEFT and reproduces the trained student
+    from peft import PeftModel
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    fresh_base = build_model(tokenizer, hidden_size=32, num_layers=2, seed=1)  # the student fixture's weights
+    loaded = PeftModel.from_pretrained(fresh_base, str(tmp_path / "adapter")).eval()
+    ids = torch.tensor([[3, 17, 42, 8, 99, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trainer.model.eval()(input_ids=ids).logits)
 
 
 def test_seq_kd_without_student_sampling_trains_on_teacher_generations(

@@ -41,7 +41,7 @@ class PolicySnapshot:
         self._version = ctx.Value("q", version, lock=False)
         self._step = ctx.Value("q", step, lock=False)
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._pairs_source: int | None = None
+        self._pairs_source: tuple[int, tuple[bool, ...]] | None = None
 
     @property
     def version(self) -> int:
@@ -57,9 +57,13 @@ class PolicySnapshot:
         `check_alive` is called while waiting for the lock and must raise if the generator died: a generator killed
         while loading the snapshot never releases the lock.
         """
-        if self._pairs_source != id(source):
-            self._pairs = _matching_tensors(self.model, source)
-            self._pairs_source = id(source)
+        # Only what training can change is copied: trainable parameters and buffers. Frozen weights (a LoRA
+        # student's whole base model) went in with the first snapshot and are never sent again. The pairs are
+        # rebuilt when the set of trainable parameters changes (gradual unfreezing).
+        signature = (id(source), tuple(p.requires_grad for p in source.parameters()))
+        if self._pairs_source != signature:
+            self._pairs = _matching_tensors(self.model, source, changing_only=True)
+            self._pairs_source = signature
         while not self._lock.acquire(timeout=0.1):
             check_alive()
         try:
@@ -106,18 +110,24 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return snapshot
 
 
-def _matching_tensors(dst: nn.Module, src: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Pairs (dst tensor, src tensor) by state-dict name; tied weights appear once."""
+def _matching_tensors(
+    dst: nn.Module, src: nn.Module, changing_only: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs (dst tensor, src tensor) by state-dict name; tied weights appear once. With `changing_only`, the
+    pairs whose source is a frozen parameter (`requires_grad=False`) are left out."""
     dst_state, src_state = dst.state_dict(keep_vars=True), src.state_dict(keep_vars=True)
     if dst_state.keys() != src_state.keys():
         missing = sorted(set(dst_state) ^ set(src_state))[:5]
         raise ValueError(f"The student's weights no longer match its snapshot (differing names, e.g. {missing}).")
     pairs, seen = [], set()
     for name, tensor in dst_state.items():
+        source = src_state[name]
+        if changing_only and isinstance(source, nn.Parameter) and not source.requires_grad:
+            continue
         if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
-        pairs.append((tensor.data, src_state[name].data))
+        pairs.append((tensor.data, source.data))
     return pairs
 
 

@@ -1,0 +1,146 @@
+"""What a weight sync costs for a LoRA student: adapters only, merged weights, or everything.
+
+    python benchmarks/lora_sync.py --out results/lora_sync.json
+
+The generator's snapshot of a LoRA student is a copy of the `PeftModel`, base included, made once. A weight sync
+can then send:
+
+- `adapters` (what trl_npd does): only the trainable tensors, the LoRA A/B matrices;
+- `merged`: the base weights of every adapted module with the adapters folded in (W + s·BA), into a plain model,
+  so that the generator samples without LoRA's extra matmuls;
+- `full`: every tensor of the model (what a sync copied before adapters were told apart).
+
+Reported per variant: milliseconds per sync (median of `--repeats`), megabytes moved, and, for the generator, the
+milliseconds per sampled token with the LoRA-wrapped snapshot against the merged plain model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from trl_npd.generation import PolicySnapshot, _matching_tensors, inference_copy
+from trl_npd.toy import build_model, build_tokenizer
+
+PRESETS = {
+    # Qwen3-shaped, ~120M parameters with the toy vocabulary; LoRA r=16 on every linear layer of the blocks
+    "cpu": dict(hidden=768, layers=12, heads=12, rank=16, batch=8, new_tokens=32, repeats=5),
+    "micro": dict(hidden=32, layers=1, heads=2, rank=2, batch=2, new_tokens=4, repeats=2),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def megabytes(tensors: list[torch.Tensor]) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--out", default="results/lora_sync.json")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    tokenizer = build_tokenizer()
+    base = build_model(tokenizer, hidden_size=preset["hidden"], num_layers=preset["layers"], num_heads=preset["heads"])
+    student = get_peft_model(base, LoraConfig(r=preset["rank"], lora_alpha=2 * preset["rank"], target_modules=TARGETS))
+    with torch.no_grad():  # non-zero B, as after some training, so merging does real work
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.01)
+
+    snapshot = PolicySnapshot(student, mp.get_context("spawn"))
+    adapters = _matching_tensors(snapshot.model, student, changing_only=True)
+    everything = _matching_tensors(snapshot.model, student)
+
+    def sync_adapters() -> None:
+        snapshot.publish(student, step=1)
+
+    def sync_full() -> None:
+        with torch.no_grad():
+            for dst, src in everything:
+                dst.copy_(src)
+
+    merged_target = inference_copy(student).merge_and_unload()  # a plain model the generator would sample with
+    merged_modules = dict(merged_target.named_modules())
+    adapted = [
+        (name, module) for name, module in student.base_model.model.named_modules() if hasattr(module, "lora_A")
+    ]
+
+    def sync_merged() -> None:
+        with torch.no_grad():
+            for name, module in adapted:
+                merged_modules[name].weight.copy_(module.base_layer.weight + module.get_delta_weight("default"))
+
+    moved = {
+        "adapters": ([src for _, src in adapters], sync_adapters),
+        "merged": ([m.base_layer.weight for _, m in adapted], sync_merged),
+        "full": ([src for _, src in everything], sync_full),
+    }
+    rows = [
+        {"variant": name, "mb": megabytes(tensors), "ms_per_sync": median_ms(sync, preset["repeats"])}
+        for name, (tensors, sync) in moved.items()
+    ]
+
+    prompts = torch.randint(3, len(tokenizer), (preset["batch"], 16))
+
+    def sample_with(model) -> None:
+        with torch.no_grad():
+            model.generate(
+                input_ids=prompts,
+                attention_mask=torch.ones_like(prompts),
+                max_new_tokens=preset["new_tokens"],
+                min_new_tokens=preset["new_tokens"],
+                do_sample=True,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+
+    tokens = preset["batch"] * preset["new_tokens"]
+    generation = {
+        "lora_snapshot_ms_per_token": median_ms(lambda: sample_with(snapshot.model), preset["repeats"]) / tokens,
+        "merged_ms_per_token": median_ms(lambda: sample_with(merged_target), preset["repeats"]) / tokens,
+    }
+    report = {
+        "preset": args.preset,
+        "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "date": datetime.date.today().isoformat(),
+        "params": sum(p.numel() for p in student.parameters()),
+        "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "sync": rows,
+        "generation": generation,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"{report['params'] / 1e6:.1f}M parameters, {report['trainable_params'] / 1e6:.2f}M trainable (LoRA)")
+    print(f"{'variant':9} {'MB moved':>9} {'ms/sync':>9}")
+    for row in rows:
+        print(f"{row['variant']:9} {row['mb']:9.1f} {row['ms_per_sync']:9.2f}")
+    print(
+        f"generator, ms per sampled token: LoRA snapshot {generation['lora_snapshot_ms_per_token']:.3f}, "
+        f"merged {generation['merged_ms_per_token']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
