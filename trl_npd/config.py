@@ -96,6 +96,14 @@ class NearPolicyDistillConfig(GKDConfig):
     ifd_max_rejected_in_a_row (`int`, *optional*, defaults to `256`):
         Consecutive rejections after which the absolute band gives way to the quantile band, with a warning that
         names the band and the observed Δ distribution, so training never starves silently.
+
+    > Parameters that control logging
+
+    log_completions (`bool`, *optional*, defaults to `False`):
+        At every logging step, print a table of a few recently trained (prompt, completion, Δ-IFD, staleness)
+        rows, as TRL's online trainers do, and log it as a table to wandb when `report_to` includes it.
+    num_completions_to_print (`int`, *optional*, defaults to `4`):
+        Rows in that table: the most recent samples trained on.
     """
 
     generation_batch_size: int | None = field(
@@ -156,6 +164,11 @@ class NearPolicyDistillConfig(GKDConfig):
         default=256, metadata={"help": "Rejections in a row before the absolute band falls back to the quantile one."}
     )
 
+    log_completions: bool = field(
+        default=False, metadata={"help": "Print a few recent (prompt, completion, Δ-IFD, staleness) rows at each log."}
+    )
+    num_completions_to_print: int = field(default=4, metadata={"help": "Rows printed when log_completions is on."})
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.generator_mode not in GENERATOR_MODES:
@@ -196,6 +209,8 @@ class NearPolicyDistillConfig(GKDConfig):
             raise ValueError(f"ifd_quantiles must satisfy 0 <= lo < hi <= 1, got {self.ifd_quantiles}.")
         if self.ifd_window < 1 or self.ifd_max_rejected_in_a_row < 1:
             raise ValueError("ifd_window and ifd_max_rejected_in_a_row must be >= 1.")
+        if self.num_completions_to_print < 1:
+            raise ValueError(f"num_completions_to_print must be >= 1, got {self.num_completions_to_print}.")
         if self.generator_num_threads is not None and self.generator_num_threads < 1:
             raise ValueError(f"generator_num_threads must be >= 1 or None, got {self.generator_num_threads}.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ class NPDMetrics:
         self._reset_window()
 
     def _reset_window(self) -> None:
+        self._window_start = time.perf_counter()
         self._staleness: list[int] = []
         self._dropped: Counter = Counter()
         self._wait_s = 0.0
@@ -92,6 +94,8 @@ class NPDMetrics:
     def flush(self, version: int, buffer_size: int) -> dict[str, float]:
         logs: dict[str, float] = {"npd/version": float(version), "npd/buffer_size": float(buffer_size)}
         logs["npd/wait_s"] = self._wait_s
+        # share of the window's wall time the optimizer spent blocked on the buffer: ~0 when the generator keeps up
+        logs["npd/wait_frac"] = self._wait_s / max(time.perf_counter() - self._window_start, 1e-9)
         logs["npd/dropped_stale"] = float(self._dropped["stale"])
         for reason, count in self._dropped.items():
             if reason not in ("stale", "ifd_low", "ifd_high"):

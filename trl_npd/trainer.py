@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -28,15 +29,18 @@ import torch
 from datasets import IterableDataset
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.experimental.gkd import GKDTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from .batching import Sequence, count_trained_tokens, pad_sequences, sequences_from_padded, sequences_from_samples
+from .completion_log import CompletionLog
 from .config import NearPolicyDistillConfig
 from .generation import EngineConfig, IFDSettings
 from .losses import distillation_loss, k3_policy_kl
 from .metrics import NPDMetrics
+from .model_card import append_npd_section
 from .packing import attends_per_sample, pack_sequences, packing_leaks, row_token_budget
 from .pipeline import GenerationPipeline, GeneratorError
 from .prompts import PromptOnlyCollator, PromptStream
@@ -121,6 +125,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
         # compute_loss divides by the tokens trained on across the whole accumulation group
         self.loss_is_scaled_for_ga = True
         self.npd_metrics = NPDMetrics()
+        self._completion_log = CompletionLog(args.num_completions_to_print) if args.log_completions else None
         self._pipeline: GenerationPipeline | None = None
         self._resume_state: dict[str, Any] = {}
         self._next_stream_position = 0
@@ -309,6 +314,8 @@ class NearPolicyDistillTrainer(GKDTrainer):
             self._publish(step, reason="stale_snapshot")
         result = pipeline.take(self.args.per_device_train_batch_size, step)
         self.npd_metrics.record_take(result, step)
+        if self._completion_log is not None:
+            self._completion_log.record(result.samples, step)
         for batch in result.received:
             for warning in batch.warnings:
                 logger.warning(warning)
@@ -405,7 +412,38 @@ class NearPolicyDistillTrainer(GKDTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training and self._pipeline is not None:
             logs.update(self.npd_metrics.flush(self._pipeline.version, len(self._pipeline.buffer)))
+            if self._completion_log is not None and self.is_world_process_zero():
+                self._completion_log.emit(self.processing_class, self.args.report_to)
         super().log(logs, start_time)
+
+    def _show_buffer_state(self) -> None:
+        """The progress bar's postfix: the generator's policy version, the samples waiting in the buffer, and how
+        many optimizer steps the generator's weights lag behind the trainer's."""
+        bar = next((c.training_bar for c in self.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
+        if bar is None or self._pipeline is None:
+            return
+        pipeline = self._pipeline
+        bar.set_postfix(
+            version=pipeline.version, buffer=len(pipeline.buffer), lag=self.state.global_step - pipeline.policy_step
+        )
+
+    # ---- saving ---------------------------------------------------------------------------------------------------
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        """TRL's card (tags `trl`, `trl-npd`, `distillation`; the GKD citation), then the teacher and NPD settings."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            append_npd_section(self.args.output_dir, self.args, self.accelerator.unwrap_model(self.teacher_model))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        # a final save documents how the model was made (TRL writes cards only at checkpoints and on push)
+        if not _internal_call and self.is_world_process_zero():
+            self.create_model_card()
+            target = output_dir or self.args.output_dir
+            if os.path.abspath(target) != os.path.abspath(self.args.output_dir):
+                shutil.copy(os.path.join(self.args.output_dir, "README.md"), os.path.join(target, "README.md"))
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -454,6 +492,7 @@ class _PipelineHooks(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._trainer._after_optimizer_step()
+        self._trainer._show_buffer_state()  # after the progress bar's own update, which comes first
 
 
 def _check_train_dataset(dataset: Any) -> None:
