@@ -70,7 +70,7 @@ def main() -> None:
                 p.normal_(std=0.01)
 
     snapshot = PolicySnapshot(student, mp.get_context("spawn"))
-    adapters = _matching_tensors(snapshot.model, student, changing_only=True)
+    adapters = snapshot._changed_since_last_publish(student)  # what every publish copies: the base went at creation
     everything = _matching_tensors(snapshot.model, student)
 
     def sync_adapters() -> None:

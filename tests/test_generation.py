@@ -144,18 +144,31 @@ def test_publish_does_not_hang_when_the_generator_died_holding_the_snapshot_lock
         snapshot.publish(student, step=1, check_alive=check_alive)
 
 
-def test_publish_sends_only_what_training_can_change_and_follows_unfreezing(student):
-    """Frozen weights (a LoRA student's base) go in with the first snapshot and are never copied again."""
+def test_publish_sends_trainable_tensors_and_frozen_ones_only_when_they_changed(student):
+    """A LoRA student's frozen base goes in with the first snapshot; a publish then moves what training changed."""
     frozen = student.model.embed_tokens.weight
     frozen.requires_grad_(False)
-    original = frozen.detach().clone()
     snapshot = PolicySnapshot(student, mp.get_context("spawn"))
+    state = student.state_dict()
+    every_byte = sum(t.numel() * t.element_size() for t in state.values())
+    frozen_bytes = frozen.numel() * frozen.element_size()
+
     with torch.no_grad():
-        frozen.add_(1.0)  # a frozen tensor cannot change in training; changing it shows whether publish reads it
-        student.lm_head.weight.add_(1.0)
+        student.lm_head.weight.add_(1.0)  # what an optimizer step does to a trainable weight
     snapshot.publish(student, step=1)
+    assert snapshot.last_publish_bytes == every_byte - frozen_bytes  # the unchanged frozen weight stayed put
     assert torch.equal(snapshot.model.lm_head.weight, student.lm_head.weight)
-    assert torch.equal(snapshot.model.model.embed_tokens.weight, original)  # not sent
-    frozen.requires_grad_(True)  # unfreezing changes what a publish must send
+
+    with torch.no_grad():
+        frozen.add_(1.0)  # changed outside the optimizer (a balancing bias, load_state_dict): it must follow
     snapshot.publish(student, step=2)
+    assert snapshot.last_publish_bytes == every_byte
     assert torch.equal(snapshot.model.model.embed_tokens.weight, frozen)
+
+    with torch.no_grad():
+        student.lm_head.weight.add_(1.0)  # a last update, then the layer is frozen before the next sync
+    student.lm_head.weight.requires_grad_(False)
+    snapshot.publish(student, step=3)
+    assert torch.equal(snapshot.model.lm_head.weight, student.lm_head.weight)  # the update was not lost
+    snapshot.publish(student, step=4)
+    assert snapshot.last_publish_bytes == every_byte - frozen_bytes - student.lm_head.weight.numel() * 4

@@ -40,8 +40,11 @@ class PolicySnapshot:
         self._lock = ctx.Lock()
         self._version = ctx.Value("q", version, lock=False)
         self._step = ctx.Value("q", step, lock=False)
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pairs_source: tuple[int, tuple[bool, ...]] | None = None
+        self._frozen_versions: dict[int, int] = {}  # version counters of frozen source parameters at the last publish
+        self.last_publish_bytes = 0
+        self._changed_since_last_publish(model)  # the copy above is the first publish: note what it holds
 
     @property
     def version(self) -> int:
@@ -57,24 +60,47 @@ class PolicySnapshot:
         `check_alive` is called while waiting for the lock and must raise if the generator died: a generator killed
         while loading the snapshot never releases the lock.
         """
-        # Only what training can change is copied: trainable parameters and buffers. Frozen weights (a LoRA
-        # student's whole base model) went in with the first snapshot and are never sent again. The pairs are
-        # rebuilt when the set of trainable parameters changes (gradual unfreezing).
-        signature = (id(source), tuple(p.requires_grad for p in source.parameters()))
-        if self._pairs_source != signature:
-            self._pairs = _matching_tensors(self.model, source, changing_only=True)
-            self._pairs_source = signature
+        with torch.no_grad():
+            copies = self._changed_since_last_publish(source)
         while not self._lock.acquire(timeout=0.1):
             check_alive()
         try:
             with torch.no_grad():
-                for dst, src in self._pairs:
+                for dst, src in copies:
                     dst.copy_(src.detach())
+            self.last_publish_bytes = sum(src.numel() * src.element_size() for _, src in copies)
             self._version.value += 1
             self._step.value = step
             return int(self._version.value)
         finally:
             self._lock.release()
+
+    def _changed_since_last_publish(self, source: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (snapshot, source) tensor pairs this publish must copy.
+
+        Trainable parameters and buffers, always. A frozen parameter only when it changed in place since the last
+        publish (its version counter moved: an in-place update, `load_state_dict`, a balancing bias updated outside
+        the optimizer). So a LoRA student's frozen base travels once, with the first snapshot. When the set of
+        trainable parameters changes (a layer frozen or unfrozen), everything is copied once: a layer that trained
+        and was then frozen must not keep its last updates from the generator.
+        """
+        signature = (id(source), tuple(p.requires_grad for p in source.parameters()))
+        if self._pairs_source != signature:
+            self._pairs = _matching_tensors(self.model, source)
+            self._pairs_source = signature
+            self._frozen_versions = {}
+            copy_all = True
+        else:
+            copy_all = False
+        copies = []
+        for dst, src in self._pairs:
+            if isinstance(src, nn.Parameter) and not src.requires_grad:
+                seen = self._frozen_versions.get(id(src))
+                self._frozen_versions[id(src)] = src._version
+                if not copy_all and seen == src._version:
+                    continue
+            copies.append((dst, src))
+        return copies
 
     def load_into(self, target: nn.Module, loaded_version: int) -> tuple[int, int] | None:
         """Copy the snapshot into `target` if it is newer than `loaded_version`; returns its (version, step)."""
@@ -88,7 +114,7 @@ class PolicySnapshot:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_pairs"], state["_pairs_source"] = None, None  # per-process caches
+        state["_pairs"], state["_pairs_source"], state["_frozen_versions"] = [], None, {}  # per-process caches
         return state
 
 
@@ -110,24 +136,19 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return snapshot
 
 
-def _matching_tensors(
-    dst: nn.Module, src: nn.Module, changing_only: bool = False
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Pairs (dst tensor, src tensor) by state-dict name; tied weights appear once. With `changing_only`, the
-    pairs whose source is a frozen parameter (`requires_grad=False`) are left out."""
+def _matching_tensors(dst: nn.Module, src: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs (dst tensor, src tensor) by state-dict name; tied weights appear once. Source parameters stay
+    `Parameter`s, whose `requires_grad` and version counter the snapshot reads."""
     dst_state, src_state = dst.state_dict(keep_vars=True), src.state_dict(keep_vars=True)
     if dst_state.keys() != src_state.keys():
         missing = sorted(set(dst_state) ^ set(src_state))[:5]
         raise ValueError(f"The student's weights no longer match its snapshot (differing names, e.g. {missing}).")
     pairs, seen = [], set()
     for name, tensor in dst_state.items():
-        source = src_state[name]
-        if changing_only and isinstance(source, nn.Parameter) and not source.requires_grad:
-            continue
         if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
-        pairs.append((tensor.data, source.data))
+        pairs.append((tensor.data, src_state[name]))
     return pairs
 
 
