@@ -49,5 +49,15 @@ def test_the_card_names_the_top_k_objective_and_quantile_band_and_follows_a_save
     assert "over the teacher's top-10 tokens" in body and "0.1 × cross-entropy" in body
     assert "| Δ-IFD selection | quantile band [0.1, 0.9] over the last 1024 samples |" in body
     assert "a local model (Qwen3ForCausalLM)" in body
-    trainer.save_model(str(tmp_path / "elsewhere"))  # saving again does not repeat the section
-    assert (tmp_path / "elsewhere" / "README.md").read_text().count("## Distillation") == 1
+    assert not (tmp_path / "out" / "README.md").exists()  # saving elsewhere writes nothing into output_dir
+
+
+def test_the_npd_section_is_added_once(tmp_path, make_config, teacher):
+    from trl_npd.model_card import append_npd_section
+
+    (tmp_path / "README.md").write_text("---\nlibrary_name: peft\n---\n# An adapter card\n")
+    for _ in range(2):
+        append_npd_section(str(tmp_path), make_config(), teacher)
+    text = (tmp_path / "README.md").read_text()
+    assert text.count("## Distillation") == 1
+    assert text.startswith("---\nlibrary_name: peft\n---")  # the card that was there keeps its metadata

@@ -479,3 +479,9 @@ def test_an_ifd_band_that_rejects_everything_warns_and_widens_instead_of_starvin
     assert trainer.state.global_step == 6
     assert any("[1000000.0, 2000000.0]" in r.message and "quantile" in r.message for r in caplog.records)
     assert trainer.npd_metrics.totals.dropped["ifd_low"] >= 8
+
+
+def test_a_quantized_student_is_refused_with_the_reason(student, teacher, tokenizer, dataset, make_config):
+    student.is_loaded_in_4bit = True  # what transformers sets on a bitsandbytes 4-bit load
+    with pytest.raises(ValueError, match="quantized"):
+        trainer_for(student, teacher, tokenizer, dataset, make_config())

@@ -62,15 +62,16 @@ def run(script_args: Any, training_args: NearPolicyDistillConfig, model_args: An
         raise ValueError("--teacher_model_name_or_path is required: the teacher to distil from.")
 
     common = dict(
-        revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation,
         dtype=model_args.dtype,
     )
-    student_kwargs = dict(common)
-    quantization_config = get_quantization_config(model_args)  # --load_in_4bit / --load_in_8bit (needs a GPU)
+    # --model_revision names a revision of the student's repository only; the teacher's, if any, goes in
+    # --teacher_model_init_kwargs '{"revision": ...}'
+    student_kwargs = {**common, "revision": model_args.model_revision}
+    quantization_config = get_quantization_config(model_args)  # --load_in_4bit / --load_in_8bit
     if quantization_config is not None:
-        student_kwargs["quantization_config"] = quantization_config
+        student_kwargs["quantization_config"] = quantization_config  # the trainer refuses it, with the reason
     training_args.model_init_kwargs = {**student_kwargs, **(training_args.model_init_kwargs or {})}
     # the teacher is never quantized by the student's flags: it defines the distribution the student learns
     training_args.teacher_model_init_kwargs = {**common, **(training_args.teacher_model_init_kwargs or {})}
@@ -101,6 +102,8 @@ def run(script_args: Any, training_args: NearPolicyDistillConfig, model_args: An
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and the process group
+        trainer.end()
     return trainer
 
 

@@ -42,8 +42,12 @@ class NPDMetrics:
         self.totals = NPDTotals()
         self._reset_window()
 
-    def _reset_window(self) -> None:
+    def start_window(self) -> None:
+        """Start the current logging window's clock (`npd/wait_frac` is measured against it)."""
         self._window_start = time.perf_counter()
+
+    def _reset_window(self) -> None:
+        self.start_window()
         self._staleness: list[int] = []
         self._dropped: Counter = Counter()
         self._wait_s = 0.0

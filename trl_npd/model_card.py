@@ -80,10 +80,12 @@ GKD, whose trainer and loss this builds on, is cited above.
 
 
 def append_npd_section(output_dir: str, args: Any, teacher: Any) -> None:
-    """Add the section to the card TRL wrote in `output_dir`, once."""
+    """Add the section to the card in `output_dir` once; a folder without a card gets one with the NPD tags."""
     path = os.path.join(output_dir, "README.md")
-    with open(path) as f:
-        card = f.read()
+    card = "---\ntags:\n- trl\n- trl-npd\n- distillation\n---\n"
+    if os.path.isfile(path):
+        with open(path) as f:
+            card = f.read()
     if "\n## Distillation\n" in card:
         return
     with open(path, "w") as f:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -118,6 +117,12 @@ class NearPolicyDistillTrainer(GKDTrainer):
         finally:
             args.padding_free = padding_free
         _check_tokenizer_fits(self.processing_class, self.model, self.teacher_model)
+        if self.lmbda > 0 and _is_quantized(self.model):
+            raise ValueError(
+                "The student is quantized (bitsandbytes or another quantizer). The generator samples from a plain "
+                "copy of the student's weights, which cannot be made from quantized ones yet. Load the student "
+                "unquantized (LoRA on an unquantized base works), or use lmbda=0."
+            )
         self._pack = args.padding_free and not self._packing_leaks()
         self._per_sample_attention = all(
             attends_per_sample(m) for m in (self.model, self.accelerator.unwrap_model(self.teacher_model))
@@ -439,11 +444,13 @@ class NearPolicyDistillTrainer(GKDTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         # a final save documents how the model was made (TRL writes cards only at checkpoints and on push)
-        if not _internal_call and self.is_world_process_zero():
-            self.create_model_card()
-            target = output_dir or self.args.output_dir
-            if os.path.abspath(target) != os.path.abspath(self.args.output_dir):
-                shutil.copy(os.path.join(self.args.output_dir, "README.md"), os.path.join(target, "README.md"))
+        if _internal_call or not self.is_world_process_zero():
+            return
+        target = output_dir or self.args.output_dir
+        if os.path.abspath(target) == os.path.abspath(self.args.output_dir):
+            self.create_model_card()  # TRL's card, as a push would write it, plus the NPD section
+        else:  # elsewhere: add to the card the save wrote there (PEFT's, with its metadata), or start one
+            append_npd_section(target, self.args, self.accelerator.unwrap_model(self.teacher_model))
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -486,6 +493,7 @@ class _PipelineHooks(TrainerCallback):
         self._trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._trainer.npd_metrics.start_window()  # setup before training is nobody's wait
         # Checkpoint weights are restored before this event on every path (plain, DeepSpeed, FSDP).
         if self._trainer.lmbda > 0:
             self._trainer._ensure_pipeline()
@@ -502,6 +510,12 @@ def _check_train_dataset(dataset: Any) -> None:
         raise ValueError("The train dataset must be map-style (with a length): the generator indexes its prompts.")
     if len(dataset) == 0:
         raise ValueError("The train dataset is empty: there are no prompts to distil on.")
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    """Whether transformers loaded `model` (or the base under a PEFT wrapper) through a quantizer."""
+    flags = ("is_loaded_in_4bit", "is_loaded_in_8bit")
+    return getattr(model, "hf_quantizer", None) is not None or any(getattr(model, f, False) is True for f in flags)
 
 
 def _is_prompt_only(dataset: Any) -> bool:
