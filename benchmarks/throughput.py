@@ -79,36 +79,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ---- one trainer, in its own process -----------------------------------------------------------------------------
 def build_models(preset: dict[str, Any]) -> tuple[Any, Any, Any]:
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from trl_npd.toy import build_tokenizer
+    from trl_npd.toy import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
 
     def model(shape: tuple[int, ...], seed: int) -> Any:
         hidden, layers, heads, kv_heads, head_dim, intermediate = shape
-        config = Qwen3Config(
-            # the GPU presets keep Qwen3's vocabulary, so the head costs what it costs there; the toy tokenizer
-            # produces ids in its first 512 rows only
-            vocab_size=preset["vocab"] or len(tokenizer),
+        return build_model(
+            tokenizer,
             hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
             intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
+            seed=seed,
+            num_kv_heads=kv_heads,
             head_dim=head_dim,
-            max_position_embeddings=2048,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            tie_word_embeddings=False,
+            # the GPU presets keep Qwen3's vocabulary, so the head costs what it costs there
+            vocab_size=preset["vocab"],
         )
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            built = Qwen3ForCausalLM(config)
-        built.generation_config.eos_token_id = tokenizer.eos_token_id
-        built.generation_config.pad_token_id = tokenizer.pad_token_id
-        return built
 
     student, teacher = model(preset["student"], seed=1), model(preset["teacher"], seed=2)
     if preset.get("bf16"):

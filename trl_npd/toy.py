@@ -67,19 +67,26 @@ def build_model(
     num_heads: int = 4,
     intermediate_size: int | None = None,
     seed: int = 0,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    vocab_size: int | None = None,
 ) -> Qwen3ForCausalLM:
-    """A randomly initialized Qwen3-shaped causal LM whose vocabulary is the tokenizer's."""
+    """A randomly initialized Qwen3-shaped causal LM.
+
+    Its vocabulary is the tokenizer's unless `vocab_size` asks for more rows (a benchmark that wants a real model's
+    head cost); the tokenizer then produces ids in the first rows only.
+    """
     import torch
 
     config = Qwen3Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 4 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),
-        head_dim=hidden_size // num_heads,
-        max_position_embeddings=1024,
+        num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
+        head_dim=head_dim or hidden_size // num_heads,
+        max_position_embeddings=2048,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
