@@ -392,30 +392,33 @@ def acc_at(run: dict[str, Any], wall_s: float) -> float:
 
 
 def summarize(paths: list[str], out: str, plot_path: str) -> None:
-    """Mean and spread over seeds, at equal steps and at equal wall-clock (the npd run's training time)."""
+    """Mean and spread over seeds: accuracy and gain over the warm start at equal steps, and accuracy at equal
+    wall-clock (within the training time of the `npd` and of the `npd-no-ifd` run of the same seed)."""
     import statistics
 
     reports = [json.load(open(path)) for path in paths]
     methods = [run["method"] for run in reports[0]["runs"]]
+
+    def mean_spread(values: list[float]) -> tuple[float, float]:
+        return statistics.mean(values), (max(values) - min(values)) / 2  # spread: half the range over seeds
+
     rows = []
     for method in methods:
-        final, at_npd_wall, wall = [], [], []
+        final, gain, wall, at_wall = [], [], [], {"npd": [], "npd-no-ifd": []}
         for report in reports:
             runs = {run["method"]: run for run in report["runs"]}
             final.append(runs[method]["acc"])
+            gain.append(runs[method]["acc"] - report["student_init_acc"])
             wall.append(runs[method]["wall_s"])
-            if "npd" in runs:
-                at_npd_wall.append(acc_at(runs[method], runs["npd"]["wall_s"]))
-        rows.append(
-            {
-                "method": method,
-                "acc_mean": statistics.mean(final),
-                "acc_spread": (max(final) - min(final)) / 2,  # half the range over seeds
-                "acc_at_npd_wall_mean": statistics.mean(at_npd_wall) if at_npd_wall else None,
-                "wall_s_mean": statistics.mean(wall),
-                "acc_by_seed": final,
-            }
-        )
+            for budget in at_wall:
+                if budget in runs:
+                    at_wall[budget].append(acc_at(runs[method], runs[budget]["wall_s"]))
+        row = {"method": method, "acc_by_seed": final, "wall_s_mean": statistics.mean(wall)}
+        row["acc_mean"], row["acc_spread"] = mean_spread(final)
+        row["gain_mean"], row["gain_spread"] = mean_spread(gain)
+        for budget, values in at_wall.items():
+            row[f"acc_at_{budget.replace('-', '_')}_wall_mean"] = statistics.mean(values) if values else None
+        rows.append(row)
     summary = {
         "task": reports[0]["task"],
         "seeds": [report["seed"] for report in reports],
@@ -428,14 +431,22 @@ def summarize(paths: list[str], out: str, plot_path: str) -> None:
         json.dump(summary, f, indent=2)
     print(
         f"{len(reports)} seeds; teacher {statistics.mean(summary['teacher_acc']):.1%}, student init "
-        f"{statistics.mean(summary['student_init_acc']):.1%} (mean)"
+        + " ".join(f"{a:.1%}" for a in summary["student_init_acc"])
     )
-    print(f"{'method':11} {'acc (equal steps)':>18} {'acc at npd wall':>16} {'wall_s':>7}  by seed")
+    print(
+        f"{'method':11} {'acc, equal steps':>16} {'gain over init':>15} {'at npd wall':>11} "
+        f"{'at no-ifd wall':>14} {'wall_s':>7}  acc by seed"
+    )
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
     for row in rows:
-        at_wall = "-" if row["acc_at_npd_wall_mean"] is None else f"{row['acc_at_npd_wall_mean']:.1%}"
         print(
-            f"{row['method']:11} {row['acc_mean']:11.1%} ± {row['acc_spread']:4.1%} {at_wall:>16} "
-            f"{row['wall_s_mean']:7.1f}  " + " ".join(f"{a:.1%}" for a in row["acc_by_seed"])
+            f"{row['method']:11} {row['acc_mean']:8.1%} ± {row['acc_spread']:4.1%} "
+            f"{row['gain_mean']:+7.1%} ± {row['gain_spread']:4.1%} {percent(row['acc_at_npd_wall_mean']):>11} "
+            f"{percent(row['acc_at_npd_no_ifd_wall_mean']):>14} {row['wall_s_mean']:7.1f}  "
+            + " ".join(f"{a:.1%}" for a in row["acc_by_seed"])
         )
     import matplotlib
 

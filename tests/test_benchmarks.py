@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -92,21 +94,22 @@ def test_arena_benchmark_micro(tmp_path):
     assert (tmp_path / "arena.png").stat().st_size > 0
     assert not report["teacher_cached"] and any(cache.iterdir())
     # a second run with the same teacher config takes the cached teacher
-    run(
-        "arena.py",
-        "--preset",
-        "micro",
-        "--seed",
-        "4",
-        "--methods",
-        "gkd",
-        "--out",
-        str(out),
-        "--cache-dir",
-        str(cache),
-    )
-    assert json.loads(out.read_text())["teacher_cached"]
+    out2 = tmp_path / "arena2.json"
+    run("arena.py", "--preset", "micro", "--seed", "4", "--out", str(out2), "--cache-dir", str(cache))
+    assert json.loads(out2.read_text())["teacher_cached"]
     assert "curve" in table
+    # and the seeds combine into mean and spread, at equal steps and at equal wall-clock
+    summary_path = tmp_path / "summary.json"
+    summary_table = run("arena.py", "--summarize", str(out), str(out2), "--out", str(summary_path))
+    summary = json.loads(summary_path.read_text())
+    assert summary["seeds"] == [3, 4]
+    gkd = next(row for row in summary["methods"] if row["method"] == "gkd")
+    by_seed = [json.loads(p.read_text())["runs"][1]["acc"] for p in (out, out2)]
+    assert gkd["acc_by_seed"] == by_seed and gkd["acc_mean"] == pytest.approx(sum(by_seed) / 2)
+    assert gkd["acc_spread"] == pytest.approx(abs(by_seed[0] - by_seed[1]) / 2)
+    assert gkd["acc_at_npd_wall_mean"] is not None
+    assert (tmp_path / "summary.png").stat().st_size > 0
+    assert "gain over init" in summary_table
 
 
 def test_lora_sync_benchmark_micro(tmp_path):
