@@ -11,8 +11,8 @@ answer. Tokens are single characters, so the model has to do the arithmetic itse
 2. Student: a smaller model, warm-started by a short SFT on ground truth to a weak but nonzero accuracy. Its seed is
    `--seed`; every method starts from this same initialization.
 3. Methods, each with the same prompts, batch and optimizer steps:
-   - `sft`: TRL's `SFTTrainer` on teacher-generated completions (sampled at the same temperature; generating them
-     is part of its wall time);
+   - `sft`: TRL's `SFTTrainer` on teacher-generated completions (sampled at the on-policy methods' temperature;
+     generating them is part of its wall time);
    - `gkd`: TRL's `GKDTrainer` with `lmbda=1`;
    - `npd`: `NearPolicyDistillTrainer` with its defaults;
    - `npd-no-ifd`: without Δ-IFD selection;
@@ -55,8 +55,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         teacher_min_acc=0.9,
         student=dict(hidden=48, layers=2),
         warmup=dict(steps=700, batch=32, lr=2e-3),
-        distill=dict(steps=500, batch=16, lr=1e-4),
-        curve_points=4,
+        distill=dict(steps=500, batch=16, lr=1e-4, temperature=0.9),
+        curve_points=20,
         eval_prompts=500,
         train_prompts=8192,
     ),
@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         teacher_min_acc=0.0,
         student=dict(hidden=16, layers=1),
         warmup=dict(steps=5, batch=8, lr=2e-3),
-        distill=dict(steps=4, batch=4, lr=5e-4),
+        distill=dict(steps=4, batch=4, lr=5e-4, temperature=0.9),
         curve_points=2,
         eval_prompts=16,
         train_prompts=64,
@@ -146,9 +146,15 @@ def prompt_text(tokenizer: Any, question: str) -> str:
 
 @torch.no_grad()
 def complete(
-    model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int, sample: bool, seed: int = 0
+    model: Any,
+    tokenizer: Any,
+    questions: list[str],
+    max_new_tokens: int,
+    sample: bool,
+    seed: int = 0,
+    temperature: float = 1.0,
 ) -> list[str]:
-    """Completions of `questions`, greedy or sampled at temperature 1, in batches of 256."""
+    """Completions of `questions`, greedy or sampled at `temperature`, in batches of 256."""
     was_training = model.training
     model.eval()
     tokenizer.padding_side = "left"
@@ -162,7 +168,7 @@ def complete(
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=sample,
-            temperature=1.0 if sample else None,
+            temperature=temperature if sample else None,
             top_k=None,
             top_p=None,
             pad_token_id=tokenizer.pad_token_id,
@@ -276,9 +282,6 @@ class Curve(TrainerCallback):
             self.points.append((elapsed, state.global_step, weights))
             self._paused_s += time.perf_counter() - copy_start
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.wall_s = self.elapsed_s()
-
 
 def training_args(cls: type, preset: dict[str, Any], output_dir: str, seed: int, **extra: Any) -> Any:
     spec = preset["distill"]
@@ -319,7 +322,15 @@ def run_method(
     with tempfile.TemporaryDirectory() as output_dir:
         if method == "sft":
             start = time.perf_counter()
-            completions = complete(teacher, tokenizer, [q for q, _ in prompts], new_tokens, sample=True, seed=seed)
+            completions = complete(
+                teacher,
+                tokenizer,
+                [q for q, _ in prompts],
+                new_tokens,
+                sample=True,
+                seed=seed,
+                temperature=spec["temperature"],
+            )
             data_s = time.perf_counter() - start
             dataset = Dataset.from_list(
                 [
@@ -333,7 +344,7 @@ def run_method(
         else:
             curve = Curve(curve_steps)
             dataset = conversations(prompts)
-            common = dict(lmbda=1.0, max_new_tokens=new_tokens)
+            common = dict(lmbda=1.0, max_new_tokens=new_tokens, temperature=spec["temperature"])
             if method == "gkd":
                 args = training_args(GKDConfig, preset, output_dir, seed, **common)
                 cls: type = GKDTrainer
@@ -347,6 +358,8 @@ def run_method(
         # first, so that NPD's generator start-up (its own on_train_begin hook) is on the clock
         trainer.callback_handler.callbacks.insert(0, curve)
         trainer.train()
+        # after train() returns, not at on_train_end: NPD stops its generator process in between
+        curve.wall_s = curve.elapsed_s()
         curve.model = trainer.model
         if hasattr(trainer, "npd_metrics"):
             totals = trainer.npd_metrics.totals

@@ -15,8 +15,8 @@ generated sample once:
   the optimizer alone sustains.
 
 Each trainer runs in a fresh Python process, one after the other, so that memory peaks and thread pools are its
-own. The clock runs from `on_train_begin` to `on_train_end` of the `Trainer` callbacks, so it includes NPD's
-generator start-up but not model loading. Reported per trainer:
+own. The clock runs from the `on_train_begin` callback until `train()` returns, so it includes NPD's generator
+start-up and shutdown but not model loading. Reported per trainer:
 
 - `samples_per_s`: samples trained on per second of that wall time;
 - `completion_tokens_per_s`: completion tokens trained on (counted in the loss inputs) per second;
@@ -235,7 +235,7 @@ def _ceiling_trainer_cls() -> type:
 
 
 class _Clock:
-    """A `TrainerCallback` that times the training loop itself: from `on_train_begin` to `on_train_end`."""
+    """A `TrainerCallback` that starts the clock at `on_train_begin`; the caller stops it when `train()` returns."""
 
     def __new__(cls) -> Any:
         from transformers import TrainerCallback
@@ -249,9 +249,6 @@ class _Clock:
             def on_step_end(self, *args: Any, **kwargs: Any) -> None:
                 if self.first_step_end is None:
                     self.first_step_end = time.perf_counter()
-
-            def on_train_end(self, *args: Any, **kwargs: Any) -> None:
-                self.end = time.perf_counter()
 
         return Clock()
 
@@ -278,6 +275,8 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
         if name == "ceiling":
             trainer.prefill()
         trainer.train()
+        # after train() returns, not at on_train_end: NPD stops its generator process in between
+        clock.end = time.perf_counter()
     wall_s = clock.end - clock.start
     steps = trainer.state.global_step
     samples = steps * preset["batch"]
