@@ -2,9 +2,9 @@
 
     python benchmarks/throughput.py --preset cpu-tiny --out results/throughput-cpu-tiny.json
 
-Every trainer gets the same student and teacher (same seeds), the same prompts, `max_new_tokens`, effective batch
-and optimizer steps, the same divergence (generalized JSD, beta 0.5) at sampling temperature 1, and trains on each
-generated sample once:
+Every trainer gets the same student and teacher (same seeds), the same pool of prompts, `max_new_tokens`,
+effective batch and optimizer steps, the same divergence (generalized JSD, beta 0.5) at sampling temperature 1, and
+trains on each generated sample once:
 
 - `gkd`: TRL's `GKDTrainer` with `lmbda=1` (samples with the student before every step);
 - `distillation`: `trl.DistillationTrainer` with transformers' `generate` (no vLLM);
