@@ -30,7 +30,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import random
 import tempfile
 import time
@@ -41,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
+from common import device_name, write_json
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TrainerCallback
@@ -530,7 +530,7 @@ def main() -> None:
         "task": TASK if args.preset == "cpu" else f"{preset['digits']}-digit x 1-digit multiplication",
         "preset": args.preset,
         "seed": args.seed,
-        "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "device": device_name(),
         "date": datetime.date.today().isoformat(),
         "teacher_acc": teacher_acc,
         "teacher_cached": cached,
@@ -541,9 +541,7 @@ def main() -> None:
         "runs": runs,
         "total_s": time.perf_counter() - started,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(report, args.out)
     plot(report, args.plot or os.path.splitext(args.out)[0] + ".png")
     print(f"{'method':11} {'acc':>6} {'wall_s':>7}  curve (wall_s, acc)")
     for run in runs:

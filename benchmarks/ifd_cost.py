@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
 import time
 
 import torch
+from common import write_json
 from trl.experimental.utils import DataCollatorForChatML
 
 from trl_npd.generation import EngineConfig, IFDSettings, TransformersEngine, generate_batch, scoring_stage
@@ -78,9 +78,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "runs": runs,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(report, args.out)
     print(f"{'variant':14} {'ms/sample':>10} {'vs generate':>12}")
     for run in runs:
         print(f"{run['variant']:14} {run['ms_per_sample']:10.2f} {run['vs_generate']:12.2f}")

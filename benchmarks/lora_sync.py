@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import device_name, write_json
 from peft import LoraConfig, get_peft_model
 
 from trl_npd.generation import PolicySnapshot, _matching_tensors, inference_copy
@@ -122,16 +121,14 @@ def main() -> None:
     }
     report = {
         "preset": args.preset,
-        "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "device": device_name(),
         "date": datetime.date.today().isoformat(),
         "params": sum(p.numel() for p in student.parameters()),
         "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
         "sync": rows,
         "generation": generation,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(report, args.out)
     print(f"{report['params'] / 1e6:.1f}M parameters, {report['trainable_params'] / 1e6:.2f}M trainable (LoRA)")
     print(f"{'variant':9} {'MB moved':>9} {'ms/sync':>9}")
     for row in rows:

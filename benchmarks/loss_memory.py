@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from common import write_json
+
 IMPLEMENTATIONS = ("unfused", "fused", "fused-compiled")
 
 
@@ -135,9 +137,7 @@ def main() -> None:
         "hidden": args.hidden,
         "runs": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(report, args.out)
     print(f"{'impl':15} {'tokens':>6} {'peak_mb':>9} {'ms_per_call':>11} {'vs unfused':>10}  status")
     unfused = {r["tokens"]: r["peak_mb"] for r in rows if r["impl"] == "unfused"}
     for r in rows:

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import time
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import torch
+
+from common import device_name, write_json
 
 from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
 from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
@@ -107,15 +106,13 @@ def main() -> None:
     ]
     report = {
         "preset": args.preset,
-        "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "device": device_name(),
         "date": datetime.date.today().isoformat(),
         "ifd_filter": not args.no_ifd,
         "generator_threads": args.generator_threads,
         "runs": runs,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(report, args.out)
     print(
         f"{'mode':8} {'steady_wall_s':>13} {'gen_busy_s':>10} {'train_busy_s':>12} {'wait_s':>7} {'overlap':>7} "
         f"{'samples/s':>9} {'startup_s':>9}"

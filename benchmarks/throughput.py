@@ -35,13 +35,14 @@ import datetime
 import inspect
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
+
+from common import device_name, write_json
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -326,14 +327,6 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the whole comparison ----------------------------------------------------------------------------------------
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def parameter_counts(preset: dict[str, Any]) -> dict[str, int]:
     _, student, teacher = build_models(preset)
     return {
@@ -429,9 +422,7 @@ def main() -> None:
         "runs": runs,
         "ceiling_samples_per_s": ceiling,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(report, args.out)
     plot(report, args.plot or os.path.splitext(args.out)[0] + ".png")
     print_table(report)
 

@@ -1,0 +1,24 @@
+"""What every benchmark script shares: how it names the machine, and how it writes its JSON report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Any
+
+
+def device_name() -> str:
+    """The GPU's name, or the CPU's architecture and core count, with the torch version."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    """Write `report` to `path`, creating its folder."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
