@@ -36,3 +36,18 @@ class FailsOnSecondGenerate(Qwen3ForCausalLM):
         if type(self).calls >= 2:
             raise RuntimeError("late boom: the second generation batch failed")
         return super().generate(*args, **kwargs)
+
+
+class FailsOnRank1(Qwen3ForCausalLM):
+    """A student whose generator fails on rank 1 only, at its second batch: one rank of a multi-process run breaks
+    mid-training while the others are healthy."""
+
+    calls = 0
+
+    def generate(self, *args, **kwargs):
+        import os
+
+        type(self).calls += 1
+        if os.environ.get("RANK") == "1" and type(self).calls >= 2:
+            raise RuntimeError("late boom on rank 1: its generator failed")
+        return super().generate(*args, **kwargs)

@@ -185,7 +185,7 @@ def test_gkd_script_flow_train_evaluate_checkpoint_and_resume(
     with open(os.path.join(args.output_dir, "checkpoint-8", "npd_state.json")) as f:
         saved = json.load(f)
     assert saved["policy_version"] == trainer.npd_metrics.totals.weight_syncs["schedule"] == 4  # 8 / 2
-    assert saved["stream_position"] > 0
+    assert saved["stream_positions"][0] > 0
 
     resumed_student = build_model(tokenizer, hidden_size=32, num_layers=2, seed=99)  # weights come from the checkpoint
     args = make_config(
@@ -206,7 +206,7 @@ def test_gkd_script_flow_train_evaluate_checkpoint_and_resume(
     assert history and history[0]["npd/policy_kl"] < 1e-3
     assert resumed.state.log_history[-2]["npd/version"] >= saved["policy_version"] + 1
     with open(os.path.join(args.output_dir, "checkpoint-10", "npd_state.json")) as f:
-        assert json.load(f)["stream_position"] > saved["stream_position"]
+        assert json.load(f)["stream_positions"][0] > saved["stream_positions"][0]
 
 
 def test_bad_inputs_fail_before_training_with_clear_messages(student, teacher, tokenizer, dataset, make_config):
@@ -285,7 +285,7 @@ def test_a_snapshot_older_than_the_bound_is_refreshed_instead_of_starving(
 ):
     trainer = trainer_for(student, teacher, tokenizer, dataset, make_config(generator_mode="thread"))
     try:
-        trainer._ensure_pipeline()
+        trainer._start_generation()
         trainer.state.global_step = 50  # as if the sync schedule had been bypassed: every sample would be stale
         batch = trainer._on_policy_batch()
         assert set(batch["policy_step"].tolist()) == {50}

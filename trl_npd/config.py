@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from trl.experimental.gkd import GKDConfig
 
 GENERATOR_MODES = ("process", "thread", "sync")
-GENERATION_BACKENDS = ("transformers",)
+GENERATION_BACKENDS = ("transformers", "vllm")
+VLLM_MODES = ("server", "colocate")
 
 
 @dataclass
@@ -35,7 +36,38 @@ class NearPolicyDistillConfig(GKDConfig):
         CPU threads of the generator process when it runs on CPU. `None` gives it half of the cores and leaves the
         trainer the rest for the duration of `train()`, so the two do not oversubscribe the machine.
     generation_backend (`str`, *optional*, defaults to `"transformers"`):
-        Engine that samples completions. `"transformers"` uses the model's own `generate`.
+        Engine that samples completions. `"transformers"` uses the model's own `generate` on a snapshot of the
+        student. `"vllm"` uses TRL's vLLM integration (`pip install "trl_npd[vllm]"`; see the vLLM parameters
+        below and `docs/scale.md`): a thread of the trainer process drives vLLM while the optimizer trains, and
+        weight syncs go through TRL's weight-transfer client. Needs `ifd_filter=False`: Δ-IFD scores samples with
+        the generator's local copy of the student, which the vLLM backend does not have.
+    shared_generator (`bool`, *optional*, defaults to `False`):
+        With several processes (`accelerate launch`): `False` gives every rank its own generator, which samples
+        from that rank's shard of the prompts. `True` runs one generator on the main process, for all ranks; each
+        on-policy micro-batch is taken from its buffer and scattered to the ranks. Per-rank is the measured default
+        (`docs/scale.md`); the shared generator suits a dedicated generation device (`generator_device`) and is
+        what vLLM's server mode uses, since one client holds the weight-transfer group.
+
+    > Parameters that control the vLLM backend (`generation_backend="vllm"`)
+
+    vllm_mode (`str`, *optional*, defaults to `"server"`):
+        `"server"`: generate through a running `vllm serve` (started as TRL's vLLM guide says, see
+        `docs/scale.md`), from the main process, for all ranks. `"colocate"`: every rank runs its own vLLM engine
+        on its own GPU, beside training.
+    vllm_server_base_url (`str` or `None`, *optional*, defaults to `None`):
+        Base URL of the server, e.g. `"http://localhost:8000"`. When set, host and port are ignored.
+    vllm_server_host (`str`, *optional*, defaults to `"0.0.0.0"`):
+        Host of the server. Ignored when `vllm_server_base_url` is set.
+    vllm_server_port (`int`, *optional*, defaults to `8000`):
+        Port of the server. Ignored when `vllm_server_base_url` is set.
+    vllm_server_timeout (`float`, *optional*, defaults to `240.0`):
+        Seconds to wait for the server to come up before failing.
+    vllm_group_port (`int`, *optional*, defaults to `51216`):
+        Port of the NCCL group that carries weight syncs to the server.
+    vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
+        Share of each GPU the colocated engine may take (weights and KV cache).
+    vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
+        Tensor-parallel size of the colocated engine; must divide the number of processes.
 
     > Parameters that control weight sync and staleness
 
@@ -124,6 +156,20 @@ class NearPolicyDistillConfig(GKDConfig):
         default="transformers",
         metadata={"help": "Engine that samples completions.", "choices": list(GENERATION_BACKENDS)},
     )
+    shared_generator: bool = field(
+        default=False,
+        metadata={"help": "One generator on the main process for all ranks, instead of one per rank."},
+    )
+    vllm_mode: str = field(
+        default="server", metadata={"help": "vLLM backend: 'server' or 'colocate'.", "choices": list(VLLM_MODES)}
+    )
+    vllm_server_base_url: str | None = field(default=None, metadata={"help": "Base URL of the vLLM server."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Host of the vLLM server."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Port of the vLLM server."})
+    vllm_server_timeout: float = field(default=240.0, metadata={"help": "Seconds to wait for the vLLM server."})
+    vllm_group_port: int = field(default=51216, metadata={"help": "Port of the weight-sync NCCL group."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU share of a colocated vLLM engine."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Tensor-parallel size of colocated vLLM."})
     weight_sync_steps: int = field(
         default=4, metadata={"help": "Optimizer steps between two refreshes of the generator's snapshot."}
     )
@@ -177,6 +223,13 @@ class NearPolicyDistillConfig(GKDConfig):
             raise ValueError(
                 f"generation_backend must be one of {GENERATION_BACKENDS}, got {self.generation_backend!r}."
             )
+        if self.vllm_mode not in VLLM_MODES:
+            raise ValueError(f"vllm_mode must be one of {VLLM_MODES}, got {self.vllm_mode!r}.")
+        if self.generation_backend == "vllm" and self.ifd_filter:
+            raise ValueError(
+                "generation_backend='vllm' needs ifd_filter=False: Δ-IFD scores each sample with the generator's "
+                "local copy of the student, and the vLLM backend samples on the vLLM engine instead."
+            )
         if self.weight_sync_steps < 1:
             raise ValueError(f"weight_sync_steps must be >= 1, got {self.weight_sync_steps}.")
         if self.max_staleness < 0:
@@ -228,6 +281,11 @@ class NearPolicyDistillConfig(GKDConfig):
                 f"batch (generation_batch_size={self.generation_batch_size}) and one training micro-batch "
                 f"(per_device_train_batch_size={self.per_device_train_batch_size})."
             )
+
+    @property
+    def uses_shared_generator(self) -> bool:
+        """Whether one generator on the main process samples for every rank (vLLM's server mode always does)."""
+        return self.shared_generator or (self.generation_backend == "vllm" and self.vllm_mode == "server")
 
     def resolved_generator_num_threads(self) -> int:
         """Threads the CPU generator process gets: the configured number, or half of the cores."""

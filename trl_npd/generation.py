@@ -9,11 +9,12 @@ trainer never waits for a generation batch to finish before it can publish.
 from __future__ import annotations
 
 import copy
+import multiprocessing as mp
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -292,8 +293,16 @@ class TransformersEngine:
         return Completion(ids[:end], logprobs[:end], None if logprobs_t1 is None else logprobs_t1[:end])
 
 
+class RemoteEngine(Protocol):
+    """An engine that holds its own copy of the weights (vLLM): the trainer pushes weights into it."""
+
+    def generate(self, prompts: list[list[int]]) -> list[Completion] | None: ...
+
+    def sync_weights(self) -> None: ...
+
+
 def generate_batch(
-    engine: TransformersEngine,
+    engine: TransformersEngine | RemoteEngine,
     prompts: PromptStream,
     batch_size: int,
     version: int,
@@ -400,20 +409,59 @@ def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: 
     Runs until `stop` is set. Any exception is sent, with its traceback, through `errors` for the trainer to raise.
     """
     try:
-        if spec.num_threads is not None:
-            torch.set_num_threads(spec.num_threads)
+        should_stop = stop.is_set
         if seed_rng:  # only in a process of its own: a thread would reseed the trainer's RNG
             torch.manual_seed(spec.seed)
+            should_stop = _or_orphaned(stop.is_set)
+        if spec.num_threads is not None:
+            torch.set_num_threads(spec.num_threads)
         model = copy.deepcopy(spec.snapshot.model).to(spec.engine.device)
-        engine = TransformersEngine(model, spec.engine, should_stop=stop.is_set, record_t1=spec.ifd is not None)
+        engine = TransformersEngine(model, spec.engine, should_stop=should_stop, record_t1=spec.ifd is not None)
         teacher = None if spec.teacher is None else copy.deepcopy(spec.teacher).to(spec.engine.device)
         scorer, selector = scoring_stage(teacher, model, spec.teacher_top_k, spec.ifd, spec.bos_token_id, spec.engine)
         version, step = -1, 0
-        while not stop.is_set():
+        while not should_stop():
             loaded = spec.snapshot.load_into(model, version)
             if loaded is not None:
                 version, step = loaded
             batch = generate_batch(engine, spec.prompts, spec.generation_batch_size, version, step, scorer, selector)
+            if batch is None or not buffer.put(batch, should_stop):
+                break
+    except BaseException:
+        errors.put(traceback.format_exc())
+
+
+def _or_orphaned(stop_is_set: Callable[[], bool]) -> Callable[[], bool]:
+    """`stop_is_set`, or the trainer process is gone.
+
+    A trainer killed by a signal (a launcher stopping every rank after one failed, an out-of-memory kill) runs no
+    cleanup, so it never sets `stop`; without this check its generator would outlive it.
+    """
+    parent = mp.parent_process()
+    if parent is None:
+        return stop_is_set
+    return lambda: stop_is_set() or not parent.is_alive()
+
+
+def run_remote_generator(
+    engine: RemoteEngine,
+    policy_lock: Any,
+    policy: Callable[[], tuple[int, int]],
+    prompts: PromptStream,
+    generation_batch_size: int,
+    scorer: SampleScorer | None,
+    buffer: SampleBuffer,
+    stop: Any,
+    errors: Any,
+) -> None:
+    """The generator loop for an engine that holds its own weights: sample a batch, tag it with the version the
+    engine holds (`policy()` gives it, with its step), hand it to the buffer. The policy lock is held for the whole
+    batch, so a weight sync waits for the batch in flight and no batch mixes two versions."""
+    try:
+        while not stop.is_set():
+            with policy_lock:
+                version, step = policy()
+                batch = generate_batch(engine, prompts, generation_batch_size, version, step, scorer)
             if batch is None or not buffer.put(batch, stop.is_set):
                 break
     except BaseException:

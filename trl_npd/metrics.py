@@ -32,6 +32,7 @@ class NPDTotals:
     wait_s: float = 0.0
     first_sample_wait_s: float = 0.0  # part of wait_s: generator start-up plus its first batch
     weight_syncs: Counter = field(default_factory=Counter)  # by reason: "schedule", "drift", "stale_snapshot"
+    sync_steps: list[int] = field(default_factory=list)  # the optimizer step of every weight sync, in order
     max_staleness_seen: int = 0
 
 
@@ -91,15 +92,20 @@ class NPDMetrics:
         self._kl_sum += kl_sum
         self._kl_tokens += tokens
 
-    def record_sync(self, seconds: float, reason: str) -> None:
+    def record_sync(self, seconds: float, reason: str, step: int) -> None:
         self._sync_s.append(seconds)
         self.totals.weight_syncs[reason] += 1
+        self.totals.sync_steps.append(step)
 
-    def flush(self, version: int, buffer_size: int) -> dict[str, float]:
-        logs: dict[str, float] = {"npd/version": float(version), "npd/buffer_size": float(buffer_size)}
-        logs["npd/wait_s"] = self._wait_s
-        # share of the window's wall time the optimizer spent blocked on the buffer: ~0 when the generator keeps up
-        logs["npd/wait_frac"] = self._wait_s / max(time.perf_counter() - self._window_start, 1e-9)
+    def flush(self, version: int, buffer_size: int | None) -> dict[str, float]:
+        """This window's values. `buffer_size` is None on a rank without a generator (`shared_generator`): it has
+        no buffer, and its waits happen in the scatter, where they are not measured."""
+        logs: dict[str, float] = {"npd/version": float(version)}
+        if buffer_size is not None:
+            logs["npd/buffer_size"] = float(buffer_size)
+            logs["npd/wait_s"] = self._wait_s
+            # share of the window's wall time the optimizer spent blocked on the buffer: ~0 when generation keeps up
+            logs["npd/wait_frac"] = self._wait_s / max(time.perf_counter() - self._window_start, 1e-9)
         logs["npd/dropped_stale"] = float(self._dropped["stale"])
         for reason, count in self._dropped.items():
             if reason not in ("stale", "ifd_low", "ifd_high"):
@@ -128,3 +134,26 @@ class NPDMetrics:
             logs["npd/truncated_prompts"] = float(self._truncated)
         self._reset_window()
         return logs
+
+
+# How one log window's values from several ranks combine into the one logged value. Counts and throughputs add up
+# (every rank has its own generator and buffer); the worst staleness is the largest; anything else (means, fractions,
+# seconds per event) is averaged over the ranks that reported it in this window.
+_SUMMED_PREFIXES = ("npd/dropped_", "npd/ifd_dropped_")
+_SUMMED = {"npd/buffer_size", "npd/truncated_prompts", "npd/gen_samples_per_s", "npd/gen_tokens_per_s"}
+_MAXED = {"npd/staleness_max", "npd/version"}
+
+
+def aggregate_across_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One `npd/` log entry from every rank's entry for the same window (see the rules above)."""
+    keys = dict.fromkeys(key for logs in per_rank for key in logs)
+    merged: dict[str, float] = {}
+    for key in keys:
+        values = [logs[key] for logs in per_rank if key in logs]
+        if key in _SUMMED or key.startswith(_SUMMED_PREFIXES):
+            merged[key] = float(sum(values))
+        elif key in _MAXED:
+            merged[key] = float(max(values))
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged

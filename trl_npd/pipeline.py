@@ -8,6 +8,10 @@ Three hosts run the same generation code (`generation.run_generator` / `generati
 - `thread`: a thread of the trainer process. Same code, no pickling; generation and Python-heavy training steps
   serialize on the GIL, so it overlaps far less.
 - `sync`: no background work. When the trainer needs samples it generates them with its live weights.
+
+A remote engine (vLLM) replaces the snapshot: the engine holds its own copy of the weights and `publish` pushes the
+student's into it. Its generator is a thread of the trainer process (`process` runs as `thread`), which mostly waits
+on the engine; the policy lock keeps every generation batch sampled by one version.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from .generation import (
     GeneratorSpec,
     IFDSettings,
     PolicySnapshot,
+    RemoteEngine,
     TransformersEngine,
     generate_batch,
     inference_copy,
     run_generator,
+    run_remote_generator,
     scoring_stage,
 )
 from .prompts import PromptStream
@@ -87,6 +93,7 @@ class GenerationPipeline:
         version, step: the first snapshot's policy version and the optimizer step its weights come from.
         num_threads: torch threads of a generator process.
         seed: seed of the generator process's sampling RNG.
+        remote_engine: an engine that holds its own weights (vLLM), instead of a snapshot of `student`.
         teacher, teacher_top_k, ifd, bos_token_id: the scoring and selection stages. With `teacher_top_k` the
             generator stores the teacher's top-k with each sample; with `ifd` it keeps only samples in the Δ-IFD
             band. Both run on the generator's own copy of the teacher.
@@ -110,7 +117,10 @@ class GenerationPipeline:
         teacher_top_k: int | None = None,
         ifd: IFDSettings | None = None,
         bos_token_id: int | None = None,
+        remote_engine: RemoteEngine | None = None,
     ) -> None:
+        if remote_engine is not None and mode == "process":
+            mode = "thread"  # the engine's client lives in this process; the thread only waits on it
         self.mode = mode
         self.max_staleness = max_staleness
         self._student = student
@@ -131,11 +141,13 @@ class GenerationPipeline:
             self._errors = queue.Queue()
         self.buffer = SampleBuffer(transport, generation_batch_size)
         self._snapshot: PolicySnapshot | None = None
-        self._sync_engine: TransformersEngine | None = None
+        self._remote = remote_engine
+        self._policy_lock = threading.Lock()  # a remote engine's weights change only between generation batches
+        self._sync_engine: TransformersEngine | RemoteEngine | None = None
         self._teacher, self._teacher_top_k, self._ifd, self._bos_token_id = teacher, teacher_top_k, ifd, bos_token_id
         self._sync_scorer: SampleScorer | None = None
         self._sync_selector: DeltaIFDFilter | None = None
-        if mode != "sync":
+        if mode != "sync" and remote_engine is None:
             teacher_copy = None
             if teacher is not None and (teacher_top_k is not None or ifd is not None):
                 teacher_copy = inference_copy(teacher)
@@ -156,11 +168,33 @@ class GenerationPipeline:
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self.mode == "sync":
-            self._sync_engine = TransformersEngine(self._student, self._engine_config, record_t1=self._ifd is not None)
+        if self.mode == "sync" or self._remote is not None:
+            if self._remote is not None:
+                self._sync_engine = self._remote
+            else:
+                self._sync_engine = TransformersEngine(
+                    self._student, self._engine_config, record_t1=self._ifd is not None
+                )
+            # a remote engine's scorer (teacher top-k) runs on the trainer's teacher, in this process
             self._sync_scorer, self._sync_selector = scoring_stage(
                 self._teacher, self._student, self._teacher_top_k, self._ifd, self._bos_token_id, self._engine_config
             )
+            if self.mode == "thread":
+                args = (
+                    self._remote,
+                    self._policy_lock,
+                    lambda: (self._version, self._step),
+                    self._prompts,
+                    self._generation_batch_size,
+                    self._sync_scorer,
+                    self.buffer,
+                    self._stop,
+                    self._errors,
+                )
+                self._worker = threading.Thread(
+                    target=run_remote_generator, args=args, name="npd-generator", daemon=True
+                )
+                self._worker.start()
             return
         args = (self._spec, self.buffer, self._stop, self._errors, self.mode == "process")
         if self.mode == "process":
@@ -218,6 +252,16 @@ class GenerationPipeline:
 
     def publish(self, student: nn.Module, step: int) -> int:
         """Make `student`'s current weights the generator's policy, tagged with `step`; returns the version."""
+        if self._remote is not None:  # after the batch in flight, which its version must have sampled entirely
+            while not self._policy_lock.acquire(timeout=0.1):
+                self.check_alive()
+            try:
+                self._remote.sync_weights()
+                self._version += 1
+                self._step = step
+                return self._version
+            finally:
+                self._policy_lock.release()
         if self._snapshot is None:  # sync mode generates with the live weights: nothing to copy
             self._version += 1
             self._step = step
@@ -230,13 +274,14 @@ class GenerationPipeline:
         return self.buffer.take(n, current_step, self.max_staleness, self.check_alive, refill)
 
     def _generate_inline(self, current_step: int) -> GeneratedBatch:
-        # the live weights are those after `current_step` optimizer steps: these samples start at staleness 0
+        # The live weights are those after `current_step` optimizer steps: these samples start at staleness 0. A
+        # remote engine samples with the weights of the last sync instead.
         batch = generate_batch(
             self._sync_engine,
             self._prompts,
             self._generation_batch_size,
             self._version,
-            current_step,
+            current_step if self._remote is None else self._step,
             self._sync_scorer,
             self._sync_selector,
         )

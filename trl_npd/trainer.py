@@ -16,6 +16,7 @@ or raises.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,20 +26,23 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 from datasets import IterableDataset
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl.distributed import DistributedBackend
 from trl.experimental.gkd import GKDTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from .batching import Sequence, count_trained_tokens, pad_sequences, sequences_from_padded, sequences_from_samples
+from .buffer import Sample
 from .completion_log import CompletionLog
 from .config import NearPolicyDistillConfig
 from .generation import EngineConfig, IFDSettings
 from .losses import distillation_loss, k3_policy_kl
-from .metrics import NPDMetrics
+from .metrics import NPDMetrics, aggregate_across_ranks
 from .model_card import append_npd_section
 from .packing import attends_per_sample, pack_sequences, packing_leaks, row_token_budget
 from .pipeline import GenerationPipeline, GeneratorError
@@ -132,6 +136,12 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self.npd_metrics = NPDMetrics()
         self._completion_log = CompletionLog(args.num_completions_to_print) if args.log_completions else None
         self._pipeline: GenerationPipeline | None = None
+        self._vllm: Any = None  # TRL's VLLMGeneration, on every rank, with generation_backend="vllm"
+        # Known on every rank, also those that host no generator (shared_generator): the policy version and the
+        # optimizer step of the weights last published, which every rank publishes at the same steps.
+        self._generating = False
+        self._policy_version = -1
+        self._synced_step = 0
         self._resume_state: dict[str, Any] = {}
         self._next_stream_position = 0
         self._step_kl_sum = torch.zeros((), dtype=torch.float64)
@@ -165,17 +175,59 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self._stop_pipeline(raise_failure=True)  # a generator that failed late must not go unreported
         return output
 
-    def _ensure_pipeline(self) -> GenerationPipeline:
-        if self._pipeline is not None:
+    def _start_generation(self) -> None:
+        """Called on every rank when training begins (weights restored): connect the engine and start the generator
+        where this rank hosts one. Every collective in here (vLLM's set-up, gathering ZeRO-3 weights) is entered by
+        every rank."""
+        self._generating = True
+        self._policy_version = self._resume_state.get("policy_version", -1) + 1
+        self._synced_step = self.state.global_step
+        if self.args.generation_backend == "vllm" and self._vllm is None:
+            from .vllm_engine import connect_vllm  # imported here only: the core never imports vLLM
+
+            self._vllm = connect_vllm(self.model, self.accelerator, self.processing_class, self.args)
+        if self._vllm is not None:
+            self._vllm.sync_weights()  # the server starts from its checkpoint; version 0 is the student as it is now
+        with self._full_weights():
+            self._ensure_pipeline()
+
+    def _hosts_generator(self) -> bool:
+        return not self.args.uses_shared_generator or self.accelerator.is_main_process
+
+    @contextlib.contextmanager
+    def _full_weights(self) -> Iterator[None]:
+        """Full weights of the student while the embedded engine's snapshot copies them.
+
+        DeepSpeed ZeRO-3 and FSDP shard the weights across ranks; gathering them is a collective that every rank
+        enters, at the same steps, whether it hosts a generator or not. A no-op without sharding, and for vLLM, whose
+        TRL sync gathers by itself.
+        """
+        backend = DistributedBackend(self.accelerator)
+        if self.args.generation_backend != "transformers" or not (backend.is_zero3 or backend.is_fsdp):
+            yield
+            return
+        if backend.fsdp_version == 2:
+            raise NotImplementedError(
+                "FSDP2 shards weights as DTensors, which the embedded generator's snapshot cannot copy yet. Use "
+                "DeepSpeed ZeRO-3, FSDP1, or generation_backend='vllm' (TRL's weight sync gathers FSDP2)."
+            )
+        params = list(self.accelerator.unwrap_model(self.model).parameters())
+        with backend.gather_params(params), backend.summon_full_params(self.model_wrapped, writeback=False):
+            yield
+
+    def _ensure_pipeline(self) -> GenerationPipeline | None:
+        if self._pipeline is not None or not self._hosts_generator():
             return self._pipeline
         args = self.args
-        self._next_stream_position = self._resume_state.get("stream_position", 0)
+        shared = args.uses_shared_generator
+        self._next_stream_position = self._resume_stream_position()
         prompts = PromptStream(
             self.train_dataset,
             self.data_collator,
             seed=args.seed,
-            rank=args.process_index,
-            world_size=args.world_size,
+            # a shared generator samples for every rank from the whole train set; a per-rank one from its shard
+            rank=0 if shared else args.process_index,
+            world_size=1 if shared else args.world_size,
             start_position=self._next_stream_position,
             max_prompt_tokens=None if args.max_length is None else args.max_length - args.max_new_tokens,
         )
@@ -187,8 +239,14 @@ class NearPolicyDistillTrainer(GKDTrainer):
             eos_token_id=self.processing_class.eos_token_id if eos is None else eos,
             device=str(self._generator_device()),
         )
+        remote_engine = None
+        if self._vllm is not None:
+            from .vllm_engine import VLLMEngine
+
+            remote_engine = VLLMEngine(self._vllm, engine)
         self._pipeline = GenerationPipeline(
             mode=args.generator_mode,
+            remote_engine=remote_engine,
             student=self.accelerator.unwrap_model(self.model),
             prompts=prompts,
             engine=engine,
@@ -196,8 +254,8 @@ class NearPolicyDistillTrainer(GKDTrainer):
             buffer_size=args.buffer_size,
             max_staleness=args.max_staleness,
             # a resumed run snapshots the restored weights: the next version after the checkpoint's
-            version=self._resume_state.get("policy_version", -1) + 1,
-            step=self.state.global_step,
+            version=self._policy_version,
+            step=self._synced_step,
             num_threads=self._generator_threads(),
             seed=args.seed + args.process_index,
             teacher=self.accelerator.unwrap_model(self.teacher_model),
@@ -235,7 +293,25 @@ class NearPolicyDistillTrainer(GKDTrainer):
             max_rejected_in_a_row=args.ifd_max_rejected_in_a_row,
         )
 
+    def _resume_stream_position(self) -> int:
+        """Where this rank's prompt stream resumes: its own position as the checkpoint recorded it."""
+        state = self._resume_state
+        if "stream_positions" not in state:
+            return state.get("stream_position", 0)  # older checkpoints kept a single position
+        positions = state["stream_positions"]
+        streams = 1 if self.args.uses_shared_generator else self.args.world_size
+        if len(positions) != streams:
+            logger.warning(
+                "The checkpoint has %d prompt streams and this run %d (another number of processes, or "
+                "shared_generator changed): the prompt streams restart from the beginning.",
+                len(positions),
+                streams,
+            )
+            return 0
+        return positions[0 if self.args.uses_shared_generator else self.args.process_index]
+
     def _stop_pipeline(self, raise_failure: bool) -> None:
+        self._generating = False
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is None:
             return
@@ -310,14 +386,29 @@ class NearPolicyDistillTrainer(GKDTrainer):
         return self._training_batch(sequences_from_padded(batch))
 
     def _on_policy_batch(self) -> dict[str, torch.Tensor]:
-        pipeline = self._ensure_pipeline()
+        if not self._generating:  # a training loop that skipped on_train_begin
+            self._start_generation()
         step = self.state.global_step
-        if step - pipeline.policy_step > self.args.max_staleness:
+        if step - self._synced_step > self.args.max_staleness:
             # Everything the generator could make would be evicted, and no scheduled sync can come before the next
             # optimizer step: publish now rather than starve. The schedule keeps this from happening; this keeps a
-            # bypassed schedule from turning into a hang.
+            # bypassed schedule from turning into a hang. Every rank decides alike: `_synced_step` is shared.
             self._publish(step, reason="stale_snapshot")
-        result = pipeline.take(self.args.per_device_train_batch_size, step)
+        n = self.args.per_device_train_batch_size
+        if not self.args.uses_shared_generator or self.args.world_size == 1:
+            samples = self._take(n, step)
+        else:  # the main process takes every rank's micro-batch from its buffer and hands each rank its share
+            shares: list[Any] = [None]
+            if self.accelerator.is_main_process:
+                taken = self._take(n * self.args.world_size, step)
+                shares = [[taken[rank * n : (rank + 1) * n] for rank in range(self.args.world_size)]]
+            broadcast_object_list(shares, from_process=0)
+            samples = shares[0][self.args.process_index]
+        return self._training_batch(sequences_from_samples(samples))
+
+    def _take(self, n: int, step: int) -> list[Sample]:
+        """`n` samples from this rank's generator, recorded in the metrics and the completion log."""
+        result = self._pipeline.take(n, step)
         self.npd_metrics.record_take(result, step)
         if self._completion_log is not None:
             self._completion_log.record(result.samples, step)
@@ -325,7 +416,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             for warning in batch.warnings:
                 logger.warning(warning)
         self._next_stream_position = max(self._next_stream_position, *(s.stream_position + 1 for s in result.samples))
-        return self._training_batch(sequences_from_samples(result.samples))
+        return result.samples
 
     def _training_batch(self, sequences: list[Sequence]) -> dict[str, torch.Tensor]:
         pad = self.processing_class.pad_token_id
@@ -399,9 +490,10 @@ class NearPolicyDistillTrainer(GKDTrainer):
             kl_tokens = int(kl_tokens.item())
         kl = float(kl_sum) / kl_tokens if kl_tokens else 0.0
         self.npd_metrics.record_policy_kl(float(kl_sum), kl_tokens)
-        if self._pipeline is None:
+        if not self._generating:
             return
-        self._pipeline.check_alive()  # a failure surfaces at the next step even if the buffer never runs dry
+        if self._pipeline is not None:
+            self._pipeline.check_alive()  # a failure surfaces at the next step even if the buffer never runs dry
         step = self.state.global_step
         drifted = self.args.max_policy_kl is not None and kl > self.args.max_policy_kl
         if step % self.args.weight_sync_steps == 0:
@@ -410,13 +502,24 @@ class NearPolicyDistillTrainer(GKDTrainer):
             self._publish(step, reason="drift")
 
     def _publish(self, step: int, reason: str) -> None:
+        """Every rank publishes at the same steps; ranks without a generator only take part in the collectives."""
         start = time.perf_counter()
-        self._pipeline.publish(self.accelerator.unwrap_model(self.model), step)
-        self.npd_metrics.record_sync(time.perf_counter() - start, reason)
+        with self._full_weights():
+            if self._pipeline is not None:
+                self._pipeline.publish(self.accelerator.unwrap_model(self.model), step)
+            elif self._vllm is not None:
+                self._vllm.sync_weights()  # gathering sharded weights is a collective
+        self._policy_version += 1
+        self._synced_step = step
+        self.npd_metrics.record_sync(time.perf_counter() - start, reason, step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.model.training and self._pipeline is not None:
-            logs.update(self.npd_metrics.flush(self._pipeline.version, len(self._pipeline.buffer)))
+        if self.model.training and self._generating:  # the same on every rank: the gather below is a collective
+            buffered = len(self._pipeline.buffer) if self._pipeline is not None else None
+            npd_logs = self.npd_metrics.flush(self._policy_version, buffered)
+            if self.args.world_size > 1:
+                npd_logs = aggregate_across_ranks(gather_object([npd_logs]))
+            logs.update(npd_logs)
             if self._completion_log is not None and self.is_world_process_zero():
                 self._completion_log.emit(self.processing_class, self.args.report_to)
         super().log(logs, start_time)
@@ -429,7 +532,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             return
         pipeline = self._pipeline
         bar.set_postfix(
-            version=pipeline.version, buffer=len(pipeline.buffer), lag=self.state.global_step - pipeline.policy_step
+            version=pipeline.version, buffer=len(pipeline.buffer), lag=self.state.global_step - self._synced_step
         )
 
     # ---- saving ---------------------------------------------------------------------------------------------------
@@ -454,17 +557,21 @@ class NearPolicyDistillTrainer(GKDTrainer):
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # Every rank saves (a collective under DeepSpeed and FSDP), so every rank's stream position can be gathered.
+        positions = [self._next_stream_position]
+        if self.args.world_size > 1 and not self.args.uses_shared_generator:
+            positions = gather_object(positions)
         # written first, so a checkpoint pushed to the Hub by the parent's save already contains it
         if self.args.should_save:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
             os.makedirs(folder, exist_ok=True)
-            if self._pipeline is not None:
-                version = self._pipeline.version
+            if self._generating:
+                version = self._policy_version
             else:
                 version = self._resume_state.get("policy_version", -1)
-            state = {"policy_version": version, "stream_position": self._next_stream_position}
+            state = {"policy_version": version, "stream_positions": positions}
             with open(os.path.join(folder, NPD_STATE_NAME), "w") as f:
                 json.dump(state, f, indent=2)
         super()._save_checkpoint(model, trial)
@@ -496,7 +603,7 @@ class _PipelineHooks(TrainerCallback):
         self._trainer.npd_metrics.start_window()  # setup before training is nobody's wait
         # Checkpoint weights are restored before this event on every path (plain, DeepSpeed, FSDP).
         if self._trainer.lmbda > 0:
-            self._trainer._ensure_pipeline()
+            self._trainer._start_generation()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._trainer._after_optimizer_step()
