@@ -123,3 +123,12 @@ def test_lora_sync_benchmark_micro(tmp_path):
     assert all(r["ms_per_sync"] > 0 for r in rows.values())
     assert report["generation"]["lora_snapshot_ms_per_token"] > 0 and report["generation"]["merged_ms_per_token"] > 0
     assert "ms/sync" in table
+
+
+def test_multi_rank_benchmark_micro(tmp_path):
+    out = tmp_path / "multi_rank.json"
+    table = run("multi_rank.py", "--preset", "micro", "--repeats", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert sorted(r["placement"] for r in report["runs"]) == ["per_rank", "shared"]
+    assert all(r["world_size"] == 2 and r["samples_per_s"] > 0 for r in report["runs"])
+    assert "shared / per-rank" in table

@@ -1,0 +1,184 @@
+"""One generator per rank, or one shared generator on the main process, under `accelerate launch` with 2 processes.
+
+    python benchmarks/multi_rank.py --preset cpu --repeats 3 --out results/multi_rank.json
+
+Both placements do the same work: the same student and teacher, prompts, sampling settings, global batch
+(2 processes x `batch` samples per step) and number of on-policy steps, with Δ-IFD off. Each run is its own
+`accelerate launch --multi_gpu --num_processes 2` with `use_cpu=True` (on a CPU machine: 2 gloo processes), and
+the placements alternate, round after round, so drift in the machine's speed hits both alike.
+
+Reported per placement (medians over `--repeats` rounds):
+- `samples_per_s`: samples trained on by both ranks, divided by the time from `on_train_begin` until `train()`
+  returns on rank 0 (generator start-up included);
+- `steady_samples_per_s`: the same after the first on-policy samples arrived (start-up excluded);
+- `wait_frac`: share of that steady time rank 0's optimizer spent waiting for samples;
+and the ratio shared / per-rank of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from common import device_name, write_json
+
+PRESETS = {
+    "cpu": dict(student_hidden=128, teacher_hidden=256, layers=2, batch=4, new_tokens=32, steps=32),
+    "micro": dict(student_hidden=32, teacher_hidden=32, layers=1, batch=2, new_tokens=4, steps=3),
+}
+PLACEMENTS = ("per_rank", "shared")
+
+
+def worker(preset: dict[str, Any], placement: str, out: str) -> None:
+    """One rank of a launched run; rank 0 writes the measurement to `out`."""
+    from transformers import TrainerCallback
+
+    from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
+    from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    student = build_model(tokenizer, hidden_size=preset["student_hidden"], num_layers=preset["layers"], seed=1)
+    teacher = build_model(tokenizer, hidden_size=preset["teacher_hidden"], num_layers=preset["layers"], seed=2)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = NearPolicyDistillConfig(
+            output_dir=output_dir,
+            max_steps=preset["steps"],
+            per_device_train_batch_size=preset["batch"],
+            max_new_tokens=preset["new_tokens"],
+            max_length=preset["new_tokens"] + 64,
+            lmbda=1.0,
+            ifd_filter=False,
+            shared_generator=placement == "shared",
+            generator_num_threads=1,
+            learning_rate=1e-4,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=10**6,
+            bf16=False,
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
+        clock: dict[str, float] = {}
+
+        class StartClock(TrainerCallback):
+            def on_train_begin(self, *_: Any, **__: Any) -> None:
+                clock["start"] = time.perf_counter()
+
+        trainer = NearPolicyDistillTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=arithmetic_dataset(512),
+            processing_class=tokenizer,
+            callbacks=[StartClock()],
+        )
+        trainer.train()
+        wall_s = time.perf_counter() - clock["start"]
+    if trainer.accelerator.is_main_process:
+        totals = trainer.npd_metrics.totals
+        samples = preset["steps"] * preset["batch"] * args.world_size
+        steady_s = wall_s - totals.first_sample_wait_s
+        result = {
+            "placement": placement,
+            "world_size": args.world_size,
+            "samples": samples,
+            "wall_s": wall_s,
+            "samples_per_s": samples / wall_s,
+            "steady_samples_per_s": samples / steady_s,
+            "wait_frac": (totals.wait_s - totals.first_sample_wait_s) / steady_s,
+        }
+        with open(out, "w") as f:
+            json.dump(result, f)
+
+
+def launch(preset_name: str, placement: str) -> dict[str, Any]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+        command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+        command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+        command += [os.path.abspath(__file__), "--preset", preset_name, "--worker", placement, "--worker-out", out]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"the {placement} launch failed:\n{done.stderr[-4000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("samples_per_s", "steady_samples_per_s", "wait_frac")
+    summary: dict[str, Any] = {}
+    for placement in PLACEMENTS:
+        mine = [r for r in runs if r["placement"] == placement]
+        summary[placement] = {key: statistics.median(r[key] for r in mine) for key in keys}
+    for key in ("samples_per_s", "steady_samples_per_s"):
+        summary[f"shared_vs_per_rank_{key}"] = summary["shared"][key] / summary["per_rank"][key]
+    return summary
+
+
+def print_table(report: dict[str, Any]) -> None:
+    summary = report["summary"]
+    print(f"\n{report['device']}, 2 processes, preset {report['preset']}, {report['repeats']} rounds (medians)")
+    print(f"{'placement':<10} {'samples/s':>10} {'steady samples/s':>17} {'wait_frac':>10}")
+    for placement in PLACEMENTS:
+        row = summary[placement]
+        print(
+            f"{placement:<10} {row['samples_per_s']:>10.2f} {row['steady_samples_per_s']:>17.2f} "
+            f"{row['wait_frac']:>10.3f}"
+        )
+    print(
+        f"shared / per-rank: {summary['shared_vs_per_rank_samples_per_s']:.2f}x overall, "
+        f"{summary['shared_vs_per_rank_steady_samples_per_s']:.2f}x steady"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="results/multi_rank.json")
+    parser.add_argument("--worker", choices=PLACEMENTS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.worker is not None:
+        worker(PRESETS[cli.preset], cli.worker, cli.worker_out)
+        return
+    runs = []
+    for round_index in range(cli.repeats):
+        order = PLACEMENTS if round_index % 2 == 0 else PLACEMENTS[::-1]
+        for placement in order:
+            runs.append({"round": round_index, **launch(cli.preset, placement)})
+            print(f"round {round_index} {placement}: {runs[-1]['samples_per_s']:.2f} samples/s", flush=True)
+    report = {
+        "benchmark": "multi_rank",
+        "date": datetime.date.today().isoformat(),
+        "device": device_name(),
+        "preset": cli.preset,
+        "settings": PRESETS[cli.preset],
+        "repeats": cli.repeats,
+        "runs": runs,
+        "summary": summarize(runs),
+    }
+    write_json(report, cli.out)
+    print_table(report)
+
+
+if __name__ == "__main__":
+    main()
