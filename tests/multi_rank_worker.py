@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -89,7 +90,7 @@ def run_loss_step(out: str, world_size: int) -> dict:
     return {"loss": trainer.losses[0], "weights": weights, "logged_loss": trainer.state.log_history[0]["loss"]}
 
 
-def run_on_policy(out: str, shared: bool) -> dict:
+def run_on_policy(out: str, shared: bool, lmbda: float) -> dict:
     tokenizer = build_tokenizer()
     student = build_model(tokenizer, hidden_size=32, num_layers=2, seed=1)
     teacher = build_model(tokenizer, hidden_size=64, num_layers=2, seed=2)
@@ -97,7 +98,7 @@ def run_on_policy(out: str, shared: bool) -> dict:
     args = config(
         out,
         max_steps=6,
-        lmbda=1.0,
+        lmbda=lmbda,
         weight_sync_steps=2,
         max_staleness=2,
         logging_steps=2,
@@ -121,6 +122,8 @@ def run_on_policy(out: str, shared: bool) -> dict:
         return logs
 
     NPDMetrics.record_take, NPDMetrics.flush = recording_take, recording_flush
+    if os.environ.get("RANK") == "1":  # something on one rank only draws from Python's RNG (a callback, a logger)
+        random.random()
     trainer.train()
     totals = trainer.npd_metrics.totals
     return {
@@ -156,6 +159,7 @@ def main() -> None:
     parser.add_argument("--phase", choices=["loss", "on_policy", "fail"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--shared", action="store_true")
+    parser.add_argument("--lmbda", type=float, default=1.0)
     cli = parser.parse_args()
     torch.set_num_threads(1)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -163,7 +167,7 @@ def main() -> None:
     if cli.phase == "loss":
         result = run_loss_step(os.path.join(cli.out, "run"), world_size)
     elif cli.phase == "on_policy":
-        result = run_on_policy(os.path.join(cli.out, "run"), cli.shared)
+        result = run_on_policy(os.path.join(cli.out, "run"), cli.shared, cli.lmbda)
     else:
         result = run_failing(os.path.join(cli.out, "run"))
     with open(os.path.join(cli.out, f"rank{rank}.json"), "w") as f:

@@ -280,6 +280,26 @@ def test_without_max_policy_kl_only_the_schedule_refreshes(student, teacher, tok
     assert trainer.npd_metrics.totals.weight_syncs == {"schedule": 2}
 
 
+def test_the_on_policy_draw_depends_on_seed_step_and_micro_batch_only(
+    student, teacher, tokenizer, dataset, make_config
+):
+    """Every rank must draw alike (their collectives line up on it), whatever else consumed Python's RNG."""
+    import random
+
+    trainer = trainer_for(student, teacher, tokenizer, dataset, make_config(lmbda=0.5))
+
+    def draws():
+        return [(trainer._is_on_policy(0), trainer._is_on_policy(1)) for trainer.state.global_step in range(40)]
+
+    random.seed(1)
+    first = draws()
+    random.seed(2)
+    random.random()
+    assert draws() == first
+    assert 0.3 < sum(a + b for a, b in first) / 80 < 0.7  # still a fair coin with lmbda = 0.5
+    assert [a for a, _ in first] != [b for _, b in first]  # micro-batches of one step draw independently
+
+
 def test_a_snapshot_older_than_the_bound_is_refreshed_instead_of_starving(
     student, teacher, tokenizer, dataset, make_config
 ):

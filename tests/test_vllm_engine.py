@@ -70,11 +70,16 @@ def test_vllm_server_backend_syncs_weights_and_tags_every_sample_with_the_versio
         assert torch.equal(dict(server.model.named_parameters())[name], weight.detach()), name
 
     assert len(consumed) == 6 * 4
-    by_completion = {(tuple(g["prompt"]), tuple(g["completion"])): g for g in server.generations}
     for step, sample in consumed:
-        generation = by_completion[(tuple(sample.prompt_ids), tuple(sample.completion_ids))]
-        # tagged with the version the server held when it sampled (version 0 = the first push)
-        assert sample.policy_version == generation["after_update"] - 1
+        # the server's record of this completion (the same one may have been sampled more than once)
+        generations = [
+            g
+            for g in server.generations
+            if (g["prompt"], g["completion"]) == (sample.prompt_ids, sample.completion_ids)
+            and g["after_update"] - 1 == sample.policy_version  # tagged with the version the server held then
+        ]
+        assert generations, (sample.policy_version, [g["after_update"] for g in server.generations])
+        generation = generations[0]
         assert step - sample.policy_step <= 2
         assert sample.behaviour_logprobs == pytest.approx(generation["logprobs"])
         assert sample.teacher_topk_ids is not None and len(sample.teacher_topk_ids) == len(sample.completion_ids)
@@ -86,8 +91,10 @@ def test_vllm_server_backend_syncs_weights_and_tags_every_sample_with_the_versio
         assert sample.behaviour_logprobs == pytest.approx(expected.tolist(), abs=1e-4)
 
 
-def test_a_server_that_returns_raw_logprobs_is_refused(fake_server, student, teacher, tokenizer, dataset, make_config):
-    fake_server.logprobs_mode = "raw_logprobs"
+def test_a_server_that_returns_raw_logprobs_is_refused(
+    fake_server, student, teacher, tokenizer, dataset, make_config, monkeypatch
+):
+    monkeypatch.setattr(fake_server, "logprobs_mode", "raw_logprobs")
     args = make_config(generation_backend="vllm", max_steps=1)
     trainer = NearPolicyDistillTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer

@@ -66,8 +66,6 @@ class NearPolicyDistillConfig(GKDConfig):
         Port of the NCCL group that carries weight syncs to the server.
     vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
         Share of each GPU the colocated engine may take (weights and KV cache).
-    vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
-        Tensor-parallel size of the colocated engine; must divide the number of processes.
 
     > Parameters that control weight sync and staleness
 
@@ -169,7 +167,6 @@ class NearPolicyDistillConfig(GKDConfig):
     vllm_server_timeout: float = field(default=240.0, metadata={"help": "Seconds to wait for the vLLM server."})
     vllm_group_port: int = field(default=51216, metadata={"help": "Port of the weight-sync NCCL group."})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU share of a colocated vLLM engine."})
-    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Tensor-parallel size of colocated vLLM."})
     weight_sync_steps: int = field(
         default=4, metadata={"help": "Optimizer steps between two refreshes of the generator's snapshot."}
     )

@@ -137,11 +137,12 @@ class NPDMetrics:
 
 
 # How one log window's values from several ranks combine into the one logged value. Counts and throughputs add up
-# (every rank has its own generator and buffer); the worst staleness is the largest; anything else (means, fractions,
-# seconds per event) is averaged over the ranks that reported it in this window.
+# (every rank has its own generator and buffer). Times take the largest: ranks step together, so the slowest rank's
+# wait or sync is everyone's. The worst staleness is the largest. Anything else (means, fractions) is averaged over
+# the ranks that reported it in this window.
 _SUMMED_PREFIXES = ("npd/dropped_", "npd/ifd_dropped_")
 _SUMMED = {"npd/buffer_size", "npd/truncated_prompts", "npd/gen_samples_per_s", "npd/gen_tokens_per_s"}
-_MAXED = {"npd/staleness_max", "npd/version"}
+_MAXED = {"npd/staleness_max", "npd/version", "npd/wait_s", "npd/wait_frac", "npd/weight_sync_s"}
 
 
 def aggregate_across_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:

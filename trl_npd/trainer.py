@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
+import torch.distributed as dist
+from accelerate.utils import gather_object
 from datasets import IterableDataset
 from torch import nn
 from transformers import TrainerCallback
@@ -121,6 +122,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
         finally:
             args.padding_free = padding_free
         _check_tokenizer_fits(self.processing_class, self.model, self.teacher_model)
+        self._check_sharding_support()
         if self.lmbda > 0 and _is_quantized(self.model):
             raise ValueError(
                 "The student is quantized (bitsandbytes or another quantizer). The generator samples from a plain "
@@ -188,32 +190,53 @@ class NearPolicyDistillTrainer(GKDTrainer):
             self._vllm = connect_vllm(self.model, self.accelerator, self.processing_class, self.args)
         if self._vllm is not None:
             self._vllm.sync_weights()  # the server starts from its checkpoint; version 0 is the student as it is now
-        with self._full_weights():
+        with self._full_weights(with_teacher=True):
             self._ensure_pipeline()
 
     def _hosts_generator(self) -> bool:
         return not self.args.uses_shared_generator or self.accelerator.is_main_process
 
     @contextlib.contextmanager
-    def _full_weights(self) -> Iterator[None]:
-        """Full weights of the student while the embedded engine's snapshot copies them.
+    def _full_weights(self, with_teacher: bool = False) -> Iterator[None]:
+        """Full weights of the student (and the teacher, for the generator's first copy of it) while the embedded
+        engine copies them.
 
-        DeepSpeed ZeRO-3 and FSDP shard the weights across ranks; gathering them is a collective that every rank
-        enters, at the same steps, whether it hosts a generator or not. A no-op without sharding, and for vLLM, whose
-        TRL sync gathers by itself.
+        DeepSpeed ZeRO-3 shards the weights across ranks; gathering them is a collective that every rank enters, at
+        the same steps, whether it hosts a generator or not. A no-op without ZeRO-3, and for vLLM, whose TRL sync
+        gathers by itself.
         """
         backend = DistributedBackend(self.accelerator)
-        if self.args.generation_backend != "transformers" or not (backend.is_zero3 or backend.is_fsdp):
+        if self.args.generation_backend != "transformers" or not backend.is_zero3:
             yield
             return
-        if backend.fsdp_version == 2:
-            raise NotImplementedError(
-                "FSDP2 shards weights as DTensors, which the embedded generator's snapshot cannot copy yet. Use "
-                "DeepSpeed ZeRO-3, FSDP1, or generation_backend='vllm' (TRL's weight sync gathers FSDP2)."
-            )
-        params = list(self.accelerator.unwrap_model(self.model).parameters())
-        with backend.gather_params(params), backend.summon_full_params(self.model_wrapped, writeback=False):
+        models = [self.model, self.teacher_model] if with_teacher else [self.model]
+        params = [p for m in models for p in self.accelerator.unwrap_model(m).parameters()]
+        with backend.gather_params(params):
             yield
+
+    def _check_sharding_support(self) -> None:
+        """Refuse, before training, the sharded set-ups whose generation would hang or copy empty weights."""
+        backend = DistributedBackend(self.accelerator)
+        if not (backend.is_zero3 or backend.is_fsdp) or self.lmbda == 0:
+            return
+        args = self.args
+        if backend.is_fsdp and args.generation_backend == "transformers":
+            raise NotImplementedError(
+                "FSDP with the embedded generator is not supported: its snapshot copies the student's modules, which "
+                "FSDP wraps and shards. Use DeepSpeed ZeRO-3, or generation_backend='vllm' (TRL's weight sync "
+                "gathers FSDP weights)."
+            )
+        if args.generator_mode == "sync" and args.generation_backend == "transformers":
+            raise ValueError(
+                "generator_mode='sync' samples with the live student, and under ZeRO-3 every forward is a collective "
+                "that ranks stopping at different lengths cannot line up. Use generator_mode='process' or 'thread'."
+            )
+        if args.generation_backend == "vllm" and args.teacher_top_k is not None:
+            raise ValueError(
+                "With vLLM, the teacher's top-k is scored by the trainer's own teacher in the generation thread, and "
+                "a sharded teacher's forwards are collectives that thread cannot take part in. Use "
+                "teacher_top_k=None under ZeRO-3/FSDP."
+            )
 
     def _ensure_pipeline(self) -> GenerationPipeline | None:
         if self._pipeline is not None or not self._hosts_generator():
@@ -358,12 +381,12 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
     ) -> tuple[list[dict[str, Any]], torch.Tensor | None]:
         batches = []
-        for _ in range(num_batches):
+        for micro_batch in range(num_batches):
             try:
                 batch = next(epoch_iterator)
             except StopIteration:
                 break
-            batches.append(self._choose_batch(batch))
+            batches.append(self._choose_batch(batch, micro_batch))
         if not batches:
             return batches, None
         # Normalize by what is trained on, counted after generation (GKD counts the dataset's labels instead).
@@ -372,8 +395,16 @@ class NearPolicyDistillTrainer(GKDTrainer):
             num_items = self.accelerator.gather(num_items).sum()
         return batches, num_items
 
-    def _choose_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        if self.lmbda > 0 and random.random() < self.lmbda:
+    def _is_on_policy(self, micro_batch: int) -> bool:
+        """With probability `lmbda`. Drawn from the seed, the step and the micro-batch's index rather than the global
+        RNG, so that every rank draws alike (their collectives must line up, whatever else consumed `random` on one
+        rank) and a resumed run draws what the original run would have."""
+        if self.lmbda <= 0:
+            return False
+        return random.Random(f"{self.args.seed}:{self.state.global_step}:{micro_batch}").random() < self.lmbda
+
+    def _choose_batch(self, batch: dict[str, Any], micro_batch: int = 0) -> dict[str, Any]:
+        if self._is_on_policy(micro_batch):
             return self._on_policy_batch()
         if self.seq_kd:
             with unwrap_model_for_generation(
@@ -397,13 +428,14 @@ class NearPolicyDistillTrainer(GKDTrainer):
         n = self.args.per_device_train_batch_size
         if not self.args.uses_shared_generator or self.args.world_size == 1:
             samples = self._take(n, step)
-        else:  # the main process takes every rank's micro-batch from its buffer and hands each rank its share
-            shares: list[Any] = [None]
+        else:  # the main process takes every rank's micro-batch from its buffer and sends each rank its share
+            shares = None
             if self.accelerator.is_main_process:
                 taken = self._take(n * self.args.world_size, step)
-                shares = [[taken[rank * n : (rank + 1) * n] for rank in range(self.args.world_size)]]
-            broadcast_object_list(shares, from_process=0)
-            samples = shares[0][self.args.process_index]
+                shares = [taken[rank * n : (rank + 1) * n] for rank in range(self.args.world_size)]
+            received: list[Any] = [None]
+            dist.scatter_object_list(received, shares, src=0)
+            samples = received[0]
         return self._training_batch(sequences_from_samples(samples))
 
     def _take(self, n: int, step: int) -> list[Sample]:

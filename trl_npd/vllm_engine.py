@@ -28,7 +28,9 @@ def connect_vllm(model: Any, accelerator: Any, tokenizer: Any, args: Any) -> VLL
         server_port=args.vllm_server_port,
         server_timeout=args.vllm_server_timeout,
         group_port=args.vllm_group_port,
-        tensor_parallel_size=args.vllm_tensor_parallel_size,
+        # Colocated tensor parallelism needs every rank of a group to generate the same prompts at the same time;
+        # the generation threads of different ranks are not synchronized, so each rank's engine is whole.
+        tensor_parallel_size=1,
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         max_model_length=args.max_length,
         temperature=args.temperature,
