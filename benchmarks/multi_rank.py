@@ -149,11 +149,34 @@ def print_table(report: dict[str, Any]) -> None:
     )
 
 
+def plot(report: dict[str, Any], path: str) -> None:
+    """samples/s of every run, round by round, one line per placement."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for placement, color in zip(PLACEMENTS, ("tab:blue", "tab:orange"), strict=True):
+        runs = [r for r in report["runs"] if r["placement"] == placement]
+        ax.plot([r["round"] for r in runs], [r["samples_per_s"] for r in runs], "o-", color=color, label=placement)
+        ax.plot([r["round"] for r in runs], [r["steady_samples_per_s"] for r in runs], "o--", color=color, alpha=0.5)
+    ax.set_xlabel("round (solid: overall, dashed: after start-up)")
+    ax.set_ylabel("samples trained / s")
+    ax.set_xticks(range(report["repeats"]))
+    ax.legend()
+    ax.set_title(f"2 processes, preset {report['preset']} ({report['device']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="results/multi_rank.json")
+    parser.add_argument("--plot", default=None, help="PNG path of the plot (default: next to --out)")
     parser.add_argument("--worker", choices=PLACEMENTS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     cli = parser.parse_args()
@@ -177,6 +200,7 @@ def main() -> None:
         "summary": summarize(runs),
     }
     write_json(report, cli.out)
+    plot(report, cli.plot or os.path.splitext(cli.out)[0] + ".png")
     print_table(report)
 
 

@@ -36,7 +36,12 @@ def _saved_student(tokenizer, path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
 
 
-def _train(student, teacher, tokenizer, dataset, args):
+def _train(student, tokenizer, dataset, make_config, **vllm_fields):
+    """24 steps on the GPU with a bf16 teacher; the staleness bound, the sync schedule and the sample count hold."""
+    teacher = build_model(tokenizer, hidden_size=512, num_layers=2, seed=2).to(torch.bfloat16)
+    args = make_config(
+        bf16=True, max_steps=24, weight_sync_steps=4, max_staleness=8, generation_backend="vllm", **vllm_fields
+    )
     trainer = NearPolicyDistillTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
     )
@@ -46,23 +51,12 @@ def _train(student, teacher, tokenizer, dataset, args):
     assert totals.consumed_samples == args.max_steps * args.per_device_train_batch_size
     assert totals.max_staleness_seen <= args.max_staleness
     assert totals.sync_steps == list(range(args.weight_sync_steps, args.max_steps + 1, args.weight_sync_steps))
-    return trainer
 
 
 @needs_vllm_gpu
 def test_colocated_vllm_trains_within_the_staleness_bound(tmp_path, tokenizer, dataset, make_config):
     student = _saved_student(tokenizer, str(tmp_path / "student"))
-    teacher = build_model(tokenizer, hidden_size=512, num_layers=2, seed=2).to(torch.bfloat16)
-    args = make_config(
-        bf16=True,
-        max_steps=24,
-        weight_sync_steps=4,
-        max_staleness=8,
-        generation_backend="vllm",
-        vllm_mode="colocate",
-        vllm_gpu_memory_utilization=0.2,
-    )
-    _train(student, teacher, tokenizer, dataset, args)
+    _train(student, tokenizer, dataset, make_config, vllm_mode="colocate", vllm_gpu_memory_utilization=0.2)
 
 
 @needs_two_vllm_gpus
@@ -86,16 +80,7 @@ def test_a_vllm_server_on_its_own_gpu_trains_within_the_staleness_bound(tmp_path
             except OSError:
                 assert server.poll() is None, "the vLLM server exited while starting"
                 time.sleep(2)
-        teacher = build_model(tokenizer, hidden_size=512, num_layers=2, seed=2).to(torch.bfloat16)
-        args = make_config(
-            bf16=True,
-            max_steps=24,
-            weight_sync_steps=4,
-            max_staleness=8,
-            generation_backend="vllm",
-            vllm_server_base_url=f"http://127.0.0.1:{port}",
-        )
-        _train(student, teacher, tokenizer, dataset, args)
+        _train(student, tokenizer, dataset, make_config, vllm_server_base_url=f"http://127.0.0.1:{port}")
     finally:
         server.terminate()
         server.wait(timeout=60)

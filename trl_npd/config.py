@@ -44,9 +44,10 @@ class NearPolicyDistillConfig(GKDConfig):
     shared_generator (`bool`, *optional*, defaults to `False`):
         With several processes (`accelerate launch`): `False` gives every rank its own generator, which samples
         from that rank's shard of the prompts. `True` runs one generator on the main process, for all ranks; each
-        on-policy micro-batch is taken from its buffer and scattered to the ranks. Per-rank is the measured default
-        (`docs/scale.md`); the shared generator suits a dedicated generation device (`generator_device`) and is
-        what vLLM's server mode uses, since one client holds the weight-transfer group.
+        on-policy micro-batch is taken from its buffer and scattered to the ranks. Per-rank is the default; the
+        measurement and the reasons are in `docs/scale.md`. The shared generator suits a dedicated generation
+        device (`generator_device`), and vLLM's server mode always uses it, since one client holds the
+        weight-transfer group.
 
     > Parameters that control the vLLM backend (`generation_backend="vllm"`)
 
