@@ -88,6 +88,7 @@ def worker(preset: dict[str, Any], placement: str, out: str) -> None:
         )
         trainer.train()
         wall_s = time.perf_counter() - clock["start"]
+        trainer.end()  # destroys the process group, as a script should (left to exit, gloo's teardown can abort)
     if trainer.accelerator.is_main_process:
         totals = trainer.npd_metrics.totals
         samples = preset["steps"] * preset["batch"] * args.world_size

@@ -64,6 +64,13 @@ def config(out: str, **overrides) -> NearPolicyDistillConfig:
     return NearPolicyDistillConfig(**values)
 
 
+def finish(trainer: NearPolicyDistillTrainer) -> None:
+    """End as a script should (the `trl-npd` CLI does too): `Trainer.end` destroys the process group. Left to
+    interpreter exit, gloo's teardown can abort a rank ("terminate called without an active exception")."""
+    if trainer.args.world_size > 1:
+        trainer.end()
+
+
 def run_loss_step(out: str, world_size: int) -> dict:
     """One SGD step on a global batch of `GLOBAL_BATCH` rows, the whole train set, split over `world_size` processes;
     returns this rank's loss (as DDP scales it), the logged loss and a checksum of every updated weight."""
@@ -86,6 +93,7 @@ def run_loss_step(out: str, world_size: int) -> dict:
     )
     trainer.losses = []
     trainer.train()
+    finish(trainer)
     weights = {name: p.detach().double().sum().item() for name, p in student.named_parameters()}
     return {"loss": trainer.losses[0], "weights": weights, "logged_loss": trainer.state.log_history[0]["loss"]}
 
@@ -125,6 +133,7 @@ def run_on_policy(out: str, shared: bool, lmbda: float) -> dict:
     if os.environ.get("RANK") == "1":  # something on one rank only draws from Python's RNG (a callback, a logger)
         random.random()
     trainer.train()
+    finish(trainer)
     totals = trainer.npd_metrics.totals
     return {
         "consumed_prompts": consumed,
