@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
-from common import device_name, write_json
+from common import device_name, pyplot, save_figure, write_json
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TrainerCallback
@@ -380,10 +380,7 @@ def evaluate_curve(
 
 # ---- report ------------------------------------------------------------------------------------------------------
 def plot(report: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in report["runs"]:
@@ -394,9 +391,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title(f"{report['task']}, seed {report['seed']}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def acc_at(run: dict[str, Any], wall_s: float) -> float:
@@ -461,10 +456,7 @@ def summarize(paths: list[str], out: str, plot_path: str) -> None:
             f"{percent(row['acc_at_npd_no_ifd_wall_mean']):>14} {row['wall_s_mean']:7.1f}  "
             + " ".join(f"{a:.1%}" for a in row["acc_by_seed"])
         )
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(reports), figsize=(4.2 * len(reports), 3.6), sharey=True, squeeze=False)
     for ax, report in zip(axes[0], reports, strict=True):
@@ -476,9 +468,7 @@ def summarize(paths: list[str], out: str, plot_path: str) -> None:
     axes[0][0].set_ylabel("held-out exact match (%)")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(summary["task"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(plot_path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, plot_path)
 
 
 def main() -> None:

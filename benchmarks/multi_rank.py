@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import device_name, write_json
+from common import device_name, pyplot, save_figure, write_json
 
 PRESETS = {
     "cpu": dict(student_hidden=128, teacher_hidden=256, layers=2, batch=4, new_tokens=32, steps=32),
@@ -152,10 +152,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 def plot(report: dict[str, Any], path: str) -> None:
     """samples/s of every run, round by round, one line per placement."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for placement, color in zip(PLACEMENTS, ("tab:blue", "tab:orange"), strict=True):
@@ -167,9 +164,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     ax.set_xticks(range(report["repeats"]))
     ax.legend()
     ax.set_title(f"2 processes, preset {report['preset']} ({report['device']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

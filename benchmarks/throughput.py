@@ -42,7 +42,7 @@ import tempfile
 import time
 from typing import Any
 
-from common import device_name, write_json
+from common import device_name, pyplot, save_figure, write_json
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -366,10 +366,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def plot(report: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = report["runs"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -378,9 +375,7 @@ def plot(report: dict[str, Any], path: str) -> None:
         ax.annotate(f"{r['samples_per_s']:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center")
     ax.set_ylabel("samples trained / s")
     ax.set_title(f"Throughput, preset {report['preset']} ({report['device']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

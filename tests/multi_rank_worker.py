@@ -146,6 +146,46 @@ def run_on_policy(out: str, shared: bool, lmbda: float) -> dict:
     }
 
 
+def run_resume(out: str) -> dict:
+    """Train 4 steps with checkpoints every 2, then resume from the last one to step 6 with fresh models."""
+    tokenizer = build_tokenizer()
+    dataset = arithmetic_dataset(64, seed=0)
+    positions, first_resumed = {}, []
+    record_take = NPDMetrics.record_take
+
+    def recording_take(self, result, current_step):
+        if resumed and not first_resumed:
+            first_resumed.append(min(s.stream_position for s in result.samples))
+        record_take(self, result, current_step)
+
+    NPDMetrics.record_take = recording_take
+    for max_steps, resumed in ((4, False), (6, True)):
+        args = config(
+            out,
+            max_steps=max_steps,
+            lmbda=1.0,
+            weight_sync_steps=2,
+            max_staleness=2,
+            save_strategy="steps",
+            save_steps=2,
+        )
+        trainer = NearPolicyDistillTrainer(
+            model=build_model(tokenizer, hidden_size=32, num_layers=2, seed=1),
+            teacher_model=build_model(tokenizer, hidden_size=64, num_layers=2, seed=2),
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        trainer.train(resume_from_checkpoint=resumed or None)
+        positions[max_steps] = trainer._next_stream_position
+    finish(trainer)
+    return {
+        "position_at": positions,
+        "first_position_resumed": first_resumed[0],
+        "global_step": trainer.state.global_step,
+    }
+
+
 def run_failing(out: str) -> dict:
     tokenizer = build_tokenizer()
     student = build_model(tokenizer, hidden_size=32, num_layers=2, seed=1)
@@ -165,7 +205,7 @@ def run_failing(out: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", choices=["loss", "on_policy", "fail"], required=True)
+    parser.add_argument("--phase", choices=["loss", "on_policy", "resume", "fail"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--shared", action="store_true")
     parser.add_argument("--lmbda", type=float, default=1.0)
@@ -177,6 +217,8 @@ def main() -> None:
         result = run_loss_step(os.path.join(cli.out, "run"), world_size)
     elif cli.phase == "on_policy":
         result = run_on_policy(os.path.join(cli.out, "run"), cli.shared, cli.lmbda)
+    elif cli.phase == "resume":
+        result = run_resume(os.path.join(cli.out, "run"))
     else:
         result = run_failing(os.path.join(cli.out, "run"))
     with open(os.path.join(cli.out, f"rank{rank}.json"), "w") as f:

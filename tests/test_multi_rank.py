@@ -117,6 +117,17 @@ def test_a_shared_generator_on_the_main_process_feeds_every_rank(tmp_path):
         assert "npd/wait_s" not in ranks[1]["local_logs"][window]
 
 
+def test_checkpoints_keep_every_ranks_prompt_stream_and_each_rank_resumes_its_own(tmp_path):
+    done, ranks = _launch(tmp_path, "--phase", "resume")
+    assert done.returncode == 0 and len(ranks) == 2, _launched(done)
+    assert [r["global_step"] for r in ranks] == [6, 6]
+    with open(tmp_path / "run" / "checkpoint-4" / "npd_state.json") as f:
+        saved = json.load(f)["stream_positions"]
+    assert saved == [r["position_at"]["4"] for r in ranks]  # one position per rank, as each rank had it
+    # after the resume, each rank's stream continued exactly where its own had stopped
+    assert [r["first_position_resumed"] for r in ranks] == saved
+
+
 def _processes_with(marker: str) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter():
