@@ -1,5 +1,6 @@
 """Test helpers that the spawned generator process must be able to import."""
 
+import socket
 import threading
 
 import psutil
@@ -51,3 +52,10 @@ class FailsOnRank1(Qwen3ForCausalLM):
         if os.environ.get("RANK") == "1" and type(self).calls >= 2:
             raise RuntimeError("late boom on rank 1: its generator failed")
         return super().generate(*args, **kwargs)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launcher or server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ Each launch runs `multi_rank_worker.py`, which writes one JSON file per rank; th
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,16 +14,11 @@ import uuid
 
 import psutil
 import pytest
+from helpers import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multi_rank_worker.py")
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(out, *worker_args, marker="", timeout_s=300):
@@ -32,7 +26,7 @@ def _launch(out, *worker_args, marker="", timeout_s=300):
     # --multi_gpu picks torchrun's launcher; the worker's use_cpu=True then makes every rank a gloo CPU process.
     # (`accelerate launch --cpu --num_processes 2` starts a single process unless given an MPI hostfile.)
     command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     command += [WORKER, "--out", str(out), *worker_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NPD_TEST_LAUNCH": marker}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)

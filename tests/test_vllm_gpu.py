@@ -6,7 +6,6 @@ same seam, against a fake client, are in test_vllm_engine.py.
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import urllib.request
 
 import pytest
 import torch
+from helpers import free_port
 from transformers import AutoModelForCausalLM
 
 from trl_npd import NearPolicyDistillTrainer
@@ -63,9 +63,7 @@ def test_colocated_vllm_trains_within_the_staleness_bound(tmp_path, tokenizer, d
 def test_a_vllm_server_on_its_own_gpu_trains_within_the_staleness_bound(tmp_path, tokenizer, dataset, make_config):
     path = str(tmp_path / "student")
     student = _saved_student(tokenizer, path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     trl = os.path.join(os.path.dirname(sys.executable), "trl")
     server = subprocess.Popen(
         [trl, "vllm-serve", "--model", path, "--port", str(port), "--gpu_memory_utilization", "0.3"],

@@ -8,11 +8,12 @@ trainer never waits for a generation batch to finish before it can publish.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import multiprocessing as mp
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,18 +64,13 @@ class PolicySnapshot:
         """
         with torch.no_grad():
             copies = self._changed_since_last_publish(source)
-        while not self._lock.acquire(timeout=0.1):
-            check_alive()
-        try:
-            with torch.no_grad():
-                for dst, src in copies:
-                    dst.copy_(src.detach())
+        with held_while_alive(self._lock, check_alive), torch.no_grad():
+            for dst, src in copies:
+                dst.copy_(src.detach())
             self.last_publish_bytes = sum(src.numel() * src.element_size() for _, src in copies)
             self._version.value += 1
             self._step.value = step
             return int(self._version.value)
-        finally:
-            self._lock.release()
 
     def _changed_since_last_publish(self, source: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The (snapshot, source) tensor pairs this publish must copy.
@@ -117,6 +113,18 @@ class PolicySnapshot:
         state = self.__dict__.copy()
         state["_pairs"], state["_pairs_source"], state["_frozen_versions"] = [], None, {}  # per-process caches
         return state
+
+
+@contextlib.contextmanager
+def held_while_alive(lock: Any, check_alive: Callable[[], None]) -> Iterator[None]:
+    """Hold `lock`, calling `check_alive` while waiting for it: a generator that died holding the lock never
+    releases it, and `check_alive` raises instead of waiting forever."""
+    while not lock.acquire(timeout=0.1):
+        check_alive()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def inference_copy(model: nn.Module) -> nn.Module:

@@ -37,6 +37,7 @@ from .generation import (
     RemoteEngine,
     TransformersEngine,
     generate_batch,
+    held_while_alive,
     inference_copy,
     run_generator,
     run_remote_generator,
@@ -253,15 +254,11 @@ class GenerationPipeline:
     def publish(self, student: nn.Module, step: int) -> int:
         """Make `student`'s current weights the generator's policy, tagged with `step`; returns the version."""
         if self._remote is not None:  # after the batch in flight, which its version must have sampled entirely
-            while not self._policy_lock.acquire(timeout=0.1):
-                self.check_alive()
-            try:
+            with held_while_alive(self._policy_lock, self.check_alive):
                 self._remote.sync_weights()
                 self._version += 1
                 self._step = step
                 return self._version
-            finally:
-                self._policy_lock.release()
         if self._snapshot is None:  # sync mode generates with the live weights: nothing to copy
             self._version += 1
             self._step = step
