@@ -2,7 +2,7 @@
 
     python benchmarks/ifd_cost.py --out results/ifd_cost.json
 
-The generator's own loop step (`generation.generate_batch`) runs on the same student, teacher and prompts, in one
+The generator's own loop step (`generator.generate_batch`) runs on the same student, teacher and prompts, in one
 process, alternating the variants so drift in machine speed hits both alike:
   - `generate`: sampling only (Δ-IFD off);
   - `generate+ifd`: sampling, the three extra forwards of Δ-IFD scoring, and the band selection.
@@ -23,7 +23,8 @@ import torch
 from common import write_json
 from trl.experimental.utils import DataCollatorForChatML
 
-from trl_npd.generation import EngineConfig, IFDSettings, TransformersEngine, generate_batch, scoring_stage
+from trl_npd.engine import EngineConfig, TransformersEngine
+from trl_npd.generator import IFDSettings, generate_batch, scoring_stage
 from trl_npd.prompts import PromptStream
 from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
 

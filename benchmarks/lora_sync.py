@@ -29,7 +29,7 @@ import torch
 from common import device_name, write_json
 from peft import LoraConfig, get_peft_model
 
-from trl_npd.generation import PolicySnapshot, _matching_tensors, inference_copy
+from trl_npd.snapshot import PolicySnapshot, _matching_tensors, inference_copy
 from trl_npd.toy import build_model, build_tokenizer
 
 PRESETS = {

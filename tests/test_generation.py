@@ -6,9 +6,10 @@ import pytest
 import torch
 from trl.experimental.utils import DataCollatorForChatML
 
-from trl_npd.generation import EngineConfig, PolicySnapshot, TransformersEngine
+from trl_npd.engine import EngineConfig, TransformersEngine
 from trl_npd.pipeline import GenerationPipeline
 from trl_npd.prompts import PromptStream
+from trl_npd.snapshot import PolicySnapshot
 from trl_npd.toy import build_model
 
 

@@ -1,6 +1,6 @@
 """Lifecycle of the background generator: start it, feed the trainer from it, publish weights, stop it.
 
-Three hosts run the same generation code (`generation.run_generator` / `generation.generate_batch`):
+Three hosts run the same generator loop (`generator.run_generator` / `generator.generate_batch`):
 
 - `process`: a spawned process. The only host with real overlap on a CPU machine (see docs/design.md): the
   generator gets its own interpreter and its own torch threads, so it neither holds the trainer's GIL nor competes
@@ -29,16 +29,11 @@ from typing import Any
 from torch import nn
 
 from .buffer import GeneratedBatch, SampleBuffer, TakeResult
-from .generation import (
-    EngineConfig,
+from .engine import EngineConfig, RemoteEngine, TransformersEngine
+from .generator import (
     GeneratorSpec,
     IFDSettings,
-    PolicySnapshot,
-    RemoteEngine,
-    TransformersEngine,
     generate_batch,
-    held_while_alive,
-    inference_copy,
     run_generator,
     run_remote_generator,
     scoring_stage,
@@ -46,6 +41,7 @@ from .generation import (
 from .prompts import PromptStream
 from .scoring import SampleScorer
 from .selection import DeltaIFDFilter
+from .snapshot import PolicySnapshot, held_while_alive, inference_copy
 
 
 @contextlib.contextmanager

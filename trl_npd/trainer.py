@@ -41,7 +41,8 @@ from .batching import Sequence, count_trained_tokens, pad_sequences, sequences_f
 from .buffer import Sample
 from .completion_log import CompletionLog
 from .config import NearPolicyDistillConfig
-from .generation import EngineConfig, IFDSettings
+from .engine import EngineConfig
+from .generator import IFDSettings
 from .losses import distillation_loss, k3_policy_kl
 from .metrics import NPDMetrics, aggregate_across_ranks
 from .model_card import append_npd_section

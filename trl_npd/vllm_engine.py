@@ -13,7 +13,7 @@ from typing import Any
 
 from trl.generation.vllm_generation import VLLMGeneration
 
-from .generation import Completion, EngineConfig
+from .engine import Completion, EngineConfig
 
 
 def connect_vllm(model: Any, accelerator: Any, tokenizer: Any, args: Any) -> VLLMGeneration:

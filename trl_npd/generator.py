@@ -1,0 +1,193 @@
+"""The generator loop: prompts -> engine -> scoring -> selection -> buffer.
+
+`generate_batch` is one turn of it, shared by every host (a generator process, a thread, the trainer in `sync`
+mode). `run_generator` is the loop of a background generator that samples from a `PolicySnapshot`, and
+`run_remote_generator` the loop for an engine that holds its own weights (vLLM).
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .buffer import GeneratedBatch, Sample, SampleBuffer
+from .engine import EngineConfig, RemoteEngine, TransformersEngine
+from .prompts import PromptStream
+from .scoring import SampleScorer
+from .selection import DeltaIFDFilter
+from .snapshot import PolicySnapshot
+
+
+def generate_batch(
+    engine: TransformersEngine | RemoteEngine,
+    prompts: PromptStream,
+    batch_size: int,
+    version: int,
+    step: int,
+    scorer: SampleScorer | None = None,
+    selector: DeltaIFDFilter | None = None,
+) -> GeneratedBatch | None:
+    """Sample one generation batch with the engine's current weights, tagged with their version and step; score
+    it (teacher top-k, Δ-IFD) and keep the samples in the Δ-IFD band, when a scorer and a selector are given."""
+    start = time.perf_counter()
+    batch_prompts = prompts.take(batch_size)
+    dropped: dict[str, int] = {}
+    usable = [p for p in batch_prompts if p.ids]
+    if len(usable) < len(batch_prompts):  # nothing to condition on; generate() cannot start from zero tokens
+        dropped["empty_prompt"] = len(batch_prompts) - len(usable)
+    completions = engine.generate([p.ids for p in usable]) if usable else []
+    if completions is None:
+        return None
+    samples = [
+        Sample(
+            prompt_ids=p.ids,
+            completion_ids=c.ids,
+            behaviour_logprobs=c.logprobs,
+            policy_version=version,
+            policy_step=step,
+            prompt_index=p.index,
+            stream_position=p.position,
+            prompt_truncated=p.truncated,
+            behaviour_logprobs_t1=c.logprobs_t1,
+        )
+        for p, c in zip(usable, completions, strict=True)
+    ]
+    if scorer is not None:
+        scorer.score(samples)
+    deltas, warnings = [], []
+    if selector is not None:
+        deltas = [s.ifd_delta for s in samples]
+        selected = selector.select(deltas)
+        samples = [samples[i] for i in selected.kept]
+        dropped.update(selected.dropped)
+        warnings = selected.warnings
+    return GeneratedBatch(
+        samples=samples,
+        busy_s=time.perf_counter() - start,
+        completion_tokens=sum(len(s.completion_ids) for s in samples),
+        dropped=dropped,
+        truncated_prompts=sum(p.truncated for p in usable),
+        ifd_deltas=deltas,
+        warnings=warnings,
+    )
+
+
+@dataclass
+class IFDSettings:
+    """The Δ-IFD filter's settings (see `selection.DeltaIFDFilter`)."""
+
+    band: str
+    low: float
+    high: float
+    quantiles: tuple[float, float]
+    window: int
+    max_rejected_in_a_row: int
+
+
+def scoring_stage(
+    teacher: nn.Module | None,
+    student: nn.Module,
+    top_k: int | None,
+    ifd: IFDSettings | None,
+    bos_token_id: int | None,
+    engine: EngineConfig,
+) -> tuple[SampleScorer | None, DeltaIFDFilter | None]:
+    """The scorer and selector a generator needs, or None for each it does not."""
+    if teacher is None or (top_k is None and ifd is None):
+        return None, None
+    scorer = SampleScorer(
+        teacher, top_k=top_k, student=student, ifd=ifd is not None, bos_token_id=bos_token_id, device=engine.device
+    )
+    selector = None
+    if ifd is not None:
+        selector = DeltaIFDFilter(ifd.band, ifd.low, ifd.high, ifd.quantiles, ifd.window, ifd.max_rejected_in_a_row)
+    return scorer, selector
+
+
+@dataclass
+class GeneratorSpec:
+    """Everything the background generator needs; picklable so a spawned process can receive it."""
+
+    snapshot: PolicySnapshot
+    prompts: PromptStream
+    engine: EngineConfig
+    generation_batch_size: int
+    seed: int
+    num_threads: int | None = None
+    teacher: nn.Module | None = None  # an inference copy, for the scoring stage
+    teacher_top_k: int | None = None
+    ifd: IFDSettings | None = None
+    bos_token_id: int | None = None
+
+
+def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: Any, seed_rng: bool) -> None:
+    """The generator loop: refresh weights if a newer version exists, sample a batch, hand it to the buffer.
+
+    Runs until `stop` is set. Any exception is sent, with its traceback, through `errors` for the trainer to raise.
+    """
+    try:
+        should_stop = stop.is_set
+        if seed_rng:  # only in a process of its own: a thread would reseed the trainer's RNG
+            torch.manual_seed(spec.seed)
+            should_stop = _or_orphaned(stop.is_set)
+        if spec.num_threads is not None:
+            torch.set_num_threads(spec.num_threads)
+        model = copy.deepcopy(spec.snapshot.model).to(spec.engine.device)
+        engine = TransformersEngine(model, spec.engine, should_stop=should_stop, record_t1=spec.ifd is not None)
+        teacher = None if spec.teacher is None else copy.deepcopy(spec.teacher).to(spec.engine.device)
+        scorer, selector = scoring_stage(teacher, model, spec.teacher_top_k, spec.ifd, spec.bos_token_id, spec.engine)
+        version, step = -1, 0
+        while not should_stop():
+            loaded = spec.snapshot.load_into(model, version)
+            if loaded is not None:
+                version, step = loaded
+            batch = generate_batch(engine, spec.prompts, spec.generation_batch_size, version, step, scorer, selector)
+            if batch is None or not buffer.put(batch, should_stop):
+                break
+    except BaseException:
+        errors.put(traceback.format_exc())
+
+
+def _or_orphaned(stop_is_set: Callable[[], bool]) -> Callable[[], bool]:
+    """`stop_is_set`, or the trainer process is gone.
+
+    A trainer killed by a signal (a launcher stopping every rank after one failed, an out-of-memory kill) runs no
+    cleanup, so it never sets `stop`; without this check its generator would outlive it.
+    """
+    parent = mp.parent_process()
+    if parent is None:
+        return stop_is_set
+    return lambda: stop_is_set() or not parent.is_alive()
+
+
+def run_remote_generator(
+    engine: RemoteEngine,
+    policy_lock: Any,
+    policy: Callable[[], tuple[int, int]],
+    prompts: PromptStream,
+    generation_batch_size: int,
+    scorer: SampleScorer | None,
+    buffer: SampleBuffer,
+    stop: Any,
+    errors: Any,
+) -> None:
+    """The generator loop for an engine that holds its own weights: sample a batch, tag it with the version the
+    engine holds (`policy()` gives it, with its step), hand it to the buffer. The policy lock is held for the whole
+    batch, so a weight sync waits for the batch in flight and no batch mixes two versions."""
+    try:
+        while not stop.is_set():
+            with policy_lock:
+                version, step = policy()
+                batch = generate_batch(engine, prompts, generation_batch_size, version, step, scorer)
+            if batch is None or not buffer.put(batch, stop.is_set):
+                break
+    except BaseException:
+        errors.put(traceback.format_exc())
