@@ -1,11 +1,12 @@
 import math
+import random
 
 import pytest
 import torch
 
 from trl_npd.buffer import Sample
 from trl_npd.scoring import SampleScorer
-from trl_npd.selection import MIN_UNCONDITIONAL_NLL, DeltaIFDFilter, delta_ifd, ifd
+from trl_npd.selection import MIN_TAILS_WINDOW, MIN_UNCONDITIONAL_NLL, DeltaIFDFilter, delta_ifd, ifd
 from trl_npd.toy import build_model
 
 
@@ -13,6 +14,31 @@ def test_band_edges_are_inclusive_and_drops_are_counted_by_side():
     result = DeltaIFDFilter("absolute", 0.0, 0.8).select([-1e-9, 0.0, 0.4, 0.8, 0.8 + 1e-9, math.nan])
     assert result.kept == [1, 2, 3, 5]  # both edges kept; an undefined Δ is kept
     assert result.dropped == {"ifd_low": 1, "ifd_high": 1}
+
+
+def test_the_tails_band_drops_only_extreme_outliers_of_either_sign_and_never_cuts_by_sign():
+    rng = random.Random(0)
+    selector = DeltaIFDFilter("tails", tail_width=3.5, max_drop_frac=0.05, window=1024)
+    # before the window can say what is extreme, nothing is dropped, however far out
+    early = selector.select([rng.gauss(0, 0.1) for _ in range(MIN_TAILS_WINDOW - 2)] + [50.0])
+    assert early.dropped == {}
+    # Δ centred on 0, both signs: a sign cut would drop half; the tails band keeps both sides...
+    centred = selector.select([rng.gauss(0.0, 0.1) for _ in range(2000)])
+    assert sum(centred.dropped.values()) < 0.01 * 2000
+    # ...and drops what sits far out on either side, counted by side, with each rejected index and reason
+    result = selector.select([0.0, 0.05, -0.05, 3.0, -3.0])
+    assert result.kept == [0, 1, 2]
+    assert result.dropped == {"ifd_high": 1, "ifd_low": 1}
+    assert result.rejected == [(3, "ifd_high"), (4, "ifd_low")]
+
+
+def test_the_tails_band_never_drops_more_than_its_bound_of_heavy_tailed_deltas():
+    rng = random.Random(1)
+    selector = DeltaIFDFilter("tails", tail_width=3.5, max_drop_frac=0.05, window=1024)
+    # a Cauchy-like Δ: its MAD is small against its tails, so the robust band alone would drop about 12%
+    deltas = [math.tan(math.pi * (rng.random() - 0.5)) for _ in range(4000)]
+    dropped = sum(sum(selector.select(deltas[i : i + 16]).dropped.values()) for i in range(0, 4000, 16))
+    assert 0.02 * 4000 < dropped <= 0.06 * 4000  # the bound holds up to the window's sampling noise
 
 
 def test_ifd_never_divides_by_zero():

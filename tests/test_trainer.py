@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -470,12 +471,28 @@ def test_samples_outside_the_ifd_band_never_reach_compute_loss(student, teacher,
 
     # a quantile band always rejects some samples; padded rows make each sample one row of compute_loss input
     args = make_config(
-        generator_mode="thread", ifd_filter=True, ifd_band="quantile", ifd_quantiles=(0.25, 0.75), padding_free=False
+        generator_mode="thread",
+        ifd_filter=True,
+        ifd_band="quantile",
+        ifd_quantiles=(0.25, 0.75),
+        padding_free=False,
+        log_samples=True,
     )
     trainer = trainer_for(student, teacher, tokenizer, dataset, args, cls=TraceSamples)
     trainer.train()
     totals = trainer.npd_metrics.totals
     assert totals.dropped["ifd_low"] > 0 and totals.dropped["ifd_high"] > 0  # the filter really filtered
+    # log_samples: one line per fate, agreeing with the counters and with what was handed over
+    with open(os.path.join(args.output_dir, "npd_samples.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    trained_lines = [line for line in lines if line["fate"] == "trained"]
+    assert [(x["prompt_index"], x["stream_position"]) for x in trained_lines] == [
+        (s.prompt_index, s.stream_position) for s in trainer.handed_over
+    ]
+    assert all(x["staleness"] == x["step"] - x["policy_step"] <= args.max_staleness for x in trained_lines)
+    dropped = Counter(line["reason"] for line in lines if line["fate"] == "dropped")
+    assert dropped == +totals.dropped  # the same reasons and counts as the run's counters
+    assert all(line["ifd_delta"] is not None for line in lines if line.get("reason") in ("ifd_low", "ifd_high"))
     assert all(not math.isnan(s.ifd_delta) for s in trainer.handed_over)
     trained = [
         row[mask.bool()].tolist()
@@ -491,7 +508,12 @@ def test_an_ifd_band_that_rejects_everything_warns_and_widens_instead_of_starvin
     student, teacher, tokenizer, dataset, make_config, caplog
 ):
     args = make_config(
-        generator_mode="thread", ifd_filter=True, ifd_delta_min=1e6, ifd_delta_max=2e6, ifd_max_rejected_in_a_row=8
+        generator_mode="thread",
+        ifd_filter=True,
+        ifd_band="absolute",
+        ifd_delta_min=1e6,
+        ifd_delta_max=2e6,
+        ifd_max_rejected_in_a_row=8,
     )
     trainer = trainer_for(student, teacher, tokenizer, dataset, args)
     with caplog.at_level(logging.WARNING, logger="trl_npd.trainer"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,17 +40,35 @@ class Sample:
 
 
 @dataclass
+class Rejected:
+    """A sample (or a prompt) the generator discarded before the buffer, and why: enough to trace it, not its
+    tokens."""
+
+    prompt_index: int
+    stream_position: int
+    policy_version: int
+    policy_step: int
+    reason: str  # "ifd_low", "ifd_high", "empty_prompt"
+    ifd_delta: float | None = None
+    completion_tokens: int = 0
+
+
+@dataclass
 class GeneratedBatch:
     """What the generator hands over at once: samples of one policy version and what they cost."""
 
     samples: list[Sample]
     busy_s: float
     completion_tokens: int
-    # samples the generator could not produce or discarded, by reason (e.g. "empty_prompt")
-    dropped: dict[str, int] = field(default_factory=dict)
     truncated_prompts: int = 0
     ifd_deltas: list[float] = field(default_factory=list)  # of every scored sample, kept or not
     warnings: list[str] = field(default_factory=list)  # for the trainer to log
+    rejected: list[Rejected] = field(default_factory=list)  # what the generator could not produce or discarded
+
+    @property
+    def dropped(self) -> Counter:
+        """The rejected samples counted by reason."""
+        return Counter(r.reason for r in self.rejected)
 
 
 @dataclass
@@ -58,9 +76,13 @@ class TakeResult:
     """What one `take` returned and what it observed on the way."""
 
     samples: list[Sample]
-    dropped_stale: int = 0
+    stale: list[Sample] = field(default_factory=list)  # evicted past the staleness bound, oldest first
     wait_s: float = 0.0
     received: list[GeneratedBatch] = field(default_factory=list)
+
+    @property
+    def dropped_stale(self) -> int:
+        return len(self.stale)
 
 
 class SampleBuffer:
@@ -110,7 +132,7 @@ class SampleBuffer:
             while self._ready and len(result.samples) < n:
                 sample = self._ready.popleft()
                 if current_step - sample.policy_step > max_staleness:
-                    result.dropped_stale += 1
+                    result.stale.append(sample)
                 else:
                     result.samples.append(sample)
             if len(result.samples) == n:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from trl.experimental.gkd import GKDConfig
 
+from .selection import BANDS as IFD_BANDS
+
 GENERATOR_MODES = ("process", "thread", "sync")
 GENERATION_BACKENDS = ("transformers", "vllm")
 VLLM_MODES = ("server", "colocate")
@@ -115,15 +117,21 @@ class NearPolicyDistillConfig(GKDConfig):
         Score every generated sample's Δ-IFD = IFD_teacher - IFD_student (IFD = NLL with the prompt / NLL without)
         in the generator, and train only on samples inside the band. Costs two extra forwards per sample, off the
         training critical path.
-    ifd_band (`str`, *optional*, defaults to `"absolute"`):
-        `"absolute"`: keep `ifd_delta_min <= Δ <= ifd_delta_max`. `"quantile"`: keep Δ between the `ifd_quantiles`
-        of the last `ifd_window` scored samples.
+    ifd_band (`str`, *optional*, defaults to `"tails"`):
+        `"tails"`: drop only the extreme outliers of the last `ifd_window` scored samples, those more than
+        `ifd_tail_width` robust standard deviations from their median, and never more than `ifd_max_drop_frac` of
+        them. `"absolute"`: keep `ifd_delta_min <= Δ <= ifd_delta_max`. `"quantile"`: keep Δ between the
+        `ifd_quantiles` of the last `ifd_window` scored samples.
+    ifd_tail_width (`float`, *optional*, defaults to `3.5`):
+        Half-width of the tails band, in robust standard deviations (1.4826 × the median absolute deviation).
+    ifd_max_drop_frac (`float`, *optional*, defaults to `0.05`):
+        Most the tails band drops: it widens to the window's outer quantiles when it would cut deeper.
     ifd_delta_min (`float`, *optional*, defaults to `0.0`), ifd_delta_max (`float`, *optional*, defaults to `0.8`):
-        The absolute band, from the NPD paper.
+        The absolute band. It is not the NPD paper's: the paper does not publish one.
     ifd_quantiles (`tuple[float, float]`, *optional*, defaults to `(0.1, 0.9)`):
         The quantile band.
     ifd_window (`int`, *optional*, defaults to `1024`):
-        Scored samples the quantile band is computed over, in samples.
+        Scored samples the tails and quantile bands are computed over, in samples.
     ifd_max_rejected_in_a_row (`int`, *optional*, defaults to `256`):
         Consecutive rejections after which the absolute band gives way to the quantile band, with a warning that
         names the band and the observed Δ distribution, so training never starves silently.
@@ -135,6 +143,11 @@ class NearPolicyDistillConfig(GKDConfig):
         rows, as TRL's online trainers do, and log it as a table to wandb when `report_to` includes it.
     num_completions_to_print (`int`, *optional*, defaults to `4`):
         Rows in that table: the most recent samples trained on.
+    log_samples (`bool`, *optional*, defaults to `False`):
+        Write the fate of every generated sample to `<output_dir>/npd_samples.jsonl` (one file per rank with
+        several processes), one JSON line each: its prompt index and stream position, policy version and step,
+        Δ-IFD, and either the optimizer step it was trained on with its staleness then, or the reason it was
+        dropped (`stale`, `ifd_low`, `ifd_high`, `empty_prompt`).
     """
 
     generation_batch_size: int | None = field(
@@ -197,7 +210,11 @@ class NearPolicyDistillConfig(GKDConfig):
     )
     ce_weight: float = field(default=0.1, metadata={"help": "CE weight of the top-k objective (1 - lambda)."})
     ifd_filter: bool = field(default=True, metadata={"help": "Train only on samples in the Δ-IFD band."})
-    ifd_band: str = field(default="absolute", metadata={"help": "Δ-IFD band.", "choices": ["absolute", "quantile"]})
+    ifd_band: str = field(default="tails", metadata={"help": "Δ-IFD band.", "choices": list(IFD_BANDS)})
+    ifd_tail_width: float = field(
+        default=3.5, metadata={"help": "Tails band half-width, in robust standard deviations of recent Δ."}
+    )
+    ifd_max_drop_frac: float = field(default=0.05, metadata={"help": "Most of recent samples the tails band drops."})
     ifd_delta_min: float = field(default=0.0, metadata={"help": "Lower edge of the absolute Δ-IFD band."})
     ifd_delta_max: float = field(default=0.8, metadata={"help": "Upper edge of the absolute Δ-IFD band."})
     ifd_quantiles: tuple[float, float] = field(
@@ -212,6 +229,9 @@ class NearPolicyDistillConfig(GKDConfig):
         default=False, metadata={"help": "Print a few recent (prompt, completion, Δ-IFD, staleness) rows at each log."}
     )
     num_completions_to_print: int = field(default=4, metadata={"help": "Rows printed when log_completions is on."})
+    log_samples: bool = field(
+        default=False, metadata={"help": "Write every generated sample's fate to <output_dir>/npd_samples.jsonl."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -251,8 +271,12 @@ class NearPolicyDistillConfig(GKDConfig):
             raise ValueError(f"teacher_top_k must be >= 1 or None, got {self.teacher_top_k}.")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}.")
-        if self.ifd_band not in ("absolute", "quantile"):
-            raise ValueError(f"ifd_band must be 'absolute' or 'quantile', got {self.ifd_band!r}.")
+        if self.ifd_band not in IFD_BANDS:
+            raise ValueError(f"ifd_band must be one of {IFD_BANDS}, got {self.ifd_band!r}.")
+        if self.ifd_tail_width <= 0:
+            raise ValueError(f"ifd_tail_width must be > 0, got {self.ifd_tail_width}.")
+        if not 0.0 <= self.ifd_max_drop_frac < 1.0:
+            raise ValueError(f"ifd_max_drop_frac must be in [0, 1), got {self.ifd_max_drop_frac}.")
         if self.ifd_delta_min > self.ifd_delta_max:
             raise ValueError(f"ifd_delta_min={self.ifd_delta_min} is above ifd_delta_max={self.ifd_delta_max}.")
         lo, hi = self.ifd_quantiles

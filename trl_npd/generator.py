@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .buffer import GeneratedBatch, Sample, SampleBuffer
+from .buffer import GeneratedBatch, Rejected, Sample, SampleBuffer
 from .engine import EngineConfig, RemoteEngine, TransformersEngine
 from .prompts import PromptStream
 from .scoring import SampleScorer
@@ -39,10 +39,10 @@ def generate_batch(
     it (teacher top-k, Δ-IFD) and keep the samples in the Δ-IFD band, when a scorer and a selector are given."""
     start = time.perf_counter()
     batch_prompts = prompts.take(batch_size)
-    dropped: dict[str, int] = {}
+    rejected = [
+        Rejected(p.index, p.position, version, step, "empty_prompt") for p in batch_prompts if not p.ids
+    ]  # nothing to condition on; generate() cannot start from zero tokens
     usable = [p for p in batch_prompts if p.ids]
-    if len(usable) < len(batch_prompts):  # nothing to condition on; generate() cannot start from zero tokens
-        dropped["empty_prompt"] = len(batch_prompts) - len(usable)
     completions = engine.generate([p.ids for p in usable]) if usable else []
     if completions is None:
         return None
@@ -66,17 +66,21 @@ def generate_batch(
     if selector is not None:
         deltas = [s.ifd_delta for s in samples]
         selected = selector.select(deltas)
+        for i, reason in selected.rejected:
+            s = samples[i]
+            rejected.append(
+                Rejected(s.prompt_index, s.stream_position, version, step, reason, s.ifd_delta, len(s.completion_ids))
+            )
         samples = [samples[i] for i in selected.kept]
-        dropped.update(selected.dropped)
         warnings = selected.warnings
     return GeneratedBatch(
         samples=samples,
         busy_s=time.perf_counter() - start,
         completion_tokens=sum(len(s.completion_ids) for s in samples),
-        dropped=dropped,
         truncated_prompts=sum(p.truncated for p in usable),
         ifd_deltas=deltas,
         warnings=warnings,
+        rejected=rejected,
     )
 
 
@@ -90,6 +94,8 @@ class IFDSettings:
     quantiles: tuple[float, float]
     window: int
     max_rejected_in_a_row: int
+    tail_width: float = 3.5
+    max_drop_frac: float = 0.05
 
 
 def scoring_stage(
@@ -108,7 +114,16 @@ def scoring_stage(
     )
     selector = None
     if ifd is not None:
-        selector = DeltaIFDFilter(ifd.band, ifd.low, ifd.high, ifd.quantiles, ifd.window, ifd.max_rejected_in_a_row)
+        selector = DeltaIFDFilter(
+            ifd.band,
+            ifd.low,
+            ifd.high,
+            ifd.quantiles,
+            ifd.window,
+            ifd.max_rejected_in_a_row,
+            ifd.tail_width,
+            ifd.max_drop_frac,
+        )
     return scorer, selector
 
 

@@ -1,4 +1,4 @@
-"""The selection stage: Δ-IFD keeps the samples that sit in the near-policy band.
+"""The selection stage: Δ-IFD drops the samples that sit far outside the near-policy band.
 
 IFD_m(x, y) = L_m(y | x) / L_m(y), with L_m model m's mean token NLL of completion y with and without the prompt
 (Li et al. 2023). Δ = IFD_teacher - IFD_student, both on the student's own sample. A sample is kept when
@@ -6,8 +6,14 @@ IFD_m(x, y) = L_m(y | x) / L_m(y), with L_m model m's mean token NLL of completi
 - Δ < low: a degenerate sample; the teacher finds the prompt less useful for it than the student does;
 - Δ > high: a "cognitive disconnect"; the student is confident in text the teacher finds unlikely given the prompt.
 
-The band is absolute (`ifd_band="absolute"`, the paper's [0, 0.8]) or a quantile band over a running window of
-recent Δ (`ifd_band="quantile"`), since the right absolute band depends on the models.
+The NPD paper describes Δ-IFD only as filtering *extreme* out-of-distribution samples; its band is not public. The
+bands here:
+- `"tails"` (the default): drop only the outliers of the running window of recent Δ, those more than `tail_width`
+  robust standard deviations (1.4826 × the median absolute deviation) from its median, and never more than
+  `max_drop_frac` of them: the band is widened to the window's outer quantiles when it would cut deeper. When
+  teacher and student agree, Δ sits near 0 with both signs, and this band does not cut by sign;
+- `"absolute"`: `low <= Δ <= high`, a fixed band for models whose Δ scale is known;
+- `"quantile"`: keep Δ between two quantiles of the running window (always drops that share).
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from dataclasses import dataclass, field
 # Unconditional NLLs below this are treated as this: a model certain of y without the prompt would otherwise
 # divide by zero.
 MIN_UNCONDITIONAL_NLL = 1e-6
+# The tails band drops nothing until the window holds this many Δ: a median and a MAD of fewer say little.
+MIN_TAILS_WINDOW = 64
+# MAD x this estimates the standard deviation of normally distributed values.
+MAD_TO_STD = 1.4826
+BANDS = ("tails", "absolute", "quantile")
 
 
 def ifd(conditional_nll: float, unconditional_nll: float) -> float:
@@ -37,6 +48,7 @@ def delta_ifd(
 class SelectionResult:
     kept: list[int]  # indices into the scored batch
     dropped: dict[str, int] = field(default_factory=dict)  # "ifd_low", "ifd_high"
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (index into the scored batch, reason)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -44,37 +56,55 @@ class DeltaIFDFilter:
     """Keeps samples whose Δ lies in the band; counts the rest by side; guards against starving the trainer.
 
     Args:
-        band: "absolute" (`low`/`high` are Δ values) or "quantile" (`quantiles` of the running window).
+        band: "tails" (outliers of the running window), "absolute" (`low`/`high` are Δ values) or "quantile"
+            (`quantiles` of the running window).
         low, high: the absolute band.
         quantiles: (lo, hi) in [0, 1] for the quantile band.
-        window: how many recent Δ values the quantile band is computed over.
+        window: how many recent Δ values the tails and quantile bands are computed over.
         max_rejected_in_a_row: after this many consecutive rejections, warn with the band and the observed Δ
             distribution and switch to the quantile band (documented policy), so training never starves silently.
+        tail_width: the tails band keeps Δ within this many robust standard deviations of the window's median.
+        max_drop_frac: the tails band never drops more than this share of the window: it widens to the window's
+            `max_drop_frac / 2` and `1 - max_drop_frac / 2` quantiles when those lie outside it.
     """
 
     def __init__(
         self,
-        band: str = "absolute",
+        band: str = "tails",
         low: float = 0.0,
         high: float = 0.8,
         quantiles: tuple[float, float] = (0.1, 0.9),
         window: int = 1024,
         max_rejected_in_a_row: int = 256,
+        tail_width: float = 3.5,
+        max_drop_frac: float = 0.05,
     ) -> None:
-        if band not in ("absolute", "quantile"):
-            raise ValueError(f"ifd_band must be 'absolute' or 'quantile', got {band!r}.")
+        if band not in BANDS:
+            raise ValueError(f"ifd_band must be one of {BANDS}, got {band!r}.")
         self.band = band
         self.low, self.high = low, high
         self.quantiles = quantiles
         self.recent: deque[float] = deque(maxlen=window)
         self.max_rejected_in_a_row = max_rejected_in_a_row
         self.rejected_in_a_row = 0
+        self.tail_width = tail_width
+        self.max_drop_frac = max_drop_frac
 
     def current_band(self) -> tuple[float, float]:
         if self.band == "absolute":
             return self.low, self.high
         values = sorted(self.recent)
-        return _quantile(values, self.quantiles[0]), _quantile(values, self.quantiles[1])
+        if self.band == "quantile":
+            return _quantile(values, self.quantiles[0]), _quantile(values, self.quantiles[1])
+        if len(values) < MIN_TAILS_WINDOW:
+            return -math.inf, math.inf
+        median = _quantile(values, 0.5)
+        spread = self.tail_width * MAD_TO_STD * _quantile(sorted(abs(v - median) for v in values), 0.5)
+        half = self.max_drop_frac / 2
+        return (
+            min(median - spread, _quantile(values, half)),
+            max(median + spread, _quantile(values, 1.0 - half)),
+        )
 
     def select(self, deltas: list[float]) -> SelectionResult:
         """Decide on a batch of Δ values (NaN: undefined, kept). The window is updated first, so a quantile band
@@ -89,6 +119,7 @@ class DeltaIFDFilter:
                 continue
             side = "ifd_low" if delta < low else "ifd_high"
             result.dropped[side] = result.dropped.get(side, 0) + 1
+            result.rejected.append((i, side))
             self.rejected_in_a_row += 1
             if self.rejected_in_a_row >= self.max_rejected_in_a_row and self.band == "absolute":
                 result.warnings.append(self._starvation_warning())

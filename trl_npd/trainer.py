@@ -49,6 +49,7 @@ from .model_card import append_npd_section
 from .packing import attends_per_sample, pack_sequences, packing_leaks, row_token_budget
 from .pipeline import GenerationPipeline, GeneratorError
 from .prompts import PromptOnlyCollator, PromptStream
+from .sample_log import SampleLog, sample_log_path
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self.loss_is_scaled_for_ga = True
         self.npd_metrics = NPDMetrics()
         self._completion_log = CompletionLog(args.num_completions_to_print) if args.log_completions else None
+        self._sample_log: SampleLog | None = None
         self._pipeline: GenerationPipeline | None = None
         self._vllm: Any = None  # TRL's VLLMGeneration, on every rank, with generation_backend="vllm"
         # Known on every rank, also those that host no generator (shared_generator): the policy version and the
@@ -288,6 +290,8 @@ class NearPolicyDistillTrainer(GKDTrainer):
             bos_token_id=self.processing_class.bos_token_id,
         )
         self._pipeline.start()
+        if args.log_samples:
+            self._sample_log = SampleLog(sample_log_path(args.output_dir, args.process_index, args.world_size))
         return self._pipeline
 
     def _packing_leaks(self) -> bool:
@@ -315,6 +319,8 @@ class NearPolicyDistillTrainer(GKDTrainer):
             quantiles=tuple(args.ifd_quantiles),
             window=args.ifd_window,
             max_rejected_in_a_row=args.ifd_max_rejected_in_a_row,
+            tail_width=args.ifd_tail_width,
+            max_drop_frac=args.ifd_max_drop_frac,
         )
 
     def _resume_stream_position(self) -> int:
@@ -337,6 +343,9 @@ class NearPolicyDistillTrainer(GKDTrainer):
     def _stop_pipeline(self, raise_failure: bool) -> None:
         self._generating = False
         pipeline, self._pipeline = self._pipeline, None
+        if self._sample_log is not None:
+            self._sample_log.close()
+            self._sample_log = None
         if pipeline is None:
             return
         report = pipeline.stop()
@@ -443,6 +452,8 @@ class NearPolicyDistillTrainer(GKDTrainer):
         """`n` samples from this rank's generator, recorded in the metrics and the completion log."""
         result = self._pipeline.take(n, step)
         self.npd_metrics.record_take(result, step)
+        if self._sample_log is not None:
+            self._sample_log.record(result, step)
         if self._completion_log is not None:
             self._completion_log.record(result.samples, step)
         for batch in result.received:
