@@ -524,9 +524,9 @@ def lm_head(model: nn.Module) -> nn.Linear:
         raise ValueError(
             f"The chunked projections (the fused loss, the top-k objective and the scoring stage) read the LM head's "
             f"weight directly, but this model's head is a {type(head).__name__} (for example a PEFT adapter on "
-            "`lm_head`), whose extra parameters they would silently ignore. Remove 'lm_head' from the adapter's "
-            "target_modules, or set use_fused_loss=False (and teacher_top_k=None, ifd_filter=False) to use the "
-            "plain path."
+            "`lm_head`, or `lm_head` in modules_to_save), whose own parameters they would silently ignore. Remove "
+            "'lm_head' from the adapter's target_modules and modules_to_save, or set use_fused_loss=False (and "
+            "teacher_top_k=None, ifd_filter=False) to use the plain path."
         )
     return head
 
