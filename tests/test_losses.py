@@ -244,6 +244,12 @@ TRANSFORMS = [LogitTransform(softcap=1.5), LogitTransform(scale=0.25), LogitTran
         ("Gemma 3", {"final_logit_softcapping": 1.0}, LogitTransform(softcap=1.0)),
         ("Cohere", {}, LogitTransform(scale=0.25)),
         ("Granite", {}, LogitTransform(scale=0.25)),  # logits_scaling=4.0 divides
+        ("VaultGemma", {"final_logit_softcapping": 1.0}, LogitTransform(softcap=1.0)),
+        ("RecurrentGemma", {"logits_soft_cap": 1.0}, LogitTransform(softcap=1.0)),
+        ("Cohere2", {}, LogitTransform(scale=0.25)),
+        ("Falcon-H1", {}, LogitTransform(scale=0.5)),  # lm_head_multiplier multiplies
+        ("HyperCLOVA X", {}, LogitTransform(scale=0.5)),  # logits_scaling=0.5 multiplies here, unlike Granite's
+        ("MiniCPM3", {}, LogitTransform(scale=0.25)),
         ("Llama", {}, LogitTransform()),
         # MPT's config has a logit_scale field, which its transformers code does not apply
         ("MPT", {"logit_scale": 2.0}, LogitTransform()),

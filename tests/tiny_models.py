@@ -60,6 +60,44 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "MPT": ("MptConfig", "MptForCausalLM", {"d_model": 32, "n_heads": 2, "n_layers": 2}),
     "Cohere": ("CohereConfig", "CohereForCausalLM", {**_LLAMA_LIKE, "logit_scale": 0.25}),
     "Granite": ("GraniteConfig", "GraniteForCausalLM", {**_LLAMA_LIKE, "logits_scaling": 4.0}),
+    # more logit transforms, each read from another config field (only the logit-transform tests build these)
+    "VaultGemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", {**_LLAMA_LIKE, "head_dim": 16}),
+    "RecurrentGemma": (
+        "RecurrentGemmaConfig",
+        "RecurrentGemmaForCausalLM",
+        {**_LLAMA_LIKE, "lru_width": 32, "block_types": ["recurrent", "attention"]},
+    ),
+    "Cohere2": ("Cohere2Config", "Cohere2ForCausalLM", {**_LLAMA_LIKE, "logit_scale": 0.25}),
+    "Falcon-H1": (
+        "FalconH1Config",
+        "FalconH1ForCausalLM",
+        {
+            **_LLAMA_LIKE,
+            "head_dim": 16,
+            "mamba_d_ssm": 32,
+            "mamba_n_heads": 2,
+            "mamba_d_head": 16,
+            "mamba_d_state": 8,
+            "mamba_n_groups": 1,
+            "mamba_chunk_size": 16,
+            "lm_head_multiplier": 0.5,
+        },
+    ),
+    "HyperCLOVA X": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", {**_LLAMA_LIKE, "logits_scaling": 0.5}),
+    # logits_scaling is hidden_size / dim_model_base = 4, applied to the hidden states of a bias-free head
+    "MiniCPM3": (
+        "MiniCPM3Config",
+        "MiniCPM3ForCausalLM",
+        {
+            **_LLAMA_LIKE,
+            "q_lora_rank": 16,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 8,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "dim_model_base": 8,
+        },
+    ),
 }
 
 
