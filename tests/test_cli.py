@@ -32,6 +32,7 @@ def saved(tmp_path, tokenizer, dataset):
 
 
 def cli_args(saved, *extra):
+    """No --bf16: on a CPU-only machine it resolves to float32 by itself."""
     return [
         "--model_name_or_path", saved["student"],
         "--teacher_model_name_or_path", saved["teacher"],
@@ -45,7 +46,6 @@ def cli_args(saved, *extra):
         "--max_length", "64",
         "--generator_mode", "sync",
         "--ifd_filter", "false",
-        "--bf16", "false",
         "--report_to", "none",
         "--save_strategy", "no",
         "--disable_tqdm", "true",
@@ -123,3 +123,28 @@ def test_examples_npd_py_shows_the_npd_flags():
     assert done.returncode == 0, done.stderr[-2000:]
     for flag in ("--teacher_model_name_or_path", "--use_peft", "--lora_r", "--max_staleness", "--ifd_band"):
         assert flag in done.stdout, flag
+    assert "chosen from the hardware" in " ".join(done.stdout.split())  # --bf16's help says what unset means
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only default")
+def test_examples_npd_py_runs_on_a_cpu_with_only_the_required_flags(saved):
+    """A fresh process, as a user types it: model, teacher, data, output folder, and sizes; no --bf16."""
+    required = [
+        "--model_name_or_path", saved["student"],
+        "--teacher_model_name_or_path", saved["teacher"],
+        "--dataset_name", saved["data"],
+        "--output_dir", saved["out"],
+    ]  # fmt: skip
+    # sizes, and a thread generator to save a process start; nothing that touches precision
+    small = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--max_new_tokens", "4", "--report_to", "none"]
+    small += ["--generator_mode", "thread", "--log_level", "info"]
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "npd.py"), *required, *small],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bf16 was not set: training in float32" in done.stderr
+    assert os.path.isfile(os.path.join(saved["out"], "model.safetensors"))

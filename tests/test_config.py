@@ -1,4 +1,7 @@
+import logging
+
 import pytest
+import torch
 
 from trl_npd import NearPolicyDistillConfig
 
@@ -40,3 +43,34 @@ def test_batch_defaults_follow_the_training_batch(tmp_path):
 def test_gkd_fields_keep_their_meaning(tmp_path):
     args = config(tmp_path, lmbda=0.3, beta=0.1, seq_kd=True, temperature=0.7, max_new_tokens=17)
     assert (args.lmbda, args.beta, args.seq_kd, args.temperature, args.max_new_tokens) == (0.3, 0.1, True, 0.7, 17)
+
+
+def test_bf16_left_unset_is_resolved_from_the_hardware_and_logged(tmp_path, caplog):
+    """TRL's configs turn an unset bf16 into True, which a CPU-only machine refuses: here it resolves to float32."""
+    with caplog.at_level(logging.INFO, logger="trl_npd.config"):
+        args = NearPolicyDistillConfig(output_dir=str(tmp_path), report_to="none")
+    assert torch.cuda.is_available() or (args.bf16, args.fp16) == (False, False)
+    chosen = "bf16 mixed precision" if args.bf16 else "float32"
+    assert any(f"bf16 was not set: training in {chosen}" in r.getMessage() for r in caplog.records)
+
+
+def test_bf16_left_unset_is_true_on_a_bf16_accelerator(tmp_path, monkeypatch, caplog):
+    import transformers.training_args
+
+    from trl_npd import config as config_module
+
+    for module in (config_module, transformers.training_args):  # a machine with an Ampere-class GPU, as both see it
+        monkeypatch.setattr(module, "is_torch_bf16_gpu_available", lambda: True)
+    with caplog.at_level(logging.INFO, logger="trl_npd.config"):
+        assert NearPolicyDistillConfig(output_dir=str(tmp_path), report_to="none").bf16 is True
+    assert any("training in bf16 mixed precision" in r.getMessage() for r in caplog.records)
+    assert NearPolicyDistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True).bf16 is False
+    assert NearPolicyDistillConfig(output_dir=str(tmp_path), report_to="none", bf16=False).bf16 is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a bf16-capable accelerator")
+def test_an_explicit_bf16_on_a_cpu_only_machine_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="bf16=True, but this machine has no accelerator that trains in bf16"):
+        NearPolicyDistillConfig(output_dir=str(tmp_path), report_to="none", bf16=True)
+    # CPU bf16 autocast stays available on request
+    assert NearPolicyDistillConfig(output_dir=str(tmp_path), report_to="none", bf16=True, use_cpu=True).bf16

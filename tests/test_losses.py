@@ -2,15 +2,23 @@ import math
 
 import pytest
 import torch
+from tiny_models import build as build_tiny
 from torch import nn
 from trl.experimental.gkd import GKDTrainer
 
 from trl_npd.losses import (
+    LogitTransform,
+    backbone,
+    chunked_logits_error,
     chunked_token_logprobs,
     distillation_loss,
     fused_jsd_sum,
     generalized_jsd_sum,
     k3_policy_kl,
+    lm_head,
+    logit_transform,
+    project,
+    teacher_topk,
     token_logprobs,
     topk_distill_sum,
     topk_token_loss,
@@ -223,22 +231,140 @@ def test_chunked_projections_accept_a_bf16_head_with_a_bias():
     torch.testing.assert_close(got, expected)
 
 
-def test_models_that_transform_their_logits_are_refused_by_the_chunked_paths(tokenizer):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+# Transforms that change these tiny random models' logits visibly: Gemma's soft-cap at 1.0 (its checkpoints use 30,
+# which random logits never reach), Cohere's multiplier and Granite's divisor as ARCHITECTURES sets them.
+TRANSFORMED = {"Gemma 2": {"final_logit_softcapping": 1.0}, "Cohere": {}, "Granite": {}}
+TRANSFORMS = [LogitTransform(softcap=1.5), LogitTransform(scale=0.25), LogitTransform(scale=3.0, softcap=2.0)]
 
-    config = Gemma2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        final_logit_softcapping=30.0,
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "expected"),
+    [
+        ("Gemma 2", {"final_logit_softcapping": 1.0}, LogitTransform(softcap=1.0)),
+        ("Gemma 3", {"final_logit_softcapping": 1.0}, LogitTransform(softcap=1.0)),
+        ("Cohere", {}, LogitTransform(scale=0.25)),
+        ("Granite", {}, LogitTransform(scale=0.25)),  # logits_scaling=4.0 divides
+        ("VaultGemma", {"final_logit_softcapping": 1.0}, LogitTransform(softcap=1.0)),
+        ("RecurrentGemma", {"logits_soft_cap": 1.0}, LogitTransform(softcap=1.0)),
+        ("Cohere2", {}, LogitTransform(scale=0.25)),
+        ("Falcon-H1", {}, LogitTransform(scale=0.5)),  # lm_head_multiplier multiplies
+        ("HyperCLOVA X", {}, LogitTransform(scale=0.5)),  # logits_scaling=0.5 multiplies here, unlike Granite's
+        ("MiniCPM3", {}, LogitTransform(scale=0.25)),
+        ("Llama", {}, LogitTransform()),
+        # MPT's config has a logit_scale field, which its transformers code does not apply
+        ("MPT", {"logit_scale": 2.0}, LogitTransform()),
+    ],
+)
+def test_the_chunked_projection_reproduces_each_models_own_logits(tokenizer, name, overrides, expected):
+    model = build_tiny(name, tokenizer, seed=3, **overrides)
+    assert logit_transform(model) == expected
+    assert chunked_logits_error(model, len(tokenizer)) < 1e-5
+    if not expected.is_identity:  # the transform matters on this model: skipping it would be seen
+        ids = torch.randint(3, 500, (1, 8))
+        with torch.no_grad():
+            full = model(input_ids=ids).logits[0]
+            raw = project(backbone(model)(input_ids=ids).last_hidden_state[0], lm_head(model))
+        assert (full - raw).abs().max() > 0.05 * full.abs().max()
+
+
+@pytest.mark.parametrize("transforms", [(TRANSFORMS[0], TRANSFORMS[1]), (LogitTransform(), TRANSFORMS[2])])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_jsd_with_logit_transforms_equals_the_reference_loss_and_gradients(transforms, beta, temperature):
+    student_transform, teacher_transform = transforms
+    torch.manual_seed(0)
+    n, h_student, h_teacher, vocab = 37, 16, 24, 101
+    student_hidden = (3 * torch.randn(n, h_student)).requires_grad_(True)  # logits large enough to be capped
+    student_head = nn.Linear(h_student, vocab, bias=True)
+    teacher_hidden = 3 * torch.randn(n, h_teacher)
+    teacher_head = nn.Linear(h_teacher, vocab, bias=False)
+    targets = torch.randint(0, vocab, (n,))
+    targets[::3] = -100
+    params = [student_hidden, student_head.weight, student_head.bias]
+
+    fused = fused_jsd_sum(
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        targets,
+        beta,
+        temperature,
+        chunk_size=8,
+        student_transform=student_transform,
+        teacher_transform=teacher_transform,
     )
-    student, teacher = Gemma2ForCausalLM(config), Gemma2ForCausalLM(config)
-    ids = torch.randint(3, 500, (1, 6))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        distillation_loss(student, teacher, batch, 0.5, fused=True)
-    distillation_loss(student, teacher, batch, 0.5, fused=False)  # the plain path applies the soft-capping
+    fused_grads = torch.autograd.grad(fused, params)
+    student_logits = student_transform(student_head(student_hidden))
+    teacher_logits = teacher_transform(teacher_head(teacher_hidden)).detach()
+    reference = generalized_jsd_sum(
+        student_logits[None], teacher_logits[None], (targets != -100)[None], beta, temperature
+    )
+    reference_grads = torch.autograd.grad(reference, params)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(fused_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_chunked_topk_and_logprobs_with_a_logit_transform_equal_the_reference(transform):
+    torch.manual_seed(0)
+    n, hidden_size, vocab = 29, 12, 31
+    hidden = (3 * torch.randn(n, hidden_size)).requires_grad_(True)
+    head = nn.Linear(hidden_size, vocab)
+    targets = torch.randint(0, vocab, (n,))
+    ids, logprobs = _random_topk(n, vocab, 5)
+    params = [hidden, head.weight, head.bias]
+
+    chunked = topk_distill_sum(hidden, head, targets, ids, logprobs, 0.1, chunk_size=8, transform=transform)
+    chunked_grads = torch.autograd.grad(chunked, params)
+    logits = transform(head(hidden))
+    reference = topk_token_loss(torch.log_softmax(logits, -1), targets, ids, logprobs, 0.1).sum()
+    reference_grads = torch.autograd.grad(reference, params)
+    torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(chunked_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+    top_ids, top_values = teacher_topk(hidden.detach(), head, 4, chunk_size=8, transform=transform)
+    expected_top = torch.log_softmax(logits.detach(), -1).topk(4, dim=-1)
+    assert torch.equal(top_ids, expected_top.indices)
+    torch.testing.assert_close(top_values, expected_top.values)
+    torch.testing.assert_close(
+        chunked_token_logprobs(hidden.detach(), head, targets, 0.7, chunk_size=8, transform=transform),
+        token_logprobs(logits.detach(), targets, 0.7),
+    )
+
+
+@pytest.mark.parametrize("top_k", [None, 4], ids=["jsd", "topk"])
+@pytest.mark.parametrize(
+    ("student_name", "teacher_name"),
+    [("Gemma 2", "Gemma 2"), ("Granite", "Cohere"), ("Llama", "Gemma 2")],
+    ids=["softcapped", "scaled", "plain-student-softcapped-teacher"],
+)
+def test_chunked_paths_of_transformed_models_equal_their_own_logits_loss_and_gradients(
+    tokenizer, student_name, teacher_name, top_k
+):
+    """The fused JSD, the top-k objective and the student log-probs (chunked) against the plain path, which takes
+    the full logits from each model's own forward, on real models that soft-cap or scale their logits."""
+    student = build_tiny(student_name, tokenizer, seed=1, **TRANSFORMED.get(student_name, {})).train()
+    teacher = build_tiny(teacher_name, tokenizer, seed=2, **TRANSFORMED.get(teacher_name, {})).eval()
+    assert not (logit_transform(student).is_identity and logit_transform(teacher).is_identity)
+    ids = torch.randint(3, 500, (3, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def run(fused):
+        student.zero_grad()
+        result = distillation_loss(
+            student, teacher, batch, 0.5, fused=fused, logprob_temperature=0.9, teacher_top_k=top_k, ce_weight=0.1
+        )
+        result.loss_sum.backward()
+        return result, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    (fused, fused_grads), (plain, plain_grads) = run(True), run(False)
+    torch.testing.assert_close(fused.loss_sum, plain.loss_sum, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.current_logprobs, plain.current_logprobs, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == plain_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,11 +1,13 @@
 import pytest
 import torch
+from tiny_models import build as build_tiny
 
 from trl_npd.batching import pad_sequences, sequences_from_samples
 from trl_npd.buffer import Sample
 from trl_npd.losses import distillation_loss
 from trl_npd.packing import pack_sequences
 from trl_npd.scoring import SampleScorer
+from trl_npd.selection import delta_ifd
 from trl_npd.toy import build_model
 
 
@@ -67,3 +69,48 @@ def test_loss_from_stored_topk_equals_the_loss_from_a_teacher_forward(tokenizer,
     torch.testing.assert_close(stored_loss, inline_loss, atol=1e-5, rtol=1e-5)
     for name, grad in inline_grads.items():
         torch.testing.assert_close(stored_grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def _full_logprobs(model, ids):
+    """Log-softmax of the model's own logits (its forward applies its soft-cap or scale) at each position."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]), use_cache=False).logits[0].float(), -1)
+
+
+def _mean_nll(logprobs, ids, first):
+    """Mean NLL of ids[first:] under the positions before them."""
+    return -logprobs[first - 1 : -1].gather(-1, torch.tensor(ids[first:])[:, None]).mean().item()
+
+
+@pytest.mark.parametrize(
+    ("teacher_name", "student_name"),
+    [("Gemma 2", "Granite"), ("Cohere", "Gemma 2")],
+    ids=["softcapped-teacher", "scaled-teacher"],
+)
+def test_topk_and_delta_ifd_of_transformed_models_equal_their_full_logits(tokenizer, teacher_name, student_name):
+    # soft-cap 1.0: these random models' logits are small, and the checkpoints' 30 would change nothing visible
+    softcap = {"final_logit_softcapping": 1.0}
+    teacher = build_tiny(teacher_name, tokenizer, seed=5, **(softcap if teacher_name == "Gemma 2" else {})).eval()
+    student = build_tiny(student_name, tokenizer, seed=6, **(softcap if student_name == "Gemma 2" else {})).eval()
+    samples = make_samples([(4, 6), (7, 3), (2, 9)])
+    for s in samples:  # what the sampler records: the student's temperature-1 log-probs of its completion
+        logprobs = _full_logprobs(student, s.prompt_ids + s.completion_ids)
+        positions = range(len(s.prompt_ids) - 1, len(s.prompt_ids) + len(s.completion_ids) - 1)
+        s.behaviour_logprobs_t1 = [logprobs[p, t].item() for p, t in zip(positions, s.completion_ids, strict=True)]
+    bos = tokenizer.bos_token_id
+    SampleScorer(teacher, top_k=5, student=student, ifd=True, bos_token_id=bos).score(samples)
+
+    for s in samples:
+        sequence, first = s.prompt_ids + s.completion_ids, len(s.prompt_ids)
+        teacher_logprobs = _full_logprobs(teacher, sequence)
+        expected = teacher_logprobs[first - 1 : -1].topk(5, dim=-1)
+        assert torch.equal(torch.tensor(s.teacher_topk_ids), expected.indices)
+        torch.testing.assert_close(torch.tensor(s.teacher_topk_logprobs), expected.values, atol=1e-5, rtol=1e-5)
+        unconditional = [bos, *s.completion_ids]
+        nlls = (
+            _mean_nll(teacher_logprobs, sequence, first),
+            _mean_nll(_full_logprobs(teacher, unconditional), unconditional, 1),
+            -sum(s.behaviour_logprobs_t1) / len(s.completion_ids),
+            _mean_nll(_full_logprobs(student, unconditional), unconditional, 1),
+        )
+        assert s.ifd_delta == pytest.approx(delta_ifd(*nlls), rel=1e-4, abs=1e-5)

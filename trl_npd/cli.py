@@ -7,11 +7,17 @@ It parses `(ScriptArguments, NearPolicyDistillConfig, ModelConfig)` with TRL's `
 GKD example (`--use_peft`, `--lora_r`, `--push_to_hub`, ...) and every NPD field works, as does `--config
 recipe.yaml`. `--dataset_name` also takes a local path: a folder written by `save_to_disk`, or a `.json`, `.jsonl`,
 `.csv` or `.parquet` file.
+
+Only the models, the data and `--output_dir` are required: `--bf16` left out is chosen from the hardware (float32
+on a CPU-only machine), and `--log_level info` shows the choice with trl_npd's other info lines.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from datasets import DatasetDict, load_dataset, load_from_disk
@@ -108,8 +114,59 @@ def run(script_args: Any, training_args: NearPolicyDistillConfig, model_args: An
 
 
 def main(argv: list[str] | None = None) -> None:
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
-    run(script_args, training_args, model_args)
+    with _records_kept() as kept:  # the config logs its choices while parsing, before the log level is known
+        script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    with _package_logging(training_args.get_process_log_level()):
+        package = logging.getLogger(PACKAGE_LOGGER)
+        for record in kept:
+            if package.isEnabledFor(record.levelno):
+                logging.getLogger(record.name).handle(record)
+        run(script_args, training_args, model_args)
+
+
+PACKAGE_LOGGER = "trl_npd"
+
+
+class _KeepRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _records_kept() -> Iterator[list[logging.LogRecord]]:
+    """Every record trl_npd logs meanwhile, kept rather than shown."""
+    package, keeper = logging.getLogger(PACKAGE_LOGGER), _KeepRecords()
+    level, propagate = package.level, package.propagate
+    package.addHandler(keeper)
+    package.setLevel(logging.DEBUG)
+    package.propagate = False
+    try:
+        yield keeper.records
+    finally:
+        package.removeHandler(keeper)
+        package.setLevel(level)
+        package.propagate = propagate
+
+
+@contextlib.contextmanager
+def _package_logging(level: int) -> Iterator[None]:
+    """trl_npd's loggers follow `--log_level`, as transformers' do, on stderr; restored afterwards for callers that
+    run `main` in their own process."""
+    package = logging.getLogger(PACKAGE_LOGGER)
+    previous = package.level
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
+    package.setLevel(level)
+    package.addHandler(handler)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(previous)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl.experimental.gkd import GKDConfig
 
 from .selection import BANDS as IFD_BANDS
+
+logger = logging.getLogger(__name__)
 
 GENERATOR_MODES = ("process", "thread", "sync")
 GENERATION_BACKENDS = ("transformers", "vllm")
@@ -21,6 +25,15 @@ class NearPolicyDistillConfig(GKDConfig):
 
     Every [`~trl.experimental.gkd.GKDConfig`] field keeps its meaning (`lmbda`, `beta`, `seq_kd`, `temperature`,
     `max_new_tokens`, `teacher_model_init_kwargs`, `disable_dropout`, ...). The fields below are new.
+
+    > Parameters that control precision
+
+    bf16 (`bool` or `None`, *optional*, defaults to `None`):
+        Train in bf16 mixed precision. `None` chooses from the hardware, and logs the choice at info level: `True`
+        where transformers can train in bf16 (a GPU of the Ampere generation or newer, XPU, NPU, TPU...), `False`
+        (float32) elsewhere, e.g. on a CPU-only machine; `False` also when `fp16=True`. TRL's configs turn `None`
+        into `True`, which fails on a CPU. An explicit `True` on a machine that cannot train in bf16 is an error
+        (with `use_cpu=True` it means CPU bf16 autocast).
 
     > Parameters that control the background generator
 
@@ -150,6 +163,13 @@ class NearPolicyDistillConfig(GKDConfig):
         dropped (`stale`, `ifd_low`, `ifd_high`, `empty_prompt`).
     """
 
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Train in bf16 mixed precision. Not set: chosen from the hardware (True on a bf16-capable GPU, "
+            "False in float32 on a CPU), and logged."
+        },
+    )
     generation_batch_size: int | None = field(
         default=None,
         metadata={"help": "Prompts sampled per generator batch. None: two optimizer steps' worth of samples."},
@@ -234,6 +254,7 @@ class NearPolicyDistillConfig(GKDConfig):
     )
 
     def __post_init__(self) -> None:
+        self._resolve_mixed_precision()
         super().__post_init__()
         if self.generator_mode not in GENERATOR_MODES:
             raise ValueError(f"generator_mode must be one of {GENERATOR_MODES}, got {self.generator_mode!r}.")
@@ -302,6 +323,31 @@ class NearPolicyDistillConfig(GKDConfig):
                 f"buffer_size={self.buffer_size} is smaller than one batch: it must hold at least one generation "
                 f"batch (generation_batch_size={self.generation_batch_size}) and one training micro-batch "
                 f"(per_device_train_batch_size={self.per_device_train_batch_size})."
+            )
+
+    def _resolve_mixed_precision(self) -> None:
+        """`bf16` left unset is chosen from the hardware, as transformers would accept it.
+
+        TRL's configs turn an unset `bf16` into `True`, which transformers then refuses on a machine without a
+        bf16-capable accelerator: the first command on a laptop failed. Unset, it is `True` where transformers
+        supports bf16 training (a recent GPU, XPU, NPU, TPU...) and `False` (float32) elsewhere, including with
+        `use_cpu`, where bf16 autocast stays opt-in. An explicit `bf16=True` the machine cannot run is an error.
+        """
+        accelerator_has_bf16 = not self.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available())
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and accelerator_has_bf16
+            logger.info(
+                "bf16 was not set: training in %s (%s). Set bf16 or fp16 to choose.",
+                "bf16 mixed precision" if self.bf16 else ("fp16 mixed precision" if self.fp16 else "float32"),
+                "fp16 was set"
+                if self.fp16
+                else ("bf16-capable accelerator found" if accelerator_has_bf16 else "no bf16-capable accelerator"),
+            )
+        elif self.bf16 and not accelerator_has_bf16 and not self.use_cpu:
+            raise ValueError(
+                "bf16=True, but this machine has no accelerator that trains in bf16 (a GPU of the Ampere generation "
+                "or newer, or an XPU, NPU, TPU...). Leave bf16 unset to have it chosen from the hardware, set "
+                "bf16=False to train in float32, or set use_cpu=True to use bf16 autocast on the CPU."
             )
 
     @property

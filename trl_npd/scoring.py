@@ -7,6 +7,9 @@ generator, off the training critical path.
   `ifd_delta`. The teacher's conditional NLL comes from the same forward as the top-k; the student's comes free from
   the sampler (its temperature-1 log-probs). The two unconditional NLLs cost one forward each over the completion
   alone, preceded by BOS when the tokenizer has one (otherwise the completion's first token is not scored).
+
+Every projection applies the model's own logit transform (Gemma's soft-cap, Cohere's and Granite's scale), so the
+scores are those of the model's full forward.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from .buffer import Sample
-from .losses import backbone, chunk_rows, chunked_token_logprobs, lm_head, project
+from .losses import backbone, chunk_rows, chunked_token_logprobs, lm_head, logit_transform, project
 from .selection import delta_ifd
 
 
@@ -55,12 +58,12 @@ class SampleScorer:
         sequences = [s.prompt_ids + s.completion_ids for s in samples]
         scored = [range(len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)) for s in samples]
         hidden, tokens = self._hidden_and_tokens(self.teacher, sequences, scored)
-        head = lm_head(self.teacher)
+        head, transform = lm_head(self.teacher), logit_transform(self.teacher)
         topk_ids, topk_values, token_lps = [], [], []
         chunk = chunk_rows(head.weight.shape[0])
         for h, t in zip(hidden.split(chunk), tokens.split(chunk), strict=True):
             # one log-softmax per chunk serves both the top-k and the sampled tokens' log-probs
-            logprobs = torch.log_softmax(project(h, head), dim=-1)
+            logprobs = torch.log_softmax(project(h, head, transform), dim=-1)
             if self.top_k is not None:
                 top = logprobs.topk(self.top_k, dim=-1)
                 topk_ids.append(top.indices.cpu())
@@ -96,7 +99,9 @@ class SampleScorer:
         sequences = [bos + s.completion_ids for s in samples]
         scored = [range(1, len(seq)) for seq in sequences]  # every token that has a predecessor
         hidden, tokens = self._hidden_and_tokens(model, sequences, scored)
-        logprobs = chunked_token_logprobs(hidden, lm_head(model), tokens, temperature=1.0).cpu()
+        logprobs = chunked_token_logprobs(
+            hidden, lm_head(model), tokens, temperature=1.0, transform=logit_transform(model)
+        ).cpu()
         out, start = [], 0
         for positions in scored:
             out.append(_mean_nll(logprobs[start : start + len(positions)]))

@@ -43,7 +43,13 @@ from .completion_log import CompletionLog
 from .config import NearPolicyDistillConfig
 from .engine import EngineConfig
 from .generator import IFDSettings
-from .losses import distillation_loss, k3_policy_kl
+from .losses import (
+    chunked_logits_error,
+    chunked_logits_tolerance,
+    distillation_loss,
+    k3_policy_kl,
+    logit_transform,
+)
 from .metrics import NPDMetrics, aggregate_across_ranks
 from .model_card import append_npd_section
 from .packing import attends_per_sample, pack_sequences, packing_leaks, row_token_budget
@@ -105,6 +111,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
 
         # SFTTrainer's padding-free mode needs its own collator, which GKD's batches cannot use; packing is our stage.
         padding_free, args.padding_free = args.padding_free, False
+        notice_filter = _silence_gkd_migration_notice()  # a user who chose NPD is not told to migrate elsewhere
         try:
             super().__init__(
                 model=model,
@@ -123,6 +130,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             )
         finally:
             args.padding_free = padding_free
+            notice_filter.remove()
         _check_tokenizer_fits(self.processing_class, self.model, self.teacher_model)
         self._check_sharding_support()
         if self.lmbda > 0 and _is_quantized(self.model):
@@ -131,6 +139,11 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 "copy of the student's weights, which cannot be made from quantized ones yet. Load the student "
                 "unquantized (LoRA on an unquantized base works), or use lmbda=0."
             )
+        # Everything the generator would otherwise find out mid-run is refused (or set right) here.
+        self._check_topk_fits_vocabulary()
+        self._check_positions_fit()
+        self._train_without_router_logits()
+        self._check_chunked_projections()
         self._pack = args.padding_free and not self._packing_leaks()
         self._per_sample_attention = all(
             attends_per_sample(m) for m in (self.model, self.accelerator.unwrap_model(self.teacher_model))
@@ -240,6 +253,83 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 "a sharded teacher's forwards are collectives that thread cannot take part in. Use "
                 "teacher_top_k=None under ZeRO-3/FSDP."
             )
+
+    def _check_topk_fits_vocabulary(self) -> None:
+        k = self.args.teacher_top_k
+        vocab = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings().weight.shape[0]
+        if k is not None and k > vocab:
+            raise ValueError(
+                f"teacher_top_k={k} is larger than the teacher's vocabulary ({vocab} tokens). Use teacher_top_k <= "
+                f"{vocab} (the NPD paper uses 10), or None for the full-vocabulary JSD."
+            )
+
+    def _check_positions_fit(self) -> None:
+        """A model with learned absolute positions cannot run past its position table: the generator would fail
+        with an index error on the first prompt and completion longer than that."""
+        max_length = self.args.max_length
+        if max_length is None:
+            return
+        for role, model in (("student", self.model), ("teacher", self.accelerator.unwrap_model(self.teacher_model))):
+            limit = _learned_position_limit(model)
+            if limit is not None and max_length > limit:
+                raise ValueError(
+                    f"max_length={max_length} is longer than the {role}'s learned position embeddings "
+                    f"({type(model).__name__} has {limit} positions): sequences that long cannot run through it. "
+                    f"Set max_length <= {limit}."
+                )
+
+    def _train_without_router_logits(self) -> None:
+        """MoE students: the distillation objective has no router load-balancing term (GKD's has none either), so
+        the router logits SFTTrainer switches on are never used. They are switched off, which also keeps them out
+        of the generator's `generate`, where transformers' load-balancing loss fails on cached steps."""
+        text_config = self.model.config.get_text_config()
+        if not getattr(text_config, "output_router_logits", False):
+            return
+        if self.args.router_aux_loss_coef:
+            raise ValueError(
+                f"router_aux_loss_coef={self.args.router_aux_loss_coef}: NPD's objective, like GKD's, is the "
+                "distillation divergence only and has no router load-balancing term to weight. Leave "
+                "router_aux_loss_coef unset (or 0.0)."
+            )
+        text_config.output_router_logits = False
+        self.aux_loss_enabled = False
+        logger.info("The student is a Mixture-of-Experts model: its router logits are not part of the NPD objective.")
+
+    def _check_chunked_projections(self) -> None:
+        """Refuse, before training, a model whose logits the chunked LM-head projections would not reproduce.
+
+        The fused loss, the top-k objective and the scoring stage project hidden states through the LM head
+        themselves, applying the model's logit transform (soft-cap, scale). A probe checks, on each model those paths
+        use, that this equals the model's own forward; the settings that use it are named, with the fix.
+        """
+        args = self.args
+        generating = self.lmbda > 0  # the generator and its scoring stage run only with on-policy sampling
+        users = {
+            "student": {"use_fused_loss=True": args.use_fused_loss, "ifd_filter=True": args.ifd_filter and generating},
+            "teacher": {
+                "use_fused_loss=True": args.use_fused_loss,
+                f"teacher_top_k={args.teacher_top_k}": args.teacher_top_k is not None,
+                "ifd_filter=True": args.ifd_filter and generating,
+            },
+        }
+        vocab = len(self.processing_class)
+        for role, model in (("student", self.model), ("teacher", self.accelerator.unwrap_model(self.teacher_model))):
+            settings = [name for name, used in users[role].items() if used]
+            if not settings:
+                continue
+            try:
+                error = chunked_logits_error(model, min(vocab, model.get_input_embeddings().num_embeddings))
+            except ValueError as reason:  # a head the projections cannot read (a PEFT adapter on lm_head)
+                raise ValueError(f"The {role} cannot run {', '.join(settings)}: {reason}") from None
+            if error > chunked_logits_tolerance(model):
+                raise ValueError(
+                    f"The {role} ({type(model).__name__}) cannot run {', '.join(settings)}: these project its hidden "
+                    f"states through its LM head chunk by chunk, with the logit transform its config names "
+                    f"({logit_transform(model)}), and the result differs from the logits of its own forward by "
+                    f"{error:.1%} of the largest logit. The model does something else between its backbone and its "
+                    "logits. Set use_fused_loss=False, teacher_top_k=None and ifd_filter=False to train it on the "
+                    "plain path, which uses the model's own logits."
+                )
 
     def _ensure_pipeline(self) -> GenerationPipeline | None:
         if self._pipeline is not None or not self._hosts_generator():
@@ -684,3 +774,40 @@ def _check_tokenizer_fits(tokenizer: Any, student: nn.Module, teacher: nn.Module
                 f"The tokenizer has {n_tokens} tokens but the {role}'s embedding has only {vocab} rows: the two were "
                 "not made for each other. Use the tokenizer the student and teacher share."
             )
+
+
+class _GKDMigrationNoticeFilter(logging.Filter):
+    """Drops GKDTrainer's "consider migrating to DistillationTrainer" notice; docs/index.md says how NPD relates to
+    TRL's distillation trainers instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Consider migrating" not in record.getMessage()
+
+
+class _FilterHandle:
+    def __init__(self, target: logging.Logger, log_filter: logging.Filter) -> None:
+        self._target, self._filter = target, log_filter
+        target.addFilter(log_filter)
+
+    def remove(self) -> None:
+        self._target.removeFilter(self._filter)
+
+
+def _silence_gkd_migration_notice() -> _FilterHandle:
+    """While NPD's trainer runs GKDTrainer.__init__ only: GKDTrainer used directly still logs its notice."""
+    return _FilterHandle(logging.getLogger(GKDTrainer.__module__), _GKDMigrationNoticeFilter())
+
+
+def _learned_position_limit(model: nn.Module) -> int | None:
+    """The longest sequence a model with a learned absolute position table can run (GPT-2, OPT), or None for models
+    without one (rotary, ALiBi)."""
+    embeddings = model.get_input_embeddings()
+    learned = any(
+        isinstance(module, nn.Embedding) and module is not embeddings and ("position" in name or name.endswith("wpe"))
+        for name, module in model.named_modules()
+    )
+    if not learned:
+        return None
+    config = model.config.get_text_config()
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None

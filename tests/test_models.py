@@ -1,0 +1,256 @@
+"""The model matrix: tiny models of many architectures train a few steps at the defaults, save and reload; and what
+a model cannot do with a config is refused when the trainer is built.
+
+Each matrix row records the paths the trainer took, observed while it trained: whether the batches that reached
+`compute_loss` were packed (`position_ids`, no attention mask) or padded, and which loss kernel ran. docs/index.md's
+architecture table must hold exactly these rows; rewrite it from a run with
+
+    NPD_WRITE_MODEL_TABLE=1 pytest tests/test_models.py -k matrix
+
+Only sizes are scaled down (steps, batch, completion length); every path-deciding setting is the config default
+(`padding_free`, `use_fused_loss`, `ifd_filter`, `lmbda`, bf16 resolved from the hardware). Three rows use the
+default process generator, which costs a process start each; the others a thread, which runs the same stages.
+"""
+
+import logging
+import os
+import re
+
+import pytest
+import torch
+from tiny_models import build as build_tiny
+from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
+from trl_npd import losses as losses_module
+from trl_npd.losses import logit_transform
+
+DOCS_INDEX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "index.md")
+TABLE_START, TABLE_END = "<!-- model-matrix:start -->", "<!-- model-matrix:end -->"
+TABLE_HEADER = (
+    "| Student | Teacher | Logit transform (student / teacher) | Training batches | Loss kernel | Generator |\n"
+    "|---|---|---|---|---|---|"
+)
+
+# (student, teacher, generator_mode)
+MATRIX = [
+    ("Llama", "Llama", "process"),
+    ("Qwen3", "Qwen3", "thread"),
+    ("Qwen3-MoE", "Qwen3-MoE", "thread"),
+    ("Gemma 2", "Gemma 2", "process"),
+    ("Gemma 3", "Gemma 3", "thread"),
+    ("GPT-2", "GPT-2", "thread"),
+    ("GPT-NeoX", "GPT-NeoX", "thread"),
+    ("OPT", "OPT", "thread"),
+    ("Phi-3", "Phi-3", "thread"),
+    ("Falcon", "Falcon", "thread"),
+    ("Bloom", "Bloom", "process"),
+    ("MPT", "MPT", "thread"),
+    ("Cohere", "Cohere", "thread"),
+    ("Granite", "Granite", "thread"),
+    ("Qwen3", "Gemma 2", "thread"),  # across architectures: a plain student, a soft-capped teacher
+]
+
+
+class ObservingTrainer(NearPolicyDistillTrainer):
+    """Records how each training batch reached the loss: packed or padded."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_kinds = set()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            packed = inputs.get("position_ids") is not None and inputs.get("attention_mask") is None
+            self.batch_kinds.add("packed" if packed else "padded")
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def spy_on_loss_kernels(monkeypatch):
+    """Names of the loss kernels that run, in this process: Liger's, NPD's chunked one, or the plain path."""
+    ran = set()
+
+    class LigerSpy(losses_module.LigerFusedLinearJSDLoss):
+        def forward(self, *args):
+            ran.add("Liger fused-linear JSD")
+            return super().forward(*args)
+
+    transformed_apply = losses_module.TransformedLogitsJSDFunction.apply
+    plain = losses_module.generalized_jsd_sum
+
+    def transformed_spy(*args):
+        ran.add("NPD chunked JSD (transformed logits)")
+        return transformed_apply(*args)
+
+    def plain_spy(*args, **kwargs):
+        ran.add("plain JSD (full logits)")
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(losses_module, "LigerFusedLinearJSDLoss", LigerSpy)
+    monkeypatch.setattr(losses_module.TransformedLogitsJSDFunction, "apply", transformed_spy)
+    monkeypatch.setattr(losses_module, "generalized_jsd_sum", plain_spy)
+    return ran
+
+
+def documented_rows():
+    with open(DOCS_INDEX) as f:
+        text = f.read()
+    match = re.search(re.escape(TABLE_START) + r"(.*?)" + re.escape(TABLE_END), text, re.S)
+    assert match, f"docs/index.md has no {TABLE_START} ... {TABLE_END} table"
+    return [line for line in match.group(1).strip().splitlines()[2:] if line.startswith("|")]
+
+
+@pytest.fixture(scope="module")
+def observed_rows():
+    rows = {}
+    yield rows
+    if os.environ.get("NPD_WRITE_MODEL_TABLE") and len(rows) == len(MATRIX):
+        ordered = [rows[entry] for entry in MATRIX]
+        with open(DOCS_INDEX) as f:
+            text = f.read()
+        table = "\n".join([TABLE_START, TABLE_HEADER, *ordered, TABLE_END])
+        pattern = re.escape(TABLE_START) + r".*?" + re.escape(TABLE_END)
+        with open(DOCS_INDEX, "w") as f:
+            f.write(re.sub(pattern, lambda _: table, text, flags=re.S))
+
+
+@pytest.mark.parametrize(
+    ("student_name", "teacher_name", "mode"),
+    MATRIX,
+    ids=[f"matrix-{s}-{t}".replace(" ", "") for s, t, _ in MATRIX],
+)
+def test_matrix_trains_at_the_defaults_and_reloads(
+    tmp_path, tokenizer, dataset, monkeypatch, observed_rows, student_name, teacher_name, mode
+):
+    student = build_tiny(student_name, tokenizer, seed=1)
+    teacher = build_tiny(teacher_name, tokenizer, seed=2)
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    kernels = spy_on_loss_kernels(monkeypatch)
+    args = NearPolicyDistillConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        max_new_tokens=8,
+        generator_mode=mode,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    assert args.bf16 is False  # resolved from this CPU-only machine, not passed
+    trainer = ObservingTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+
+    assert trainer.state.global_step == 3
+    assert any(not torch.equal(before[name], p) for name, p in student.named_parameters()), "nothing trained"
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved")).eval()
+    assert type(reloaded) is type(student)
+    ids = tokenizer("<|im_start|>user\nWhat is 2+2?<|im_end|>\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, student.eval()(ids).logits)
+        generated = reloaded.generate(ids, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] > ids.shape[1]
+
+    transforms = f"{logit_transform(student)} / {logit_transform(teacher)}"
+    row = (
+        f"| {student_name} ({type(student).__name__}) | {teacher_name} | {transforms} | "
+        f"{', '.join(sorted(trainer.batch_kinds))} | {', '.join(sorted(kernels))} | {mode} |"
+    )
+    observed_rows[(student_name, teacher_name, mode)] = row
+    if not os.environ.get("NPD_WRITE_MODEL_TABLE"):
+        assert row in documented_rows(), (
+            f"docs/index.md's architecture table does not show what this run observed:\n{row}\n"
+            "Rewrite it with NPD_WRITE_MODEL_TABLE=1 pytest tests/test_models.py -k matrix"
+        )
+
+
+# ---- refused when the trainer is built, never mid-run ----------------------------------------------------------
+def npd_config(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", max_new_tokens=8)
+    return NearPolicyDistillConfig(**{**values, **overrides})
+
+
+def build_trainer(student, teacher, tokenizer, dataset, args, **kwargs):
+    return NearPolicyDistillTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer, **kwargs
+    )
+
+
+class DoubledLogits(Qwen3ForCausalLM):
+    """A model whose forward changes its logits in a way no config field names."""
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.logits = output.logits * 2
+        return output
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [({}, "use_fused_loss=True, ifd_filter=True"), ({"use_fused_loss": False}, "ifd_filter=True")],
+    ids=["fused-loss", "ifd-scoring-only"],
+)
+def test_a_trained_copy_of_the_lm_head_is_refused_at_construction(
+    tmp_path, student, teacher, tokenizer, dataset, overrides, named
+):
+    from peft import LoraConfig
+
+    def adapter():  # TRL itself refuses lm_head in target_modules; a trained copy of it gets this far
+        return LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+
+    with pytest.raises(ValueError, match="modules_to_save") as refused:
+        build_trainer(student, teacher, tokenizer, dataset, npd_config(tmp_path, **overrides), peft_config=adapter())
+    assert f"The student cannot run {named}:" in str(refused.value)
+    # the plain path reads the adapted head through the model's own forward
+    plain = npd_config(tmp_path, use_fused_loss=False, ifd_filter=False)
+    build_trainer(student, teacher, tokenizer, dataset, plain, peft_config=adapter())
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_a_logit_change_the_config_does_not_name_is_refused_at_construction(
+    tmp_path, student, teacher, tokenizer, dataset, role
+):
+    doubled = DoubledLogits(student.config if role == "student" else teacher.config)
+    models = (doubled, teacher) if role == "student" else (student, doubled)
+    with pytest.raises(ValueError, match=f"The {role} .*differs from the logits of its own forward by 50.0%"):
+        build_trainer(*models, tokenizer, dataset, npd_config(tmp_path))
+    build_trainer(*models, tokenizer, dataset, npd_config(tmp_path, use_fused_loss=False, ifd_filter=False))
+    if role == "teacher":  # the top-k objective projects the teacher too
+        with pytest.raises(ValueError, match="cannot run teacher_top_k=4"):
+            build_trainer(*models, tokenizer, dataset, npd_config(tmp_path, use_fused_loss=False, teacher_top_k=4))
+
+
+def test_settings_a_model_cannot_run_are_refused_at_construction(tmp_path, student, teacher, tokenizer, dataset):
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    with pytest.raises(ValueError, match=f"teacher_top_k={vocab + 1} is larger than the teacher's vocabulary"):
+        build_trainer(student, teacher, tokenizer, dataset, npd_config(tmp_path, teacher_top_k=vocab + 1))
+
+    gpt2 = [build_tiny("GPT-2", tokenizer, seed=seed, n_positions=48) for seed in (1, 2)]
+    with pytest.raises(ValueError, match="max_length=64 is longer than the student's learned position embeddings"):
+        build_trainer(*gpt2, tokenizer, dataset, npd_config(tmp_path, max_length=64))
+    build_trainer(*gpt2, tokenizer, dataset, npd_config(tmp_path, max_length=48))
+
+    moe = [build_tiny("Qwen3-MoE", tokenizer, seed=seed) for seed in (1, 2)]
+    with pytest.raises(ValueError, match="no router load-balancing term"):
+        build_trainer(*moe, tokenizer, dataset, npd_config(tmp_path, router_aux_loss_coef=0.01))
+    build_trainer(*moe, tokenizer, dataset, npd_config(tmp_path))
+    assert moe[0].config.output_router_logits is False  # SFTTrainer had switched them on; nothing uses them
+
+
+def test_gkds_migration_notice_is_not_shown_for_npd(tmp_path, student, teacher, tokenizer, dataset, caplog):
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    # the setting for which GKDTrainer says DistillationTrainer covers the run
+    covered = {"lmbda": 1.0, "temperature": 1.0}
+    with caplog.at_level(logging.WARNING):
+        build_trainer(student, teacher, tokenizer, dataset, npd_config(tmp_path, **covered))
+    assert not [r for r in caplog.records if "Consider migrating" in r.getMessage()]
+    caplog.clear()
+    gkd_args = GKDConfig(output_dir=str(tmp_path / "gkd"), report_to="none", bf16=False, **covered)
+    with caplog.at_level(logging.WARNING):
+        GKDTrainer(
+            model=student, teacher_model=teacher, args=gkd_args, train_dataset=dataset, processing_class=tokenizer
+        )
+    assert [r for r in caplog.records if "Consider migrating" in r.getMessage()]  # GKD itself still says it
