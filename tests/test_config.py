@@ -32,12 +32,17 @@ def test_bad_values_are_rejected_with_a_clear_message(tmp_path, kwargs, message)
         config(tmp_path, **kwargs)
 
 
-def test_batch_defaults_follow_the_training_batch(tmp_path):
-    args = config(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2)
-    assert args.generation_batch_size == 2 * 3 * 2
-    assert args.buffer_size == 2 * args.generation_batch_size
+def test_generation_batch_defaults_to_the_staleness_budget_and_the_buffer_to_one_batch(tmp_path):
+    args = config(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2, lmbda=1.0)
+    # 6 on-policy samples per optimizer step, (max_staleness 8 - weight_sync_steps 4) / 2 = 2 steps' worth
+    assert args.generation_sizes(world_size=1) == (12, 12)
+    assert args.generation_sizes(world_size=2) == (24, 24)  # a shared generator samples for both ranks
+    half = config(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2, lmbda=0.5)
+    assert half.generation_sizes(world_size=1) == (6, 6)  # half the samples are on-policy, so half the batch
+    tight = config(tmp_path, per_device_train_batch_size=3, lmbda=1.0, weight_sync_steps=4, max_staleness=3)
+    assert tight.generation_sizes(world_size=1) == (3, 3)  # never less than one step's worth
     explicit = config(tmp_path, generation_batch_size=5, buffer_size=7, per_device_train_batch_size=2)
-    assert (explicit.generation_batch_size, explicit.buffer_size) == (5, 7)
+    assert explicit.generation_sizes(world_size=1) == (5, 7)
 
 
 def test_gkd_fields_keep_their_meaning(tmp_path):

@@ -315,6 +315,25 @@ def test_a_snapshot_older_than_the_bound_is_refreshed_instead_of_starving(
         trainer._stop_pipeline(raise_failure=True)
 
 
+def test_at_the_default_sizes_a_generator_far_ahead_of_the_trainer_loses_nothing_to_staleness(
+    student, teacher, tokenizer, dataset, make_config
+):
+    class SlowOptimizer(TrainerCallback):
+        """A slow optimizer step, so the generator always runs ahead and the buffer stays full."""
+
+        def on_step_end(self, *args, **kwargs):
+            time.sleep(0.15)
+
+    args = make_config(max_steps=24, max_new_tokens=4)  # weight_sync_steps=4, max_staleness=8, sizes left to NPD
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    trainer.add_callback(SlowOptimizer())
+    trainer.train()
+    totals = trainer.npd_metrics.totals
+    assert totals.dropped["stale"] == 0
+    # the generator really was ahead: samples waited in the buffer almost as long as the bound allows
+    assert args.weight_sync_steps <= totals.max_staleness_seen <= args.max_staleness
+
+
 def test_generation_overlaps_training_in_wall_clock(tokenizer, dataset, make_config):
     """With the generator in its own process, the time both sides spent busy must clearly exceed the wall time they
     took together: they ran side by side, not one after the other. Measured after the first sample arrived, so the

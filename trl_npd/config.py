@@ -38,8 +38,11 @@ class NearPolicyDistillConfig(GKDConfig):
     > Parameters that control the background generator
 
     generation_batch_size (`int` or `None`, *optional*, defaults to `None`):
-        Number of prompts the generator samples completions for at a time. `None` means two optimizer steps' worth
-        of on-policy samples: `2 * per_device_train_batch_size * gradient_accumulation_steps`.
+        Number of prompts the generator samples completions for at a time. `None` sizes it when training starts:
+        the largest batch whose samples can all be trained on within `max_staleness`, i.e. `(max_staleness -
+        weight_sync_steps) / 2` optimizer steps' worth of on-policy samples (at least one step's worth, and one
+        micro-batch). A larger
+        batch costs less per sample but waits longer in the buffer; see `docs/design.md`.
     generator_mode (`str`, *optional*, defaults to `"process"`):
         Where the generator runs. `"process"`: a spawned process that generates while the optimizer trains (the
         only mode with real overlap on CPU, see `docs/design.md`). `"thread"`: a thread in the trainer process, for
@@ -93,8 +96,10 @@ class NearPolicyDistillConfig(GKDConfig):
         dropped and counted in `npd/dropped_stale`. Must be at least `weight_sync_steps - 1`, otherwise samples of
         the newest snapshot go stale before the next refresh and training starves.
     buffer_size (`int` or `None`, *optional*, defaults to `None`):
-        Most samples held between the generator and the trainer. A full buffer pauses the generator. `None` means
-        `2 * generation_batch_size`. Must hold at least one generation batch and one training micro-batch.
+        Most samples queued between the generator and the trainer, on top of the batch the generator is holding. A
+        full buffer pauses the generator. `None` means one generation batch, which with the default batch size
+        keeps every sample within `max_staleness` however far the generator runs ahead. Must hold at least one
+        generation batch and one training micro-batch.
     max_policy_kl (`float` or `None`, *optional*, defaults to `None`):
         Bound on the per-token KL between the behaviour policy (the snapshot that sampled) and the current student,
         estimated with k3 on the trained tokens of each optimizer step. When an optimizer step's estimate exceeds
@@ -310,20 +315,33 @@ class NearPolicyDistillConfig(GKDConfig):
         if self.generator_num_threads is not None and self.generator_num_threads < 1:
             raise ValueError(f"generator_num_threads must be >= 1 or None, got {self.generator_num_threads}.")
 
-        step_samples = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        if self.generation_batch_size is None:
-            self.generation_batch_size = 2 * step_samples
-        if self.generation_batch_size < 1:
+        if self.generation_batch_size is not None and self.generation_batch_size < 1:
             raise ValueError(f"generation_batch_size must be >= 1, got {self.generation_batch_size}.")
-        if self.buffer_size is None:
-            self.buffer_size = 2 * self.generation_batch_size
-        smallest = max(self.generation_batch_size, self.per_device_train_batch_size)
-        if self.buffer_size < smallest:
+        if self.buffer_size is not None:
+            self.generation_sizes(world_size=1)  # an explicit buffer too small for a batch fails now, not at train()
+
+    def generation_sizes(self, world_size: int) -> tuple[int, int]:
+        """The (generation_batch_size, buffer_size) a generator uses, in samples; `None` fields are sized here.
+
+        A generation batch is sampled by one policy version, so its last sample is trained on about
+        `(weight_sync_steps - 1) + 2 * batch / per_step` optimizer steps after that version's weights were taken
+        when the generator runs ahead (a buffer of one batch, plus the batch the generator holds while it waits).
+        The default batch is the largest that keeps this within `max_staleness`: the cheapest per sample that
+        loses nothing to staleness. `world_size` is the number of ranks a shared generator samples for (1 for a
+        per-rank generator).
+        """
+        micro_batch = self.per_device_train_batch_size * world_size
+        per_step = max(1, round(micro_batch * self.gradient_accumulation_steps * self.lmbda))
+        batch = self.generation_batch_size
+        if batch is None:  # and never less than one micro-batch, which an on-policy draw takes at once
+            batch = max(micro_batch, per_step * max(2, self.max_staleness - self.weight_sync_steps) // 2)
+        buffer = batch if self.buffer_size is None else self.buffer_size
+        if buffer < max(batch, micro_batch):
             raise ValueError(
-                f"buffer_size={self.buffer_size} is smaller than one batch: it must hold at least one generation "
-                f"batch (generation_batch_size={self.generation_batch_size}) and one training micro-batch "
-                f"(per_device_train_batch_size={self.per_device_train_batch_size})."
+                f"buffer_size={buffer} is smaller than one batch: it must hold at least one generation batch "
+                f"(generation_batch_size={batch}) and one training micro-batch ({micro_batch})."
             )
+        return batch, buffer
 
     def _resolve_mixed_precision(self) -> None:
         """`bf16` left unset is chosen from the hardware, as transformers would accept it.

@@ -347,6 +347,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             start_position=self._next_stream_position,
             max_prompt_tokens=None if args.max_length is None else args.max_length - args.max_new_tokens,
         )
+        generation_batch_size, buffer_size = args.generation_sizes(args.world_size if shared else 1)
         eos = self.generation_config.eos_token_id
         engine = EngineConfig(
             max_new_tokens=args.max_new_tokens,
@@ -366,8 +367,8 @@ class NearPolicyDistillTrainer(GKDTrainer):
             student=self.accelerator.unwrap_model(self.model),
             prompts=prompts,
             engine=engine,
-            generation_batch_size=args.generation_batch_size,
-            buffer_size=args.buffer_size,
+            generation_batch_size=generation_batch_size,
+            buffer_size=buffer_size,
             max_staleness=args.max_staleness,
             # a resumed run snapshots the restored weights: the next version after the checkpoint's
             version=self._policy_version,
