@@ -5,8 +5,8 @@
 Each (implementation, tokens) pair runs in its own subprocess, so its peak resident memory (`ru_maxrss`) is its
 own. The call is `loss.backward()` of the generalized JSD (beta=0.5) between a student head and a teacher head
 applied to `(tokens, hidden)` states:
-  - `unfused`: the reference path, `trl_npd.losses.generalized_jsd_sum` on full `(tokens, vocab)` logits;
-  - `fused`: `trl_npd.losses.fused_jsd_sum` (Liger's fused-linear JSD, eager);
+  - `unfused`: the reference path, `trl_npd.divergences.generalized_jsd_sum` on full `(tokens, vocab)` logits;
+  - `fused`: `trl_npd.fused_jsd.fused_jsd_sum` (Liger's fused-linear JSD, eager);
   - `fused-compiled`: the same with `torch.compile` (the first call, which compiles, is not timed).
 Each child caps its address space (`--mem-cap-gb`): an implementation that needs more reports `oom` instead of
 waking the kernel's OOM killer. On CUDA, peaks come from `torch.cuda.max_memory_allocated` instead.
@@ -32,7 +32,8 @@ IMPLEMENTATIONS = ("unfused", "fused", "fused-compiled")
 def child(impl: str, tokens: int, vocab: int, hidden: int, repeats: int, device: str) -> dict:
     import torch
 
-    from trl_npd.losses import fused_jsd_sum, generalized_jsd_sum
+    from trl_npd.divergences import generalized_jsd_sum
+    from trl_npd.fused_jsd import fused_jsd_sum
 
     torch.manual_seed(0)
     student_head = torch.nn.Linear(hidden, vocab, bias=False, device=device)

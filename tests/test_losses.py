@@ -6,23 +6,20 @@ from tiny_models import build as build_tiny
 from torch import nn
 from trl.experimental.gkd import GKDTrainer
 
-from trl_npd.losses import (
+from trl_npd.divergences import generalized_jsd_sum, k3_policy_kl, topk_token_loss
+from trl_npd.fused_jsd import fused_jsd_sum
+from trl_npd.heads import (
     LogitTransform,
     backbone,
     chunked_logits_error,
     chunked_token_logprobs,
-    distillation_loss,
-    fused_jsd_sum,
-    generalized_jsd_sum,
-    k3_policy_kl,
     lm_head,
     logit_transform,
     project,
     teacher_topk,
     token_logprobs,
-    topk_distill_sum,
-    topk_token_loss,
 )
+from trl_npd.losses import distillation_loss, topk_distill_sum
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.2])

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
 from trl_npd import losses as losses_module
-from trl_npd.losses import logit_transform
+from trl_npd.heads import logit_transform
 
 DOCS_INDEX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "index.md")
 TABLE_START, TABLE_END = "<!-- model-matrix:start -->", "<!-- model-matrix:end -->"

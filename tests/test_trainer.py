@@ -15,7 +15,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, TrainerCallback
 from trl.experimental.gkd import GKDConfig
 
 from trl_npd import GeneratorError, NearPolicyDistillTrainer
-from trl_npd.losses import generalized_jsd_sum
+from trl_npd.divergences import generalized_jsd_sum
 from trl_npd.toy import build_model
 
 NPD_METRICS = {

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .buffer import Sample
-from .losses import backbone, chunk_rows, chunked_token_logprobs, lm_head, logit_transform, project
+from .heads import backbone, chunk_rows, chunked_token_logprobs, lm_head, logit_transform, project
 from .selection import delta_ifd
 
 

@@ -41,15 +41,11 @@ from .batching import Sequence, count_trained_tokens, pad_sequences, sequences_f
 from .buffer import Sample
 from .completion_log import CompletionLog
 from .config import NearPolicyDistillConfig
+from .divergences import k3_policy_kl
 from .engine import EngineConfig
 from .generator import IFDSettings
-from .losses import (
-    chunked_logits_error,
-    chunked_logits_tolerance,
-    distillation_loss,
-    k3_policy_kl,
-    logit_transform,
-)
+from .heads import chunked_logits_error, chunked_logits_tolerance, logit_transform
+from .losses import distillation_loss
 from .metrics import NPDMetrics, aggregate_across_ranks
 from .model_card import append_npd_section
 from .packing import attends_per_sample, pack_sequences, packing_leaks, row_token_budget
