@@ -43,6 +43,13 @@ from .completion_log import CompletionLog
 from .config import NearPolicyDistillConfig
 from .engine import EngineConfig
 from .generator import IFDSettings
+from .guards import (
+    check_context_fits,
+    check_output_dir_writable,
+    check_teacher_tokenizer,
+    checkpoint_failed_message,
+    last_complete_checkpoint,
+)
 from .losses import distillation_loss, k3_policy_kl
 from .metrics import NPDMetrics, aggregate_across_ranks
 from .model_card import append_npd_section
@@ -124,6 +131,10 @@ class NearPolicyDistillTrainer(GKDTrainer):
         finally:
             args.padding_free = padding_free
         _check_tokenizer_fits(self.processing_class, self.model, self.teacher_model)
+        if self.lmbda > 0 or self.seq_kd:  # the models generate max_new_tokens after a prompt
+            check_context_fits(args.max_new_tokens, self.model, self.accelerator.unwrap_model(self.teacher_model))
+        if isinstance(teacher_model, str):  # loaded by name: its own tokenizer can be compared with the student's
+            check_teacher_tokenizer(teacher_model, self.processing_class, args.teacher_model_init_kwargs or {})
         self._check_sharding_support()
         if self.lmbda > 0 and _is_quantized(self.model):
             raise ValueError(
@@ -166,6 +177,9 @@ class NearPolicyDistillTrainer(GKDTrainer):
         ignore_keys_for_eval: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
+        if resume_from_checkpoint is True:  # the last checkpoint saved to the end, not one a killed run left half
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
+        check_output_dir_writable(self.args)
         self._resume_state = self._load_npd_state(resume_from_checkpoint)
         self.npd_metrics = NPDMetrics()
         self._warned = set()
@@ -540,7 +554,9 @@ class NearPolicyDistillTrainer(GKDTrainer):
         if model.training:
             micro_batch, self._micro_batches_done = self._micro_batches_done, self._micro_batches_done + 1
             if not torch.isfinite(result.loss_sum):  # the one check on the hot path; the diagnosis only on failure
-                raise NonFiniteLossError(self._nonfinite_loss_report(model, float(result.loss_sum), micro_batch))
+                raise NonFiniteLossError(
+                    self._nonfinite_loss_report(model, float(result.loss_sum.detach()), micro_batch)
+                )
         # temperature is GKD's sampling temperature; GKD takes the divergence at temperature 1, and so do we
         if num_items_in_batch is None:  # evaluation, or a direct call: mean over this batch's tokens
             loss = result.loss_sum / result.num_tokens.clamp_min(1)
@@ -649,20 +665,22 @@ class NearPolicyDistillTrainer(GKDTrainer):
         positions = [self._next_stream_position]
         if self.args.world_size > 1 and not self.args.uses_shared_generator:
             positions = gather_object(positions)
-        # written first, so a checkpoint pushed to the Hub by the parent's save already contains it
-        if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            os.makedirs(folder, exist_ok=True)
-            if self._generating:
-                version = self._policy_version
-            else:
-                version = self._resume_state.get("policy_version", -1)
-            state = {"policy_version": version, "stream_positions": positions}
-            with open(os.path.join(folder, NPD_STATE_NAME), "w") as f:
-                json.dump(state, f, indent=2)
-        super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        try:
+            # written first, so a checkpoint pushed to the Hub by the parent's save already contains it
+            if self.args.should_save:
+                os.makedirs(folder, exist_ok=True)
+                if self._generating:
+                    version = self._policy_version
+                else:
+                    version = self._resume_state.get("policy_version", -1)
+                state = {"policy_version": version, "stream_positions": positions}
+                with open(os.path.join(folder, NPD_STATE_NAME), "w") as f:
+                    json.dump(state, f, indent=2)
+            super()._save_checkpoint(model, trial)
+        except OSError as error:
+            raise OSError(checkpoint_failed_message(folder, self.state.global_step, error, run_dir)) from error
 
     def _load_npd_state(self, resume_from_checkpoint: str | bool | None) -> dict[str, Any]:
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
