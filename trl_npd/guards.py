@@ -76,7 +76,8 @@ def check_teacher_tokenizer(teacher_name: str, student_tokenizer: Any, init_kwar
 
 
 def check_output_dir_writable(args: Any) -> None:
-    """A run that saves checkpoints must be able to write them: find out before training, not at the first save."""
+    """A run that saves checkpoints must be able to write them: find out before training, not at the first save
+    (transformers makes the folder when the trainer is built, but does not try to write in it)."""
     strategy = getattr(args.save_strategy, "value", args.save_strategy)  # an enum in TrainingArguments
     if strategy == "no" or not args.should_save:
         return

@@ -94,6 +94,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 "Import it with `from trl_npd import NearPolicyDistillConfig as GKDConfig`."
             )
         _check_train_dataset(train_dataset)
+        check_output_dir_writable(args)  # before transformers makes the folder, with a plainer error
         if processing_class is not None and getattr(processing_class, "pad_token_id", 0) is None:
             raise ValueError(
                 "The tokenizer has no pad token, which batching needs. Set one before building the trainer, e.g. "
@@ -179,7 +180,6 @@ class NearPolicyDistillTrainer(GKDTrainer):
     ) -> Any:
         if resume_from_checkpoint is True:  # the last checkpoint saved to the end, not one a killed run left half
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
-        check_output_dir_writable(self.args)
         self._resume_state = self._load_npd_state(resume_from_checkpoint)
         self.npd_metrics = NPDMetrics()
         self._warned = set()
