@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 
@@ -296,3 +297,73 @@ def test_a_trainer_killed_mid_run_resumes_from_its_last_checkpoint_continuing_ve
     assert all(step - s.policy_step <= 3 for step, s in resumed.taken)  # nothing stale is trained on
     assert all(s.policy_version > saved["policy_version"] for _, s in resumed.taken)
     assert live_workers() == before
+
+
+def _thread_pipeline(tokenizer, dataset, timeout_s):
+    from trl.experimental.utils import DataCollatorForChatML
+
+    from trl_npd.engine import EngineConfig
+    from trl_npd.pipeline import GenerationPipeline
+    from trl_npd.prompts import PromptStream
+
+    engine = EngineConfig(
+        max_new_tokens=4, temperature=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    return GenerationPipeline(
+        mode="thread",
+        student=build_model(tokenizer, hidden_size=32, num_layers=2, seed=1),
+        prompts=PromptStream(dataset, DataCollatorForChatML(tokenizer=tokenizer, max_length=96), seed=0),
+        engine=engine,
+        generation_batch_size=2,
+        buffer_size=2,
+        max_staleness=10**6,
+        version=0,
+        step=0,
+        num_threads=None,
+        seed=0,
+        generator_timeout_s=timeout_s,
+    )
+
+
+def test_waiting_on_a_full_buffer_or_on_the_snapshot_lock_is_progress_not_a_hang(tokenizer, dataset):
+    pipeline = _thread_pipeline(tokenizer, dataset, timeout_s=0.5)
+    pipeline.start()
+    try:
+        time.sleep(1.5)  # nobody takes: the generator waits on the full buffer (backpressure) for 3 timeouts
+        pipeline.check_alive()
+        assert "waiting for room in the full buffer" in pipeline.progress.describe()
+        lock = pipeline._snapshot._lock
+        with lock:  # as a publish holds it
+            pipeline._snapshot._version.value += 1  # a new version to load, once the generator gets the lock
+            pipeline.take(2, current_step=0)  # room again: the generator goes on to its next batch, the lock
+            time.sleep(1.5)
+            pipeline.check_alive()
+            assert "waiting for the weight snapshot's lock" in pipeline.progress.describe()
+        assert pipeline.take(4, current_step=0).samples[-1].policy_version == 1
+    finally:
+        pipeline.stop()
+
+
+def test_a_stuck_generator_thread_is_reported_and_left_as_a_daemon(tokenizer, dataset, monkeypatch):
+    """A thread cannot be killed: the report says so, and the training side stops waiting on it."""
+    from trl_npd.engine import TransformersEngine
+
+    release = threading.Event()
+    monkeypatch.setattr(TransformersEngine, "generate", lambda self, prompts: release.wait() and None)
+    pipeline = _thread_pipeline(tokenizer, dataset, timeout_s=0.5)
+    pipeline.start()
+    worker = pipeline._worker
+    try:
+        start = time.monotonic()
+        with pytest.raises(GeneratorError, match="thread 'npd-generator' has made no progress") as raised:
+            pipeline.take(2, current_step=0)
+        report("generator thread stuck (generator_timeout_s=0.5)", time.monotonic() - start)
+        assert "sampling generation batch 1 with policy version 0" in str(raised.value)
+        assert "left behind as a daemon thread" in str(raised.value)
+        stop_started = time.monotonic()
+        pipeline.stop()
+        assert time.monotonic() - stop_started < 1  # no graceful wait on a hung generator
+    finally:
+        release.set()
+        worker.join(timeout=10)
+    assert not worker.is_alive()
