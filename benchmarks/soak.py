@@ -85,6 +85,16 @@ def growth(records: list[dict], key: str, warmup_steps: int) -> float:
     return (after[-1][key] - after[0][key]) / after[0][key]
 
 
+def slope_per_1k_steps(records: list[dict], key: str, warmup_steps: int) -> float:
+    """Least-squares slope of `key` over the records after warm-up, per 1,000 steps: a leak shows as a steady
+    climb, while RSS also swings by a few MiB from one record to the next with whatever a step had allocated."""
+    points = [(r["step"], r[key]) for r in records if r["step"] >= warmup_steps]
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    variance = sum((x - mean_x) ** 2 for x, _ in points)
+    return 1000 * sum((x - mean_x) * (y - mean_y) for x, y in points) / variance if variance else 0.0
+
+
 def commit() -> str | None:
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
@@ -147,6 +157,10 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
         "rss_growth_frac": {
             "trainer": growth(records, "rss_trainer_mb", warmup_steps),
             "generator": growth(records, "rss_generator_mb", warmup_steps),
+        },
+        "rss_slope_mb_per_1k_steps": {
+            "trainer": slope_per_1k_steps(records, "rss_trainer_mb", warmup_steps),
+            "generator": slope_per_1k_steps(records, "rss_generator_mb", warmup_steps),
         },
         "buffer": {"mean": sum(r["buffer"] for r in records) / len(records), "max": max(r["buffer"] for r in records)},
         "weight_syncs": len(totals.sync_steps),
@@ -217,12 +231,16 @@ def main() -> None:
     last = report["records"][-1]
     growth_frac, accounting = report["rss_growth_frac"], report["accounting"]
     print(f"{report['steps']} steps in {report['wall_s']:.0f} s, {report['weight_syncs']} weight syncs")
-    print(f"{'process':10} {'RSS start MiB':>13} {'after warm-up':>13} {'end':>8} {'growth':>8} {'target':>8}")
+    print(
+        f"{'process':10} {'RSS start MiB':>13} {'after warm-up':>13} {'end':>8} {'growth':>8} {'target':>8} "
+        f"{'slope MiB/1k steps':>19}"
+    )
     for name in ("trainer", "generator"):
         key = f"rss_{name}_mb"
+        verdict = "ok" if growth_frac[name] < RSS_GROWTH_TARGET else "MISSED"
         print(
             f"{name:10} {report['records'][0][key]:13.1f} {first[key]:13.1f} {last[key]:8.1f} "
-            f"{growth_frac[name]:8.2%} {'< 5%':>8} {'ok' if growth_frac[name] < RSS_GROWTH_TARGET else 'MISSED'}"
+            f"{growth_frac[name]:8.2%} {'< 5%':>5} {verdict:>2} {report['rss_slope_mb_per_1k_steps'][name]:19.1f}"
         )
     staleness = report["staleness"]
     print(
