@@ -226,7 +226,7 @@ def _empty_completions(env, every: int) -> None:
     generate = TransformersEngine.generate
 
     def patched(self, prompts):
-        completions = generate(self, prompts)
+        completions = generate(self, prompts) if every > 1 else [None] * len(prompts)
         return [Completion([], [], None) if i % every == 0 else c for i, c in enumerate(completions)]
 
     env.monkeypatch.setattr(TransformersEngine, "generate", patched)

@@ -201,9 +201,9 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_with_the_path_and_th
     report("checkpoint not writable", elapsed)
     assert f"The last complete checkpoint is {out / 'checkpoint-2'}." in str(raised.value)
     assert len(steps) == 4 and elapsed < 5
-    threads, processes = live_workers()
     # a checkpoint save starts tqdm's monitor thread (transformers' weight saving), which is not ours to stop
-    assert (threads - {"tqdm_monitor"}, processes) == before
+    after, expected = ((threads - {"tqdm_monitor"}, processes) for threads, processes in (live_workers(), before))
+    assert after == expected
 
 
 KILLED_SCRIPT = textwrap.dedent(
