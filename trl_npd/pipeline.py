@@ -326,9 +326,7 @@ class GenerationPipeline:
         was doing if it has made no progress for `generator_timeout_s`."""
         if self.mode == "sync":
             return
-        failure = self._reported_failure()
-        if failure is None:
-            failure = self._hang_report()
+        failure = self._reported_failure() or self._hang  # the watchdog's verdict, once it has killed a hung process
         if failure is None and self._worker is not None and not self._worker.is_alive():
             # it may have died just after reporting; give the report a moment to arrive
             failure = self._reported_failure(timeout_s=1.0)
@@ -340,6 +338,8 @@ class GenerationPipeline:
                     "__main__ script cannot be sent to a process (move it to a module, or use "
                     "generator_mode='thread')."
                 )
+        if failure is None:
+            failure = self._hang_report()
         if failure is not None:
             raise GeneratorError(f"The background generator failed, so training cannot go on.\n{failure}")
 
@@ -352,14 +352,14 @@ class GenerationPipeline:
 
     def _hang_report(self) -> str | None:
         """Why the generator counts as hung, once it has shown no progress for `generator_timeout_s`; a generator
-        process is then killed. None while it progresses."""
+        process is then killed. None while it progresses, and for a generator that is dead (a death, not a hang)."""
         worker = self._worker
         if worker is None:
             return None
         with self._hang_lock:
             if self._hang is None:
                 silent_s = self.progress.silent_s()
-                if silent_s <= self.generator_timeout_s:
+                if silent_s <= self.generator_timeout_s or not worker.is_alive():
                     return None
                 process = isinstance(worker, mp.process.BaseProcess)
                 name = f"process {worker.name!r} (pid {worker.pid})" if process else f"thread {worker.name!r}"
