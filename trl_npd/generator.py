@@ -148,6 +148,7 @@ def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: 
     each poll while it is full.
     """
     progress = spec.progress
+    progress.beat()  # started: the process is up, its models are next
     try:
         should_stop = stop.is_set
         if seed_rng:  # only in a process of its own: a thread would reseed the trainer's RNG
