@@ -4,7 +4,7 @@ import socket
 import threading
 
 import psutil
-from transformers import Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM, Qwen3Model
 
 
 class ExplodingGenerateModel(Qwen3ForCausalLM):
@@ -59,3 +59,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _BackboneFailsInAChildProcess(Qwen3Model):
+    def forward(self, *args, **kwargs):
+        import multiprocessing
+        import time
+
+        if multiprocessing.parent_process() is not None:  # the generator process, where samples are scored
+            raise RuntimeError(f"boom while scoring at {time.time()!r}")
+        return super().forward(*args, **kwargs)
+
+
+class ScoringFailsInTheGenerator(Qwen3ForCausalLM):
+    """A teacher whose forward fails in the generator process, where it scores samples (Δ-IFD, top-k), as a scoring
+    stage might (out of memory on the generator's device); the trainer's own teacher works. The message carries the
+    wall-clock time of the failure, so a test can measure how long it took to surface."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = _BackboneFailsInAChildProcess(config)
+
+
+def processes_with_marker(marker: str) -> list[psutil.Process]:
+    """Live processes whose environment has NPD_TEST_LAUNCH=marker: whatever a launched test run left behind."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("NPD_TEST_LAUNCH") == marker:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found

@@ -132,3 +132,26 @@ def test_multi_rank_benchmark_micro(tmp_path):
     assert sorted(r["placement"] for r in report["runs"]) == ["per_rank", "shared"]
     assert all(r["world_size"] == 2 and r["samples_per_s"] > 0 for r in report["runs"])
     assert "shared / per-rank" in table
+
+
+def test_soak_benchmark_100_steps(tmp_path):
+    """The soak's short version, in CI: the staleness bound and the exact accounting over 100 steps at the defaults,
+    with weight syncs throughout; RSS is recorded for both processes (its 5% target is the 1,000-step run's)."""
+    out = tmp_path / "soak.json"
+    table = run("soak.py", "--steps", "100", "--record-every", "10", "--warmup-steps", "20", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["steps"] == 100
+    assert report["weight_syncs"] == 100 // report["settings"]["weight_sync_steps"]
+    assert [r["step"] for r in report["records"]] == list(range(10, 101, 10))
+    assert all(r["rss_trainer_mb"] > 0 and r["rss_generator_mb"] > 0 for r in report["records"])
+    # a tripwire for a gross leak only: 100 steps are too few to hold the 5% target to
+    assert all(-0.25 < g < 0.25 for g in report["rss_growth_frac"].values()), report["rss_growth_frac"]
+    assert report["stale_trained"] == 0 and report["staleness"]["max"] <= report["settings"]["max_staleness"]
+    assert report["staleness"]["trained_samples"] == report["accounting"]["trained"] > 0
+    accounting = report["accounting"]
+    assert accounting["exact"]
+    dropped = sum(accounting["dropped"].values())
+    assert accounting["generated"] == accounting["trained"] + dropped + accounting["unused"]
+    assert accounting["dropped"].get("ifd_low", 0) + accounting["dropped"].get("ifd_high", 0) > 0  # Δ-IFD on
+    assert (tmp_path / "soak.png").stat().st_size > 0
+    assert "accounting" in table and "exact" in table

@@ -9,10 +9,9 @@ from collections import Counter
 
 import pytest
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from helpers import ExplodingGenerateModel, live_workers
-from transformers import Qwen3Config, Qwen3ForCausalLM, TrainerCallback
-from trl.experimental.gkd import GKDConfig
+from transformers import TrainerCallback
 
 from trl_npd import GeneratorError, NearPolicyDistillTrainer
 from trl_npd.divergences import generalized_jsd_sum
@@ -75,8 +74,8 @@ def test_trains_in_a_background_process_within_the_staleness_bound_and_logs_npd_
     totals = trainer.npd_metrics.totals
     assert totals.consumed_samples == 48
     assert totals.weight_syncs == {"schedule": 6}  # every weight_sync_steps=2 of 12 steps
-    # nothing silently lost: every received sample was trained on, dropped as stale, or unused at the end
-    assert totals.generated_samples == totals.consumed_samples + totals.dropped["stale"] + totals.unused_at_shutdown
+    # nothing silently lost: every sample the generator set out to make was trained on, dropped, or unused at the end
+    assert totals.generated_samples == totals.accounted() > totals.consumed_samples
     logged = {key for entry in trainer.state.log_history for key in entry}
     assert NPD_METRICS <= logged
     versions = [entry["npd/version"] for entry in trainer.state.log_history if "npd/version" in entry]
@@ -208,36 +207,6 @@ def test_gkd_script_flow_train_evaluate_checkpoint_and_resume(
     assert resumed.state.log_history[-2]["npd/version"] >= saved["policy_version"] + 1
     with open(os.path.join(args.output_dir, "checkpoint-10", "npd_state.json")) as f:
         assert json.load(f)["stream_positions"][0] > saved["stream_positions"][0]
-
-
-def test_bad_inputs_fail_before_training_with_clear_messages(student, teacher, tokenizer, dataset, make_config):
-    args = make_config()
-    bigger_vocab = Qwen3ForCausalLM(Qwen3Config(**{**teacher.config.to_dict(), "vocab_size": len(tokenizer) + 64}))
-    with pytest.raises(ValueError, match="vocab_size"):
-        trainer_for(student, bigger_vocab, tokenizer, dataset, args)
-    with pytest.raises(ValueError, match="train dataset is empty"):
-        trainer_for(student, teacher, tokenizer, dataset.select([]), args)
-    with pytest.raises(ValueError, match="needs a train_dataset"):
-        trainer_for(student, teacher, tokenizer, None, args)
-    with pytest.raises(ValueError, match="map-style"):
-        trainer_for(student, teacher, tokenizer, IterableDataset.from_generator(lambda: iter([dataset[0]])), args)
-    with pytest.raises(TypeError, match="NearPolicyDistillConfig"):
-        trainer_for(student, teacher, tokenizer, dataset, GKDConfig(output_dir=args.output_dir, bf16=False))
-    prompts_only = Dataset.from_list([{"prompt": "What is 1+2?"}] * 4)
-    with pytest.raises(ValueError, match=r"Set lmbda=1\.0"):
-        trainer_for(student, teacher, tokenizer, prompts_only, make_config(lmbda=0.5))
-
-
-def test_a_tokenizer_without_pad_token_or_larger_than_the_models_is_refused(student, teacher, dataset, make_config):
-    from trl_npd.toy import build_tokenizer
-
-    no_pad = build_tokenizer()
-    no_pad.pad_token = None
-    with pytest.raises(ValueError, match="no pad token"):
-        trainer_for(student, teacher, no_pad, dataset, make_config())
-    bigger = build_tokenizer(vocab_size=600)
-    with pytest.raises(ValueError, match="embedding has only"):
-        trainer_for(student, teacher, bigger, dataset, make_config())
 
 
 def test_prompts_too_long_for_max_length_are_truncated_and_counted(student, teacher, tokenizer, make_config):
@@ -540,9 +509,3 @@ def test_an_ifd_band_that_rejects_everything_warns_and_widens_instead_of_starvin
     assert trainer.state.global_step == 6
     assert any("[1000000.0, 2000000.0]" in r.message and "quantile" in r.message for r in caplog.records)
     assert trainer.npd_metrics.totals.dropped["ifd_low"] >= 8
-
-
-def test_a_quantized_student_is_refused_with_the_reason(student, teacher, tokenizer, dataset, make_config):
-    student.is_loaded_in_4bit = True  # what transformers sets on a bitsandbytes 4-bit load
-    with pytest.raises(ValueError, match="quantized"):
-        trainer_for(student, teacher, tokenizer, dataset, make_config())

@@ -8,19 +8,29 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 if TYPE_CHECKING:
+    from .buffer import EmptyCompletionsError
     from .config import NearPolicyDistillConfig
+    from .nonfinite import NonFiniteLossError
     from .pipeline import GeneratorError
     from .trainer import NearPolicyDistillTrainer
 
 # Imported on first use: the generator process imports trl_npd's generation modules, and loading TRL's trainer
 # stack (trl, peft, liger) there would add seconds to every generator's start.
 _EXPORTS = {
+    "EmptyCompletionsError": ".buffer",
+    "GeneratorError": ".pipeline",
     "NearPolicyDistillConfig": ".config",
     "NearPolicyDistillTrainer": ".trainer",
-    "GeneratorError": ".pipeline",
+    "NonFiniteLossError": ".nonfinite",
 }
 
-__all__ = ["GeneratorError", "NearPolicyDistillConfig", "NearPolicyDistillTrainer"]
+__all__ = [
+    "EmptyCompletionsError",
+    "GeneratorError",
+    "NearPolicyDistillConfig",
+    "NearPolicyDistillTrainer",
+    "NonFiniteLossError",
+]
 __version__ = "0.1.0"
 
 

@@ -77,12 +77,35 @@ class TakeResult:
 
     samples: list[Sample]
     stale: list[Sample] = field(default_factory=list)  # evicted past the staleness bound, oldest first
+    empty: list[Sample] = field(default_factory=list)  # completions without a single token: nothing to train on
     wait_s: float = 0.0
     received: list[GeneratedBatch] = field(default_factory=list)
 
     @property
     def dropped_stale(self) -> int:
         return len(self.stale)
+
+    @property
+    def dropped_empty_completion(self) -> int:
+        return len(self.empty)
+
+
+@dataclass
+class Drained:
+    """What was still held between generator and trainer when the buffer was emptied at shutdown."""
+
+    held: int = 0  # samples the trainer had received but not used
+    in_transport: int = 0  # samples generated but never delivered
+    dropped_in_transport: Counter = field(default_factory=Counter)  # the generator's drops in those batches
+
+    def add(self, other: Drained) -> None:
+        self.held += other.held
+        self.in_transport += other.in_transport
+        self.dropped_in_transport.update(other.dropped_in_transport)
+
+
+class EmptyCompletionsError(RuntimeError):
+    """The generator returns nothing but empty completions: training would starve."""
 
 
 class SampleBuffer:
@@ -93,13 +116,24 @@ class SampleBuffer:
             is a process, a `queue.Queue` when it is a thread. Its `maxsize` bounds the buffer, in generation batches.
         generation_batch_size: samples per generation batch, to report the buffer's size in samples.
         poll_s: how often a blocked side wakes up to check for shutdown or a failed peer.
+        max_empty_in_a_row: empty completions in a row after which `take` gives up (`EmptyCompletionsError`)
+            instead of waiting forever for a sample it can train on. `None`: four generation batches' worth, and at
+            least 64.
     """
 
-    def __init__(self, transport: Any, generation_batch_size: int, poll_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        transport: Any,
+        generation_batch_size: int,
+        poll_s: float = 0.1,
+        max_empty_in_a_row: int | None = None,
+    ) -> None:
         self.transport = transport
         self._generation_batch_size = generation_batch_size
         self._poll_s = poll_s
         self._ready: deque[Sample] = deque()
+        self._max_empty_in_a_row = max_empty_in_a_row or max(64, 4 * generation_batch_size)
+        self._empty_in_a_row = 0
 
     # ---- producer side (generator) -------------------------------------------------------------------------------
     def put(self, batch: GeneratedBatch, should_stop: Callable[[], bool]) -> bool:
@@ -125,7 +159,8 @@ class SampleBuffer:
 
         Blocks while fewer than `n` fresh samples are available. `check_producer` is called while waiting and must
         raise if the generator has failed, so a crash surfaces here instead of hanging. `refill`, when given, makes
-        the samples synchronously instead of waiting on the transport (the `sync` generator mode).
+        the samples synchronously instead of waiting on the transport (the `sync` generator mode). Samples without
+        a completion token are dropped and counted too: they have nothing to train on.
         """
         result = TakeResult(samples=[])
         while len(result.samples) < n:
@@ -133,7 +168,18 @@ class SampleBuffer:
                 sample = self._ready.popleft()
                 if current_step - sample.policy_step > max_staleness:
                     result.stale.append(sample)
+                elif not sample.completion_ids:
+                    result.empty.append(sample)
+                    self._empty_in_a_row += 1
+                    if self._empty_in_a_row >= self._max_empty_in_a_row:
+                        raise EmptyCompletionsError(
+                            f"The generator returned {self._empty_in_a_row} empty completions in a row (no token "
+                            "after the prompt), so there is nothing to train on. An engine returns an empty "
+                            "completion when a prompt fills its context or its token limit is 0: check max_length, "
+                            "max_new_tokens and the engine's own limits (e.g. the vLLM server's max_model_len)."
+                        )
                 else:
+                    self._empty_in_a_row = 0
                     result.samples.append(sample)
             if len(result.samples) == n:
                 break
@@ -159,6 +205,10 @@ class SampleBuffer:
                     return self.transport.get(timeout=self._poll_s)
                 except queue.Empty:
                     continue
+                except (EOFError, OSError):
+                    # a generator process killed halfway through writing a batch (e.g. as hung): say why
+                    check_producer()
+                    raise
         finally:
             result.wait_s += time.perf_counter() - start
 
@@ -170,14 +220,15 @@ class SampleBuffer:
             in_transport = 0
         return len(self._ready) + in_transport * self._generation_batch_size
 
-    def drain(self) -> tuple[int, int]:
-        """Discard everything still held (at shutdown). Returns (samples the trainer had received but not used,
-        samples still in the transport, never delivered)."""
-        unused = len(self._ready)
+    def drain(self) -> Drained:
+        """Discard everything still held (at shutdown) and report it: the samples the trainer had received but not
+        used, the samples still in the transport, and what the generator dropped in those undelivered batches."""
+        drained = Drained(held=len(self._ready))
         self._ready.clear()
-        undelivered = 0
         while True:
             try:
-                undelivered += len(self.transport.get_nowait().samples)
-            except (queue.Empty, OSError, ValueError):
-                return unused, undelivered
+                batch = self.transport.get_nowait()
+            except (queue.Empty, OSError, EOFError, ValueError):  # EOF: a writer killed mid-batch; the rest is lost
+                return drained
+            drained.in_transport += len(batch.samples)
+            drained.dropped_in_transport.update(batch.dropped)

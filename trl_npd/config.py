@@ -66,6 +66,13 @@ class NearPolicyDistillConfig(GKDConfig):
         measurement and the reasons are in `docs/scale.md`. The shared generator suits a dedicated generation
         device (`generator_device`), and vLLM's server mode always uses it, since one client holds the
         weight-transfer group.
+    generator_timeout_s (`float`, *optional*, defaults to `1800.0`):
+        Seconds the background generator may go without showing progress before training stops with a
+        `GeneratorError` that says what it was last doing; a hung generator process is then killed. The embedded
+        engine shows progress at every decoding step and while it waits (for room in the buffer, for the weight
+        snapshot), so this bounds the longest single forward pass, a weight load, and the generator's start-up
+        (process start, copying the models); with vLLM, one whole generation batch. The default, the same as
+        `torch.distributed`'s collective timeout, sits far above these even for large models on slow devices.
 
     > Parameters that control the vLLM backend (`generation_backend="vllm"`)
 
@@ -165,7 +172,7 @@ class NearPolicyDistillConfig(GKDConfig):
         Write the fate of every generated sample to `<output_dir>/npd_samples.jsonl` (one file per rank with
         several processes), one JSON line each: its prompt index and stream position, policy version and step,
         Δ-IFD, and either the optimizer step it was trained on with its staleness then, or the reason it was
-        dropped (`stale`, `ifd_low`, `ifd_high`, `empty_prompt`).
+        dropped (`stale`, `ifd_low`, `ifd_high`, `empty_prompt`, `empty_completion`).
     """
 
     bf16: bool | None = field(
@@ -196,6 +203,10 @@ class NearPolicyDistillConfig(GKDConfig):
     shared_generator: bool = field(
         default=False,
         metadata={"help": "One generator on the main process for all ranks, instead of one per rank."},
+    )
+    generator_timeout_s: float = field(
+        default=1800.0,
+        metadata={"help": "Seconds without progress after which the generator counts as hung and training stops."},
     )
     vllm_mode: str = field(
         default="server", metadata={"help": "vLLM backend: 'server' or 'colocate'.", "choices": list(VLLM_MODES)}
@@ -314,6 +325,11 @@ class NearPolicyDistillConfig(GKDConfig):
             raise ValueError(f"num_completions_to_print must be >= 1, got {self.num_completions_to_print}.")
         if self.generator_num_threads is not None and self.generator_num_threads < 1:
             raise ValueError(f"generator_num_threads must be >= 1 or None, got {self.generator_num_threads}.")
+        if not self.generator_timeout_s > 0:
+            raise ValueError(
+                f"generator_timeout_s must be > 0, got {self.generator_timeout_s}: it is how long the generator may "
+                "go without progress before training stops. Keep the default (1800) unless a hang must surface sooner."
+            )
 
         if self.generation_batch_size is not None and self.generation_batch_size < 1:
             raise ValueError(f"generation_batch_size must be >= 1, got {self.generation_batch_size}.")

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 
 TAIL_MASS_EPS = 1e-6  # tail buckets with less probability mass than this are treated as empty
+# topk_bucket_jsd keeps every bucket's log-mass finite: at least this, and the teacher's top-k mass below 1
+TAIL_LOG_FLOOR = -60.0
+TAIL_LOG_MASS_EPS = 1e-7
 
 
 def generalized_jsd_sum(
@@ -87,6 +90,32 @@ def topk_token_loss(
     kl = kl + torch.where(has_tail, teacher_tail.exp() * (teacher_tail - student_tail), 0.0)
     ce = -student_logprobs.gather(-1, targets[:, None]).squeeze(-1)
     return ce_weight * ce + (1.0 - ce_weight) * kl
+
+
+def topk_bucket_jsd(
+    student_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """GKD's generalized JSD(beta) per token, from the teacher's top-k alone: over k + 1 buckets, the top-k tokens
+    and one tail bucket holding the rest of each side's mass.
+
+    This is the exact JSD of the student and a teacher whose tail mass is spread over the tail tokens as the
+    student spreads its own; coarse-graining never raises a divergence, so it is at most the full-vocabulary JSD,
+    and the gap is the teacher's disagreement with the student inside the tail, weighted by the tail's mass
+    (benchmarks/topk_jsd.py measures it). `student_logprobs` is `(n, V)` log-softmax; the teacher side `(n, k)`.
+    """
+    student_topk = student_logprobs.gather(-1, teacher_topk_ids)
+    # Each side's tail as a log-mass, kept finite (floored at TAIL_LOG_FLOOR) so no branch carries a NaN gradient:
+    # a floored tail holds about e^-60 of the mass, and its terms vanish in float32.
+    teacher_topk_mass = torch.logsumexp(teacher_topk_logprobs, dim=-1).clamp(max=-TAIL_LOG_MASS_EPS)
+    teacher_tail = _log1mexp(teacher_topk_mass).clamp_min(TAIL_LOG_FLOOR)
+    outside_topk = student_logprobs.scatter(-1, teacher_topk_ids, TAIL_LOG_FLOOR)
+    student_tail = torch.logsumexp(outside_topk, dim=-1)
+    student = torch.cat([student_topk, student_tail[:, None]], dim=-1)
+    teacher = torch.cat([teacher_topk_logprobs, teacher_tail[:, None]], dim=-1)
+    return generalized_jsd_per_token(student, teacher, beta)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

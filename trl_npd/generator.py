@@ -20,10 +20,11 @@ from torch import nn
 
 from .buffer import GeneratedBatch, Rejected, Sample, SampleBuffer
 from .engine import EngineConfig, RemoteEngine, TransformersEngine
+from .progress import Activity, GeneratorProgress
 from .prompts import PromptStream
 from .scoring import SampleScorer
 from .selection import DeltaIFDFilter
-from .snapshot import PolicySnapshot
+from .snapshot import PolicySnapshot, held_while_alive
 
 
 def generate_batch(
@@ -34,11 +35,15 @@ def generate_batch(
     step: int,
     scorer: SampleScorer | None = None,
     selector: DeltaIFDFilter | None = None,
+    progress: GeneratorProgress | None = None,
 ) -> GeneratedBatch | None:
     """Sample one generation batch with the engine's current weights, tagged with their version and step; score
-    it (teacher top-k, Δ-IFD) and keep the samples in the Δ-IFD band, when a scorer and a selector are given."""
+    it (teacher top-k, Δ-IFD) and keep the samples in the Δ-IFD band, when a scorer and a selector are given.
+    `progress`, when given, counts the prompts taken and reports what the batch is doing."""
     start = time.perf_counter()
     batch_prompts = prompts.take(batch_size)
+    if progress is not None:
+        progress.took_prompts(len(batch_prompts), version)
     rejected = [
         Rejected(p.index, p.position, version, step, "empty_prompt") for p in batch_prompts if not p.ids
     ]  # nothing to condition on; generate() cannot start from zero tokens
@@ -61,6 +66,8 @@ def generate_batch(
         for p, c in zip(usable, completions, strict=True)
     ]
     if scorer is not None:
+        if progress is not None:
+            progress.doing(Activity.SCORING)
         scorer.score(samples)
     deltas, warnings = [], []
     if selector is not None:
@@ -136,6 +143,7 @@ class GeneratorSpec:
     engine: EngineConfig
     generation_batch_size: int
     seed: int
+    progress: GeneratorProgress  # the heartbeat and counts the trainer reads
     num_threads: int | None = None
     teacher: nn.Module | None = None  # an inference copy, for the scoring stage
     teacher_top_k: int | None = None
@@ -143,16 +151,25 @@ class GeneratorSpec:
     bos_token_id: int | None = None
 
 
+class _Stopped(Exception):
+    """Asked to stop while waiting for the snapshot's lock."""
+
+
 def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: Any, seed_rng: bool) -> None:
     """The generator loop: refresh weights if a newer version exists, sample a batch, hand it to the buffer.
 
     Runs until `stop` is set. Any exception is sent, with its traceback, through `errors` for the trainer to raise.
+    Every stop check is also a heartbeat (`spec.progress`): the engine checks at each decoding step, the buffer at
+    each poll while it is full.
     """
+    progress = spec.progress
+    progress.beat()  # started: the process is up, its models are next
     try:
         should_stop = stop.is_set
         if seed_rng:  # only in a process of its own: a thread would reseed the trainer's RNG
             torch.manual_seed(spec.seed)
             should_stop = _or_orphaned(stop.is_set)
+        should_stop = _beating(should_stop, progress)
         if spec.num_threads is not None:
             torch.set_num_threads(spec.num_threads)
         model = copy.deepcopy(spec.snapshot.model).to(spec.engine.device)
@@ -160,15 +177,38 @@ def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: 
         teacher = None if spec.teacher is None else copy.deepcopy(spec.teacher).to(spec.engine.device)
         scorer, selector = scoring_stage(teacher, model, spec.teacher_top_k, spec.ifd, spec.bos_token_id, spec.engine)
         version, step = -1, 0
+
+        def wait_for_lock() -> None:  # a publish holds the lock: healthy, but stop if asked (the trainer may be gone)
+            progress.doing(Activity.WAITING_FOR_SNAPSHOT_LOCK)
+            if should_stop():
+                raise _Stopped
+
         while not should_stop():
-            loaded = spec.snapshot.load_into(model, version)
+            progress.doing(Activity.LOADING_WEIGHTS)
+            loaded = spec.snapshot.load_into(model, version, waiting=wait_for_lock)
             if loaded is not None:
                 version, step = loaded
-            batch = generate_batch(engine, spec.prompts, spec.generation_batch_size, version, step, scorer, selector)
+            batch = generate_batch(
+                engine, spec.prompts, spec.generation_batch_size, version, step, scorer, selector, progress
+            )
+            progress.doing(Activity.WAITING_FOR_ROOM)
             if batch is None or not buffer.put(batch, should_stop):
+                progress.left_unfinished(spec.generation_batch_size)
                 break
+    except _Stopped:
+        pass
     except BaseException:
         errors.put(traceback.format_exc())
+
+
+def _beating(should_stop: Callable[[], bool], progress: GeneratorProgress) -> Callable[[], bool]:
+    """`should_stop` that also reports progress each time it is asked."""
+
+    def check() -> bool:
+        progress.beat()
+        return should_stop()
+
+    return check
 
 
 def _or_orphaned(stop_is_set: Callable[[], bool]) -> Callable[[], bool]:
@@ -193,16 +233,21 @@ def run_remote_generator(
     buffer: SampleBuffer,
     stop: Any,
     errors: Any,
+    progress: GeneratorProgress,
 ) -> None:
     """The generator loop for an engine that holds its own weights: sample a batch, tag it with the version the
     engine holds (`policy()` gives it, with its step), hand it to the buffer. The policy lock is held for the whole
     batch, so a weight sync waits for the batch in flight and no batch mixes two versions."""
+    should_stop = _beating(stop.is_set, progress)
     try:
-        while not stop.is_set():
-            with policy_lock:
+        while not should_stop():
+            progress.doing(Activity.WAITING_FOR_SNAPSHOT_LOCK)
+            with held_while_alive(policy_lock, progress.beat):
                 version, step = policy()
-                batch = generate_batch(engine, prompts, generation_batch_size, version, step, scorer)
-            if batch is None or not buffer.put(batch, stop.is_set):
+                batch = generate_batch(engine, prompts, generation_batch_size, version, step, scorer, None, progress)
+            progress.doing(Activity.WAITING_FOR_ROOM)
+            if batch is None or not buffer.put(batch, should_stop):
+                progress.left_unfinished(generation_batch_size)
                 break
     except BaseException:
         errors.put(traceback.format_exc())

@@ -15,25 +15,39 @@ from .packing import PackingStats
 class NPDTotals:
     """Counters over a whole `train()` call.
 
-    Every sample the trainer received is trained on, dropped as stale, or unused when training ends:
-    `generated_samples == consumed_samples + dropped["stale"] + unused_at_shutdown`. Prompts that yielded no sample
-    are counted in `dropped` under their reason ("empty_prompt"), and samples still on their way from the generator
-    when it stopped in `undelivered_at_shutdown`.
+    Every prompt the generator takes becomes a sample that is trained on, dropped for a reason, or unused when
+    training ends, wherever it then is. `generated_samples` is the generator's own count, the rest are counted where
+    each sample ends up, so after `train()` returns the accounting is exact: `generated_samples == accounted()`.
+
+    - `dropped`, by reason: "stale" and "empty_completion" in the trainer's buffer; "empty_prompt", "ifd_low" and
+      "ifd_high" in the generator (also for batches that were still on their way at shutdown).
+    - Unused at shutdown: received by the trainer (`unused_at_shutdown`), in the transport between the two
+      (`undelivered_at_shutdown`), or in a batch still in the generator's hands (`unfinished_at_shutdown`).
     """
 
-    generated_samples: int = 0  # received by the trainer from the generator
+    generated_samples: int = 0  # prompts the generator took, each to become one sample (its own count)
+    received_samples: int = 0  # handed to the trainer, after the generator's own drops
     generated_tokens: int = 0
     generator_busy_s: float = 0.0
-    consumed_samples: int = 0
-    dropped: Counter = field(default_factory=Counter)  # by reason: "stale", "empty_prompt", ...
+    consumed_samples: int = 0  # trained on
+    dropped: Counter = field(default_factory=Counter)  # by reason: "stale", "ifd_low", "empty_prompt", ...
     unused_at_shutdown: int = 0
     undelivered_at_shutdown: int = 0
+    unfinished_at_shutdown: int = 0
     truncated_prompts: int = 0
     wait_s: float = 0.0
     first_sample_wait_s: float = 0.0  # part of wait_s: generator start-up plus its first batch
     weight_syncs: Counter = field(default_factory=Counter)  # by reason: "schedule", "drift", "stale_snapshot"
     sync_steps: list[int] = field(default_factory=list)  # the optimizer step of every weight sync, in order
     max_staleness_seen: int = 0
+
+    def unused(self) -> int:
+        """Samples unused at shutdown, wherever they were."""
+        return self.unused_at_shutdown + self.undelivered_at_shutdown + self.unfinished_at_shutdown
+
+    def accounted(self) -> int:
+        """Samples whose fate is known: trained on, dropped (every reason), or unused at shutdown."""
+        return self.consumed_samples + sum(self.dropped.values()) + self.unused()
 
 
 class NPDMetrics:
@@ -70,6 +84,9 @@ class NPDMetrics:
             t.first_sample_wait_s = result.wait_s
         t.consumed_samples += len(result.samples)
         t.dropped["stale"] += result.dropped_stale
+        if result.dropped_empty_completion:
+            self._dropped["empty_completion"] += result.dropped_empty_completion
+            t.dropped["empty_completion"] += result.dropped_empty_completion
         t.wait_s += result.wait_s
         t.max_staleness_seen = max([t.max_staleness_seen, *staleness])
         for batch in result.received:
@@ -79,7 +96,7 @@ class NPDMetrics:
             self._dropped.update(batch.dropped)
             self._truncated += batch.truncated_prompts
             self._ifd_deltas += batch.ifd_deltas
-            t.generated_samples += len(batch.samples)
+            t.received_samples += len(batch.samples)
             t.generated_tokens += batch.completion_tokens
             t.generator_busy_s += batch.busy_s
             t.dropped.update(batch.dropped)

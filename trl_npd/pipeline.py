@@ -12,13 +12,22 @@ Three hosts run the same generator loop (`generator.run_generator` / `generator.
 A remote engine (vLLM) replaces the snapshot: the engine holds its own copy of the weights and `publish` pushes the
 student's into it. Its generator is a thread of the trainer process (`process` runs as `thread`), which mostly waits
 on the engine; the policy lock keeps every generation batch sampled by one version.
+
+Liveness is not enough: a generator can be alive and stuck (deadlocked, frozen by SIGSTOP). The generator reports
+progress (`progress.GeneratorProgress`), and `check_alive`, which the trainer calls wherever it can block on the
+generator (waiting on the buffer, waiting for the snapshot lock to publish) and after every optimizer step, raises
+once no progress has come for `generator_timeout_s`. A generator process is also watched from a thread of the
+trainer, which kills it when it hangs: a process frozen halfway through writing a batch would otherwise leave the
+trainer blocked inside the queue's read, where no check runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -28,7 +37,7 @@ from typing import Any
 
 from torch import nn
 
-from .buffer import GeneratedBatch, SampleBuffer, TakeResult
+from .buffer import Drained, GeneratedBatch, SampleBuffer, TakeResult
 from .engine import EngineConfig, RemoteEngine, TransformersEngine
 from .generator import (
     GeneratorSpec,
@@ -38,6 +47,7 @@ from .generator import (
     run_remote_generator,
     scoring_stage,
 )
+from .progress import GeneratorProgress
 from .prompts import PromptStream
 from .scoring import SampleScorer
 from .selection import DeltaIFDFilter
@@ -74,6 +84,9 @@ class StopReport:
     unused: int  # samples the trainer had received but not trained on
     undelivered: int  # samples generated but still on their way
     failure: str | None  # a generator traceback nobody had raised yet
+    generated: int = 0  # the generator's own count: prompts it took, each meant to become one sample
+    unfinished: int = 0  # of those, prompts of a batch still in the generator's hands when it stopped
+    dropped_in_transport: dict[str, int] | None = None  # the generator's drops in batches never delivered
 
 
 class GenerationPipeline:
@@ -94,6 +107,7 @@ class GenerationPipeline:
         teacher, teacher_top_k, ifd, bos_token_id: the scoring and selection stages. With `teacher_top_k` the
             generator stores the teacher's top-k with each sample; with `ifd` it keeps only samples in the Δ-IFD
             band. Both run on the generator's own copy of the teacher.
+        generator_timeout_s: seconds without progress after which the generator counts as hung.
     """
 
     def __init__(
@@ -115,11 +129,13 @@ class GenerationPipeline:
         ifd: IFDSettings | None = None,
         bos_token_id: int | None = None,
         remote_engine: RemoteEngine | None = None,
+        generator_timeout_s: float = 1800.0,
     ) -> None:
         if remote_engine is not None and mode == "process":
             mode = "thread"  # the engine's client lives in this process; the thread only waits on it
         self.mode = mode
         self.max_staleness = max_staleness
+        self.generator_timeout_s = generator_timeout_s
         self._student = student
         self._prompts = prompts
         self._engine_config = engine
@@ -127,6 +143,11 @@ class GenerationPipeline:
         self._version, self._step = version, step
         self._worker: mp.process.BaseProcess | threading.Thread | None = None
         self._ctx = mp.get_context("spawn")
+        self.progress = GeneratorProgress(self._ctx)
+        self._hang: str | None = None  # the hang report, once the generator has stopped making progress
+        self._hang_lock = threading.Lock()
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
         batches = max(1, buffer_size // generation_batch_size)
         if mode == "process":
             transport: Any = self._ctx.Queue(maxsize=batches)
@@ -156,6 +177,7 @@ class GenerationPipeline:
                 engine=engine,
                 generation_batch_size=generation_batch_size,
                 seed=seed,
+                progress=self.progress,
                 num_threads=num_threads if mode == "process" else None,
                 teacher=teacher_copy,
                 teacher_top_k=teacher_top_k,
@@ -187,6 +209,7 @@ class GenerationPipeline:
                     self.buffer,
                     self._stop,
                     self._errors,
+                    self.progress,
                 )
                 self._worker = threading.Thread(
                     target=run_remote_generator, args=args, name="npd-generator", daemon=True
@@ -199,6 +222,13 @@ class GenerationPipeline:
             self._worker = self._ctx.Process(target=run_generator, args=args, name="npd-generator", daemon=True)
             with _main_module_hidden():
                 self._worker.start()
+            # The queues' write ends now live in the generator. Closing this process's copies lets a read see the
+            # end of the pipe if the generator is killed halfway through writing a batch, instead of blocking for
+            # the rest of it forever (mp.Queue keeps both ends in the process that created it).
+            for q in (self.buffer.transport, self._errors):
+                q._writer.close()
+            self._watchdog = threading.Thread(target=self._watch, name="npd-generator-watchdog", daemon=True)
+            self._watchdog.start()
         else:
             self._worker = threading.Thread(target=run_generator, args=args, name="npd-generator", daemon=True)
             self._worker.start()
@@ -206,36 +236,45 @@ class GenerationPipeline:
     def stop(self, timeout_s: float = 30.0) -> StopReport:
         """Stop the generator and release everything; reports what was left and any failure not yet raised."""
         self._stop.set()
-        unused, undelivered = 0, 0
-        worker, self._worker = self._worker, None
+        if self._watchdog is not None:
+            self._watchdog_stop.set()
+            self._watchdog.join()
+            self._watchdog = None
+        drained = Drained()
+        worker = self._worker
         if worker is not None:
-            deadline = time.monotonic() + timeout_s
+            # A hung generator will not wind down by itself: a process was killed already, a thread cannot be.
+            deadline = time.monotonic() + (0.0 if self._hang is not None else timeout_s)
             # Keep draining while the worker winds down: a process cannot exit while its queue still has data
             # that no one reads.
             while worker.is_alive() and time.monotonic() < deadline:
-                held, in_transport = self.buffer.drain()
-                unused, undelivered = unused + held, undelivered + in_transport
+                drained.add(self.buffer.drain())
                 worker.join(timeout=0.05)
             if isinstance(worker, mp.process.BaseProcess):
-                if worker.is_alive():
+                if worker.is_alive() and self._hang is None:
                     worker.terminate()
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGCONT)  # a stopped process handles SIGTERM only once continued
                     worker.join(timeout=5)
                 if worker.is_alive():
-                    worker.kill()
+                    worker.kill()  # SIGKILL ends a process even while it is stopped
                     worker.join()
-        held, in_transport = self.buffer.drain()
-        unused, undelivered = unused + held, undelivered + in_transport
-        failure = None
-        if self.mode != "sync":
-            try:
-                failure = self._errors.get_nowait()
-            except queue.Empty:
-                pass
+        self._worker = None
+        drained.add(self.buffer.drain())
+        unused, undelivered = drained.held, drained.in_transport
+        failure = None if self.mode == "sync" else self._reported_failure()
         if self.mode == "process":
             for q in (self.buffer.transport, self._errors):
                 q.close()
                 q.join_thread()
-        return StopReport(unused=unused, undelivered=undelivered, failure=failure)
+        return StopReport(
+            unused=unused,
+            undelivered=undelivered,
+            failure=failure,
+            generated=self.progress.taken,
+            unfinished=self.progress.unfinished,
+            dropped_in_transport=dict(drained.dropped_in_transport),
+        )
 
     # ---- trainer side ---------------------------------------------------------------------------------------------
     @property
@@ -277,22 +316,21 @@ class GenerationPipeline:
             current_step if self._remote is None else self._step,
             self._sync_scorer,
             self._sync_selector,
+            self.progress,
         )
         assert batch is not None  # nothing can stop a synchronous generation midway
         return batch
 
     def check_alive(self) -> None:
-        """Raise `GeneratorError` with the original traceback if the generator has failed or died."""
+        """Raise `GeneratorError` with the original traceback if the generator has failed or died, or with what it
+        was doing if it has made no progress for `generator_timeout_s`."""
         if self.mode == "sync":
             return
-        try:
-            failure = self._errors.get_nowait()
-        except queue.Empty:
-            failure = None
+        failure = self._reported_failure() or self._hang  # the watchdog's verdict, once it has killed a hung process
         if failure is None and self._worker is not None and not self._worker.is_alive():
-            try:  # it may have died just after reporting; give the report a moment to arrive
-                failure = self._errors.get(timeout=1.0)
-            except queue.Empty:
+            # it may have died just after reporting; give the report a moment to arrive
+            failure = self._reported_failure(timeout_s=1.0)
+            if failure is None:
                 code = getattr(self._worker, "exitcode", None)
                 failure = (
                     f"the generator {self.mode} exited unexpectedly (exit code {code}) without an error report. If "
@@ -300,5 +338,52 @@ class GenerationPipeline:
                     "__main__ script cannot be sent to a process (move it to a module, or use "
                     "generator_mode='thread')."
                 )
+        if failure is None:
+            failure = self._hang_report()
         if failure is not None:
             raise GeneratorError(f"The background generator failed, so training cannot go on.\n{failure}")
+
+    def _reported_failure(self, timeout_s: float | None = None) -> str | None:
+        """A traceback the generator sent, if any. EOF: a generator process that ended without sending one."""
+        try:
+            return self._errors.get(timeout=timeout_s) if timeout_s else self._errors.get_nowait()
+        except (queue.Empty, EOFError, OSError):
+            return None
+
+    def _hang_report(self) -> str | None:
+        """Why the generator counts as hung, once it has shown no progress for `generator_timeout_s`; a generator
+        process is then killed. None while it progresses, and for a generator that is dead (a death, not a hang)."""
+        worker = self._worker
+        if worker is None:
+            return None
+        with self._hang_lock:
+            if self._hang is None:
+                silent_s = self.progress.silent_s()
+                if silent_s <= self.generator_timeout_s or not worker.is_alive():
+                    return None
+                process = isinstance(worker, mp.process.BaseProcess)
+                name = f"process {worker.name!r} (pid {worker.pid})" if process else f"thread {worker.name!r}"
+                self._hang = (
+                    f"The generator {name} has made no progress for {silent_s:.1f} s, more than "
+                    f"generator_timeout_s={self.generator_timeout_s:g}. Its last activity: "
+                    f"{self.progress.describe()}. "
+                    "A generator without progress is deadlocked, stuck in a device call, or frozen (e.g. by "
+                    "SIGSTOP). "
+                    + (
+                        "It has been killed (SIGKILL). "
+                        if process
+                        else "A thread cannot be stopped from outside; it is left behind as a daemon thread. "
+                    )
+                    + "If its work is legitimately this slow (a large model on a slow device), raise "
+                    "generator_timeout_s."
+                )
+                if process:
+                    worker.kill()  # SIGKILL: a stopped process ignores SIGTERM until it is continued
+            return self._hang
+
+    def _watch(self) -> None:
+        """Thread of the trainer process that kills a generator process once it hangs (see the module docstring)."""
+        poll_s = min(1.0, max(0.05, self.generator_timeout_s / 10))
+        while not self._watchdog_stop.wait(poll_s):
+            if self._hang_report() is not None:
+                return

@@ -1,7 +1,8 @@
 """`log_samples`: the fate of every generated sample, one JSON line each, so a result can be traced to its data.
 
 A line is written when the trainer learns a sample's fate: trained on at an optimizer step (with its staleness
-then), evicted past the staleness bound, or discarded by the generator before the buffer (Δ-IFD, an empty prompt).
+then), evicted past the staleness bound or for an empty completion, or discarded by the generator before the buffer
+(Δ-IFD, an empty prompt).
 Samples still unused when training ends are counted in `npd_metrics.totals`, not listed.
 """
 
@@ -36,6 +37,7 @@ class SampleLog:
         """Everything one `take` at optimizer step `step` decided: trained, evicted as stale, rejected upstream."""
         lines = [_line(s, step, "trained") for s in result.samples]
         lines += [_line(s, step, "dropped", "stale") for s in result.stale]
+        lines += [_line(s, step, "dropped", "empty_completion") for s in result.empty]
         for batch in result.received:
             lines += [
                 {

@@ -88,12 +88,15 @@ class PolicySnapshot:
             copies.append((dst, src))
         return copies
 
-    def load_into(self, target: nn.Module, loaded_version: int) -> tuple[int, int] | None:
-        """Copy the snapshot into `target` if it is newer than `loaded_version`; returns its (version, step)."""
+    def load_into(
+        self, target: nn.Module, loaded_version: int, waiting: Callable[[], None] = lambda: None
+    ) -> tuple[int, int] | None:
+        """Copy the snapshot into `target` if it is newer than `loaded_version`; returns its (version, step).
+        `waiting` is called while a publish holds the lock (the generator's heartbeat; it may raise to give up)."""
         if self.version == loaded_version:
             return None
         pairs = _matching_tensors(target, self.model)
-        with self._lock, torch.no_grad():
+        with held_while_alive(self._lock, waiting), torch.no_grad():
             for dst, src in pairs:
                 dst.copy_(src)
             return int(self._version.value), int(self._step.value)

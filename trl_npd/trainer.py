@@ -38,16 +38,24 @@ from trl.experimental.gkd import GKDTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from .batching import Sequence, count_trained_tokens, pad_sequences, sequences_from_padded, sequences_from_samples
-from .buffer import Sample
+from .buffer import Sample, TakeResult
 from .completion_log import CompletionLog
 from .config import NearPolicyDistillConfig
 from .divergences import k3_policy_kl
 from .engine import EngineConfig
 from .generator import IFDSettings
+from .guards import (
+    check_context_fits,
+    check_output_dir_writable,
+    check_teacher_tokenizer,
+    checkpoint_failed_message,
+    last_complete_checkpoint,
+)
 from .heads import chunked_logits_error, chunked_logits_tolerance, logit_transform
 from .losses import distillation_loss
 from .metrics import NPDMetrics, aggregate_across_ranks
 from .model_card import append_npd_section
+from .nonfinite import NonFiniteLossError, find_nonfinite_samples, nonfinite_loss_message
 from .packing import attends_per_sample, pack_sequences, packing_leaks, row_token_budget
 from .pipeline import GenerationPipeline, GeneratorError
 from .prompts import PromptOnlyCollator, PromptStream
@@ -89,6 +97,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 "Import it with `from trl_npd import NearPolicyDistillConfig as GKDConfig`."
             )
         _check_train_dataset(train_dataset)
+        check_output_dir_writable(args)  # before transformers makes the folder, with a plainer error
         if processing_class is not None and getattr(processing_class, "pad_token_id", 0) is None:
             raise ValueError(
                 "The tokenizer has no pad token, which batching needs. Set one before building the trainer, e.g. "
@@ -128,6 +137,10 @@ class NearPolicyDistillTrainer(GKDTrainer):
             args.padding_free = padding_free
             notice_filter.remove()
         _check_tokenizer_fits(self.processing_class, self.model, self.teacher_model)
+        if self.lmbda > 0 or self.seq_kd:  # the models generate max_new_tokens after a prompt
+            check_context_fits(args.max_new_tokens, self.model, self.accelerator.unwrap_model(self.teacher_model))
+        if isinstance(teacher_model, str):  # loaded by name: its own tokenizer can be compared with the student's
+            check_teacher_tokenizer(teacher_model, self.processing_class, args.teacher_model_init_kwargs or {})
         self._check_sharding_support()
         if self.lmbda > 0 and _is_quantized(self.model):
             raise ValueError(
@@ -157,6 +170,11 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self._policy_version = -1
         self._synced_step = 0
         self._resume_state: dict[str, Any] = {}
+        self._warned: set[str] = set()  # input warnings already given in this train() call
+        # this optimizer step's micro-batches as built (sequences, and samples when generated), and how many have
+        # reached compute_loss: only read to name the culprits of a non-finite loss
+        self._step_micro_batches: list[tuple[list[Sequence], list[Sample] | None]] = []
+        self._micro_batches_done = 0
         self._next_stream_position = 0
         self._step_kl_sum = torch.zeros((), dtype=torch.float64)
         self._step_kl_tokens = 0
@@ -171,8 +189,11 @@ class NearPolicyDistillTrainer(GKDTrainer):
         ignore_keys_for_eval: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
+        if resume_from_checkpoint is True:  # the last checkpoint saved to the end, not one a killed run left half
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
         self._resume_state = self._load_npd_state(resume_from_checkpoint)
         self.npd_metrics = NPDMetrics()
+        self._warned = set()
         restore_threads = self._share_cpu_with_generator()
         try:
             output = super().train(
@@ -375,6 +396,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             teacher_top_k=args.teacher_top_k,
             ifd=self._ifd_settings(),
             bos_token_id=self.processing_class.bos_token_id,
+            generator_timeout_s=args.generator_timeout_s,
         )
         self._pipeline.start()
         if args.log_samples:
@@ -436,18 +458,21 @@ class NearPolicyDistillTrainer(GKDTrainer):
         if pipeline is None:
             return
         report = pipeline.stop()
-        unused, undelivered = report.unused, report.undelivered
         totals = self.npd_metrics.totals
-        totals.unused_at_shutdown += unused
-        totals.undelivered_at_shutdown += undelivered
+        totals.unused_at_shutdown += report.unused
+        totals.undelivered_at_shutdown += report.undelivered
+        totals.unfinished_at_shutdown += report.unfinished
+        totals.dropped.update(report.dropped_in_transport or {})
+        totals.generated_samples = report.generated
         logger.info(
-            "NPD generator stopped: %d samples received, %d trained on, dropped %s, %d unused and %d undelivered "
-            "when training ended.",
+            "NPD generator stopped: %d samples generated, %d trained on, dropped %s; unused when training ended: %d "
+            "received, %d on their way, %d in the generator's hands.",
             totals.generated_samples,
             totals.consumed_samples,
             dict(totals.dropped) or "none",
-            unused,
-            undelivered,
+            report.unused,
+            report.undelivered,
+            report.unfinished,
         )
         if report.failure is not None:
             if raise_failure:
@@ -478,6 +503,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
     ) -> tuple[list[dict[str, Any]], torch.Tensor | None]:
         batches = []
+        self._step_micro_batches, self._micro_batches_done = [], 0
         for micro_batch in range(num_batches):
             try:
                 batch = next(epoch_iterator)
@@ -533,12 +559,13 @@ class NearPolicyDistillTrainer(GKDTrainer):
             received: list[Any] = [None]
             dist.scatter_object_list(received, shares, src=0)
             samples = received[0]
-        return self._training_batch(sequences_from_samples(samples))
+        return self._training_batch(sequences_from_samples(samples), samples)
 
     def _take(self, n: int, step: int) -> list[Sample]:
         """`n` samples from this rank's generator, recorded in the metrics and the completion log."""
         result = self._pipeline.take(n, step)
         self.npd_metrics.record_take(result, step)
+        self.npd_metrics.totals.generated_samples = self._pipeline.progress.taken
         if self._sample_log is not None:
             self._sample_log.record(result, step)
         if self._completion_log is not None:
@@ -546,10 +573,35 @@ class NearPolicyDistillTrainer(GKDTrainer):
         for batch in result.received:
             for warning in batch.warnings:
                 logger.warning(warning)
+        self._warn_about_inputs(result)
         self._next_stream_position = max(self._next_stream_position, *(s.stream_position + 1 for s in result.samples))
         return result.samples
 
-    def _training_batch(self, sequences: list[Sequence]) -> dict[str, torch.Tensor]:
+    def _warn_about_inputs(self, result: TakeResult) -> None:
+        """Say once per `train()` that prompts were cut or completions came back empty; both are counted always."""
+        truncated = sum(batch.truncated_prompts for batch in result.received)
+        if truncated and "truncated" not in self._warned:
+            self._warned.add("truncated")
+            logger.warning(
+                "%d prompts of this generation were longer than max_length - max_new_tokens = %d tokens and were cut "
+                "from the left (oldest context first). Every cut prompt is counted in npd/truncated_prompts; raise "
+                "max_length or lower max_new_tokens to keep prompts whole.",
+                truncated,
+                self.args.max_length - self.args.max_new_tokens,
+            )
+        if result.dropped_empty_completion and "empty_completion" not in self._warned:
+            self._warned.add("empty_completion")
+            logger.warning(
+                "The generator returned %d completions without a single token; they are dropped and counted in "
+                "npd/dropped_empty_completion. An engine returns an empty completion when a prompt fills its "
+                "context or its token limit is 0: check max_length, max_new_tokens and the engine's own limits.",
+                result.dropped_empty_completion,
+            )
+
+    def _training_batch(
+        self, sequences: list[Sequence], samples: list[Sample] | None = None
+    ) -> dict[str, torch.Tensor]:
+        self._step_micro_batches.append((sequences, samples))
         pad = self.processing_class.pad_token_id
         if not self._pack:
             return pad_sequences(sequences, pad)
@@ -597,6 +649,12 @@ class NearPolicyDistillTrainer(GKDTrainer):
             )
         else:
             result = distillation_loss(model, self.teacher_model, inputs, **loss_kwargs)
+        if model.training:
+            micro_batch, self._micro_batches_done = self._micro_batches_done, self._micro_batches_done + 1
+            if not torch.isfinite(result.loss_sum):  # the one check on the hot path; the diagnosis only on failure
+                raise NonFiniteLossError(
+                    self._nonfinite_loss_report(model, float(result.loss_sum.detach()), micro_batch)
+                )
         # temperature is GKD's sampling temperature; GKD takes the divergence at temperature 1, and so do we
         if num_items_in_batch is None:  # evaluation, or a direct call: mean over this batch's tokens
             loss = result.loss_sum / result.num_tokens.clamp_min(1)
@@ -610,6 +668,19 @@ class NearPolicyDistillTrainer(GKDTrainer):
             self._step_kl_sum = self._step_kl_sum.to(k3.device) + k3.sum().double()
             self._step_kl_tokens += k3.numel()
         return loss
+
+    def _nonfinite_loss_report(self, model: nn.Module, loss: float, micro_batch: int) -> str:
+        """Name the samples of the failing micro-batch whose logits are not finite, and in which model."""
+        findings = None
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled  # a lone forward would wait on the other ranks
+        if micro_batch < len(self._step_micro_batches) and not sharded:
+            sequences, samples = self._step_micro_batches[micro_batch]
+            student = self.accelerator.unwrap_model(model)
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            findings = find_nonfinite_samples(student, teacher, sequences, samples, self.args.device)
+        return nonfinite_loss_message(
+            loss, self.state.global_step + 1, micro_batch, max(len(self._step_micro_batches), 1), findings
+        )
 
     # ---- after each optimizer step ----------------------------------------------------------------------------------
     def _after_optimizer_step(self) -> None:
@@ -692,20 +763,22 @@ class NearPolicyDistillTrainer(GKDTrainer):
         positions = [self._next_stream_position]
         if self.args.world_size > 1 and not self.args.uses_shared_generator:
             positions = gather_object(positions)
-        # written first, so a checkpoint pushed to the Hub by the parent's save already contains it
-        if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            os.makedirs(folder, exist_ok=True)
-            if self._generating:
-                version = self._policy_version
-            else:
-                version = self._resume_state.get("policy_version", -1)
-            state = {"policy_version": version, "stream_positions": positions}
-            with open(os.path.join(folder, NPD_STATE_NAME), "w") as f:
-                json.dump(state, f, indent=2)
-        super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        try:
+            # written first, so a checkpoint pushed to the Hub by the parent's save already contains it
+            if self.args.should_save:
+                os.makedirs(folder, exist_ok=True)
+                if self._generating:
+                    version = self._policy_version
+                else:
+                    version = self._resume_state.get("policy_version", -1)
+                state = {"policy_version": version, "stream_positions": positions}
+                with open(os.path.join(folder, NPD_STATE_NAME), "w") as f:
+                    json.dump(state, f, indent=2)
+            super()._save_checkpoint(model, trial)
+        except OSError as error:
+            raise OSError(checkpoint_failed_message(folder, self.state.global_step, error, run_dir)) from error
 
     def _load_npd_state(self, resume_from_checkpoint: str | bool | None) -> dict[str, Any]:
         if resume_from_checkpoint is None or resume_from_checkpoint is False:

@@ -1,0 +1,259 @@
+"""A long run: does memory grow with steps, does the staleness bound hold over every sync, is every sample counted?
+
+    python benchmarks/soak.py --steps 1000 --out results/soak.json
+
+Micro models (a Qwen3-shaped student and teacher of a few hundred thousand parameters) train at the NPD defaults:
+the generator in its own process, a weight sync every `weight_sync_steps`, the staleness bound, Δ-IFD selection,
+packing and the fused loss, `lmbda` 0.5. Only what a CPU machine needs differs (fp32, no checkpoints, no reports),
+and `max_new_tokens` is shorter so a thousand steps fit in minutes. Every `--record-every` steps it records:
+  - the resident memory (RSS, psutil) of the trainer process and of the generator process;
+  - the samples waiting in the buffer;
+and it records the staleness of every sample trained on. At the end it checks:
+  - RSS growth after warm-up (`--warmup-steps`): (RSS at the last record - RSS at the end of warm-up) / the latter,
+    for each process; target < 5%;
+  - `stale_trained`: samples trained on with staleness > `max_staleness`; target 0;
+  - the accounting, counted on both sides: the generator's own count of samples it set out to make must equal
+    trained + dropped (by reason) + unused at shutdown (received, on the way, or in the generator's hands).
+It writes the JSON report, a plot next to it (`.png`), and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import time
+from collections import Counter
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import psutil
+from common import device_name, pyplot, save_figure, write_json
+from transformers import TrainerCallback
+
+from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
+from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
+
+MB = 2**20
+RSS_GROWTH_TARGET = 0.05
+
+
+class SoakTrainer(NearPolicyDistillTrainer):
+    """Records the staleness of every sample handed to training."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trained_staleness: Counter = Counter()
+
+    def _take(self, n, step):
+        samples = super()._take(n, step)
+        self.trained_staleness.update(step - s.policy_step for s in samples)
+        return samples
+
+
+class Recorder(TrainerCallback):
+    """Every `every` optimizer steps: both processes' RSS and the buffer's length."""
+
+    def __init__(self, trainer: SoakTrainer, every: int) -> None:
+        self.trainer, self.every, self.records = trainer, every, []
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        pipeline = self.trainer._pipeline
+        if step % self.every or pipeline is None:
+            return
+        generator = psutil.Process(pipeline._worker.pid)
+        self.records.append(
+            {
+                "step": step,
+                "wall_s": time.perf_counter() - self.start,
+                "rss_trainer_mb": psutil.Process().memory_info().rss / MB,
+                "rss_generator_mb": generator.memory_info().rss / MB,
+                "buffer": len(pipeline.buffer),
+                "version": pipeline.version,
+            }
+        )
+
+
+def growth(records: list[dict], key: str, warmup_steps: int) -> float:
+    """(value at the last record - value at the first record at or after warm-up) / the latter."""
+    after = [r for r in records if r["step"] >= warmup_steps]
+    return (after[-1][key] - after[0][key]) / after[0][key]
+
+
+def slope_per_1k_steps(records: list[dict], key: str, warmup_steps: int) -> float:
+    """Least-squares slope of `key` over the records after warm-up, per 1,000 steps: a leak shows as a steady
+    climb, while RSS also swings by a few MiB from one record to the next with whatever a step had allocated."""
+    points = [(r["step"], r[key]) for r in records if r["step"] >= warmup_steps]
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    variance = sum((x - mean_x) ** 2 for x, _ in points)
+    return 1000 * sum((x - mean_x) * (y - mean_y) for x, y in points) / variance if variance else 0.0
+
+
+def commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        status = ["git", "status", "--porcelain", "--untracked-files=no"]
+        dirty = subprocess.run(status, capture_output=True, text=True)
+        return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, output_dir: str) -> dict:
+    tokenizer = build_tokenizer()
+    args = NearPolicyDistillConfig(
+        output_dir=output_dir,
+        max_steps=steps,
+        max_new_tokens=new_tokens,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = SoakTrainer(
+        model=build_model(tokenizer, hidden_size=32, num_layers=2, seed=1),
+        teacher_model=build_model(tokenizer, hidden_size=64, num_layers=2, seed=2),
+        args=args,
+        train_dataset=arithmetic_dataset(1024),
+        processing_class=tokenizer,
+    )
+    recorder = Recorder(trainer, record_every)
+    trainer.add_callback(recorder)
+    start = time.perf_counter()
+    trainer.train()
+    wall_s = time.perf_counter() - start
+    totals = trainer.npd_metrics.totals
+    records = recorder.records
+    stale_trained = sum(n for s, n in trainer.trained_staleness.items() if s > args.max_staleness)
+    return {
+        "steps": trainer.state.global_step,
+        "wall_s": wall_s,
+        "settings": {
+            key: getattr(args, key)
+            for key in (
+                "lmbda",
+                "per_device_train_batch_size",
+                "generation_batch_size",
+                "buffer_size",
+                "weight_sync_steps",
+                "max_staleness",
+                "max_new_tokens",
+                "generator_mode",
+                "ifd_filter",
+                "ifd_band",
+                "padding_free",
+                "use_fused_loss",
+            )
+        },
+        "warmup_steps": warmup_steps,
+        "records": records,
+        "rss_growth_frac": {
+            "trainer": growth(records, "rss_trainer_mb", warmup_steps),
+            "generator": growth(records, "rss_generator_mb", warmup_steps),
+        },
+        "rss_slope_mb_per_1k_steps": {
+            "trainer": slope_per_1k_steps(records, "rss_trainer_mb", warmup_steps),
+            "generator": slope_per_1k_steps(records, "rss_generator_mb", warmup_steps),
+        },
+        "buffer": {"mean": sum(r["buffer"] for r in records) / len(records), "max": max(r["buffer"] for r in records)},
+        "weight_syncs": len(totals.sync_steps),
+        "sync_steps": {"first": totals.sync_steps[0], "last": totals.sync_steps[-1]} if totals.sync_steps else None,
+        "staleness": {
+            "trained_samples": sum(trainer.trained_staleness.values()),
+            "histogram": {str(s): n for s, n in sorted(trainer.trained_staleness.items())},
+            "max": max(trainer.trained_staleness),
+            "max_staleness": args.max_staleness,
+        },
+        "stale_trained": stale_trained,
+        "accounting": {
+            "generated": totals.generated_samples,
+            "trained": totals.consumed_samples,
+            "dropped": dict(totals.dropped),
+            "unused": totals.unused(),
+            "unused_by_place": {
+                "received": totals.unused_at_shutdown,
+                "in_transport": totals.undelivered_at_shutdown,
+                "in_generator": totals.unfinished_at_shutdown,
+            },
+            "exact": totals.generated_samples == totals.accounted(),
+        },
+    }
+
+
+def plot(report: dict, path: str) -> None:
+    plt = pyplot()
+    records = report["records"]
+    steps = [r["step"] for r in records]
+    fig, (memory, buffer, staleness) = plt.subplots(1, 3, figsize=(14, 3.8))
+    for key, label in (("rss_trainer_mb", "trainer"), ("rss_generator_mb", "generator")):
+        memory.plot(steps, [r[key] for r in records], marker=".", label=label)
+    memory.axvline(report["warmup_steps"], color="grey", linestyle=":", label="end of warm-up")
+    memory.set(xlabel="optimizer step", ylabel="RSS (MiB)", title="resident memory")
+    memory.legend()
+    buffer.plot(steps, [r["buffer"] for r in records], marker=".")
+    buffer.set(xlabel="optimizer step", ylabel="samples", title="buffer length")
+    histogram = report["staleness"]["histogram"]
+    staleness.bar([int(s) for s in histogram], list(histogram.values()))
+    staleness.axvline(report["staleness"]["max_staleness"] + 0.5, color="red", linestyle="--", label="max_staleness")
+    staleness.set(xlabel="staleness (optimizer steps)", ylabel="samples trained on", title="staleness")
+    staleness.legend()
+    fig.suptitle(f"soak: {report['steps']} steps, {report['weight_syncs']} weight syncs ({report['device']})")
+    save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--record-every", type=int, default=50)
+    parser.add_argument("--warmup-steps", type=int, default=None, help="default: a fifth of the steps")
+    parser.add_argument("--new-tokens", type=int, default=32, help="max_new_tokens")
+    parser.add_argument("--out", default="results/soak.json")
+    args = parser.parse_args()
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else args.steps // 5
+    folder = os.path.dirname(args.out) or "."
+    report = {
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        "commit": commit(),
+        **run(args.steps, args.record_every, warmup_steps, args.new_tokens, os.path.join(folder, "soak-run")),
+    }
+    write_json(report, args.out)
+    plot(report, os.path.splitext(args.out)[0] + ".png")
+
+    first = next(r for r in report["records"] if r["step"] >= warmup_steps)
+    last = report["records"][-1]
+    growth_frac, accounting = report["rss_growth_frac"], report["accounting"]
+    print(f"{report['steps']} steps in {report['wall_s']:.0f} s, {report['weight_syncs']} weight syncs")
+    print(
+        f"{'process':10} {'RSS start MiB':>13} {'after warm-up':>13} {'end':>8} {'growth':>8} {'target':>8} "
+        f"{'slope MiB/1k steps':>19}"
+    )
+    for name in ("trainer", "generator"):
+        key = f"rss_{name}_mb"
+        verdict = "ok" if growth_frac[name] < RSS_GROWTH_TARGET else "MISSED"
+        print(
+            f"{name:10} {report['records'][0][key]:13.1f} {first[key]:13.1f} {last[key]:8.1f} "
+            f"{growth_frac[name]:8.2%} {'< 5%':>5} {verdict:>2} {report['rss_slope_mb_per_1k_steps'][name]:19.1f}"
+        )
+    staleness = report["staleness"]
+    print(
+        f"buffer: mean {report['buffer']['mean']:.1f}, max {report['buffer']['max']} samples; staleness of "
+        f"{staleness['trained_samples']} trained samples: max {staleness['max']} (bound "
+        f"{staleness['max_staleness']}), {report['stale_trained']} past the bound"
+    )
+    print(
+        f"accounting: generated {accounting['generated']} = trained {accounting['trained']} + dropped "
+        f"{accounting['dropped']} + unused {accounting['unused']} {accounting['unused_by_place']}: "
+        f"{'exact' if accounting['exact'] else 'NOT EXACT'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
