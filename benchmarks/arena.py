@@ -1,25 +1,37 @@
-"""Quality arena: distil a teacher trained from scratch into a smaller student, on a task whose answer is checkable.
+"""Quality arena: distil a teacher trained from scratch into a small student, on a task where on-policy matters.
 
-    python benchmarks/arena.py --preset cpu --seed 1 --out results/arena-cpu-1.json
+    python benchmarks/arena.py --preset cpu --seed 1 --out results/arena/seed-1.json
+    python benchmarks/arena.py --preset cpu --tune --out results/arena/tuning.json   # the learning-rate grid
+    python benchmarks/arena.py --summarize results/arena/seed-*.json --out results/arena/summary.json
 
-Task: multiply a 5-digit number by a digit, writing a short worked trace first. For `31415*7` the completion is
-`35 07 29 10 23:219905`: the partial products from the last digit up, each with the previous carry added, then the
-answer. Tokens are single characters, so the model has to do the arithmetic itself.
+**Task.** Multiply a 5-digit number by a digit, writing a carry trace first: for `31415*7` the completion is
+`35 07 29 10 23:219905`, the partial products from the last digit up, each with the previous carry added, then the
+answer. Tokens are single characters, so the model does the arithmetic itself. The completion may correct itself:
+`!` erases the character before it, and the answer is read after applying the erasures.
 
-1. Teacher: trained from scratch on ground truth until it reaches `teacher_min_acc` on held-out prompts; cached on
-   disk under `--cache-dir`, keyed by its config, so only the first seed pays for it.
-2. Student: a smaller model, warm-started by a short SFT on ground truth to a weak but nonzero accuracy. Its seed is
-   `--seed`; every method starts from this same initialization.
-3. Methods, each with the same prompts, batch and optimizer steps:
-   - `sft`: TRL's `SFTTrainer` on teacher-generated completions (sampled at the on-policy methods' temperature;
-     generating them is part of its wall time);
-   - `gkd`: TRL's `GKDTrainer` with `lmbda=1`;
-   - `npd`: `NearPolicyDistillTrainer` with its defaults;
-   - `npd-no-ifd`: without Δ-IFD selection;
-   - `npd-sync`: with the generator forced synchronous.
-4. Measure: exact match of the final answer, greedy decoding, on `eval_prompts` held-out prompts (`acc` in [0, 1]),
-   and `wall_s` of training. At a few steps the student's weights are copied (the clock excludes the copy) and
-   evaluated after training, which gives a curve of (wall_s, acc) without evaluation time in the wall clock.
+**Why it separates the methods.** The teacher is trained on ground truth in which, at every character, with
+probability `error_rate`, a wrong character is written and then erased (`!`) before the right one. The wrong
+characters are never trained on, so the teacher does not make mistakes itself; it learns to repair a prefix that
+contains one. Its own samples are therefore almost always clean: SFT on them never shows the student a repair. A
+student that samples its own completions makes mistakes, and on-policy distillation asks the teacher what to do right
+after them: erase and go on. Imitating the teacher's samples is not the same as learning to finish one's own, which
+is what on-policy distillation claims to teach (Agarwal et al. 2024, "learning from self-generated mistakes").
+
+1. **Teacher**: trained from scratch until it reaches `teacher_min_acc` on held-out prompts; cached on disk under
+   `--cache-dir`, keyed by its config, so only the first run pays for it.
+2. **Student**: a smaller model, warm-started by SFT on clean ground truth (no repairs) until its greedy accuracy on a
+   slice of the held-out prompts reaches `warmup.target_acc`. Its seed is `--seed`; every method starts from it.
+3. **Methods**, each with the same prompts, batch, optimizer steps, sampling temperature and JSD beta, and its own
+   learning rate (chosen on the tuning seed, `--tune`; the JSD's gradients are smaller than cross-entropy's, so one
+   shared rate would favour SFT): see `METHODS`.
+4. **Measure**: exact match of the final answer on `eval_prompts` held-out prompts, greedy decoding (`acc`), and
+   sampled at the training temperature (`acc_sampled`, at the last checkpoints only). At `curve_points` steps the
+   student's weights are copied (off the clock) and evaluated after training, which gives a curve of (wall_s, acc).
+   `final_acc_smoothed` averages the last `final_points` checkpoints, so one noisy checkpoint does not decide.
+   `time_to_gkd_final_s` is the training wall-clock at which a run's smoothed curve first reaches GKD's
+   `final_acc_smoothed` of the same seed (null: never).
+5. **Per-sample records** of the NPD runs (`log_samples`: prompt, policy version, staleness when trained, Δ-IFD,
+   kept or dropped and why) are written next to the JSON as `<out>.<method>.samples.jsonl`.
 """
 
 from __future__ import annotations
@@ -29,8 +41,11 @@ import copy
 import datetime
 import hashlib
 import json
+import math
 import os
 import random
+import shutil
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -47,46 +62,82 @@ from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from trl_npd.toy import build_model
 
-METHODS = ["sft", "gkd", "npd", "npd-no-ifd", "npd-sync"]
+# NPD's config overrides per method; `sft` and `gkd` are TRL's trainers. `npd-kl`'s bound comes from the preset.
+METHODS: dict[str, dict[str, Any] | None] = {
+    "sft": None,
+    "gkd": None,
+    "npd": {},
+    "npd-no-ifd": {"ifd_filter": False},
+    "npd-sync": {"generator_mode": "sync"},
+    "npd-topk": {"teacher_top_k": 10},
+    "npd-kl": {},  # max_policy_kl from the preset
+    "npd-ifd-absolute": {"ifd_filter": True, "ifd_band": "absolute"},  # the former default band, [0, 0.8]
+}
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
         digits=5,
-        teacher=dict(hidden=128, layers=3, steps=700, batch=64, lr=2e-3, seed=0),
+        error_rate=0.1,
+        teacher=dict(hidden=128, layers=3, steps=1500, batch=64, lr=2e-3, seed=0),
         teacher_min_acc=0.9,
-        student=dict(hidden=48, layers=2),
-        warmup=dict(steps=700, batch=32, lr=2e-3),
-        distill=dict(steps=500, batch=16, lr=1e-4, temperature=0.9),
-        curve_points=20,
-        eval_prompts=500,
+        student=dict(hidden=64, layers=2),
+        warmup=dict(target_acc=0.3, chunk_steps=100, max_steps=3000, batch=32, lr=2e-3, probe_prompts=256),
+        distill=dict(steps=600, batch=16, temperature=0.9, beta=0.5),
+        lr={
+            "sft": 1e-3,
+            "gkd": 3e-4,
+            "npd": 3e-4,
+            "npd-no-ifd": 3e-4,
+            "npd-sync": 3e-4,
+            "npd-topk": 3e-4,
+            "npd-kl": 3e-4,
+            "npd-ifd-absolute": 3e-4,
+        },
+        lr_grid=[1e-4, 3e-4, 1e-3],
+        max_policy_kl=0.05,
+        tuning_seed=0,
+        curve_points=12,
+        final_points=3,
+        eval_prompts=1024,
         train_prompts=8192,
     ),
     # smoke test only
     "micro": dict(
         digits=2,
+        error_rate=0.1,
         teacher=dict(hidden=32, layers=1, steps=30, batch=16, lr=2e-3, seed=0),
         teacher_min_acc=0.0,
         student=dict(hidden=16, layers=1),
-        warmup=dict(steps=5, batch=8, lr=2e-3),
-        distill=dict(steps=4, batch=4, lr=5e-4, temperature=0.9),
+        warmup=dict(target_acc=0.0, chunk_steps=5, max_steps=5, batch=8, lr=2e-3, probe_prompts=8),
+        distill=dict(steps=4, batch=4, temperature=0.9, beta=0.5),
+        lr={method: 5e-4 for method in METHODS},
+        lr_grid=[5e-4, 1e-3],
+        max_policy_kl=0.05,
+        tuning_seed=0,
         curve_points=2,
+        final_points=2,
         eval_prompts=16,
         train_prompts=64,
     ),
 }
-TASK = "5-digit x 1-digit multiplication with a carry trace"  # for the cpu preset; micro uses 2 digits
 
 
 # ---- the task ----------------------------------------------------------------------------------------------------
+ERASE = "!"
+ALPHABET = "0123456789 :"  # what a completion is written in, besides the erase mark
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>{{ m['content'] }}={% else %}"
     "{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}"
 )
 
 
+def task_name(preset: dict[str, Any]) -> str:
+    return f"{preset['digits']}-digit x 1-digit multiplication with a carry trace and self-repair"
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character, so no token hides a digit pair; `<|im_end|>` ends the answer."""
     specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + list("0123456789*=: "))}
+    vocab = {token: i for i, token in enumerate(specials + list("0123456789*=: " + ERASE))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
@@ -113,8 +164,18 @@ def problem(rng: random.Random, digits: int) -> tuple[str, str]:
     return f"{padded}*{d}", " ".join(steps) + f":{a * d}"
 
 
+def apply_erasures(text: str) -> str:
+    out: list[str] = []
+    for ch in text:
+        if ch != ERASE:
+            out.append(ch)
+        elif out:
+            out.pop()
+    return "".join(out)
+
+
 def answer_of(completion: str) -> str:
-    return completion.rsplit(":", 1)[-1].strip()
+    return apply_erasures(completion).rsplit(":", 1)[-1].strip()
 
 
 def splits(preset: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -132,94 +193,93 @@ def splits(preset: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[st
     return list(held_out.items()), list(train.items())
 
 
-def conversations(pairs: list[tuple[str, str]]) -> Dataset:
-    return Dataset.from_list(
-        [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
-    )
-
-
 def prompt_text(tokenizer: Any, question: str) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
     )
 
 
+def max_new_tokens(pairs: list[tuple[str, str]]) -> int:
+    return max(len(a) for _, a in pairs) + 8  # the answer, its end token, room for a few repairs
+
+
 @torch.no_grad()
 def complete(
-    model: Any,
-    tokenizer: Any,
-    questions: list[str],
-    max_new_tokens: int,
-    sample: bool,
-    seed: int = 0,
-    temperature: float = 1.0,
+    model: Any, tokenizer: Any, questions: list[str], new_tokens: int, temperature: float | None, seed: int = 0
 ) -> list[str]:
-    """Completions of `questions`, greedy or sampled at `temperature`, in batches of 256."""
+    """Completions of `questions`: greedy when `temperature` is None, else sampled at it; in batches of 512."""
     was_training = model.training
     model.eval()
     tokenizer.padding_side = "left"
     out: list[str] = []
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    for start in range(0, len(questions), 256):
-        chunk = [prompt_text(tokenizer, q) for q in questions[start : start + 256]]
-        inputs = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        ids = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_k=None,
-            top_p=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        out += tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for start in range(0, len(questions), 512):
+            chunk = [prompt_text(tokenizer, q) for q in questions[start : start + 512]]
+            inputs = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            ids = model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                do_sample=temperature is not None,
+                temperature=temperature,
+                top_k=None,
+                top_p=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            out += tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     model.train(was_training)
     return out
 
 
-def accuracy(model: Any, tokenizer: Any, held_out: list[tuple[str, str]]) -> float:
-    completions = complete(model, tokenizer, [q for q, _ in held_out], max_new_tokens(held_out), sample=False)
-    return sum(answer_of(c) == answer_of(a) for c, (_, a) in zip(completions, held_out, strict=True)) / len(held_out)
-
-
-def max_new_tokens(pairs: list[tuple[str, str]]) -> int:
-    return max(len(a) for _, a in pairs) + 2  # the answer, its end token, one spare
+def evaluate(model: Any, tokenizer: Any, held_out: list, temperature: float | None = None) -> dict[str, float]:
+    """Exact match of the answer, and the share of completions that use a repair."""
+    completions = complete(model, tokenizer, [q for q, _ in held_out], max_new_tokens(held_out), temperature)
+    correct = sum(answer_of(c) == answer_of(a) for c, (_, a) in zip(completions, held_out, strict=True))
+    return {"acc": correct / len(held_out), "repair_frac": sum(ERASE in c for c in completions) / len(held_out)}
 
 
 # ---- supervised training (teacher from scratch, student warm start) -------------------------------------------
+def encode(tokenizer: Any, question: str, answer: str, rng: random.Random, error_rate: float) -> tuple[list, list]:
+    """Prompt and completion ids, and which of them are trained on. With `error_rate`, each completion character
+    is preceded, with that probability, by a wrong one (not trained on) and the erase mark (trained on)."""
+    vocab = tokenizer.get_vocab()
+    ids = tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
+    trained = [False] * len(ids)
+    for ch in answer:
+        if error_rate and rng.random() < error_rate:
+            ids += [vocab[rng.choice([c for c in ALPHABET if c != ch])], vocab[ERASE]]
+            trained += [False, True]
+        ids.append(vocab[ch])
+        trained.append(True)
+    return [*ids, tokenizer.eos_token_id], [*trained, True]
+
+
 def supervised(
-    model: Any, tokenizer: Any, pairs: list[tuple[str, str]], steps: int, batch: int, lr: float, seed: int
+    model: Any,
+    tokenizer: Any,
+    pairs: list[tuple[str, str]],
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    error_rate: float = 0.0,
 ) -> None:
-    """Plain next-token training on the answers (prompt tokens masked): the setup, not a compared method."""
+    """Plain next-token training (the setup, not a compared method), one-cycle learning rate."""
     rng = random.Random(seed)
-    encoded = []
-    for question, answer in pairs:
-        prompt = tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
-        full = tokenizer(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], tokenize=False
-            ),
-            add_special_tokens=False,
-        )["input_ids"]
-        encoded.append((full, len(prompt)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     model.train()
     for _ in range(steps):
-        rows = rng.sample(encoded, batch)
+        rows = [encode(tokenizer, q, a, rng, error_rate) for q, a in rng.sample(pairs, batch)]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((batch, width), tokenizer.pad_token_id)
         labels = torch.full((batch, width), -100)
-        for i, (ids, prompt_len) in enumerate(rows):
+        for i, (ids, trained) in enumerate(rows):
             input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
-        loss = model(
-            input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels
-        ).loss
-        loss.backward()
+            labels[i, : len(ids)] = torch.tensor([t if keep else -100 for t, keep in zip(ids, trained, strict=True)])
+        attention_mask = (input_ids != tokenizer.pad_token_id).long()
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -229,29 +289,55 @@ def supervised(
 
 def teacher_model(
     preset: dict[str, Any], tokenizer: Any, train: list, held_out: list, cache_dir: str
-) -> tuple[Any, float, bool]:
+) -> tuple[Any, dict[str, float], bool]:
     """The cached teacher for this config, trained first if there is none; returns (model, held-out acc, cached)."""
-    config = {"task": TASK, "digits": preset["digits"], **preset["teacher"], "train_prompts": preset["train_prompts"]}
+    config = {
+        "task": task_name(preset),
+        "digits": preset["digits"],
+        "error_rate": preset["error_rate"],
+        **preset["teacher"],
+        "train_prompts": preset["train_prompts"],
+    }
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"teacher-{key}")
     if os.path.isfile(os.path.join(path, "config.json")):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path)
-        cached = True
+        model, cached = AutoModelForCausalLM.from_pretrained(path), True
     else:
         spec = preset["teacher"]
         model = build_model(tokenizer, hidden_size=spec["hidden"], num_layers=spec["layers"], seed=spec["seed"])
-        supervised(model, tokenizer, train, spec["steps"], spec["batch"], spec["lr"], seed=spec["seed"])
+        supervised(
+            model, tokenizer, train, spec["steps"], spec["batch"], spec["lr"], spec["seed"], preset["error_rate"]
+        )
         cached = False
-    acc = accuracy(model, tokenizer, held_out)
-    if acc < preset["teacher_min_acc"]:
-        raise SystemExit(f"the teacher reached {acc:.1%} held-out accuracy, below {preset['teacher_min_acc']:.0%}")
+    acc = {
+        "greedy": evaluate(model, tokenizer, held_out)["acc"],
+        "sampled": evaluate(model, tokenizer, held_out, preset["distill"]["temperature"])["acc"],
+    }
+    if acc["greedy"] < preset["teacher_min_acc"]:
+        raise SystemExit(f"the teacher reached {acc['greedy']:.1%} held-out, below {preset['teacher_min_acc']:.0%}")
     if not cached:
         model.save_pretrained(path)
         with open(os.path.join(path, "arena_config.json"), "w") as f:
             json.dump(config, f, indent=2)
     return model, acc, cached
+
+
+def warm_student(preset: dict[str, Any], tokenizer: Any, train: list, held_out: list, seed: int) -> tuple[Any, int]:
+    """The seed's student, trained on clean ground truth until its greedy accuracy on a slice of the held-out
+    prompts reaches the target: a learning curve of this task has sudden jumps, so a fixed number of steps would
+    start the seeds at very different levels. Returns (model, warm-up steps)."""
+    spec, warm = preset["student"], preset["warmup"]
+    model = build_model(tokenizer, hidden_size=spec["hidden"], num_layers=spec["layers"], seed=seed)
+    probe = held_out[: warm["probe_prompts"]]
+    steps = 0
+    while steps < warm["max_steps"]:
+        supervised(model, tokenizer, train, warm["chunk_steps"], warm["batch"], warm["lr"], seed * 100_003 + steps)
+        steps += warm["chunk_steps"]
+        if evaluate(model, tokenizer, probe)["acc"] >= warm["target_acc"]:
+            break
+    return model, steps
 
 
 # ---- the compared methods ------------------------------------------------------------------------------------
@@ -283,20 +369,19 @@ class Curve(TrainerCallback):
             self._paused_s += time.perf_counter() - copy_start
 
 
-def training_args(cls: type, preset: dict[str, Any], output_dir: str, seed: int, **extra: Any) -> Any:
+def training_args(cls: type, preset: dict[str, Any], output_dir: str, seed: int, lr: float, **extra: Any) -> Any:
     spec = preset["distill"]
     return cls(
         output_dir=output_dir,
         max_steps=spec["steps"],
         per_device_train_batch_size=spec["batch"],
-        learning_rate=spec["lr"],
+        learning_rate=lr,
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=min(30, spec["steps"] // 10),
         gradient_checkpointing=False,
         bf16=False,
         report_to="none",
         save_strategy="no",
-        logging_steps=10**6,
         disable_tqdm=True,
         seed=seed,
         **extra,
@@ -304,8 +389,17 @@ def training_args(cls: type, preset: dict[str, Any], output_dir: str, seed: int,
 
 
 def run_method(
-    method: str, preset: dict[str, Any], student_init: Any, teacher: Any, tokenizer: Any, train: list, seed: int
-) -> Curve:
+    method: str,
+    preset: dict[str, Any],
+    lr: float,
+    student_init: Any,
+    teacher: Any,
+    tokenizer: Any,
+    train: list,
+    seed: int,
+    samples_path: str | None,
+) -> tuple[Curve, dict[str, Any]]:
+    """Train a copy of the warm student with `method`; returns its curve and what the run reported."""
     from trl import SFTConfig, SFTTrainer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -313,44 +407,54 @@ def run_method(
 
     student = copy.deepcopy(student_init)
     spec = preset["distill"]
-    n_prompts = spec["steps"] * spec["batch"]
-    # every method sees the same prompts in the same order of presentation budget: the first n_prompts of a
-    # seed-dependent shuffle of the training pool
-    prompts = random.Random(seed).sample(train, n_prompts)
+    # every method sees the same prompts in the same order: a seed-dependent shuffle of the training pool
+    prompts = random.Random(seed).sample(train, spec["steps"] * spec["batch"])
     new_tokens = max_new_tokens(train)
-    curve_steps = {round(spec["steps"] * (i + 1) / preset["curve_points"]) for i in range(preset["curve_points"])}
+    points = preset["curve_points"]
+    curve_steps = {round(spec["steps"] * (i + 1) / points) for i in range(points)}
+    report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as output_dir:
         if method == "sft":
             start = time.perf_counter()
-            completions = complete(
-                teacher,
-                tokenizer,
-                [q for q, _ in prompts],
-                new_tokens,
-                sample=True,
-                seed=seed,
-                temperature=spec["temperature"],
-            )
-            data_s = time.perf_counter() - start
+            completions = complete(teacher, tokenizer, [q for q, _ in prompts], new_tokens, spec["temperature"], seed)
+            curve = Curve(curve_steps, start_offset_s=time.perf_counter() - start)
             dataset = Dataset.from_list(
                 [
                     {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": c}]}
                     for (q, _), c in zip(prompts, completions, strict=True)
                 ]
             )
-            curve = Curve(curve_steps, start_offset_s=data_s)
-            args = training_args(SFTConfig, preset, output_dir, seed, max_length=None, packing=False)
+            args = training_args(
+                SFTConfig, preset, output_dir, seed, lr, max_length=None, packing=False, logging_steps=10**6
+            )
             trainer = SFTTrainer(model=student, args=args, train_dataset=dataset, processing_class=tokenizer)
         else:
             curve = Curve(curve_steps)
-            dataset = conversations(prompts)
-            common = dict(lmbda=1.0, max_new_tokens=new_tokens, temperature=spec["temperature"])
+            dataset = Dataset.from_list(
+                [
+                    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                    for q, a in prompts
+                ]
+            )
+            common = dict(lmbda=1.0, max_new_tokens=new_tokens, temperature=spec["temperature"], beta=spec["beta"])
             if method == "gkd":
-                args = training_args(GKDConfig, preset, output_dir, seed, **common)
+                args = training_args(GKDConfig, preset, output_dir, seed, lr, logging_steps=10**6, **common)
                 cls: type = GKDTrainer
             else:
-                overrides = {"npd": {}, "npd-no-ifd": {"ifd_filter": False}, "npd-sync": {"generator_mode": "sync"}}
-                args = training_args(NearPolicyDistillConfig, preset, output_dir, seed, **common, **overrides[method])
+                overrides = dict(METHODS[method])
+                if method == "npd-kl":
+                    overrides["max_policy_kl"] = preset["max_policy_kl"]
+                args = training_args(
+                    NearPolicyDistillConfig,
+                    preset,
+                    output_dir,
+                    seed,
+                    lr,
+                    logging_steps=max(1, spec["steps"] // 50),  # the npd/ metrics, policy_kl among them
+                    log_samples=samples_path is not None,
+                    **common,
+                    **overrides,
+                )
                 cls = NearPolicyDistillTrainer
             trainer = cls(
                 model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
@@ -360,115 +464,270 @@ def run_method(
         trainer.train()
         # after train() returns, not at on_train_end: NPD stops its generator process in between
         curve.wall_s = curve.elapsed_s()
-        curve.model = trainer.model
         if hasattr(trainer, "npd_metrics"):
             totals = trainer.npd_metrics.totals
-            curve.npd = {"generated_samples": totals.generated_samples, "dropped": dict(totals.dropped)}
-    return curve
+            report["npd"] = {
+                "generated_samples": totals.generated_samples,
+                "trained_samples": totals.consumed_samples,
+                "dropped": dict(totals.dropped),
+                "weight_syncs": dict(totals.weight_syncs),
+                "policy_kl": [
+                    entry["npd/policy_kl"] for entry in trainer.state.log_history if "npd/policy_kl" in entry
+                ],
+            }
+            if samples_path is not None:
+                shutil.copyfile(os.path.join(output_dir, "npd_samples.jsonl"), samples_path)
+    return curve, report
 
 
 def evaluate_curve(
-    curve: Curve, student_init: Any, tokenizer: Any, held_out: list, init_acc: float
-) -> list[list[float]]:
-    points = [[0.0, init_acc]]
+    curve: Curve, preset: dict[str, Any], student_init: Any, tokenizer: Any, held_out: list, init: dict[str, float]
+) -> list[dict[str, float]]:
+    """Each checkpoint's greedy accuracy; the last `final_points` also sampled at the training temperature."""
+    points = [{"step": 0, "wall_s": 0.0, **init}]
     model = copy.deepcopy(student_init)
-    for elapsed, _, weights in curve.points:
+    final = {step for _, step, _ in curve.points[-preset["final_points"] :]}
+    for elapsed, step, weights in curve.points:
         model.load_state_dict(weights)
-        points.append([elapsed, accuracy(model, tokenizer, held_out)])
+        point = {"step": step, "wall_s": elapsed, **evaluate(model, tokenizer, held_out)}
+        if step in final:
+            point["acc_sampled"] = evaluate(model, tokenizer, held_out, preset["distill"]["temperature"])["acc"]
+        points.append(point)
     return points
 
 
-# ---- report ------------------------------------------------------------------------------------------------------
-def plot(report: dict[str, Any], path: str) -> None:
-    plt = pyplot()
+def smoothed(curve: list[dict[str, float]], window: int) -> list[float]:
+    """Trailing mean of the greedy accuracy over `window` checkpoints (fewer at the start)."""
+    accs = [point["acc"] for point in curve]
+    return [statistics.mean(accs[max(0, i - window + 1) : i + 1]) for i in range(len(accs))]
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def time_to(curve: list[dict[str, float]], window: int, level: float) -> float | None:
+    """Training wall-clock at which the smoothed curve first reaches `level`; None if it never does."""
+    for point, value in zip(curve, smoothed(curve, window), strict=True):
+        if value >= level - 1e-12:
+            return point["wall_s"]
+    return None
+
+
+# ---- one seed ----------------------------------------------------------------------------------------------------
+def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[str, float], args: Any) -> dict:
+    started = time.perf_counter()
+    tokenizer = build_tokenizer()
+    held_out, train = splits(preset)
+    teacher, teacher_acc, cached = teacher_model(preset, tokenizer, train, held_out, args.cache_dir)
+    print(f"teacher: {teacher_acc['greedy']:.1%} greedy, {teacher_acc['sampled']:.1%} sampled", flush=True)
+    student_init, warm_steps = warm_student(preset, tokenizer, train, held_out, seed)
+    init = evaluate(student_init, tokenizer, held_out)
+    print(f"student after {warm_steps} warm-up steps: {init['acc']:.1%}", flush=True)
+
+    runs = []
+    for method in methods:
+        samples_path = None
+        if METHODS[method] is not None and args.out:
+            samples_path = f"{os.path.splitext(args.out)[0]}.{method}.samples.jsonl"
+        curve, reported = run_method(
+            method, preset, lrs[method], student_init, teacher, tokenizer, train, seed, samples_path
+        )
+        points = evaluate_curve(curve, preset, student_init, tokenizer, held_out, init)
+        final = points[-preset["final_points"] :]
+        run = {
+            "method": method,
+            "lr": lrs[method],
+            "steps": preset["distill"]["steps"],
+            "wall_s": curve.wall_s,
+            "acc": points[-1]["acc"],
+            "final_acc_smoothed": statistics.mean(p["acc"] for p in final),
+            "final_acc_sampled_smoothed": statistics.mean(p["acc_sampled"] for p in final),
+            "final_repair_frac": statistics.mean(p["repair_frac"] for p in final),
+            "curve": points,
+            **reported,
+        }
+        runs.append(run)
+        print(
+            f"{method}: {run['final_acc_smoothed']:.1%} (last {points[-1]['acc']:.1%}) in {run['wall_s']:.1f} s",
+            flush=True,
+        )
+    gkd = next((run for run in runs if run["method"] == "gkd"), None)
+    for run in runs:
+        level = None if gkd is None else gkd["final_acc_smoothed"]
+        run["time_to_gkd_final_s"] = None if level is None else time_to(run["curve"], preset["final_points"], level)
+    return {
+        "task": task_name(preset),
+        "seed": seed,
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        "teacher_acc": teacher_acc["greedy"],
+        "teacher_acc_sampled": teacher_acc["sampled"],
+        "teacher_cached": cached,
+        "student_init_acc": init["acc"],
+        "student_warmup_steps": warm_steps,
+        "student_params": sum(p.numel() for p in student_init.parameters()),
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "eval_prompts": len(held_out),
+        "distill": preset["distill"],
+        "final_points": preset["final_points"],
+        "runs": runs,
+        "total_s": time.perf_counter() - started,
+    }
+
+
+def print_seed(report: dict[str, Any]) -> None:
+    print(
+        f"{'method':17} {'lr':>7} {'final (smoothed)':>16} {'sampled':>8} {'repairs':>8} {'wall_s':>7} {'to gkd':>7}"
+    )
     for run in report["runs"]:
-        xs, ys = zip(*run["curve"], strict=True)
-        ax.plot(xs, [100 * y for y in ys], marker="o", label=run["method"])
+        to_gkd = "-" if run["time_to_gkd_final_s"] is None else f"{run['time_to_gkd_final_s']:.0f}"
+        print(
+            f"{run['method']:17} {run['lr']:7.0e} {run['final_acc_smoothed']:16.1%} "
+            f"{run['final_acc_sampled_smoothed']:8.1%} {run['final_repair_frac']:8.1%} {run['wall_s']:7.1f} "
+            f"{to_gkd:>7}"
+        )
+    print(
+        f"teacher {report['teacher_acc']:.1%}, student init {report['student_init_acc']:.1%}, "
+        f"total {report['total_s']:.0f} s"
+    )
+
+
+def plot_seed(report: dict[str, Any], path: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for run in report["runs"]:
+        ax.plot(
+            [p["wall_s"] for p in run["curve"]],
+            [100 * p["acc"] for p in run["curve"]],
+            marker="o",
+            label=run["method"],
+        )
     ax.axhline(100 * report["teacher_acc"], color="grey", linestyle="--", label="teacher")
     ax.set_xlabel("training wall-clock (s)")
-    ax.set_ylabel("held-out exact match (%)")
+    ax.set_ylabel("held-out exact match, greedy (%)")
     ax.set_title(f"{report['task']}, seed {report['seed']}", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
-def acc_at(run: dict[str, Any], wall_s: float) -> float:
-    """Accuracy of the last curve point reached within `wall_s` of training (a step function, no interpolation)."""
-    return max((point for point in run["curve"] if point[0] <= wall_s), key=lambda point: point[0])[1]
+# ---- learning-rate tuning ------------------------------------------------------------------------------------------
+def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
+    """Each method at each rate of the grid, on the tuning seed (never one of the compared seeds); the best
+    rate by `final_acc_smoothed` goes in the preset's `lr` table."""
+    seed = preset["tuning_seed"]
+    grid: dict[str, dict[str, float]] = {}
+    reports = []
+    for lr in preset["lr_grid"]:
+        report = run_seed(
+            preset, seed, methods, dict.fromkeys(methods, lr), argparse.Namespace(**{**vars(args), "out": None})
+        )
+        reports.append(report)
+        for run in report["runs"]:
+            grid.setdefault(run["method"], {})[f"{lr:g}"] = run["final_acc_smoothed"]
+    best = {method: float(max(rates, key=rates.get)) for method, rates in grid.items()}
+    write_json({"seed": seed, "grid": grid, "best_lr": best, "runs": reports}, args.out)
+    print(f"{'method':17} " + " ".join(f"{lr:>8g}" for lr in preset["lr_grid"]) + "   best")
+    for method, rates in grid.items():
+        print(
+            f"{method:17} " + " ".join(f"{rates[f'{lr:g}']:8.1%}" for lr in preset["lr_grid"]) + f"   {best[method]:g}"
+        )
+
+
+# ---- summary over seeds ------------------------------------------------------------------------------------------
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci(values: list[float]) -> dict[str, float]:
+    """Mean and two-sided 95% confidence interval (Student's t over the seeds)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": len(values)}
+    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(values)}
 
 
 def summarize(paths: list[str], out: str, plot_path: str) -> None:
-    """Mean and spread over seeds: accuracy and gain over the warm start at equal steps, and accuracy at equal
-    wall-clock (within the training time of the `npd` and of the `npd-no-ifd` run of the same seed)."""
-    import statistics
-
-    reports = [json.load(open(path)) for path in paths]
+    """Paired per-seed differences to GKD (mean and 95% CI), and time to GKD's final accuracy, over the seeds."""
+    reports = sorted((json.load(open(path)) for path in paths), key=lambda r: r["seed"])
     methods = [run["method"] for run in reports[0]["runs"]]
-
-    def mean_spread(values: list[float]) -> tuple[float, float]:
-        return statistics.mean(values), (max(values) - min(values)) / 2  # spread: half the range over seeds
-
     rows = []
     for method in methods:
-        final, gain, wall, at_wall = [], [], [], {"npd": [], "npd-no-ifd": []}
-        for report in reports:
-            runs = {run["method"]: run for run in report["runs"]}
-            final.append(runs[method]["acc"])
-            gain.append(runs[method]["acc"] - report["student_init_acc"])
-            wall.append(runs[method]["wall_s"])
-            for budget in at_wall:
-                if budget in runs:
-                    at_wall[budget].append(acc_at(runs[method], runs[budget]["wall_s"]))
-        row = {"method": method, "acc_by_seed": final, "wall_s_mean": statistics.mean(wall)}
-        row["acc_mean"], row["acc_spread"] = mean_spread(final)
-        row["gain_mean"], row["gain_spread"] = mean_spread(gain)
-        for budget, values in at_wall.items():
-            row[f"acc_at_{budget.replace('-', '_')}_wall_mean"] = statistics.mean(values) if values else None
-        rows.append(row)
+        runs = [{run["method"]: run for run in report["runs"]} for report in reports]
+        final = [r[method]["final_acc_smoothed"] for r in runs]
+        rows.append(
+            {
+                "method": method,
+                "lr": runs[0][method]["lr"],
+                "final_acc_smoothed": mean_ci(final),
+                "final_acc_sampled_smoothed": mean_ci([r[method]["final_acc_sampled_smoothed"] for r in runs]),
+                "gain_over_init": mean_ci(
+                    [a - rep["student_init_acc"] for a, rep in zip(final, reports, strict=True)]
+                ),
+                "minus_gkd": mean_ci([r[method]["final_acc_smoothed"] - r["gkd"]["final_acc_smoothed"] for r in runs]),
+                "minus_gkd_sampled": mean_ci(
+                    [r[method]["final_acc_sampled_smoothed"] - r["gkd"]["final_acc_sampled_smoothed"] for r in runs]
+                ),
+                "minus_sft": mean_ci([r[method]["final_acc_smoothed"] - r["sft"]["final_acc_smoothed"] for r in runs]),
+                "wall_s": mean_ci([r[method]["wall_s"] for r in runs]),
+                "time_to_gkd_final_s": [r[method]["time_to_gkd_final_s"] for r in runs],
+                "time_to_gkd_final_vs_gkd_wall": [
+                    None
+                    if r[method]["time_to_gkd_final_s"] is None
+                    else r[method]["time_to_gkd_final_s"] / r["gkd"]["wall_s"]
+                    for r in runs
+                ],
+                "final_repair_frac": mean_ci([r[method]["final_repair_frac"] for r in runs]),
+            }
+        )
     summary = {
         "task": reports[0]["task"],
         "seeds": [report["seed"] for report in reports],
-        "teacher_acc": [report["teacher_acc"] for report in reports],
+        "eval_prompts": reports[0]["eval_prompts"],
+        "teacher_acc": reports[0]["teacher_acc"],
         "student_init_acc": [report["student_init_acc"] for report in reports],
         "total_s": [report["total_s"] for report in reports],
         "methods": rows,
     }
-    with open(out, "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(summary, out)
+    print_summary(summary)
+    plot_summary(reports, plot_path)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    def ci(stat: dict[str, float], scale: float = 100.0, fmt: str = "+.1f") -> str:
+        return f"{scale * stat['mean']:{fmt}} [{scale * stat['lo']:{fmt}}, {scale * stat['hi']:{fmt}}]"
+
     print(
-        f"{len(reports)} seeds; teacher {statistics.mean(summary['teacher_acc']):.1%}, student init "
-        + " ".join(f"{a:.1%}" for a in summary["student_init_acc"])
+        f"{len(summary['seeds'])} seeds {summary['seeds']}; {summary['eval_prompts']} held-out prompts; teacher "
+        f"{summary['teacher_acc']:.1%}; student init " + " ".join(f"{a:.1%}" for a in summary["student_init_acc"])
     )
     print(
-        f"{'method':11} {'acc, equal steps':>16} {'gain over init':>15} {'at npd wall':>11} "
-        f"{'at no-ifd wall':>14} {'wall_s':>7}  acc by seed"
+        f"{'method':17} {'final acc':>9} {'minus gkd [95% CI]':>22} {'minus sft [95% CI]':>22} {'sampled - gkd':>20}"
     )
-
-    def percent(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1%}"
-
-    for row in rows:
+    for row in summary["methods"]:
         print(
-            f"{row['method']:11} {row['acc_mean']:8.1%} ± {row['acc_spread']:4.1%} "
-            f"{row['gain_mean']:+7.1%} ± {row['gain_spread']:4.1%} {percent(row['acc_at_npd_wall_mean']):>11} "
-            f"{percent(row['acc_at_npd_no_ifd_wall_mean']):>14} {row['wall_s_mean']:7.1f}  "
-            + " ".join(f"{a:.1%}" for a in row["acc_by_seed"])
+            f"{row['method']:17} {100 * row['final_acc_smoothed']['mean']:8.1f}% {ci(row['minus_gkd']):>22} "
+            f"{ci(row['minus_sft']):>22} {ci(row['minus_gkd_sampled']):>20}"
         )
-    plt = pyplot()
+    print(
+        f"\n{'time to gkd final':17} {'wall_s (mean)':>13} {'per seed (s; - = not reached)':>40} {'vs gkd wall':>12}"
+    )
+    for row in summary["methods"]:
+        reached = [t for t in row["time_to_gkd_final_vs_gkd_wall"] if t is not None]
+        per_seed = " ".join("-" if t is None else f"{t:.0f}" for t in row["time_to_gkd_final_s"])
+        ratio = f"{statistics.median(reached):.2f}x" if reached else "-"
+        print(f"{row['method']:17} {row['wall_s']['mean']:13.1f} {per_seed:>40} {ratio:>12}")
 
-    fig, axes = plt.subplots(1, len(reports), figsize=(4.2 * len(reports), 3.6), sharey=True, squeeze=False)
+
+def plot_summary(reports: list[dict[str, Any]], path: str) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(reports), figsize=(3.6 * len(reports), 3.4), sharey=True, squeeze=False)
     for ax, report in zip(axes[0], reports, strict=True):
         for run in report["runs"]:
-            xs, ys = zip(*run["curve"], strict=True)
-            ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, label=run["method"])
+            ax.plot([p["wall_s"] for p in run["curve"]], [100 * p["acc"] for p in run["curve"]], label=run["method"])
         ax.set_title(f"seed {report['seed']}", fontsize=9)
         ax.set_xlabel("training wall-clock (s)")
-    axes[0][0].set_ylabel("held-out exact match (%)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(summary["task"], fontsize=9)
-    save_figure(fig, plot_path)
+    axes[0][0].set_ylabel("held-out exact match, greedy (%)")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(reports[0]["task"], fontsize=9)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -476,68 +735,30 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", default="results/arena-cpu-1.json")
+    parser.add_argument("--out", default="results/arena/seed-1.json")
     parser.add_argument("--plot", default=None, help="PNG of accuracy against wall-clock (default: next to --out)")
     parser.add_argument("--cache-dir", default=os.path.join(".cache", "arena"), help="where the teacher is cached")
-    parser.add_argument(
-        "--summarize", nargs="+", default=None, help="instead of running: combine these seeds' JSON into --out"
-    )
+    parser.add_argument("--tune", action="store_true", help="run the learning-rate grid on the tuning seed")
+    parser.add_argument("--summarize", nargs="+", default=None, help="combine these seeds' JSON into --out")
     args = parser.parse_args()
+    plot_path = args.plot or os.path.splitext(args.out)[0] + ".png"
     if args.summarize:
-        summarize(args.summarize, args.out, args.plot or os.path.splitext(args.out)[0] + ".png")
+        summarize(args.summarize, args.out, plot_path)
         return
     preset = PRESETS[args.preset]
     methods = args.methods.split(",")
     if unknown := set(methods) - set(METHODS):
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     torch.set_num_threads(os.cpu_count() or 1)
-    started = time.perf_counter()
-
-    tokenizer = build_tokenizer()
-    held_out, train = splits(preset)
-    teacher, teacher_acc, cached = teacher_model(preset, tokenizer, train, held_out, args.cache_dir)
-    print(f"teacher: {teacher_acc:.1%} held-out ({'cached' if cached else 'trained'})", flush=True)
-
-    spec = preset["student"]
-    student_init = build_model(tokenizer, hidden_size=spec["hidden"], num_layers=spec["layers"], seed=args.seed)
-    warm = preset["warmup"]
-    supervised(student_init, tokenizer, train, warm["steps"], warm["batch"], warm["lr"], seed=args.seed)
-    init_acc = accuracy(student_init, tokenizer, held_out)
-    print(f"student after warm start: {init_acc:.1%}", flush=True)
-
-    runs = []
-    for method in methods:
-        curve = run_method(method, preset, student_init, teacher, tokenizer, train, args.seed)
-        points = evaluate_curve(curve, student_init, tokenizer, held_out, init_acc)
-        run = {"method": method, "acc": points[-1][1], "wall_s": curve.wall_s, "steps": preset["distill"]["steps"]}
-        run["curve"] = points
-        if hasattr(curve, "npd"):
-            run["npd"] = curve.npd
-        runs.append(run)
-        print(f"{method}: {run['acc']:.1%} in {run['wall_s']:.1f} s", flush=True)
-
-    report = {
-        "task": TASK if args.preset == "cpu" else f"{preset['digits']}-digit x 1-digit multiplication",
-        "preset": args.preset,
-        "seed": args.seed,
-        "device": device_name(),
-        "date": datetime.date.today().isoformat(),
-        "teacher_acc": teacher_acc,
-        "teacher_cached": cached,
-        "student_init_acc": init_acc,
-        "student_params": sum(p.numel() for p in student_init.parameters()),
-        "teacher_params": sum(p.numel() for p in teacher.parameters()),
-        "eval_prompts": len(held_out),
-        "runs": runs,
-        "total_s": time.perf_counter() - started,
-    }
+    if args.tune:
+        tune(preset, methods, args)
+        return
+    if args.seed == preset["tuning_seed"]:
+        raise SystemExit(f"seed {args.seed} is the tuning seed; compare on the others")
+    report = run_seed(preset, args.seed, methods, preset["lr"], args)
     write_json(report, args.out)
-    plot(report, args.plot or os.path.splitext(args.out)[0] + ".png")
-    print(f"{'method':11} {'acc':>6} {'wall_s':>7}  curve (wall_s, acc)")
-    for run in runs:
-        curve_text = " ".join(f"({t:.0f}s {a:.0%})" for t, a in run["curve"])
-        print(f"{run['method']:11} {run['acc']:6.1%} {run['wall_s']:7.1f}  {curve_text}")
-    print(f"teacher {teacher_acc:.1%}, student init {init_acc:.1%}, total {report['total_s']:.0f} s")
+    plot_seed(report, plot_path)
+    print_seed(report)
 
 
 if __name__ == "__main__":

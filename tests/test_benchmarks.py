@@ -80,36 +80,65 @@ def test_throughput_benchmark_micro(tmp_path):
 
 
 def test_arena_benchmark_micro(tmp_path):
-    out = tmp_path / "arena.json"
+    out = tmp_path / "seed-3.json"
     cache = tmp_path / "cache"
-    table = run("arena.py", "--preset", "micro", "--seed", "3", "--out", str(out), "--cache-dir", str(cache))
+    methods = "sft,gkd,npd,npd-topk"
+    arena = ("arena.py", "--preset", "micro", "--methods", methods, "--cache-dir", str(cache))
+    table = run(*arena, "--seed", "3", "--out", str(out))
     report = json.loads(out.read_text())
-    assert {"task", "teacher_acc", "student_init_acc", "runs"} <= set(report)
-    assert [r["method"] for r in report["runs"]] == ["sft", "gkd", "npd", "npd-no-ifd", "npd-sync"]
+    assert {"task", "teacher_acc", "student_init_acc", "eval_prompts", "runs"} <= set(report)
+    assert report["eval_prompts"] == 16
+    assert [r["method"] for r in report["runs"]] == methods.split(",")
+    gkd = report["runs"][1]
     for r in report["runs"]:
         assert 0 <= r["acc"] <= 1 and r["wall_s"] > 0 and r["steps"] == 4
-        times = [t for t, _ in r["curve"]]
-        assert times == sorted(times) and times[0] == 0 and r["curve"][0][1] == report["student_init_acc"]
-        assert r["curve"][-1][1] == r["acc"]
-    assert (tmp_path / "arena.png").stat().st_size > 0
+        times = [p["wall_s"] for p in r["curve"]]
+        assert times == sorted(times) and times[0] == 0 and r["curve"][0]["acc"] == report["student_init_acc"]
+        assert r["curve"][-1]["acc"] == r["acc"]
+        final = [p["acc"] for p in r["curve"][-2:]]  # the micro preset smooths over the last 2 checkpoints
+        assert r["final_acc_smoothed"] == pytest.approx(sum(final) / 2)
+        # time to GKD's final accuracy: the first checkpoint whose trailing mean reaches it, or never
+        reached = r["time_to_gkd_final_s"]
+        assert reached is None or reached in times
+    assert gkd["time_to_gkd_final_s"] is not None  # GKD's smoothed curve reaches its own final value
+    # the NPD runs leave one record per sample fate next to the JSON
+    records = [json.loads(line) for line in open(tmp_path / "seed-3.npd.samples.jsonl")]
+    trained = [x for x in records if x["fate"] == "trained"]
+    assert len(trained) == report["runs"][2]["npd"]["trained_samples"] == 4 * 4
+    assert all({"prompt_index", "policy_version", "staleness", "ifd_delta"} <= set(x) for x in trained)
+    assert (tmp_path / "seed-3.png").stat().st_size > 0
     assert not report["teacher_cached"] and any(cache.iterdir())
-    # a second run with the same teacher config takes the cached teacher
-    out2 = tmp_path / "arena2.json"
-    run("arena.py", "--preset", "micro", "--seed", "4", "--out", str(out2), "--cache-dir", str(cache))
+    # a second seed takes the cached teacher
+    out2 = tmp_path / "seed-4.json"
+    run(*arena, "--seed", "4", "--out", str(out2))
     assert json.loads(out2.read_text())["teacher_cached"]
-    assert "curve" in table
-    # and the seeds combine into mean and spread, at equal steps and at equal wall-clock
+    assert "final (smoothed)" in table
+    # the seeds combine into paired differences to GKD with a 95% interval, and time to GKD's final accuracy
     summary_path = tmp_path / "summary.json"
     summary_table = run("arena.py", "--summarize", str(out), str(out2), "--out", str(summary_path))
     summary = json.loads(summary_path.read_text())
     assert summary["seeds"] == [3, 4]
-    gkd = next(row for row in summary["methods"] if row["method"] == "gkd")
-    by_seed = [json.loads(p.read_text())["runs"][1]["acc"] for p in (out, out2)]
-    assert gkd["acc_by_seed"] == by_seed and gkd["acc_mean"] == pytest.approx(sum(by_seed) / 2)
-    assert gkd["acc_spread"] == pytest.approx(abs(by_seed[0] - by_seed[1]) / 2)
-    assert gkd["acc_at_npd_wall_mean"] is not None
+    rows = {row["method"]: row for row in summary["methods"]}
+    per_seed = [{r["method"]: r for r in json.loads(p.read_text())["runs"]} for p in (out, out2)]
+    diffs = [s["npd"]["final_acc_smoothed"] - s["gkd"]["final_acc_smoothed"] for s in per_seed]
+    assert rows["npd"]["minus_gkd"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert rows["npd"]["minus_gkd"]["lo"] <= rows["npd"]["minus_gkd"]["mean"] <= rows["npd"]["minus_gkd"]["hi"]
+    assert rows["gkd"]["minus_gkd"]["mean"] == 0
+    assert rows["npd"]["time_to_gkd_final_s"] == [s["npd"]["time_to_gkd_final_s"] for s in per_seed]
     assert (tmp_path / "summary.png").stat().st_size > 0
-    assert "gain over init" in summary_table
+    assert "minus gkd" in summary_table and "time to gkd final" in summary_table
+
+
+def test_arena_learning_rate_grid_micro(tmp_path):
+    out = tmp_path / "tuning.json"
+    args = ("--preset", "micro", "--methods", "sft,gkd", "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    table = run("arena.py", "--tune", *args)
+    tuning = json.loads(out.read_text())
+    assert tuning["seed"] == 0 and set(tuning["grid"]) == {"sft", "gkd"}
+    for method, rates in tuning["grid"].items():
+        assert set(rates) == {"0.0005", "0.001"}
+        assert rates[f"{tuning['best_lr'][method]:g}"] == max(rates.values())
+    assert "best" in table
 
 
 def test_lora_sync_benchmark_micro(tmp_path):
