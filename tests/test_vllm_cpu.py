@@ -15,6 +15,7 @@ float32 checkpoint), so its log-probs are compared with the float32 trainer's wi
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import signal
 import subprocess
@@ -361,3 +362,19 @@ def test_a_vllm_server_on_loopback_samples_for_training_with_weight_syncs(tmp_pa
     assert len(transfers) == len(recorded.pushed) == 1 + 12 // SYNC_EVERY
     assert all(names == [n for n, _ in student.named_parameters()] for names in transfers)
     _check_run(trainer, recorded, reference)
+
+
+def test_generation_engines_benchmark_runs_vllm_micro(tmp_path):
+    out = tmp_path / "engines.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "generation_engines.py")
+    done = subprocess.run(
+        [sys.executable, script, "--preset", "micro", "--engines", "vllm", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["runs"]
+    assert (row["engine"], row["batch_size"]) == ("vllm", 2)
+    assert row["completion_tokens_per_s"] > 0 and 0 < row["mean_completion_tokens"] <= 4
