@@ -200,6 +200,7 @@ def main() -> None:
         return
 
     runs, environments = [], {}
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     for name in args.engines.split(","):
         if name not in ENGINES:
             raise SystemExit(f"unknown engine {name!r}; choose from {ENGINES}")
@@ -222,10 +223,12 @@ def main() -> None:
         "new_tokens": SETTINGS[args.preset]["new_tokens"],
         "batches": SETTINGS[args.preset]["batches"],
         "environments": environments,
+        "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},
         "runs": runs,
     }
     write_json(report, args.out)
     print_table(report)
+    print(f"1-minute load average: {load_before:.1f} before, {report['load_average_1m']['after']:.1f} after")
 
 
 if __name__ == "__main__":
