@@ -21,6 +21,9 @@ the project's (`--transformers-python`), with the transformers it is tested with
 - `completion_tokens_per_s`, `samples_per_s`, `ms_per_batch`: over the next `--batches` batches;
 - `torch_threads`: torch's intra-op threads in the engine's process once it is set up (vLLM's CPU worker sets its
   own).
+
+The machine these run on is shared, so each engine runs `--repeats` times, the engines interleaved, and the table
+shows medians and the range; the JSON keeps every run and the load average before and after.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,17 +50,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 ENGINES = ["transformers", "vllm"]
-# student: (hidden, layers, heads, kv heads, head_dim, intermediate), as in throughput.py; then the prompts per batch
-# and the timed batches per batch size
+# student: (hidden, layers, heads, kv heads, head_dim, intermediate), as in throughput.py; then the prompts per batch,
+# the timed batches per batch size, and the runs of each engine
 SETTINGS = {
     "cpu-tiny": dict(
         student=PRESETS["cpu-tiny"]["student"],
         new_tokens=PRESETS["cpu-tiny"]["new_tokens"],
         batch_sizes=[16, 64],
-        batches=6,
+        batches=4,
+        repeats=3,
     ),
     # smoke test only; head_dim 64, since vLLM's CPU attention refuses very small heads
-    "micro": dict(student=(64, 1, 1, 1, 64, 128), new_tokens=4, batch_sizes=[2], batches=1),
+    "micro": dict(student=(64, 1, 1, 1, 64, 128), new_tokens=4, batch_sizes=[2], batches=1, repeats=1),
 }
 
 
@@ -169,20 +174,37 @@ def _versions(name: str) -> dict[str, str]:
     return {p: metadata.version(p) for p in packages}
 
 
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per engine and batch size: the median over repeats of each rate, with the range of tokens/s."""
+    summary = []
+    for engine in dict.fromkeys(r["engine"] for r in runs):
+        for batch_size in dict.fromkeys(r["batch_size"] for r in runs if r["engine"] == engine):
+            same = [r for r in runs if (r["engine"], r["batch_size"]) == (engine, batch_size)]
+            row = {"engine": engine, "batch_size": batch_size, "repeats": len(same)}
+            for key in ("completion_tokens_per_s", "samples_per_s", "ms_per_batch", "startup_s", "first_batch_s"):
+                row[key] = statistics.median(r[key] for r in same)
+            tokens = [r["completion_tokens_per_s"] for r in same]
+            row["completion_tokens_per_s_range"] = [min(tokens), max(tokens)]
+            summary.append(row)
+    return summary
+
+
 def print_table(report: dict[str, Any]) -> None:
-    rows = report["runs"]
+    rows = report["summary"]
     embedded = {r["batch_size"]: r for r in rows if r["engine"] == "transformers"}
+    print(f"medians over {report['repeats']} repeat(s), engines interleaved")
     print(
-        f"{'engine':12} {'batch':>5} {'tokens/s':>9} {'vs embedded':>11} {'samples/s':>9} {'ms/batch':>9} "
-        f"{'startup_s':>9} {'first_s':>8} {'threads':>7}"
+        f"{'engine':12} {'batch':>5} {'tokens/s':>9} {'range':>13} {'vs embedded':>11} {'samples/s':>9} "
+        f"{'ms/batch':>9} {'startup_s':>9} {'first_s':>8}"
     )
     for r in rows:
         base = embedded.get(r["batch_size"])
         ratio = f"{r['completion_tokens_per_s'] / base['completion_tokens_per_s']:.2f}x" if base else "-"
+        low, high = r["completion_tokens_per_s_range"]
         print(
-            f"{r['engine']:12} {r['batch_size']:5d} {r['completion_tokens_per_s']:9.1f} {ratio:>11} "
-            f"{r['samples_per_s']:9.2f} {r['ms_per_batch']:9.0f} {r['startup_s']:9.1f} {r['first_batch_s']:8.2f} "
-            f"{r['torch_threads']:7d}"
+            f"{r['engine']:12} {r['batch_size']:5d} {r['completion_tokens_per_s']:9.1f} {f'{low:.0f}-{high:.0f}':>13} "
+            f"{ratio:>11} {r['samples_per_s']:9.2f} {r['ms_per_batch']:9.0f} {r['startup_s']:9.1f} "
+            f"{r['first_batch_s']:8.2f}"
         )
 
 
@@ -190,6 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(SETTINGS), default="cpu-tiny")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + str(ENGINES))
+    parser.add_argument("--repeats", type=int, default=None, help="runs of each engine, interleaved (preset's)")
     parser.add_argument("--out", default="results/generation-engines-cpu-tiny.json")
     parser.add_argument("--transformers-python", default=sys.executable, help="Python that runs the embedded engine")
     parser.add_argument("--vllm-python", default=sys.executable, help="Python that runs vLLM (its CPU build)")
@@ -199,22 +222,28 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args.run_one, args.preset)))
         return
 
-    runs, environments = [], {}
-    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
-    for name in args.engines.split(","):
+    engines = args.engines.split(",")
+    for name in engines:
         if name not in ENGINES:
             raise SystemExit(f"unknown engine {name!r}; choose from {ENGINES}")
-        python = args.vllm_python if name == "vllm" else args.transformers_python
-        done = subprocess.run(
-            [python, __file__, "--preset", args.preset, "--run-one", name], capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{done.stderr[-4000:]}")
-        line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-        result = json.loads(line[len("RESULT ") :])
-        runs += result["rows"]
-        environments[name] = {"python": result["python"], **result["versions"]}
-        print(f"{name}: " + ", ".join(f"{r['completion_tokens_per_s']:.0f} tokens/s" for r in result["rows"]))
+    repeats = args.repeats or SETTINGS[args.preset]["repeats"]
+    runs, environments = [], {}
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
+    # interleaved, so that a change in the machine's load falls on both engines alike
+    for repeat in range(repeats):
+        for name in engines:
+            python = args.vllm_python if name == "vllm" else args.transformers_python
+            done = subprocess.run(
+                [python, __file__, "--preset", args.preset, "--run-one", name], capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{done.stderr[-4000:]}")
+            line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+            result = json.loads(line[len("RESULT ") :])
+            runs += [{**row, "repeat": repeat} for row in result["rows"]]
+            environments[name] = {"python": result["python"], **result["versions"]}
+            rates = ", ".join(f"{r['completion_tokens_per_s']:.0f}" for r in result["rows"])
+            print(f"repeat {repeat} {name}: {rates} tokens/s", flush=True)
     report = {
         "preset": args.preset,
         "device": device_name(),
@@ -222,8 +251,10 @@ def main() -> None:
         "student": SETTINGS[args.preset]["student"],
         "new_tokens": SETTINGS[args.preset]["new_tokens"],
         "batches": SETTINGS[args.preset]["batches"],
+        "repeats": repeats,
         "environments": environments,
         "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},
+        "summary": summarize(runs),
         "runs": runs,
     }
     write_json(report, args.out)
