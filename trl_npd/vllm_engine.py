@@ -4,7 +4,8 @@ Imported only when `generation_backend="vllm"`, so the core package never import
 owns the connection: in server mode a `VLLMClient` on the main process and its NCCL weight-transfer group; in
 colocate mode a vLLM engine on every rank. It also owns the weight sync, which gathers DeepSpeed ZeRO-3 and FSDP
 weights and merges LoRA adapters. This module only samples through it, with the settings NPD needs (the recorded
-log-probs are the sampling distribution's), and turns its outputs into the generation stage's `Completion`s.
+log-probs are the sampling distribution's), and turns its outputs into the generation stage's `Completion`s; a
+colocated engine on CPU takes its weights through vLLM's own reload (`_VLLMGeneration`).
 """
 
 from __future__ import annotations
