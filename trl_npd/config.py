@@ -17,6 +17,25 @@ GENERATOR_MODES = ("process", "thread", "sync")
 GENERATION_BACKENDS = ("transformers", "vllm")
 VLLM_MODES = ("server", "colocate")
 
+# Whether Δ-IFD selection is on when `ifd_filter` is left at None, on a backend that can score it.
+IFD_FILTER_DEFAULT = True
+
+
+def default_ifd_filter(generation_backend: str) -> bool:
+    """What `ifd_filter=None` means for this backend: the one place that decides Δ-IFD's default.
+
+    The vLLM backend cannot score Δ-IFD yet: it needs the generating weights' NLL of each completion with and
+    without its prompt, and those weights live in the vLLM engine, not in the trainer.
+    """
+    if generation_backend == "vllm":
+        if IFD_FILTER_DEFAULT:
+            logger.info(
+                "Δ-IFD selection is off: generation_backend='vllm' cannot score it (the generating weights live in "
+                "the vLLM engine), so every generated sample within the staleness bound is trained on."
+            )
+        return False
+    return IFD_FILTER_DEFAULT
+
 
 @dataclass
 class NearPolicyDistillConfig(GKDConfig):
@@ -57,8 +76,7 @@ class NearPolicyDistillConfig(GKDConfig):
         Engine that samples completions. `"transformers"` uses the model's own `generate` on a snapshot of the
         student. `"vllm"` uses TRL's vLLM integration (`pip install "trl_npd[vllm]"`; see the vLLM parameters
         below and `docs/scale.md`): a thread of the trainer process drives vLLM while the optimizer trains, and
-        weight syncs go through TRL's weight-transfer client. Needs `ifd_filter=False`: Δ-IFD scores samples with
-        the generator's local copy of the student, which the vLLM backend does not have.
+        weight syncs go through TRL's weight-transfer client. Δ-IFD selection is off with it (see `ifd_filter`).
     shared_generator (`bool`, *optional*, defaults to `False`):
         With several processes (`accelerate launch`): `False` gives every rank its own generator, which samples
         from that rank's shard of the prompts. `True` runs one generator on the main process, for all ranks; each
@@ -91,7 +109,8 @@ class NearPolicyDistillConfig(GKDConfig):
     vllm_group_port (`int`, *optional*, defaults to `51216`):
         Port of the NCCL group that carries weight syncs to the server.
     vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
-        Share of each GPU the colocated engine may take (weights and KV cache).
+        Share of each GPU the colocated engine may take (weights and KV cache). With vLLM's CPU build, the share of
+        host memory it may reserve.
 
     > Parameters that control weight sync and staleness
 
@@ -138,10 +157,12 @@ class NearPolicyDistillConfig(GKDConfig):
 
     > Parameters that control Δ-IFD selection
 
-    ifd_filter (`bool`, *optional*, defaults to `True`):
+    ifd_filter (`bool` or `None`, *optional*, defaults to `None`):
         Score every generated sample's Δ-IFD = IFD_teacher - IFD_student (IFD = NLL with the prompt / NLL without)
         in the generator, and train only on samples inside the band. Costs two extra forwards per sample, off the
-        training critical path.
+        training critical path. `None` means the backend's default: on with `generation_backend="transformers"`;
+        off with `"vllm"`, which cannot score it (the generating weights live in the vLLM engine), said in an info
+        log line. `True` with `"vllm"` is refused.
     ifd_band (`str`, *optional*, defaults to `"tails"`):
         `"tails"`: drop only the extreme outliers of the last `ifd_window` scored samples, those more than
         `ifd_tail_width` robust standard deviations from their median, and never more than `ifd_max_drop_frac` of
@@ -245,7 +266,10 @@ class NearPolicyDistillConfig(GKDConfig):
         default=None, metadata={"help": "None: full-vocabulary JSD. k: NPD's CE + top-k forward KL objective."}
     )
     ce_weight: float = field(default=0.1, metadata={"help": "CE weight of the top-k objective (1 - lambda)."})
-    ifd_filter: bool = field(default=True, metadata={"help": "Train only on samples in the Δ-IFD band."})
+    ifd_filter: bool | None = field(
+        default=None,
+        metadata={"help": "Train only on samples in the Δ-IFD band. None: on, except with generation_backend='vllm'."},
+    )
     ifd_band: str = field(default="tails", metadata={"help": "Δ-IFD band.", "choices": list(IFD_BANDS)})
     ifd_tail_width: float = field(
         default=3.5, metadata={"help": "Tails band half-width, in robust standard deviations of recent Δ."}
@@ -280,10 +304,13 @@ class NearPolicyDistillConfig(GKDConfig):
             )
         if self.vllm_mode not in VLLM_MODES:
             raise ValueError(f"vllm_mode must be one of {VLLM_MODES}, got {self.vllm_mode!r}.")
-        if self.generation_backend == "vllm" and self.ifd_filter:
+        if self.ifd_filter is None:
+            self.ifd_filter = default_ifd_filter(self.generation_backend)
+        elif self.generation_backend == "vllm" and self.ifd_filter:
             raise ValueError(
-                "generation_backend='vllm' needs ifd_filter=False: Δ-IFD scores each sample with the generator's "
-                "local copy of the student, and the vLLM backend samples on the vLLM engine instead."
+                "generation_backend='vllm' cannot run Δ-IFD selection: it needs the generating weights' NLL of each "
+                "completion with and without its prompt, and those weights live in the vLLM engine. Set "
+                "ifd_filter=False (or leave it unset, which means off with vLLM)."
             )
         if self.weight_sync_steps < 1:
             raise ValueError(f"weight_sync_steps must be >= 1, got {self.weight_sync_steps}.")

@@ -480,7 +480,9 @@ class NearPolicyDistillTrainer(GKDTrainer):
             logger.error("The background generator had also failed:\n%s", report.failure)
 
     def _generator_threads(self) -> int | None:
-        if self.args.generator_mode != "process":
+        # vLLM's generator is a thread that waits on the engine, which sets its own threads (colocated) or runs
+        # elsewhere (server): there is no generator process to give cores to.
+        if self.args.generator_mode != "process" or self.args.generation_backend == "vllm":
             return None
         if self._generator_device().type == "cpu":
             return self.args.resolved_generator_num_threads()

@@ -4,7 +4,8 @@ Imported only when `generation_backend="vllm"`, so the core package never import
 owns the connection: in server mode a `VLLMClient` on the main process and its NCCL weight-transfer group; in
 colocate mode a vLLM engine on every rank. It also owns the weight sync, which gathers DeepSpeed ZeRO-3 and FSDP
 weights and merges LoRA adapters. This module only samples through it, with the settings NPD needs (the recorded
-log-probs are the sampling distribution's), and turns its outputs into the generation stage's `Completion`s.
+log-probs are the sampling distribution's), and turns its outputs into the generation stage's `Completion`s; a
+colocated engine on CPU takes its weights through vLLM's own reload (`_VLLMGeneration`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,41 @@ from trl.generation.vllm_generation import VLLMGeneration
 from .engine import Completion, EngineConfig
 
 
+class _VLLMGeneration(VLLMGeneration):
+    """TRL's `VLLMGeneration`, except that a colocated engine on CPU takes new weights through vLLM's own reload.
+
+    vLLM's CPU backend repacks every linear layer's weight into its GEMM kernel's layout once the checkpoint is
+    loaded, and drops the parameter (`dispatch_cpu_unquantized_gemm`), so TRL's per-tensor `load_weights` finds no
+    weight loader and fails. The worker's `reload_weights` puts the layers back, loads the tensors TRL gathers and
+    names, and repacks them. GPU engines keep TRL's path.
+    """
+
+    def sync_weights(self) -> None:
+        if self.mode != "colocate" or not _vllm_runs_on_cpu():
+            super().sync_weights()
+            return
+        # in-process ("external_launcher"), so the worker consumes TRL's iterator directly
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._iter_named_params()})
+        self.llm.reset_prefix_cache()
+
+
+def _vllm_runs_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def connect_vllm(model: Any, accelerator: Any, tokenizer: Any, args: Any) -> VLLMGeneration:
     """TRL's vLLM connection for this run (a collective: every rank calls it)."""
-    vllm = VLLMGeneration(
-        model=accelerator.unwrap_model(model),
+    student = accelerator.unwrap_model(model)
+    if args.vllm_mode == "colocate" and not student.name_or_path:
+        raise ValueError(
+            "The colocated vLLM engine builds the student from its checkpoint (`model.name_or_path`), and this "
+            "student has none: it was made in memory. Save it with `save_pretrained(path)` and load it with "
+            "`from_pretrained(path)` (or pass the path to the trainer), or use a vLLM server (vllm_mode='server')."
+        )
+    vllm = _VLLMGeneration(
+        model=student,
         accelerator=accelerator,
         processing_class=tokenizer,
         mode=args.vllm_mode,
