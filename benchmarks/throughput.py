@@ -10,6 +10,8 @@ trains on each generated sample once:
 - `distillation`: `trl.DistillationTrainer` with transformers' `generate` (no vLLM);
 - `npd`: `NearPolicyDistillTrainer` with its defaults (background process, Δ-IFD selection on);
 - `npd-no-ifd`: the same without Δ-IFD, to tell selection cost from the rest;
+- `npd-topk`: the defaults with the NPD paper's objective (`teacher_top_k=10`): the generator scores each sample's
+  teacher top-k, so the training step runs no teacher forward;
 - `npd-sync`: the generator forced synchronous (`generator_mode="sync"`): what asynchrony alone buys;
 - `ceiling`: NPD's training loop fed from a buffer filled before the clock starts (generation removed): the rate
   the optimizer alone sustains.
@@ -20,8 +22,12 @@ start-up and shutdown but not model loading. Reported per trainer:
 
 - `samples_per_s`: samples trained on per second of that wall time;
 - `completion_tokens_per_s`: completion tokens trained on (counted in the loss inputs) per second;
-- `steady_samples_per_s`: the same rate after the first optimizer step, which holds every trainer's start-up
-  (NPD's generator process start, everyone's first generation): the rate a long run tends to;
+- `steady_samples_per_s`, `steady_completion_tokens_per_s`: the same rates after the first optimizer step, which
+  holds every trainer's start-up (NPD's generator process start, everyone's first generation): the rate a long
+  run tends to;
+- `startup_wait_s` (NPD): seconds the optimizer waited for its first samples; `steady_wait_frac`: the share of the
+  wall time after the first optimizer step it spent waiting for samples;
+- `setup_s`: seconds to construct the trainer (model loading excluded), reported apart since NPD starts work there;
 - `peak_mem_mb`: CPU: peak resident memory of the trainer process plus that of its largest child (the generator);
   CUDA: `torch.cuda.max_memory_allocated` of the trainer process (a generator process's own GPU memory is not in it);
 - `wait_frac`: fraction of the wall time the optimizer was blocked waiting for samples (NPD only: for `npd-sync`
@@ -48,7 +54,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-TRAINERS = ["gkd", "distillation", "npd", "npd-no-ifd", "npd-sync", "ceiling"]
+TRAINERS = ["gkd", "distillation", "npd", "npd-no-ifd", "npd-topk", "npd-sync", "ceiling"]
 
 # Model shapes: (hidden, layers, heads, kv heads, head_dim, intermediate); the GPU presets use Qwen3's own.
 QWEN3_0_6B = (1024, 28, 16, 8, 128, 3072)
@@ -175,11 +181,11 @@ def _timed(function: Any, owner: type) -> Any:
     return timed
 
 
-def make_trainer(name: str, preset: dict[str, Any], output_dir: str) -> Any:
+def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tuple[Any, Any, Any]) -> Any:
     from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
     from trl_npd.toy import arithmetic_dataset
 
-    tokenizer, student, teacher = build_models(preset)
+    tokenizer, student, teacher = models
     # enough distinct prompts that nobody repeats one
     dataset = arithmetic_dataset(4 * preset["steps"] * preset["batch"], seed=0)
     labels_count = lambda inputs: (inputs["labels"] != -100).sum()  # noqa: E731
@@ -201,6 +207,7 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str) -> Any:
     overrides = {
         "npd": {},
         "npd-no-ifd": {"ifd_filter": False},
+        "npd-topk": {"teacher_top_k": 10},
         "npd-sync": {"generator_mode": "sync"},
         # generation is done before the clock starts, so nothing in it should be selected or timed
         "ceiling": {"generator_mode": "sync", "ifd_filter": False},
@@ -236,13 +243,17 @@ def _ceiling_trainer_cls() -> type:
 
 
 class _Clock:
-    """A `TrainerCallback` that starts the clock at `on_train_begin`; the caller stops it when `train()` returns."""
+    """A `TrainerCallback` that starts the clock at `on_train_begin` and notes, at the end of the first optimizer
+    step, the time, the completion tokens trained so far and NPD's wait so far; the caller stops the clock when
+    `train()` returns."""
 
-    def __new__(cls) -> Any:
+    def __new__(cls, trainer: Any) -> Any:
         from transformers import TrainerCallback
 
         class Clock(TrainerCallback):
             start = end = first_step_end = None
+            first_step_tokens = 0
+            first_step_wait_s = 0.0
 
             def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
                 self.start = time.perf_counter()
@@ -250,6 +261,9 @@ class _Clock:
             def on_step_end(self, *args: Any, **kwargs: Any) -> None:
                 if self.first_step_end is None:
                     self.first_step_end = time.perf_counter()
+                    self.first_step_tokens = type(trainer).bench_tokens
+                    metrics = getattr(trainer, "npd_metrics", None)
+                    self.first_step_wait_s = 0.0 if metrics is None else metrics.totals.wait_s
 
         return Clock()
 
@@ -269,8 +283,11 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = make_trainer(name, preset, output_dir)
-        clock = _Clock()
+        models = build_models(preset)
+        build_start = time.perf_counter()
+        trainer = make_trainer(name, preset, output_dir, models)
+        setup_s = time.perf_counter() - build_start
+        clock = _Clock(trainer)
         # first in the list, so NPD's generator start-up (in its own on_train_begin hook) is on the clock
         trainer.callback_handler.callbacks.insert(0, clock)
         if name == "ceiling":
@@ -283,13 +300,15 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
     samples = steps * preset["batch"]
     # after the first optimizer step: start-up (a generator process, the first generation) is behind every trainer
     steady_s = clock.end - clock.first_step_end
-    wait_frac = None
+    wait_frac = steady_wait_frac = startup_wait_s = None
     cls = type(trainer)
     wait_s = 0.0
     npd = getattr(trainer, "npd_metrics", None)
     if npd is not None and name != "ceiling":
         wait_s = npd.totals.wait_s
         wait_frac = wait_s / wall_s
+        steady_wait_frac = (wait_s - clock.first_step_wait_s) / steady_s
+        startup_wait_s = npd.totals.first_sample_wait_s
         assert npd.totals.consumed_samples == samples, (npd.totals.consumed_samples, samples)
     if npd is not None and name == "ceiling":
         assert npd.totals.consumed_samples == samples
@@ -312,6 +331,10 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
         "completion_tokens_per_s": type(trainer).bench_tokens / wall_s,
         "wall_s": wall_s,
         "steady_samples_per_s": (samples - preset["batch"]) / steady_s,
+        "steady_completion_tokens_per_s": (type(trainer).bench_tokens - clock.first_step_tokens) / steady_s,
+        "setup_s": setup_s,
+        "startup_wait_s": startup_wait_s,
+        "steady_wait_frac": steady_wait_frac,
         "peak_mem_mb": peak_mem_mb(device),
         "wait_frac": wait_frac,
         # where the wall time went: generation inside the training step (TRL's trainers), waiting for the buffer
@@ -338,19 +361,27 @@ def parameter_counts(preset: dict[str, Any]) -> dict[str, int]:
 def print_table(report: dict[str, Any]) -> None:
     by_name = {r["trainer"]: r for r in report["runs"]}
     gkd = by_name.get("gkd")
+
+    def vs_gkd(r: dict[str, Any], key: str) -> str:
+        return f"{r[key] / gkd[key]:.2f}x" if gkd else "-"
+
+    def share(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0%}"
+
     print(
-        f"{'trainer':13} {'samples/s':>9} {'tokens/s':>9} {'vs gkd':>7} {'tok vs gkd':>10} {'steady/s':>8} "
-        f"{'steady vs gkd':>13} {'wall_s':>7} {'peak_mb':>8} {'wait':>5}"
+        f"{'trainer':13} {'samples/s':>9} {'vs gkd':>7} {'tokens/s':>9} {'vs gkd':>7} {'steady/s':>8} {'vs gkd':>7} "
+        f"{'steady tok/s':>12} {'vs gkd':>7} {'wall_s':>7} {'setup_s':>7} {'peak_mb':>8} {'wait':>5} "
+        f"{'steady wait':>11} {'startup wait_s':>14}"
     )
     for r in report["runs"]:
-        ratio = f"{r['samples_per_s'] / gkd['samples_per_s']:.2f}x" if gkd else "-"
-        tok_ratio = f"{r['completion_tokens_per_s'] / gkd['completion_tokens_per_s']:.2f}x" if gkd else "-"
-        steady_ratio = f"{r['steady_samples_per_s'] / gkd['steady_samples_per_s']:.2f}x" if gkd else "-"
-        wait = "-" if r["wait_frac"] is None else f"{r['wait_frac']:.0%}"
+        startup = "-" if r["startup_wait_s"] is None else f"{r['startup_wait_s']:.2f}"
         print(
-            f"{r['trainer']:13} {r['samples_per_s']:9.2f} {r['completion_tokens_per_s']:9.1f} {ratio:>7} "
-            f"{tok_ratio:>10} {r['steady_samples_per_s']:8.2f} {steady_ratio:>13} "
-            f"{r['wall_s']:7.1f} {r['peak_mem_mb']:8.0f} {wait:>5}"
+            f"{r['trainer']:13} {r['samples_per_s']:9.2f} {vs_gkd(r, 'samples_per_s'):>7} "
+            f"{r['completion_tokens_per_s']:9.1f} {vs_gkd(r, 'completion_tokens_per_s'):>7} "
+            f"{r['steady_samples_per_s']:8.2f} {vs_gkd(r, 'steady_samples_per_s'):>7} "
+            f"{r['steady_completion_tokens_per_s']:12.1f} {vs_gkd(r, 'steady_completion_tokens_per_s'):>7} "
+            f"{r['wall_s']:7.1f} {r['setup_s']:7.1f} {r['peak_mem_mb']:8.0f} {share(r['wait_frac']):>5} "
+            f"{share(r['steady_wait_frac']):>11} {startup:>14}"
         )
     print(f"\n{'where the time goes':19} {'generate':>8} {'wait':>8} {'fwd+bwd':>8} {'other':>8}  (share of wall)")
     for r in report["runs"]:
@@ -361,8 +392,11 @@ def print_table(report: dict[str, Any]) -> None:
     npd = by_name.get("npd")
     if npd and report.get("ceiling_samples_per_s"):
         print(f"npd at {npd['samples_per_s'] / report['ceiling_samples_per_s']:.0%} of the ceiling")
-    if npd and "distillation" in by_name:
-        print(f"npd vs DistillationTrainer: {npd['samples_per_s'] / by_name['distillation']['samples_per_s']:.2f}x")
+    if "distillation" in by_name:
+        for name in ("npd", "npd-topk"):
+            if name in by_name:
+                ratio = by_name[name]["steady_samples_per_s"] / by_name["distillation"]["steady_samples_per_s"]
+                print(f"{name} vs DistillationTrainer, steady state: {ratio:.2f}x")
 
 
 def plot(report: dict[str, Any], path: str) -> None:

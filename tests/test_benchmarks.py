@@ -62,18 +62,26 @@ def test_ifd_cost_benchmark_micro(tmp_path):
 
 def test_throughput_benchmark_micro(tmp_path):
     out = tmp_path / "throughput.json"
-    table = run("throughput.py", "--preset", "micro", "--trainers", "gkd,distillation,npd,ceiling", "--out", str(out))
+    trainers = "gkd,distillation,npd,npd-topk,ceiling"
+    table = run("throughput.py", "--preset", "micro", "--trainers", trainers, "--out", str(out))
     report = json.loads(out.read_text())
     assert {"preset", "device", "date", "runs", "ceiling_samples_per_s"} <= set(report)
-    assert [r["trainer"] for r in report["runs"]] == ["gkd", "distillation", "npd", "ceiling"]
+    assert [r["trainer"] for r in report["runs"]] == trainers.split(",")
     for r in report["runs"]:
         assert {"samples_per_s", "completion_tokens_per_s", "wall_s", "peak_mem_mb", "wait_frac"} <= set(r)
+        assert 0 < r["steady_completion_tokens_per_s"] and r["setup_s"] > 0
         # the same work: every trainer trained the same number of samples, on completion tokens it generated
         assert r["samples"] == report["steps"] * report["effective_batch"]
         assert 0 < r["completion_tokens"] <= r["samples"] * report["new_tokens"]
         assert r["samples_per_s"] > 0 and r["peak_mem_mb"] > 0
     by_name = {r["trainer"]: r for r in report["runs"]}
     assert by_name["gkd"]["wait_frac"] is None and 0 <= by_name["npd"]["wait_frac"] <= 1
+    assert by_name["gkd"]["steady_wait_frac"] is None and by_name["gkd"]["startup_wait_s"] is None
+    for name in ("npd", "npd-topk"):
+        assert (
+            0 <= by_name[name]["steady_wait_frac"] <= 1
+            and 0 <= by_name[name]["startup_wait_s"] <= by_name[name]["wall_s"]
+        )
     assert report["ceiling_samples_per_s"] == by_name["ceiling"]["samples_per_s"]
     assert (tmp_path / "throughput.png").stat().st_size > 0
     assert "vs gkd" in table
