@@ -22,7 +22,7 @@ def main() -> None:
     student = build_model(tokenizer, hidden_size=64, num_layers=2, seed=1)
     args = NearPolicyDistillConfig(
         output_dir="outputs/quickstart",
-        max_steps=40,
+        max_steps=120,  # long enough for the generator process to take over from the trainer's own sampling
         per_device_train_batch_size=8,
         learning_rate=5e-4,
         lmbda=1.0,  # every batch is answered by the student (pure on-policy)
@@ -31,10 +31,9 @@ def main() -> None:
         max_length=128,
         weight_sync_steps=4,
         max_staleness=8,
-        logging_steps=10,
+        logging_steps=20,
         save_strategy="no",
         report_to="none",
-        bf16=False,  # TRL defaults to bf16; this is a CPU run
         seed=0,
     )
     trainer = NearPolicyDistillTrainer(
@@ -56,9 +55,9 @@ def main() -> None:
         f"\n{totals.generated_samples} samples generated, {totals.consumed_samples} trained on, "
         f"{totals.dropped['stale']} dropped as stale, "
         f"{totals.dropped['ifd_low'] + totals.dropped['ifd_high']} dropped by Δ-IFD before the buffer, "
-        f"{totals.unused_at_shutdown} unused at the end; "
-        f"the trainer waited {totals.wait_s:.1f} s on the buffer ({totals.first_sample_wait_s:.1f} s of it for the "
-        "generator process to start)."
+        f"{totals.unused()} unused at the end; {totals.bootstrap_samples} sampled by the trainer itself in "
+        f"{totals.bootstrap_s:.1f} s while the generator process started, after which it waited {totals.wait_s:.1f} s "
+        "on the buffer."
     )
 
 

@@ -53,6 +53,9 @@ def make_config(tmp_path):
             disable_tqdm=True,  # tqdm's monitor thread is not ours; keep it out of the thread checks
             # Δ-IFD has its own tests; elsewhere exact sample counts must not depend on random models' Δ
             ifd_filter=False,
+            # the tests of the generator process test the process: no inline sampling while it starts (it has
+            # tests of its own)
+            generator_bootstrap=False,
         )
         values.update(overrides)
         return NearPolicyDistillConfig(**values)

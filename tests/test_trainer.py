@@ -83,6 +83,38 @@ def test_trains_in_a_background_process_within_the_staleness_bound_and_logs_npd_
     assert live_workers() == (threads_before, children_before)  # no thread or process outlives train()
 
 
+def test_while_the_generator_process_starts_the_trainer_samples_its_own_batches_and_then_only_trains(
+    student, teacher, tokenizer, dataset, make_config
+):
+    class SlowOptimizer(TrainerCallback):
+        """Steps slow enough that the generator process starts, seconds in, long before training ends."""
+
+        def on_step_end(self, *args, **kwargs):
+            time.sleep(0.4)
+
+    threads_before, children_before = live_workers()
+    args = make_config(max_steps=24, generator_bootstrap=True, log_samples=True)
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    trainer.add_callback(SlowOptimizer())
+    trainer.train()
+
+    totals = trainer.npd_metrics.totals
+    assert totals.consumed_samples == 24 * 4
+    assert 0 < totals.bootstrap_samples < totals.received_samples  # the trainer started, then the process took over
+    assert totals.generated_samples == totals.accounted()  # the trainer's own samples are accounted for too
+    with open(os.path.join(args.output_dir, "npd_samples.jsonl")) as f:
+        trained = [json.loads(line) for line in f if '"trained"' in line]
+    # the trainer's own samples come from a side stream of the prompts (position -1), with its live weights...
+    from_trainer = [i for i, x in enumerate(trained) if x["stream_position"] == -1]
+    assert len(from_trainer) == totals.bootstrap_samples
+    assert all(trained[i]["staleness"] <= 1 for i in from_trainer)  # sampled at the step they trained (or the next)
+    # ...and once the generator's first batch arrived, the trainer sampled nothing more
+    assert max(from_trainer) < min(i for i, x in enumerate(trained) if x["stream_position"] >= 0)
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"npd/bootstrap_samples", "npd/bootstrap_s"} <= logged
+    assert live_workers() == (threads_before, children_before)
+
+
 @pytest.mark.parametrize("mode", ["process", "thread"])
 def test_generator_crash_surfaces_in_the_trainer_with_its_cause(tokenizer, teacher, dataset, make_config, mode):
     threads_before, children_before = live_workers()

@@ -64,6 +64,7 @@ class GeneratedBatch:
     ifd_deltas: list[float] = field(default_factory=list)  # of every scored sample, kept or not
     warnings: list[str] = field(default_factory=list)  # for the trainer to log
     rejected: list[Rejected] = field(default_factory=list)  # what the generator could not produce or discarded
+    bootstrap: bool = False  # sampled by the trainer itself while the generator process was starting
 
     @property
     def dropped(self) -> Counter:
@@ -78,7 +79,8 @@ class TakeResult:
     samples: list[Sample]
     stale: list[Sample] = field(default_factory=list)  # evicted past the staleness bound, oldest first
     empty: list[Sample] = field(default_factory=list)  # completions without a single token: nothing to train on
-    wait_s: float = 0.0
+    wait_s: float = 0.0  # blocked on the transport (or generating inline, in sync mode)
+    bootstrap_s: float = 0.0  # generating inline while the generator process was starting
     received: list[GeneratedBatch] = field(default_factory=list)
 
     @property
@@ -154,13 +156,16 @@ class SampleBuffer:
         max_staleness: int,
         check_producer: Callable[[], None],
         refill: Callable[[], GeneratedBatch] | None = None,
+        bootstrap: Callable[[], GeneratedBatch] | None = None,
     ) -> TakeResult:
         """Return the `n` oldest samples whose staleness is within `max_staleness`, evicting older ones.
 
         Blocks while fewer than `n` fresh samples are available. `check_producer` is called while waiting and must
         raise if the generator has failed, so a crash surfaces here instead of hanging. `refill`, when given, makes
-        the samples synchronously instead of waiting on the transport (the `sync` generator mode). Samples without
-        a completion token are dropped and counted too: they have nothing to train on.
+        the samples synchronously instead of waiting on the transport (the `sync` generator mode). `bootstrap`,
+        when given, makes them synchronously only while the transport has nothing to give (a generator that is still
+        starting); its time is `bootstrap_s`, not `wait_s`. Samples without a completion token are dropped and
+        counted too: they have nothing to train on.
         """
         result = TakeResult(samples=[])
         while len(result.samples) < n:
@@ -183,7 +188,7 @@ class SampleBuffer:
                     result.samples.append(sample)
             if len(result.samples) == n:
                 break
-            batch = self._next_batch(result, check_producer, refill)
+            batch = self._next_batch(result, check_producer, refill, bootstrap)
             result.received.append(batch)
             self._ready.extend(batch.samples)
         return result
@@ -193,7 +198,16 @@ class SampleBuffer:
         result: TakeResult,
         check_producer: Callable[[], None],
         refill: Callable[[], GeneratedBatch] | None,
+        bootstrap: Callable[[], GeneratedBatch] | None,
     ) -> GeneratedBatch:
+        if bootstrap is not None:
+            try:
+                return self.transport.get_nowait()
+            except queue.Empty:
+                start = time.perf_counter()
+                batch = bootstrap()
+                result.bootstrap_s += time.perf_counter() - start
+                return batch
         # Time spent here is time the optimizer sits idle, whether it waits on the transport or generates inline.
         start = time.perf_counter()
         try:

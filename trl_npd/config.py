@@ -84,6 +84,12 @@ class NearPolicyDistillConfig(GKDConfig):
         measurement and the reasons are in `docs/scale.md`. The shared generator suits a dedicated generation
         device (`generator_device`), and vLLM's server mode always uses it, since one client holds the
         weight-transfer group.
+    generator_bootstrap (`bool`, *optional*, defaults to `True`):
+        With `generator_mode="process"`: until the generator process hands over its first batch (it takes seconds
+        to start: a fresh interpreter imports torch and transformers and copies the models), the trainer samples
+        its own on-policy micro-batches with its live weights, as GKD does, instead of waiting. Reported as
+        `npd/bootstrap_samples` and `npd/bootstrap_s`. Off under DeepSpeed ZeRO-3 and FSDP, where sampling with the
+        live weights is a collective.
     generator_timeout_s (`float`, *optional*, defaults to `1800.0`):
         Seconds the background generator may go without showing progress before training stops with a
         `GeneratorError` that says what it was last doing; a hung generator process is then killed. The embedded
@@ -224,6 +230,10 @@ class NearPolicyDistillConfig(GKDConfig):
     shared_generator: bool = field(
         default=False,
         metadata={"help": "One generator on the main process for all ranks, instead of one per rank."},
+    )
+    generator_bootstrap: bool = field(
+        default=True,
+        metadata={"help": "Sample inline with the live student until the generator process delivers its first batch."},
     )
     generator_timeout_s: float = field(
         default=1800.0,

@@ -35,8 +35,10 @@ class NPDTotals:
     undelivered_at_shutdown: int = 0
     unfinished_at_shutdown: int = 0
     truncated_prompts: int = 0
-    wait_s: float = 0.0
-    first_sample_wait_s: float = 0.0  # part of wait_s: generator start-up plus its first batch
+    wait_s: float = 0.0  # blocked on the buffer
+    bootstrap_s: float = 0.0  # sampling inline while the generator process was starting
+    bootstrap_samples: int = 0  # of received_samples, those the trainer sampled itself while bootstrapping
+    first_sample_wait_s: float = 0.0  # until the first samples: waiting, or sampling them inline at start-up
     weight_syncs: Counter = field(default_factory=Counter)  # by reason: "schedule", "drift", "stale_snapshot"
     sync_steps: list[int] = field(default_factory=list)  # the optimizer step of every weight sync, in order
     max_staleness_seen: int = 0
@@ -66,6 +68,8 @@ class NPDMetrics:
         self._staleness: list[int] = []
         self._dropped: Counter = Counter()
         self._wait_s = 0.0
+        self._bootstrap_s = 0.0
+        self._bootstrap_samples = 0
         self._gen_samples = self._gen_tokens = 0
         self._gen_busy_s = 0.0
         self._kl_sum, self._kl_tokens = 0.0, 0
@@ -79,15 +83,17 @@ class NPDMetrics:
         self._staleness += staleness
         self._dropped["stale"] += result.dropped_stale
         self._wait_s += result.wait_s
+        self._bootstrap_s += result.bootstrap_s
         t = self.totals
         if t.consumed_samples == 0:
-            t.first_sample_wait_s = result.wait_s
+            t.first_sample_wait_s = result.wait_s + result.bootstrap_s
         t.consumed_samples += len(result.samples)
         t.dropped["stale"] += result.dropped_stale
         if result.dropped_empty_completion:
             self._dropped["empty_completion"] += result.dropped_empty_completion
             t.dropped["empty_completion"] += result.dropped_empty_completion
         t.wait_s += result.wait_s
+        t.bootstrap_s += result.bootstrap_s
         t.max_staleness_seen = max([t.max_staleness_seen, *staleness])
         for batch in result.received:
             self._gen_samples += len(batch.samples)
@@ -97,6 +103,9 @@ class NPDMetrics:
             self._truncated += batch.truncated_prompts
             self._ifd_deltas += batch.ifd_deltas
             t.received_samples += len(batch.samples)
+            if batch.bootstrap:
+                self._bootstrap_samples += len(batch.samples)
+                t.bootstrap_samples += len(batch.samples)
             t.generated_tokens += batch.completion_tokens
             t.generator_busy_s += batch.busy_s
             t.dropped.update(batch.dropped)
@@ -149,6 +158,9 @@ class NPDMetrics:
             logs["npd/pad_frac"] = sum(p.pad_frac for p in self._packing) / len(self._packing)
         if self._truncated:
             logs["npd/truncated_prompts"] = float(self._truncated)
+        if self._bootstrap_samples:  # the trainer sampled these itself while the generator process started
+            logs["npd/bootstrap_samples"] = float(self._bootstrap_samples)
+            logs["npd/bootstrap_s"] = self._bootstrap_s
         self._reset_window()
         return logs
 
@@ -158,8 +170,14 @@ class NPDMetrics:
 # wait or sync is everyone's. The worst staleness is the largest. Anything else (means, fractions) is averaged over
 # the ranks that reported it in this window.
 _SUMMED_PREFIXES = ("npd/dropped_", "npd/ifd_dropped_")
-_SUMMED = {"npd/buffer_size", "npd/truncated_prompts", "npd/gen_samples_per_s", "npd/gen_tokens_per_s"}
-_MAXED = {"npd/staleness_max", "npd/version", "npd/wait_s", "npd/wait_frac", "npd/weight_sync_s"}
+_SUMMED = {
+    "npd/buffer_size",
+    "npd/truncated_prompts",
+    "npd/gen_samples_per_s",
+    "npd/gen_tokens_per_s",
+    "npd/bootstrap_samples",
+}
+_MAXED = {"npd/staleness_max", "npd/version", "npd/wait_s", "npd/wait_frac", "npd/weight_sync_s", "npd/bootstrap_s"}
 
 
 def aggregate_across_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -9,6 +9,11 @@ Three hosts run the same generator loop (`generator.run_generator` / `generator.
   serialize on the GIL, so it overlaps far less.
 - `sync`: no background work. When the trainer needs samples it generates them with its live weights.
 
+A generator process takes seconds to start (a fresh interpreter imports torch and transformers, then copies the
+models). With `bootstrap`, the trainer does not sit idle meanwhile: until the process hands over its first batch,
+the trainer samples its own on-policy batches with its live weights, as `sync` mode does, from a side stream of the
+prompts. That time is reported as `bootstrap_s`, apart from waiting.
+
 A remote engine (vLLM) replaces the snapshot: the engine holds its own copy of the weights and `publish` pushes the
 student's into it. Its generator is a thread of the trainer process (`process` runs as `thread`), which mostly waits
 on the engine; the policy lock keeps every generation batch sampled by one version.
@@ -75,6 +80,9 @@ def _main_module_hidden() -> Iterator[None]:
             setattr(main, name, value)
 
 
+BOOTSTRAP_SEED_OFFSET = 7919  # the bootstrap's side stream of prompts is ordered by the seed plus this
+
+
 class GeneratorError(RuntimeError):
     """The background generator failed; the message carries its original traceback."""
 
@@ -108,6 +116,7 @@ class GenerationPipeline:
             generator stores the teacher's top-k with each sample; with `ifd` it keeps only samples in the Δ-IFD
             band. Both run on the generator's own copy of the teacher.
         generator_timeout_s: seconds without progress after which the generator counts as hung.
+        bootstrap: with a generator process, sample inline with the live student until its first batch arrives.
     """
 
     def __init__(
@@ -130,6 +139,7 @@ class GenerationPipeline:
         bos_token_id: int | None = None,
         remote_engine: RemoteEngine | None = None,
         generator_timeout_s: float = 1800.0,
+        bootstrap: bool = False,
     ) -> None:
         if remote_engine is not None and mode == "process":
             mode = "thread"  # the engine's client lives in this process; the thread only waits on it
@@ -165,6 +175,9 @@ class GenerationPipeline:
         self._teacher, self._teacher_top_k, self._ifd, self._bos_token_id = teacher, teacher_top_k, ifd, bos_token_id
         self._sync_scorer: SampleScorer | None = None
         self._sync_selector: DeltaIFDFilter | None = None
+        self._bootstrapping = bootstrap and mode == "process" and remote_engine is None
+        self._bootstrap_prompts = prompts.side_stream(seed + BOOTSTRAP_SEED_OFFSET) if self._bootstrapping else None
+        self._bootstrap_progress = GeneratorProgress(self._ctx)  # counts the trainer's own samples
         if mode != "sync" and remote_engine is None:
             teacher_copy = None
             if teacher is not None and (teacher_top_k is not None or ifd is not None):
@@ -187,7 +200,7 @@ class GenerationPipeline:
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self.mode == "sync" or self._remote is not None:
+        if self.mode == "sync" or self._remote is not None or self._bootstrapping:
             if self._remote is not None:
                 self._sync_engine = self._remote
             else:
@@ -215,7 +228,8 @@ class GenerationPipeline:
                     target=run_remote_generator, args=args, name="npd-generator", daemon=True
                 )
                 self._worker.start()
-            return
+            if not self._bootstrapping:
+                return
         args = (self._spec, self.buffer, self._stop, self._errors, self.mode == "process")
         if self.mode == "process":
             # daemon: if the trainer process dies without cleanup, the generator dies with it
@@ -271,7 +285,7 @@ class GenerationPipeline:
             unused=unused,
             undelivered=undelivered,
             failure=failure,
-            generated=self.progress.taken,
+            generated=self.generated,
             unfinished=self.progress.unfinished,
             dropped_in_transport=dict(drained.dropped_in_transport),
         )
@@ -300,25 +314,38 @@ class GenerationPipeline:
             return self._version
         return self._snapshot.publish(student, step, self.check_alive)
 
+    @property
+    def generated(self) -> int:
+        """Prompts taken to become samples: by the generator, and by the trainer while bootstrapping."""
+        return self.progress.taken + self._bootstrap_progress.taken
+
     def take(self, n: int, current_step: int) -> TakeResult:
         """`n` samples within the staleness bound, blocking until they exist; raises if the generator failed."""
         refill = (lambda: self._generate_inline(current_step)) if self.mode == "sync" else None
-        return self.buffer.take(n, current_step, self.max_staleness, self.check_alive, refill)
+        bootstrap = None
+        if self._bootstrapping:
+            bootstrap = lambda: self._generate_inline(current_step, bootstrap=True)  # noqa: E731
+        result = self.buffer.take(n, current_step, self.max_staleness, self.check_alive, refill, bootstrap)
+        if self._bootstrapping and any(not batch.bootstrap for batch in result.received):
+            self._bootstrapping = False  # the generator process is up: from now on it alone samples
+        return result
 
-    def _generate_inline(self, current_step: int) -> GeneratedBatch:
+    def _generate_inline(self, current_step: int, bootstrap: bool = False) -> GeneratedBatch:
         # The live weights are those after `current_step` optimizer steps: these samples start at staleness 0. A
-        # remote engine samples with the weights of the last sync instead.
+        # remote engine samples with the weights of the last sync instead. They carry the version of the last
+        # publish, as sync mode's do.
         batch = generate_batch(
             self._sync_engine,
-            self._prompts,
+            self._bootstrap_prompts if bootstrap else self._prompts,
             self._generation_batch_size,
-            self._version,
+            self.version,
             current_step if self._remote is None else self._step,
             self._sync_scorer,
             self._sync_selector,
-            self.progress,
+            self._bootstrap_progress if bootstrap else self.progress,
         )
         assert batch is not None  # nothing can stop a synchronous generation midway
+        batch.bootstrap = bootstrap
         return batch
 
     def check_alive(self) -> None:

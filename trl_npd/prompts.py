@@ -18,7 +18,8 @@ import torch
 class Prompt:
     ids: list[int]
     index: int  # row of the train dataset
-    position: int  # position in this rank's stream; the stream resumes after the last one trained on
+    # position in this rank's stream, which resumes after the last one trained on; -1 for a side stream's prompt
+    position: int
     truncated: bool
 
 
@@ -55,6 +56,17 @@ class PromptStream:
         self._pass = -1
         self._order: list[int] = []
         self._empty_in_a_row = 0
+        self._tracks_position = True
+
+    def side_stream(self, seed: int) -> PromptStream:
+        """Another endless pass over the same prompts in its own seeded order, whose prompts carry position -1: the
+        trainer's bootstrap samples come from it, and a resumed run's main stream does not depend on it."""
+        other = PromptStream(
+            self._dataset, self._collator, seed, max_prompt_tokens=self._max_prompt_tokens, start_position=0
+        )
+        other._rows = self._rows
+        other._tracks_position = False
+        return other
 
     def _row_at(self, position: int) -> int:
         pass_index, offset = divmod(position, len(self._rows))
@@ -81,6 +93,7 @@ class PromptStream:
             truncated = self._max_prompt_tokens is not None and len(prompt_ids) > self._max_prompt_tokens
             if truncated:
                 prompt_ids = prompt_ids[-self._max_prompt_tokens :]
+            position = position if self._tracks_position else -1
             prompts.append(Prompt(ids=prompt_ids, index=row, position=position, truncated=truncated))
         return prompts
 

@@ -353,6 +353,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             return self._pipeline
         args = self.args
         shared = args.uses_shared_generator
+        backend = DistributedBackend(self.accelerator)
         self._next_stream_position = self._resume_stream_position()
         prompts = PromptStream(
             self.train_dataset,
@@ -397,6 +398,8 @@ class NearPolicyDistillTrainer(GKDTrainer):
             ifd=self._ifd_settings(),
             bos_token_id=self.processing_class.bos_token_id,
             generator_timeout_s=args.generator_timeout_s,
+            # sampling with the live weights is a collective under ZeRO-3/FSDP, which one rank cannot do alone
+            bootstrap=args.generator_bootstrap and not (backend.is_zero3 or backend.is_fsdp),
         )
         self._pipeline.start()
         if args.log_samples:
@@ -567,7 +570,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
         """`n` samples from this rank's generator, recorded in the metrics and the completion log."""
         result = self._pipeline.take(n, step)
         self.npd_metrics.record_take(result, step)
-        self.npd_metrics.totals.generated_samples = self._pipeline.progress.taken
+        self.npd_metrics.totals.generated_samples = self._pipeline.generated
         if self._sample_log is not None:
             self._sample_log.record(result, step)
         if self._completion_log is not None:
