@@ -9,13 +9,16 @@
 answer. Tokens are single characters, so the model does the arithmetic itself. The completion may correct itself:
 `!` erases the character before it, and the answer is read after applying the erasures.
 
-**Why it separates the methods.** The teacher is trained on ground truth in which, at every character, with
-probability `error_rate`, a wrong character is written and then erased (`!`) before the right one. The wrong
-characters are never trained on, so the teacher does not make mistakes itself; it learns to repair a prefix that
-contains one. Its own samples are therefore almost always clean: SFT on them never shows the student a repair. A
-student that samples its own completions makes mistakes, and on-policy distillation asks the teacher what to do right
-after them: erase and go on. Imitating the teacher's samples is not the same as learning to finish one's own, which
-is what on-policy distillation claims to teach (Agarwal et al. 2024, "learning from self-generated mistakes").
+**Why it separates the methods.** The teacher is an expert that always knows how to get back on track: whatever
+has been written so far, if it is (after erasures) a correct start of the answer, it writes the next character;
+if not, it erases. It learns this from trajectories in which random mistakes are injected (a wrong character with
+probability `error_rate` at each step, a spurious erasure with probability `erase_rate`) and only the expert's own
+actions are trained on, so it never makes mistakes on purpose but knows how to repair any it is shown. Its own
+samples are therefore almost always clean, and SFT on them never shows the student a repair: behaviour cloning of
+an expert never visits the states where recovery is needed. A student that samples its own completions makes
+mistakes, and on-policy distillation asks the teacher what to do right after them: erase and go on. This is the
+DAgger argument (Ross et al. 2011) that on-policy distillation inherits (Agarwal et al. 2024, "learning from
+self-generated mistakes"): imitating the teacher's samples is not the same as learning to finish one's own.
 
 1. **Teacher**: trained from scratch until it reaches `teacher_min_acc` on held-out prompts; cached on disk under
    `--cache-dir`, keyed by its config, so only the first run pays for it.
@@ -77,7 +80,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
         digits=5,
         error_rate=0.1,
-        teacher=dict(hidden=128, layers=3, steps=1500, batch=64, lr=2e-3, seed=0),
+        erase_rate=0.03,
+        teacher=dict(hidden=128, layers=3, steps=2000, batch=64, lr=2e-3, seed=0),
         teacher_min_acc=0.9,
         student=dict(hidden=64, layers=2),
         warmup=dict(target_acc=0.3, chunk_steps=100, max_steps=3000, batch=32, lr=2e-3, probe_prompts=256),
@@ -104,6 +108,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "micro": dict(
         digits=2,
         error_rate=0.1,
+        erase_rate=0.03,
         teacher=dict(hidden=32, layers=1, steps=30, batch=16, lr=2e-3, seed=0),
         teacher_min_acc=0.0,
         student=dict(hidden=16, layers=1),
@@ -123,7 +128,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # ---- the task ----------------------------------------------------------------------------------------------------
 ERASE = "!"
-ALPHABET = "0123456789 :"  # what a completion is written in, besides the erase mark
+ALPHABET = "0123456789 :"  # what a correct completion is written in
+MISTAKES = ALPHABET + "*="  # what an injected mistake may write: any character but the erase mark
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>{{ m['content'] }}={% else %}"
     "{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}"
@@ -240,19 +246,44 @@ def evaluate(model: Any, tokenizer: Any, held_out: list, temperature: float | No
 
 
 # ---- supervised training (teacher from scratch, student warm start) -------------------------------------------
-def encode(tokenizer: Any, question: str, answer: str, rng: random.Random, error_rate: float) -> tuple[list, list]:
-    """Prompt and completion ids, and which of them are trained on. With `error_rate`, each completion character
-    is preceded, with that probability, by a wrong one (not trained on) and the erase mark (trained on)."""
+def expert_action(written: str, answer: str) -> str | None:
+    """The teacher's policy: the next character of the answer while what is written (after erasures) is a correct
+    start of it, an erasure otherwise, and None (the end) once the answer is complete."""
+    if not answer.startswith(written):
+        return ERASE
+    return None if written == answer else answer[len(written)]
+
+
+def trajectory(answer: str, rng: random.Random, error_rate: float, erase_rate: float) -> tuple[str, list[bool]]:
+    """A completion written by the expert with random mistakes injected, and which characters are the expert's
+    own (trained on). Without mistakes it is the answer itself."""
+    text, trained, written = "", [], ""
+    while len(text) < 2 * len(answer) + 8:
+        roll = rng.random()
+        if roll < error_rate:  # a wrong character, or by chance the right one: either way not the expert's action
+            ch, own = rng.choice(MISTAKES), False
+        elif roll < error_rate + erase_rate and written:
+            ch, own = ERASE, False
+        else:
+            action = expert_action(written, answer)
+            if action is None:
+                break
+            ch, own = action, True
+        text += ch
+        trained.append(own)
+        written = apply_erasures(written + ch)
+    return text, trained
+
+
+def encode(
+    tokenizer: Any, question: str, answer: str, rng: random.Random, error_rate: float, erase_rate: float
+) -> tuple[list[int], list[bool]]:
+    """Prompt and completion ids of one trajectory of `answer`, and which ids are trained on (the expert's actions
+    and the end token)."""
     vocab = tokenizer.get_vocab()
     ids = tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
-    trained = [False] * len(ids)
-    for ch in answer:
-        if error_rate and rng.random() < error_rate:
-            ids += [vocab[rng.choice([c for c in ALPHABET if c != ch])], vocab[ERASE]]
-            trained += [False, True]
-        ids.append(vocab[ch])
-        trained.append(True)
-    return [*ids, tokenizer.eos_token_id], [*trained, True]
+    text, trained = trajectory(answer, rng, error_rate, erase_rate)
+    return [*ids, *(vocab[ch] for ch in text), tokenizer.eos_token_id], [False] * len(ids) + trained + [True]
 
 
 def supervised(
@@ -264,14 +295,16 @@ def supervised(
     lr: float,
     seed: int,
     error_rate: float = 0.0,
+    erase_rate: float = 0.0,
 ) -> None:
-    """Plain next-token training (the setup, not a compared method), one-cycle learning rate."""
+    """Plain next-token training (the setup, not a compared method), one-cycle learning rate. With mistake rates,
+    on the expert's trajectories with mistakes injected (the teacher)."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     model.train()
     for _ in range(steps):
-        rows = [encode(tokenizer, q, a, rng, error_rate) for q, a in rng.sample(pairs, batch)]
+        rows = [encode(tokenizer, q, a, rng, error_rate, erase_rate) for q, a in rng.sample(pairs, batch)]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((batch, width), tokenizer.pad_token_id)
         labels = torch.full((batch, width), -100)
@@ -295,6 +328,7 @@ def teacher_model(
         "task": task_name(preset),
         "digits": preset["digits"],
         "error_rate": preset["error_rate"],
+        "erase_rate": preset["erase_rate"],
         **preset["teacher"],
         "train_prompts": preset["train_prompts"],
     }
@@ -307,9 +341,8 @@ def teacher_model(
     else:
         spec = preset["teacher"]
         model = build_model(tokenizer, hidden_size=spec["hidden"], num_layers=spec["layers"], seed=spec["seed"])
-        supervised(
-            model, tokenizer, train, spec["steps"], spec["batch"], spec["lr"], spec["seed"], preset["error_rate"]
-        )
+        rates = preset["error_rate"], preset["erase_rate"]
+        supervised(model, tokenizer, train, spec["steps"], spec["batch"], spec["lr"], spec["seed"], *rates)
         cached = False
     acc = {
         "greedy": evaluate(model, tokenizer, held_out)["acc"],
