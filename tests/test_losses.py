@@ -6,7 +6,13 @@ from tiny_models import build as build_tiny
 from torch import nn
 from trl.experimental.gkd import GKDTrainer
 
-from trl_npd.divergences import generalized_jsd_sum, k3_policy_kl, topk_token_loss
+from trl_npd.divergences import (
+    generalized_jsd_per_token,
+    generalized_jsd_sum,
+    k3_policy_kl,
+    topk_bucket_jsd,
+    topk_token_loss,
+)
 from trl_npd.fused_jsd import fused_jsd_sum
 from trl_npd.heads import (
     LogitTransform,
@@ -173,6 +179,54 @@ def test_chunked_topk_objective_equals_the_reference_loss_and_gradients(k, ce_we
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_topk_bucket_jsd_is_the_full_jsd_at_k_equal_v_and_never_above_it(beta):
+    torch.manual_seed(0)
+    vocab = 23
+    student_logits = torch.randn(9, vocab, requires_grad=True)
+    teacher = torch.log_softmax(torch.randn(9, vocab) * 2, -1)
+    student = torch.log_softmax(student_logits, -1)
+    full = generalized_jsd_per_token(student, teacher, beta)
+    whole = teacher.topk(vocab, dim=-1)
+    buckets = topk_bucket_jsd(student, whole.indices, whole.values, beta)
+    torch.testing.assert_close(buckets, full, rtol=1e-4, atol=1e-5)
+    grads = [torch.autograd.grad(loss.sum(), student_logits, retain_graph=True)[0] for loss in (buckets, full)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    for k in (1, 5, 12):
+        top = teacher.topk(k, dim=-1)
+        approx = topk_bucket_jsd(student, top.indices, top.values, beta)
+        assert torch.isfinite(approx).all() and (approx <= full + 1e-5).all()  # coarse-graining never raises it
+
+
+def test_topk_bucket_jsd_at_beta_0_is_npds_forward_kl_over_the_same_buckets():
+    torch.manual_seed(1)
+    student_logits = torch.randn(7, 40, requires_grad=True)
+    top = torch.log_softmax(torch.randn(7, 40) * 3, -1).topk(6, dim=-1)
+    student = torch.log_softmax(student_logits, -1)
+    buckets = topk_bucket_jsd(student, top.indices, top.values, 0.0)
+    npd = topk_token_loss(student, torch.zeros(7, dtype=torch.long), top.indices, top.values, ce_weight=0.0)
+    torch.testing.assert_close(buckets, npd, rtol=1e-5, atol=1e-6)
+    grads = [torch.autograd.grad(loss.sum(), student_logits, retain_graph=True)[0] for loss in (buckets, npd)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_chunked_topk_jsd_equals_the_reference_loss_and_gradients(beta):
+    torch.manual_seed(2)
+    n, hidden_size, vocab = 29, 12, 31
+    hidden = torch.randn(n, hidden_size, requires_grad=True)
+    head = nn.Linear(hidden_size, vocab)
+    targets = torch.randint(0, vocab, (n,))
+    ids, logprobs = _random_topk(n, vocab, 5)
+    chunked = topk_distill_sum(hidden, head, targets, ids, logprobs, 0.1, chunk_size=8, jsd_beta=beta)
+    chunked_grads = torch.autograd.grad(chunked, [hidden, head.weight, head.bias])
+    reference = topk_bucket_jsd(torch.log_softmax(head(hidden), -1), ids, logprobs, beta).sum()
+    reference_grads = torch.autograd.grad(reference, [hidden, head.weight, head.bias])
+    torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(chunked_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_topk_objective_math_matches_the_bucketed_kl_and_ce_by_hand():
     student = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), -1)
     teacher = torch.log_softmax(torch.tensor([[0.0, 3.0, 1.0, 0.5]]), -1)
@@ -332,14 +386,16 @@ def test_chunked_topk_and_logprobs_with_a_logit_transform_equal_the_reference(tr
     )
 
 
-@pytest.mark.parametrize("top_k", [None, 4], ids=["jsd", "topk"])
+@pytest.mark.parametrize(
+    ("top_k", "topk_jsd"), [(None, False), (4, False), (4, True)], ids=["jsd", "topk", "topk-jsd"]
+)
 @pytest.mark.parametrize(
     ("student_name", "teacher_name"),
     [("Gemma 2", "Gemma 2"), ("Granite", "Cohere"), ("Llama", "Gemma 2")],
     ids=["softcapped", "scaled", "plain-student-softcapped-teacher"],
 )
 def test_chunked_paths_of_transformed_models_equal_their_own_logits_loss_and_gradients(
-    tokenizer, student_name, teacher_name, top_k
+    tokenizer, student_name, teacher_name, top_k, topk_jsd
 ):
     """The fused JSD, the top-k objective and the student log-probs (chunked) against the plain path, which takes
     the full logits from each model's own forward, on real models that soft-cap or scale their logits."""
@@ -354,7 +410,15 @@ def test_chunked_paths_of_transformed_models_equal_their_own_logits_loss_and_gra
     def run(fused):
         student.zero_grad()
         result = distillation_loss(
-            student, teacher, batch, 0.5, fused=fused, logprob_temperature=0.9, teacher_top_k=top_k, ce_weight=0.1
+            student,
+            teacher,
+            batch,
+            0.5,
+            fused=fused,
+            logprob_temperature=0.9,
+            teacher_top_k=top_k,
+            ce_weight=0.1,
+            topk_jsd=topk_jsd,
         )
         result.loss_sum.backward()
         return result, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}

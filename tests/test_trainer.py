@@ -453,10 +453,11 @@ def test_sync_mode_tags_samples_with_the_live_weights_step(student, teacher, tok
     assert max(staleness) == 2 and min(staleness) == 0
 
 
+@pytest.mark.parametrize("objective", ["npd", "jsd"])
 def test_topk_objective_trains_on_policy_without_a_teacher_forward_in_the_trainer(
-    student, teacher, tokenizer, dataset, make_config
+    student, teacher, tokenizer, dataset, make_config, objective
 ):
-    args = make_config(teacher_top_k=4, ce_weight=0.1, max_steps=4)
+    args = make_config(teacher_top_k=4, ce_weight=0.1, max_steps=4, topk_objective=objective)
     trainer = trainer_for(student, teacher, tokenizer, dataset, args)
     teacher_calls = []  # counted from here on: construction probes both models once (packing_leaks)
     # on the backbone: the fused and top-k paths call it directly, without the LM wrapper's forward

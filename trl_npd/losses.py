@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .batching import IGNORE_INDEX
-from .divergences import generalized_jsd_sum, topk_token_loss
+from .divergences import generalized_jsd_sum, topk_bucket_jsd, topk_token_loss
 from .fused_jsd import fused_jsd_sum
 from .heads import (
     LogitTransform,
@@ -34,6 +34,20 @@ from .heads import (
 )
 
 
+def topk_objective(
+    student_logprobs: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    ce_weight: float,
+    jsd_beta: float | None,
+) -> torch.Tensor:
+    """The per-token top-k objective: NPD's CE + forward KL, or with `jsd_beta` the bucketed generalized JSD."""
+    if jsd_beta is None:
+        return topk_token_loss(student_logprobs, targets, teacher_topk_ids, teacher_topk_logprobs, ce_weight)
+    return topk_bucket_jsd(student_logprobs, teacher_topk_ids, teacher_topk_logprobs, jsd_beta)
+
+
 def topk_distill_sum(
     student_hidden: torch.Tensor,
     student_head: nn.Linear,
@@ -43,8 +57,10 @@ def topk_distill_sum(
     ce_weight: float,
     chunk_size: int | None = None,
     transform: LogitTransform | None = None,
+    jsd_beta: float | None = None,
 ) -> torch.Tensor:
-    """Sum of `topk_token_loss` over `(N, H)` hidden states, projected chunk by chunk in float32.
+    """Sum of the top-k objective over `(N, H)` hidden states, projected chunk by chunk in float32: NPD's
+    (`topk_token_loss`), or with `jsd_beta` GKD's generalized JSD over the top-k buckets (`topk_bucket_jsd`).
 
     Each chunk's `(chunk, V)` logits are recomputed in the backward pass instead of being kept, so peak memory
     holds one chunk's logits, never `(N, V)`. `transform` is the student's `LogitTransform`.
@@ -52,7 +68,7 @@ def topk_distill_sum(
 
     def chunk_loss(hidden: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
         logprobs = torch.log_softmax(project(hidden, student_head, transform), dim=-1)
-        return topk_token_loss(logprobs, *tensors, ce_weight=ce_weight).sum()
+        return topk_objective(logprobs, *tensors, ce_weight=ce_weight, jsd_beta=jsd_beta).sum()
 
     chunk_size = chunk_size or chunk_rows(student_head.weight.shape[0])
     total = student_hidden.new_zeros((), dtype=torch.float32)
@@ -88,11 +104,13 @@ def distillation_loss(
     compiled: bool = False,
     teacher_top_k: int | None = None,
     ce_weight: float = 0.0,
+    topk_jsd: bool = False,
 ) -> LossResult:
     """The distillation loss on a padded or packed batch, summed over trained tokens.
 
     The objective is the generalized JSD(beta) over the full vocabulary or, with `teacher_top_k`, NPD's top-k
-    objective (`topk_token_loss`, weighted by `ce_weight`). The top-k objective uses the teacher top-k stored in the
+    objective (`topk_token_loss`, weighted by `ce_weight`), or with `topk_jsd` the generalized JSD(beta) over the
+    top-k buckets (`topk_bucket_jsd`). The top-k objective uses the teacher top-k stored in the
     batch by the scoring stage (no teacher forward); a batch without them (dataset completions) gets them from a
     teacher forward here. `inputs` holds `input_ids`, `labels` and either `attention_mask` (padded rows) or
     `position_ids` (packed rows). With `logprob_temperature`, also returns the student's log-probs of the trained
@@ -128,6 +146,7 @@ def distillation_loss(
                 ce_weight,
                 chunk_size,
                 transform=student_transform,
+                jsd_beta=beta if topk_jsd else None,
             )
             if logprob_temperature is not None:
                 current = chunked_token_logprobs(
@@ -136,7 +155,8 @@ def distillation_loss(
         else:
             student_logits = student(**forward).logits[:, :-1][mask]
             logprobs = torch.log_softmax(student_logits.float(), dim=-1)
-            loss_sum = topk_token_loss(logprobs, targets, topk_ids, topk_logprobs, ce_weight).sum()
+            jsd_beta = beta if topk_jsd else None
+            loss_sum = topk_objective(logprobs, targets, topk_ids, topk_logprobs, ce_weight, jsd_beta).sum()
             if logprob_temperature is not None:
                 current = token_logprobs(student_logits.detach(), targets, logprob_temperature)
     elif not fused:

@@ -646,6 +646,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             "compiled": self.args.device.type == "cuda" if compiled is None else compiled,
             "teacher_top_k": self.args.teacher_top_k,
             "ce_weight": self.args.ce_weight,
+            "topk_jsd": self.args.topk_objective == "jsd",
         }
         if fused:  # through the wrapper's forward, so DDP/FSDP see the backbone call they wrap
             unwrapped = self.accelerator.unwrap_model(model)
