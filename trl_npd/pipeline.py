@@ -52,7 +52,7 @@ from .generator import (
     run_remote_generator,
     scoring_stage,
 )
-from .progress import GeneratorProgress
+from .progress import Activity, GeneratorProgress
 from .prompts import PromptStream
 from .scoring import SampleScorer
 from .selection import DeltaIFDFilter
@@ -256,6 +256,13 @@ class GenerationPipeline:
             self._watchdog = None
         drained = Drained()
         worker = self._worker
+        terminated_while_starting = (
+            isinstance(worker, mp.process.BaseProcess) and self.progress.activity == Activity.STARTING
+        )
+        if terminated_while_starting:
+            # Still importing or copying its models: it has made nothing and would only see the stop once started,
+            # seconds from now (a train() shorter than the start-up, served by the bootstrap). End it now.
+            worker.terminate()
         if worker is not None:
             # A hung generator will not wind down by itself: a process was killed already, a thread cannot be.
             deadline = time.monotonic() + (0.0 if self._hang is not None else timeout_s)
@@ -286,7 +293,8 @@ class GenerationPipeline:
             undelivered=undelivered,
             failure=failure,
             generated=self.generated,
-            unfinished=self.progress.unfinished,
+            # a process ended while starting delivers nothing, so whatever it had taken is unfinished
+            unfinished=self.progress.unfinished + (self.progress.taken if terminated_while_starting else 0),
             dropped_in_transport=dict(drained.dropped_in_transport),
         )
 

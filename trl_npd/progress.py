@@ -83,6 +83,10 @@ class GeneratorProgress:
 
     # ---- trainer side ---------------------------------------------------------------------------------------------
     @property
+    def activity(self) -> Activity:
+        return Activity(self._activity.value)
+
+    @property
     def taken(self) -> int:
         return int(self._taken.value)
 
