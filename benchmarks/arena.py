@@ -1,4 +1,4 @@
-"""Quality arena: distil a teacher trained from scratch into a small student, on a task where on-policy matters.
+"""Quality arena: distil a teacher trained from scratch into a small student, on a task that separates the methods.
 
     python benchmarks/arena.py --preset cpu --seed 1 --out results/arena/seed-1.json
     python benchmarks/arena.py --preset cpu --tune --out results/arena/tuning.json   # the learning-rate grid
@@ -6,33 +6,32 @@
 
 **Task.** Multiply a 5-digit number by a digit, writing a carry trace first: for `31415*7` the completion is
 `35 07 29 10 23:219905`, the partial products from the last digit up, each with the previous carry added, then the
-answer. Tokens are single characters, so the model does the arithmetic itself. The completion may correct itself:
-`!` erases the character before it, and the answer is read after applying the erasures.
+answer. Tokens are single characters, so the model does the arithmetic itself.
 
-**Why it separates the methods.** The teacher is an expert that always knows how to get back on track: whatever
-has been written so far, if it is (after erasures) a correct start of the answer, it writes the next character;
-if not, it erases. It learns this from trajectories in which random mistakes are injected (a wrong character with
-probability `error_rate` at each step, a spurious erasure with probability `erase_rate`) and only the expert's own
-actions are trained on, so it never makes mistakes on purpose but knows how to repair any it is shown. Its own
-samples are therefore almost always clean, and SFT on them never shows the student a repair: behaviour cloning of
-an expert never visits the states where recovery is needed. A student that samples its own completions makes
-mistakes, and on-policy distillation asks the teacher what to do right after them: erase and go on. This is the
-DAgger argument (Ross et al. 2011) that on-policy distillation inherits (Agarwal et al. 2024, "learning from
-self-generated mistakes"): imitating the teacher's samples is not the same as learning to finish one's own.
+**Why it separates the methods.** The teacher is trained with label smoothing (`teacher.label_smoothing`, the
+usual 0.1), as many translation and language models are: its most likely token is right (it answers every
+held-out prompt correctly at greedy decoding) but it keeps a little probability on every other token, so a
+completion *sampled* at the distillation temperature is wrong somewhere in most cases (about 30% are right at
+0.9). SFT on teacher samples learns from those samples, mistakes included, one sample per prompt. GKD and NPD
+learn the teacher's distribution, token by token, on the student's own completions: its preferred token is right
+even where its samples are not, and the student is corrected in the states it actually reaches. A real teacher
+sampled at temperature 0.9 over long outputs behaves the same way. What the arena cannot tell apart is how much of
+the gap is the teacher's distribution and how much is the student's own states: both come with on-policy
+distillation, and neither with SFT on teacher samples.
 
 1. **Teacher**: trained from scratch until it reaches `teacher_min_acc` on held-out prompts; cached on disk under
    `--cache-dir`, keyed by its config, so only the first run pays for it.
-2. **Student**: a smaller model, warm-started by SFT on clean ground truth (no repairs) until its greedy accuracy on a
-   slice of the held-out prompts reaches `warmup.target_acc`. Its seed is `--seed`; every method starts from it.
+2. **Student**: a smaller model, warm-started by SFT on ground truth until its greedy accuracy on a slice of the
+   held-out prompts reaches `warmup.target_acc`. Its seed is `--seed`; every method starts from it.
 3. **Methods**, each with the same prompts, batch, optimizer steps, sampling temperature and JSD beta, and its own
    learning rate (chosen on the tuning seed, `--tune`; the JSD's gradients are smaller than cross-entropy's, so one
    shared rate would favour SFT): see `METHODS`.
 4. **Measure**: exact match of the final answer on `eval_prompts` held-out prompts, greedy decoding (`acc`), and
-   sampled at the training temperature (`acc_sampled`, at the last checkpoints only). At `curve_points` steps the
+   sampled at the training temperature at the last checkpoints (`acc_sampled`). At `curve_points` steps the
    student's weights are copied (off the clock) and evaluated after training, which gives a curve of (wall_s, acc).
    `final_acc_smoothed` averages the last `final_points` checkpoints, so one noisy checkpoint does not decide.
-   `time_to_gkd_final_s` is the training wall-clock at which a run's smoothed curve first reaches GKD's
-   `final_acc_smoothed` of the same seed (null: never).
+   `time_to_gkd_final_s` is the training wall-clock at which a run's curve, averaged the same way, first reaches
+   GKD's `final_acc_smoothed` of the same seed (null: never).
 5. **Per-sample records** of the NPD runs (`log_samples`: prompt, policy version, staleness when trained, Δ-IFD,
    kept or dropped and why) are written next to the JSON as `<out>.<method>.samples.jsonl`.
 """
@@ -79,13 +78,11 @@ METHODS: dict[str, dict[str, Any] | None] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
         digits=5,
-        error_rate=0.1,
-        erase_rate=0.03,
-        teacher=dict(hidden=128, layers=3, steps=2000, batch=64, lr=2e-3, seed=0),
+        teacher=dict(hidden=128, layers=3, steps=1500, batch=64, lr=2e-3, seed=0, label_smoothing=0.1),
         teacher_min_acc=0.9,
         student=dict(hidden=64, layers=2),
         warmup=dict(target_acc=0.3, chunk_steps=100, max_steps=3000, batch=32, lr=2e-3, probe_prompts=256),
-        distill=dict(steps=600, batch=16, temperature=0.9, beta=0.5),
+        distill=dict(steps=800, batch=16, temperature=0.9, beta=0.5),
         lr={
             "sft": 1e-3,
             "gkd": 3e-4,
@@ -99,7 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         lr_grid=[1e-4, 3e-4, 1e-3],
         max_policy_kl=0.05,
         tuning_seed=0,
-        curve_points=12,
+        curve_points=16,
         final_points=3,
         eval_prompts=1024,
         train_prompts=8192,
@@ -107,9 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # smoke test only
     "micro": dict(
         digits=2,
-        error_rate=0.1,
-        erase_rate=0.03,
-        teacher=dict(hidden=32, layers=1, steps=30, batch=16, lr=2e-3, seed=0),
+        teacher=dict(hidden=32, layers=1, steps=30, batch=16, lr=2e-3, seed=0, label_smoothing=0.1),
         teacher_min_acc=0.0,
         student=dict(hidden=16, layers=1),
         warmup=dict(target_acc=0.0, chunk_steps=5, max_steps=5, batch=8, lr=2e-3, probe_prompts=8),
@@ -127,9 +122,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ---- the task ----------------------------------------------------------------------------------------------------
-ERASE = "!"
-ALPHABET = "0123456789 :"  # what a correct completion is written in
-MISTAKES = ALPHABET + "*="  # what an injected mistake may write: any character but the erase mark
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>{{ m['content'] }}={% else %}"
     "{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}"
@@ -137,13 +129,13 @@ CHAT_TEMPLATE = (
 
 
 def task_name(preset: dict[str, Any]) -> str:
-    return f"{preset['digits']}-digit x 1-digit multiplication with a carry trace and self-repair"
+    return f"{preset['digits']}-digit x 1-digit multiplication with a carry trace"
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character, so no token hides a digit pair; `<|im_end|>` ends the answer."""
     specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + list("0123456789*=: " + ERASE))}
+    vocab = {token: i for i, token in enumerate(specials + list("0123456789*=: "))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
@@ -170,18 +162,8 @@ def problem(rng: random.Random, digits: int) -> tuple[str, str]:
     return f"{padded}*{d}", " ".join(steps) + f":{a * d}"
 
 
-def apply_erasures(text: str) -> str:
-    out: list[str] = []
-    for ch in text:
-        if ch != ERASE:
-            out.append(ch)
-        elif out:
-            out.pop()
-    return "".join(out)
-
-
 def answer_of(completion: str) -> str:
-    return apply_erasures(completion).rsplit(":", 1)[-1].strip()
+    return completion.rsplit(":", 1)[-1].strip()
 
 
 def splits(preset: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -206,7 +188,7 @@ def prompt_text(tokenizer: Any, question: str) -> str:
 
 
 def max_new_tokens(pairs: list[tuple[str, str]]) -> int:
-    return max(len(a) for _, a in pairs) + 8  # the answer, its end token, room for a few repairs
+    return max(len(a) for _, a in pairs) + 2  # the answer, its end token, one spare
 
 
 @torch.no_grad()
@@ -238,52 +220,18 @@ def complete(
     return out
 
 
-def evaluate(model: Any, tokenizer: Any, held_out: list, temperature: float | None = None) -> dict[str, float]:
-    """Exact match of the answer, and the share of completions that use a repair."""
+def accuracy(model: Any, tokenizer: Any, held_out: list, temperature: float | None = None) -> float:
+    """Exact match of the answer: greedy, or sampled at `temperature`."""
     completions = complete(model, tokenizer, [q for q, _ in held_out], max_new_tokens(held_out), temperature)
-    correct = sum(answer_of(c) == answer_of(a) for c, (_, a) in zip(completions, held_out, strict=True))
-    return {"acc": correct / len(held_out), "repair_frac": sum(ERASE in c for c in completions) / len(held_out)}
+    return sum(answer_of(c) == answer_of(a) for c, (_, a) in zip(completions, held_out, strict=True)) / len(held_out)
 
 
 # ---- supervised training (teacher from scratch, student warm start) -------------------------------------------
-def expert_action(written: str, answer: str) -> str | None:
-    """The teacher's policy: the next character of the answer while what is written (after erasures) is a correct
-    start of it, an erasure otherwise, and None (the end) once the answer is complete."""
-    if not answer.startswith(written):
-        return ERASE
-    return None if written == answer else answer[len(written)]
-
-
-def trajectory(answer: str, rng: random.Random, error_rate: float, erase_rate: float) -> tuple[str, list[bool]]:
-    """A completion written by the expert with random mistakes injected, and which characters are the expert's
-    own (trained on). Without mistakes it is the answer itself."""
-    text, trained, written = "", [], ""
-    while len(text) < 2 * len(answer) + 8:
-        roll = rng.random()
-        if roll < error_rate:  # a wrong character, or by chance the right one: either way not the expert's action
-            ch, own = rng.choice(MISTAKES), False
-        elif roll < error_rate + erase_rate and written:
-            ch, own = ERASE, False
-        else:
-            action = expert_action(written, answer)
-            if action is None:
-                break
-            ch, own = action, True
-        text += ch
-        trained.append(own)
-        written = apply_erasures(written + ch)
-    return text, trained
-
-
-def encode(
-    tokenizer: Any, question: str, answer: str, rng: random.Random, error_rate: float, erase_rate: float
-) -> tuple[list[int], list[bool]]:
-    """Prompt and completion ids of one trajectory of `answer`, and which ids are trained on (the expert's actions
-    and the end token)."""
-    vocab = tokenizer.get_vocab()
-    ids = tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
-    text, trained = trajectory(answer, rng, error_rate, erase_rate)
-    return [*ids, *(vocab[ch] for ch in text), tokenizer.eos_token_id], [False] * len(ids) + trained + [True]
+def encode(tokenizer: Any, question: str, answer: str) -> tuple[list[int], int]:
+    """Prompt and completion ids, and the prompt's length (its tokens are not trained on)."""
+    prompt = tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
+    completion = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return [*prompt, *completion, tokenizer.eos_token_id], len(prompt)
 
 
 def supervised(
@@ -294,25 +242,25 @@ def supervised(
     batch: int,
     lr: float,
     seed: int,
-    error_rate: float = 0.0,
-    erase_rate: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> None:
-    """Plain next-token training (the setup, not a compared method), one-cycle learning rate. With mistake rates,
-    on the expert's trajectories with mistakes injected (the teacher)."""
+    """Plain next-token training on the answers (the setup, not a compared method), one-cycle learning rate."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     model.train()
     for _ in range(steps):
-        rows = [encode(tokenizer, q, a, rng, error_rate, erase_rate) for q, a in rng.sample(pairs, batch)]
+        rows = [encode(tokenizer, q, a) for q, a in rng.sample(pairs, batch)]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((batch, width), tokenizer.pad_token_id)
         labels = torch.full((batch, width), -100)
-        for i, (ids, trained) in enumerate(rows):
+        for i, (ids, prompt_len) in enumerate(rows):
             input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(ids)] = torch.tensor([t if keep else -100 for t, keep in zip(ids, trained, strict=True)])
-        attention_mask = (input_ids != tokenizer.pad_token_id).long()
-        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+            labels[i, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
+        logits = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long()).logits
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, label_smoothing=label_smoothing
+        ).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -327,8 +275,6 @@ def teacher_model(
     config = {
         "task": task_name(preset),
         "digits": preset["digits"],
-        "error_rate": preset["error_rate"],
-        "erase_rate": preset["erase_rate"],
         **preset["teacher"],
         "train_prompts": preset["train_prompts"],
     }
@@ -341,12 +287,12 @@ def teacher_model(
     else:
         spec = preset["teacher"]
         model = build_model(tokenizer, hidden_size=spec["hidden"], num_layers=spec["layers"], seed=spec["seed"])
-        rates = preset["error_rate"], preset["erase_rate"]
-        supervised(model, tokenizer, train, spec["steps"], spec["batch"], spec["lr"], spec["seed"], *rates)
+        smoothing = spec["label_smoothing"]
+        supervised(model, tokenizer, train, spec["steps"], spec["batch"], spec["lr"], spec["seed"], smoothing)
         cached = False
     acc = {
-        "greedy": evaluate(model, tokenizer, held_out)["acc"],
-        "sampled": evaluate(model, tokenizer, held_out, preset["distill"]["temperature"])["acc"],
+        "greedy": accuracy(model, tokenizer, held_out),
+        "sampled": accuracy(model, tokenizer, held_out, preset["distill"]["temperature"]),
     }
     if acc["greedy"] < preset["teacher_min_acc"]:
         raise SystemExit(f"the teacher reached {acc['greedy']:.1%} held-out, below {preset['teacher_min_acc']:.0%}")
@@ -368,7 +314,7 @@ def warm_student(preset: dict[str, Any], tokenizer: Any, train: list, held_out: 
     while steps < warm["max_steps"]:
         supervised(model, tokenizer, train, warm["chunk_steps"], warm["batch"], warm["lr"], seed * 100_003 + steps)
         steps += warm["chunk_steps"]
-        if evaluate(model, tokenizer, probe)["acc"] >= warm["target_acc"]:
+        if accuracy(model, tokenizer, probe) >= warm["target_acc"]:
             break
     return model, steps
 
@@ -440,8 +386,12 @@ def run_method(
 
     student = copy.deepcopy(student_init)
     spec = preset["distill"]
-    # every method sees the same prompts in the same order: a seed-dependent shuffle of the training pool
-    prompts = random.Random(seed).sample(train, spec["steps"] * spec["batch"])
+    # every method sees the same prompts in the same order: seed-dependent shuffles of the training pool, one after
+    # the other (a prompt repeats only once the pool is used up)
+    rng, prompts = random.Random(seed), []
+    while len(prompts) < spec["steps"] * spec["batch"]:
+        prompts += rng.sample(train, len(train))
+    prompts = prompts[: spec["steps"] * spec["batch"]]
     new_tokens = max_new_tokens(train)
     points = preset["curve_points"]
     curve_steps = {round(spec["steps"] * (i + 1) / points) for i in range(points)}
@@ -522,9 +472,9 @@ def evaluate_curve(
     final = {step for _, step, _ in curve.points[-preset["final_points"] :]}
     for elapsed, step, weights in curve.points:
         model.load_state_dict(weights)
-        point = {"step": step, "wall_s": elapsed, **evaluate(model, tokenizer, held_out)}
+        point = {"step": step, "wall_s": elapsed, "acc": accuracy(model, tokenizer, held_out)}
         if step in final:
-            point["acc_sampled"] = evaluate(model, tokenizer, held_out, preset["distill"]["temperature"])["acc"]
+            point["acc_sampled"] = accuracy(model, tokenizer, held_out, preset["distill"]["temperature"])
         points.append(point)
     return points
 
@@ -551,7 +501,7 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
     teacher, teacher_acc, cached = teacher_model(preset, tokenizer, train, held_out, args.cache_dir)
     print(f"teacher: {teacher_acc['greedy']:.1%} greedy, {teacher_acc['sampled']:.1%} sampled", flush=True)
     student_init, warm_steps = warm_student(preset, tokenizer, train, held_out, seed)
-    init = evaluate(student_init, tokenizer, held_out)
+    init = {"acc": accuracy(student_init, tokenizer, held_out)}
     print(f"student after {warm_steps} warm-up steps: {init['acc']:.1%}", flush=True)
 
     runs = []
@@ -572,7 +522,6 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
             "acc": points[-1]["acc"],
             "final_acc_smoothed": statistics.mean(p["acc"] for p in final),
             "final_acc_sampled_smoothed": statistics.mean(p["acc_sampled"] for p in final),
-            "final_repair_frac": statistics.mean(p["repair_frac"] for p in final),
             "curve": points,
             **reported,
         }
@@ -606,14 +555,12 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
 
 
 def print_seed(report: dict[str, Any]) -> None:
-    print(
-        f"{'method':17} {'lr':>7} {'final (smoothed)':>16} {'sampled':>8} {'repairs':>8} {'wall_s':>7} {'to gkd':>7}"
-    )
+    print(f"{'method':17} {'lr':>7} {'final (smoothed)':>16} {'sampled':>8} {'wall_s':>7} {'to gkd':>7}")
     for run in report["runs"]:
         to_gkd = "-" if run["time_to_gkd_final_s"] is None else f"{run['time_to_gkd_final_s']:.0f}"
         print(
             f"{run['method']:17} {run['lr']:7.0e} {run['final_acc_smoothed']:16.1%} "
-            f"{run['final_acc_sampled_smoothed']:8.1%} {run['final_repair_frac']:8.1%} {run['wall_s']:7.1f} "
+            f"{run['final_acc_sampled_smoothed']:8.1%} {run['wall_s']:7.1f} "
             f"{to_gkd:>7}"
         )
     print(
@@ -706,7 +653,6 @@ def summarize(paths: list[str], out: str, plot_path: str) -> None:
                     else r[method]["time_to_gkd_final_s"] / r["gkd"]["wall_s"]
                     for r in runs
                 ],
-                "final_repair_frac": mean_ci([r[method]["final_repair_frac"] for r in runs]),
             }
         )
     summary = {
