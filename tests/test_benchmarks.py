@@ -192,3 +192,45 @@ def test_soak_benchmark_100_steps(tmp_path):
     assert accounting["dropped"].get("ifd_low", 0) + accounting["dropped"].get("ifd_high", 0) > 0  # Δ-IFD on
     assert (tmp_path / "soak.png").stat().st_size > 0
     assert "accounting" in table and "exact" in table
+
+
+def test_generation_batch_benchmark_micro(tmp_path):
+    out = tmp_path / "generation_batch.json"
+    table = run("generation_batch.py", "--samples", "8", "--rounds", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    batches = [r["generation_batch_size"] for r in report["runs"]]
+    assert batches == sorted(batches) and all(r["ms_per_sample"] > 0 for r in report["runs"])
+    # the staleness column follows the sizing rule: (weight_sync_steps - 1) + 2 * batch / per_step
+    for r in report["runs"]:
+        assert r["worst_staleness_steps"] == 3 + 2 * r["generation_batch_size"] / 8
+        assert r["fits_max_staleness"] == (r["worst_staleness_steps"] <= 8)
+    assert "worst staleness" in table
+
+
+def test_topk_jsd_benchmark_micro(tmp_path):
+    out = tmp_path / "topk_jsd.json"
+    table = run("topk_jsd.py", "--train-steps", "3", "--samples", "2", "--new-tokens", "4", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["pairs"]) == {"random", "trained"}
+    for pair in report["pairs"].values():
+        by_k = {}
+        for r in pair["rows"]:
+            assert r["loss_rel_error"] >= 0 and -1 <= r["grad_cosine"] <= 1 + 1e-6
+            by_k.setdefault(r["beta"], []).append(r["teacher_tail_mass"])
+        for tails in by_k.values():  # a larger k leaves the teacher less mass outside it
+            assert tails == sorted(tails, reverse=True)
+    assert "grad err" in table
+
+
+def test_profile_benchmark_sorts_both_processes_samples_into_stages(tmp_path):
+    import shutil
+
+    if shutil.which("py-spy") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "py-spy")):
+        pytest.skip("py-spy is not installed (pip install py-spy); benchmarks/profile_npd.py needs it")
+    out = tmp_path / "profile.json"
+    table = run("profile_npd.py", "--preset", "micro", "--trainer", "npd-no-ifd", "--rate", "50", "--out", str(out))
+    report = json.loads(out.read_text())
+    trainer, generator = report["processes"]["trainer"], report["processes"]["generator"]
+    assert sum(trainer.values()) > 0 and sum(generator.values()) > 0  # both processes were sampled
+    assert trainer["student forward"] + trainer["backward"] > 0  # the training step was seen and classified
+    assert "generator:" in table

@@ -1,0 +1,101 @@
+"""What a larger generation batch buys and what it costs: cost per sample against the staleness it adds.
+
+    python benchmarks/generation_batch.py --out results/generation_batch.json
+
+The embedded engine samples the throughput benchmark's cpu-tiny student (64 new tokens, temperature 1) one batch at
+a time, on one thread as a CPU generator process does, for each batch size. A decoding step costs a fixed overhead
+(the model's modules, the cache, the sampler) plus work that grows with the batch, so the cost per sample falls as
+the batch grows. The price is staleness: a batch is sampled by one policy version, and when the generator runs
+ahead its last sample is trained on `(weight_sync_steps - 1) + 2 * batch / per_step` optimizer steps after that
+version's weights were taken (`docs/design.md`, "sized from the staleness bound"). The table gives both for the
+default `weight_sync_steps=4`, and whether the batch fits the default `max_staleness=8` at an effective batch of 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from common import device_name, write_json
+from throughput import PRESETS, build_models
+
+from trl_npd.engine import EngineConfig, TransformersEngine
+from trl_npd.toy import arithmetic_dataset
+
+BATCHES = (4, 8, 16, 32, 64, 128)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/generation_batch.json")
+    parser.add_argument("--samples", type=int, default=256, help="samples timed per batch size and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--per-step", type=int, default=8, help="on-policy samples an optimizer step takes")
+    parser.add_argument("--weight-sync-steps", type=int, default=4)
+    parser.add_argument("--max-staleness", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    preset = PRESETS["cpu-tiny"]
+    tokenizer, student, _ = build_models(preset)
+    student.eval()
+    rows = arithmetic_dataset(args.samples, seed=1)
+    prompts = [
+        tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True, tokenize=False) for row in rows
+    ]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    engine = EngineConfig(
+        max_new_tokens=preset["new_tokens"],
+        temperature=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    sampler = TransformersEngine(student, engine)
+    sampler.generate(prompt_ids[:8])  # warm-up
+    ms: dict[int, list[float]] = {batch: [] for batch in BATCHES}
+    for _ in range(args.rounds):  # rounds interleave the batch sizes, so drift in the machine hits them alike
+        for batch in BATCHES:
+            start = time.perf_counter()
+            for i in range(0, args.samples, batch):
+                sampler.generate(prompt_ids[i : i + batch])
+            ms[batch].append(1000 * (time.perf_counter() - start) / args.samples)
+    runs: list[dict[str, Any]] = []
+    for batch in BATCHES:
+        worst = (args.weight_sync_steps - 1) + 2 * batch / args.per_step
+        runs.append(
+            {
+                "generation_batch_size": batch,
+                "ms_per_sample": statistics.median(ms[batch]),
+                "ms_per_sample_rounds": ms[batch],
+                "worst_staleness_steps": worst,
+                "fits_max_staleness": worst <= args.max_staleness,
+            }
+        )
+    report = {
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        "threads": 1,
+        "new_tokens": preset["new_tokens"],
+        "per_step": args.per_step,
+        "weight_sync_steps": args.weight_sync_steps,
+        "max_staleness": args.max_staleness,
+        "runs": runs,
+    }
+    write_json(report, args.out)
+    base = runs[0]["ms_per_sample"]
+    print(f"{'batch':>5} {'ms/sample':>9} {'vs batch 4':>10} {'worst staleness':>15} {'fits the default bound':>22}")
+    for r in runs:
+        print(
+            f"{r['generation_batch_size']:5d} {r['ms_per_sample']:9.1f} {r['ms_per_sample'] / base:10.2f} "
+            f"{r['worst_staleness_steps']:15.1f} {'yes' if r['fits_max_staleness'] else 'no':>22}"
+        )
+
+
+if __name__ == "__main__":
+    main()
