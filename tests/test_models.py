@@ -22,6 +22,7 @@ from tiny_models import build as build_tiny
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
+from trl_npd import fused_jsd as fused_jsd_module
 from trl_npd import losses as losses_module
 from trl_npd.heads import logit_transform
 
@@ -70,12 +71,12 @@ def spy_on_loss_kernels(monkeypatch):
     """Names of the loss kernels that run, in this process: Liger's, NPD's chunked one, or the plain path."""
     ran = set()
 
-    class LigerSpy(losses_module.LigerFusedLinearJSDLoss):
+    class LigerSpy(fused_jsd_module.LigerFusedLinearJSDLoss):
         def forward(self, *args):
             ran.add("Liger fused-linear JSD")
             return super().forward(*args)
 
-    transformed_apply = losses_module.TransformedLogitsJSDFunction.apply
+    transformed_apply = fused_jsd_module.TransformedLogitsJSDFunction.apply
     plain = losses_module.generalized_jsd_sum
 
     def transformed_spy(*args):
@@ -86,8 +87,8 @@ def spy_on_loss_kernels(monkeypatch):
         ran.add("plain JSD (full logits)")
         return plain(*args, **kwargs)
 
-    monkeypatch.setattr(losses_module, "LigerFusedLinearJSDLoss", LigerSpy)
-    monkeypatch.setattr(losses_module.TransformedLogitsJSDFunction, "apply", transformed_spy)
+    monkeypatch.setattr(fused_jsd_module, "LigerFusedLinearJSDLoss", LigerSpy)
+    monkeypatch.setattr(fused_jsd_module.TransformedLogitsJSDFunction, "apply", transformed_spy)
     monkeypatch.setattr(losses_module, "generalized_jsd_sum", plain_spy)
     return ran
 
