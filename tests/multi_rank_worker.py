@@ -57,6 +57,9 @@ def config(out: str, **overrides) -> NearPolicyDistillConfig:
         seed=0,
         disable_tqdm=True,
         ifd_filter=False,
+        # these runs are a few steps long: with the bootstrap the trainers would sample them all inline, before the
+        # generator processes whose streams, syncs and failures are under test have started
+        generator_bootstrap=False,
         dataloader_num_workers=0,
         use_cpu=True,  # with torchrun's variables set, this makes accelerate take the multi-CPU (gloo) path
     )
@@ -154,8 +157,11 @@ def run_resume(out: str) -> dict:
     record_take = NPDMetrics.record_take
 
     def recording_take(self, result, current_step):
-        if resumed and not first_resumed:
-            first_resumed.append(min(s.stream_position for s in result.samples))
+        # the main stream's samples; those the trainer sampled inline while the generator started (the bootstrap)
+        # come from a side stream of their own, at position -1
+        streamed = [s.stream_position for s in result.samples if s.stream_position >= 0]
+        if resumed and streamed and not first_resumed:
+            first_resumed.append(min(streamed))
         record_take(self, result, current_step)
 
     NPDMetrics.record_take = recording_take
