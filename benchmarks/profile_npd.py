@@ -95,6 +95,12 @@ def main() -> None:
     parser.add_argument("--trainer", default="npd", help="one of throughput.py's trainers (an NPD one)")
     parser.add_argument("--preset", default="cpu-tiny")
     parser.add_argument("--rate", type=int, default=100, help="samples per second")
+    parser.add_argument(
+        "--no-bootstrap",
+        action="store_true",
+        help="no inline sampling while the generator process starts: every sample comes from that process",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     parser.add_argument("--out", default="results/profile-npd.json")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
@@ -103,7 +109,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "profile.txt")
         command = [sys.executable, os.path.join(HERE, "throughput.py"), "--preset", args.preset]
-        command += ["--run-one", args.trainer]
+        command += ["--run-one", args.trainer] + (["--no-bootstrap"] if args.no_bootstrap else [])
+        command += ["--steps", str(args.steps)] if args.steps is not None else []
         spy = [py_spy, "record", "--subprocesses", "--idle", "--threads", "--rate", str(args.rate)]
         spy += ["--format", "raw", "--output", raw, "--"]
         done = subprocess.run(spy + command, capture_output=True, text=True)
@@ -113,9 +120,11 @@ def main() -> None:
     report: dict[str, Any] = {
         "trainer": args.trainer,
         "preset": args.preset,
+        "steps": args.steps,
         "device": device_name(),
         "date": datetime.date.today().isoformat(),
         "rate_per_s": args.rate,
+        "bootstrap": not args.no_bootstrap,
         "processes": {
             "trainer": classify(trainer, TRAINER_STAGES),
             "generator": classify(generator, GENERATOR_STAGES),

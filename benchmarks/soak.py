@@ -75,20 +75,28 @@ class Recorder(TrainerCallback):
                 "rss_generator_mb": generator.memory_info().rss / MB,
                 "buffer": len(pipeline.buffer),
                 "version": pipeline.version,
+                "bootstrapping": pipeline._bootstrapping,
             }
         )
 
 
+def warmed_up(records: list[dict], warmup_steps: int) -> list[dict]:
+    """The records after warm-up: at or after `warmup_steps`, and once the generator process serves the buffer.
+    Until its first batch the trainer samples inline (the bootstrap) while the process is still loading, so its
+    RSS then is a process half started, not a baseline."""
+    return [r for r in records if r["step"] >= warmup_steps and not r["bootstrapping"]]
+
+
 def growth(records: list[dict], key: str, warmup_steps: int) -> float:
-    """(value at the last record - value at the first record at or after warm-up) / the latter."""
-    after = [r for r in records if r["step"] >= warmup_steps]
+    """(value at the last record - value at the first record after warm-up) / the latter."""
+    after = warmed_up(records, warmup_steps)
     return (after[-1][key] - after[0][key]) / after[0][key]
 
 
 def slope_per_1k_steps(records: list[dict], key: str, warmup_steps: int) -> float:
     """Least-squares slope of `key` over the records after warm-up, per 1,000 steps: a leak shows as a steady
     climb, while RSS also swings by a few MiB from one record to the next with whatever a step had allocated."""
-    points = [(r["step"], r[key]) for r in records if r["step"] >= warmup_steps]
+    points = [(r["step"], r[key]) for r in warmed_up(records, warmup_steps)]
     mean_x = sum(x for x, _ in points) / len(points)
     mean_y = sum(y for _, y in points) / len(points)
     variance = sum((x - mean_x) ** 2 for x, _ in points)
@@ -153,6 +161,7 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
             )
         },
         "warmup_steps": warmup_steps,
+        "warmup_end_step": warmed_up(records, warmup_steps)[0]["step"],
         "records": records,
         "rss_growth_frac": {
             "trainer": growth(records, "rss_trainer_mb", warmup_steps),
@@ -194,7 +203,7 @@ def plot(report: dict, path: str) -> None:
     fig, (memory, buffer, staleness) = plt.subplots(1, 3, figsize=(14, 3.8))
     for key, label in (("rss_trainer_mb", "trainer"), ("rss_generator_mb", "generator")):
         memory.plot(steps, [r[key] for r in records], marker=".", label=label)
-    memory.axvline(report["warmup_steps"], color="grey", linestyle=":", label="end of warm-up")
+    memory.axvline(report["warmup_end_step"], color="grey", linestyle=":", label="end of warm-up")
     memory.set(xlabel="optimizer step", ylabel="RSS (MiB)", title="resident memory")
     memory.legend()
     buffer.plot(steps, [r["buffer"] for r in records], marker=".")
@@ -227,7 +236,7 @@ def main() -> None:
     write_json(report, args.out)
     plot(report, os.path.splitext(args.out)[0] + ".png")
 
-    first = next(r for r in report["records"] if r["step"] >= warmup_steps)
+    first = next(r for r in report["records"] if r["step"] == report["warmup_end_step"])
     last = report["records"][-1]
     growth_frac, accounting = report["rss_growth_frac"], report["accounting"]
     print(f"{report['steps']} steps in {report['wall_s']:.0f} s, {report['weight_syncs']} weight syncs")

@@ -213,7 +213,11 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
         "ceiling": {"generator_mode": "sync", "ifd_filter": False},
     }[name]
     args = NearPolicyDistillConfig(
-        **common_args(preset, output_dir), lmbda=1.0, max_new_tokens=preset["new_tokens"], **overrides
+        **common_args(preset, output_dir),
+        lmbda=1.0,
+        max_new_tokens=preset["new_tokens"],
+        generator_bootstrap=preset.get("bootstrap", True),
+        **overrides,
     )
     trainer_cls = _ceiling_trainer_cls() if name == "ceiling" else NearPolicyDistillTrainer
     return counting(trainer_cls, labels_count)(
@@ -418,9 +422,17 @@ def main() -> None:
     parser.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated subset of " + str(TRAINERS))
     parser.add_argument("--out", default="results/throughput-cpu-tiny.json")
     parser.add_argument("--plot", default=None, help="PNG path for the bar chart (default: next to --out)")
+    parser.add_argument(
+        "--no-bootstrap",
+        action="store_true",
+        help="NPD trainers wait for the generator process to start instead of sampling inline meanwhile",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per trainer (default: the preset's)")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: one trainer, JSON to stdout
     args = parser.parse_args()
-    preset = PRESETS[args.preset]
+    preset = {**PRESETS[args.preset], "bootstrap": not args.no_bootstrap}
+    if args.steps is not None:
+        preset["steps"] = args.steps
     if args.run_one:
         print("RESULT " + json.dumps(run_one(args.run_one, preset)))
         return
@@ -430,7 +442,9 @@ def main() -> None:
         if name not in TRAINERS:
             raise SystemExit(f"unknown trainer {name!r}; choose from {TRAINERS}")
         done = subprocess.run(
-            [sys.executable, __file__, "--preset", args.preset, "--run-one", name],
+            [sys.executable, __file__, "--preset", args.preset, "--run-one", name]
+            + (["--no-bootstrap"] if args.no_bootstrap else [])
+            + (["--steps", str(args.steps)] if args.steps is not None else []),
             capture_output=True,
             text=True,
         )

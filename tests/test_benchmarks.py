@@ -228,7 +228,22 @@ def test_profile_benchmark_sorts_both_processes_samples_into_stages(tmp_path):
     if shutil.which("py-spy") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "py-spy")):
         pytest.skip("py-spy is not installed (pip install py-spy); benchmarks/profile_npd.py needs it")
     out = tmp_path / "profile.json"
-    table = run("profile_npd.py", "--preset", "micro", "--trainer", "npd-no-ifd", "--rate", "50", "--out", str(out))
+    # without the bootstrap, so the short run cannot end before the generator process has sampled anything, and
+    # enough steps that a micro model's few-millisecond training steps are sampled at all
+    table = run(
+        "profile_npd.py",
+        "--preset",
+        "micro",
+        "--trainer",
+        "npd-no-ifd",
+        "--no-bootstrap",
+        "--steps",
+        "60",
+        "--rate",
+        "200",
+        "--out",
+        str(out),
+    )
     report = json.loads(out.read_text())
     trainer, generator = report["processes"]["trainer"], report["processes"]["generator"]
     assert sum(trainer.values()) > 0 and sum(generator.values()) > 0  # both processes were sampled
