@@ -203,6 +203,8 @@ def test_generation_batch_benchmark_micro(tmp_path):
     # the staleness column follows the sizing rule: (weight_sync_steps - 1) + 2 * batch / per_step
     for r in report["runs"]:
         assert r["worst_staleness_steps"] == 3 + 2 * r["generation_batch_size"] / 8
+        assert r["minimal_loop_ms_per_sample"] > 0
+        assert r["sampler_overhead_frac"] == pytest.approx(r["ms_per_sample"] / r["minimal_loop_ms_per_sample"] - 1)
         assert r["fits_max_staleness"] == (r["worst_staleness_steps"] <= 8)
     assert "worst staleness" in table
 

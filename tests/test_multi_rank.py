@@ -14,7 +14,7 @@ import uuid
 
 import psutil
 import pytest
-from helpers import free_port
+from helpers import free_port, processes_with_marker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multi_rank_worker.py")
@@ -122,20 +122,9 @@ def test_checkpoints_keep_every_ranks_prompt_stream_and_each_rank_resumes_its_ow
     assert [r["first_position_resumed"] for r in ranks] == saved
 
 
-def _processes_with(marker: str) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get("NPD_TEST_LAUNCH") == marker:
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
 def _wait_until_gone(marker: str, timeout_s: float) -> list[psutil.Process]:
     deadline = time.monotonic() + timeout_s
-    while (left := _processes_with(marker)) and time.monotonic() < deadline:
+    while (left := processes_with_marker(marker)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
 
@@ -200,5 +189,5 @@ def test_a_generator_process_exits_when_its_trainer_is_killed(tmp_path):
     finally:
         if trainer.poll() is None:
             trainer.kill()
-        for process in _processes_with(marker):
+        for process in processes_with_marker(marker):
             process.kill()
