@@ -118,3 +118,19 @@ def test_take_reports_wait_time_and_received_batches():
     result = buffer.take(2, current_step=0, max_staleness=0, check_producer=lambda: None)
     assert result.wait_s >= 0.15
     assert len(result.received) == 1 and result.dropped_stale == 0
+
+
+def test_a_transport_that_breaks_during_the_bootstrap_reports_the_generators_failure():
+    """A generator process killed while writing its first batch: the trainer, still bootstrapping, must get the
+    reason (the producer check), not a bare EOFError from the pipe."""
+
+    class BrokenTransport:
+        def get_nowait(self):
+            raise EOFError
+
+    def check_producer():
+        raise RuntimeError("The background generator process died (exit code -9)")
+
+    buffer = SampleBuffer(BrokenTransport(), generation_batch_size=4)
+    with pytest.raises(RuntimeError, match="exit code -9"):
+        buffer.take(4, 0, 8, check_producer, bootstrap=lambda: batch_of(4, 0))

@@ -34,8 +34,12 @@ def test_bad_values_are_rejected_with_a_clear_message(tmp_path, kwargs, message)
 
 def test_generation_batch_defaults_to_the_staleness_budget_and_the_buffer_to_one_batch(tmp_path):
     args = config(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2, lmbda=1.0)
-    # 6 on-policy samples per optimizer step, (max_staleness 8 - weight_sync_steps 4) / 2 = 2 steps' worth
+    # 6 on-policy samples per optimizer step, (max_staleness 8 - weight_sync_steps 4 + 2) / 3 = 2 steps' worth
     assert args.generation_sizes(world_size=1) == (12, 12)
+    looser = config(
+        tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2, lmbda=1.0, max_staleness=12
+    )
+    assert looser.generation_sizes(world_size=1) == (18, 18)  # (12 - 4 + 2) / 3 = 3 steps' worth, rounded down
     assert args.generation_sizes(world_size=2) == (24, 24)  # a shared generator samples for both ranks
     half = config(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2, lmbda=0.5)
     assert half.generation_sizes(world_size=1) == (6, 6)  # half the samples are on-policy, so half the batch
@@ -43,6 +47,9 @@ def test_generation_batch_defaults_to_the_staleness_budget_and_the_buffer_to_one
     assert tight.generation_sizes(world_size=1) == (3, 3)  # never less than one step's worth
     explicit = config(tmp_path, generation_batch_size=5, buffer_size=7, per_device_train_batch_size=2)
     assert explicit.generation_sizes(world_size=1) == (5, 7)
+    # a batch smaller than a micro-batch: the default buffer still holds the micro-batch an on-policy draw takes
+    small = config(tmp_path, generation_batch_size=2, per_device_train_batch_size=4)
+    assert small.generation_sizes(world_size=1) == (2, 4)
 
 
 def test_gkd_fields_keep_their_meaning(tmp_path):

@@ -154,6 +154,81 @@ def test_a_generator_process_still_starting_is_ended_at_once_by_stop(tokenizer, 
     assert report.generated == report.unfinished == 0 and report.failure is None
 
 
+def process_pipeline(tokenizer, student, dataset, **kwargs):
+    collator = DataCollatorForChatML(tokenizer, max_length=64)
+    values = dict(
+        mode="process",
+        student=student,
+        prompts=PromptStream(dataset, collator, seed=0),
+        engine=EngineConfig(max_new_tokens=4, temperature=1.0, pad_token_id=0, eos_token_id=2),
+        generation_batch_size=4,
+        buffer_size=4,
+        max_staleness=4,
+        version=0,
+        step=0,
+        num_threads=1,
+        seed=0,
+    )
+    values.update(kwargs)
+    return GenerationPipeline(**values)
+
+
+def test_the_bootstrap_samples_on_the_live_students_device_not_the_generators(tokenizer, student, dataset):
+    """The trainer's own models sample and score while the process starts: on their device, whatever device the
+    generator process's copies are sent to (a different generator_device failed on the first batch)."""
+    engine = EngineConfig(max_new_tokens=4, temperature=1.0, pad_token_id=0, eos_token_id=2, device="meta")
+    pipeline = process_pipeline(tokenizer, student, dataset, engine=engine, bootstrap=True)
+    pipeline._spec.engine = EngineConfig(max_new_tokens=4, temperature=1.0, pad_token_id=0, eos_token_id=2)
+    pipeline.start()
+    try:
+        assert pipeline._sync_engine.config.device == "cpu"
+        result = pipeline.take(4, current_step=0)  # sampled inline by the live student, on its device
+        assert len(result.samples) == 4 and all(batch.bootstrap for batch in result.received)
+    finally:
+        pipeline.stop()
+
+
+def test_stop_after_a_generator_process_failed_to_start_keeps_the_real_error(tokenizer, student, dataset, monkeypatch):
+    """Starting a spawned process pickles its spec; if that fails there is no process, and stop() must not fail on
+    it (an AttributeError from stop() used to replace the user's error)."""
+    pipeline = process_pipeline(tokenizer, student, dataset)
+
+    def unpicklable(self):
+        raise TypeError("cannot pickle 'function' object")
+
+    monkeypatch.setattr(mp.get_context("spawn").Process, "start", unpicklable)
+    with pytest.raises(TypeError, match="cannot pickle"):
+        pipeline.start()
+    report = pipeline.stop()
+    assert report.generated == 0 and report.failure is None
+
+
+def test_stop_kills_a_generator_process_that_blocks_the_drain(tokenizer, student, dataset, monkeypatch):
+    """A process frozen halfway through writing a batch leaves a drain blocked reading the rest: past the stop
+    deadline it is killed, which ends the read. Simulated: the process is stopped (SIGSTOP) and the drain blocks
+    for as long as it lives."""
+    import signal
+    import time
+
+    pipeline = process_pipeline(tokenizer, student, dataset)
+    pipeline.start()
+    pipeline.take(4, current_step=0)  # the process has started and delivered
+    worker = pipeline._worker
+    os.kill(worker.pid, signal.SIGSTOP)
+
+    def blocked_drain():
+        while worker.is_alive():
+            time.sleep(0.05)
+        return type(pipeline.buffer).drain(pipeline.buffer)
+
+    monkeypatch.setattr(pipeline.buffer, "drain", blocked_drain)
+    start = time.monotonic()
+    pipeline.stop(timeout_s=0.5)
+    assert time.monotonic() - start < 15
+    assert not worker.is_alive() and worker.exitcode == -9
+    assert not [t for t in threading.enumerate() if isinstance(t, threading.Timer)]  # the reaper is gone too
+
+
 def test_publish_does_not_hang_when_the_generator_died_holding_the_snapshot_lock(student):
     snapshot = PolicySnapshot(student, mp.get_context("spawn"))
     holder = mp.get_context("fork").Process(target=_hold_lock_and_die, args=(snapshot._lock,))

@@ -9,7 +9,9 @@ architecture table must hold exactly these rows; rewrite it from a run with
 
 Only sizes are scaled down (steps, batch, completion length); every path-deciding setting is the config default
 (`padding_free`, `use_fused_loss`, `ifd_filter`, `lmbda`, bf16 resolved from the hardware). Three rows use the
-default process generator, which costs a process start each; the others a thread, which runs the same stages.
+default process generator, which costs a process start each, without the start-up bootstrap: a three-step run
+would otherwise be sampled inline before the process (pickling, sampling and scoring the architecture there) has
+served anything. The others use a thread, which runs the same stages.
 """
 
 import logging
@@ -133,6 +135,7 @@ def test_matrix_trains_at_the_defaults_and_reloads(
         per_device_train_batch_size=2,
         max_new_tokens=8,
         generator_mode=mode,
+        generator_bootstrap=False,
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
@@ -144,6 +147,8 @@ def test_matrix_trains_at_the_defaults_and_reloads(
     trainer.train()
 
     assert trainer.state.global_step == 3
+    if trainer.npd_metrics.totals.consumed_samples:  # lmbda 0.5: on-policy steps are drawn at random
+        assert trainer.npd_metrics.totals.received_samples > 0  # and the generator served them
     assert any(not torch.equal(before[name], p) for name, p in student.named_parameters()), "nothing trained"
     trainer.save_model(str(tmp_path / "saved"))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved")).eval()

@@ -316,8 +316,9 @@ def test_a_snapshot_older_than_the_bound_is_refreshed_instead_of_starving(
         trainer._stop_pipeline(raise_failure=True)
 
 
+@pytest.mark.parametrize("max_staleness", [8, 12])
 def test_at_the_default_sizes_a_generator_far_ahead_of_the_trainer_loses_nothing_to_staleness(
-    student, teacher, tokenizer, dataset, make_config
+    student, teacher, tokenizer, dataset, make_config, max_staleness
 ):
     class SlowOptimizer(TrainerCallback):
         """A slow optimizer step, so the generator always runs ahead and the buffer stays full."""
@@ -325,7 +326,9 @@ def test_at_the_default_sizes_a_generator_far_ahead_of_the_trainer_loses_nothing
         def on_step_end(self, *args, **kwargs):
             time.sleep(0.15)
 
-    args = make_config(max_steps=24, max_new_tokens=4)  # weight_sync_steps=4, max_staleness=8, sizes left to NPD
+    # weight_sync_steps=4; sizes left to NPD: at max_staleness 12 the batch is 3 steps' worth (the former rule's 4
+    # went stale)
+    args = make_config(max_steps=24, max_new_tokens=4, max_staleness=max_staleness)
     trainer = trainer_for(student, teacher, tokenizer, dataset, args)
     trainer.add_callback(SlowOptimizer())
     trainer.train()

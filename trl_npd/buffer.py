@@ -99,11 +99,13 @@ class Drained:
     held: int = 0  # samples the trainer had received but not used
     in_transport: int = 0  # samples generated but never delivered
     dropped_in_transport: Counter = field(default_factory=Counter)  # the generator's drops in those batches
+    rejected_in_transport: list[Rejected] = field(default_factory=list)  # and each of them, for the sample log
 
     def add(self, other: Drained) -> None:
         self.held += other.held
         self.in_transport += other.in_transport
         self.dropped_in_transport.update(other.dropped_in_transport)
+        self.rejected_in_transport.extend(other.rejected_in_transport)
 
 
 class EmptyCompletionsError(RuntimeError):
@@ -203,6 +205,9 @@ class SampleBuffer:
         if bootstrap is not None:
             try:
                 return self.transport.get_nowait()
+            except (EOFError, OSError):
+                check_producer()  # a generator process killed while writing its first batch: say why
+                raise
             except queue.Empty:
                 start = time.perf_counter()
                 batch = bootstrap()
@@ -246,3 +251,4 @@ class SampleBuffer:
                 return drained
             drained.in_transport += len(batch.samples)
             drained.dropped_in_transport.update(batch.dropped)
+            drained.rejected_in_transport.extend(batch.rejected)

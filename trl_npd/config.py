@@ -60,9 +60,9 @@ class NearPolicyDistillConfig(GKDConfig):
     generation_batch_size (`int` or `None`, *optional*, defaults to `None`):
         Number of prompts the generator samples completions for at a time. `None` sizes it when training starts:
         the largest batch whose samples can all be trained on within `max_staleness`, i.e. `(max_staleness -
-        weight_sync_steps) / 2` optimizer steps' worth of on-policy samples (at least one step's worth, and one
-        micro-batch). A larger
-        batch costs less per sample but waits longer in the buffer; see `docs/design.md`.
+        weight_sync_steps + 2) / 3` optimizer steps' worth of on-policy samples, rounded down (at least one step's
+        worth, and one micro-batch). A larger batch costs less per sample but waits longer in the buffer; see
+        `docs/design.md`. With `lmbda < 1` the on-policy draws are random, so the bound then holds on average.
     generator_mode (`str`, *optional*, defaults to `"process"`):
         Where the generator runs. `"process"`: a spawned process that generates while the optimizer trains (the
         only mode with real overlap on CPU, see `docs/design.md`). `"thread"`: a thread in the trainer process, for
@@ -130,9 +130,9 @@ class NearPolicyDistillConfig(GKDConfig):
         the newest snapshot go stale before the next refresh and training starves.
     buffer_size (`int` or `None`, *optional*, defaults to `None`):
         Most samples queued between the generator and the trainer, on top of the batch the generator is holding. A
-        full buffer pauses the generator. `None` means one generation batch, which with the default batch size
-        keeps every sample within `max_staleness` however far the generator runs ahead. Must hold at least one
-        generation batch and one training micro-batch.
+        full buffer pauses the generator. `None` means one generation batch (or one training micro-batch, if that is
+        larger), which with the default batch size keeps every sample within `max_staleness` however far the
+        generator runs ahead. Must hold at least one generation batch and one training micro-batch.
     max_policy_kl (`float` or `None`, *optional*, defaults to `None`):
         Bound on the per-token KL between the behaviour policy (the snapshot that sampled) and the current student,
         estimated with k3 on the trained tokens of each optimizer step. When an optimizer step's estimate exceeds
@@ -219,7 +219,10 @@ class NearPolicyDistillConfig(GKDConfig):
     )
     generation_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Prompts sampled per generator batch. None: two optimizer steps' worth of samples."},
+        metadata={
+            "help": "Prompts sampled per generator batch. None: the largest batch that keeps every sample within "
+            "max_staleness ((max_staleness - weight_sync_steps + 2) / 3 optimizer steps' worth)."
+        },
     )
     generator_mode: str = field(
         default="process",
@@ -263,7 +266,11 @@ class NearPolicyDistillConfig(GKDConfig):
         default=8, metadata={"help": "Samples older than this many optimizer steps are dropped and counted."}
     )
     buffer_size: int | None = field(
-        default=None, metadata={"help": "Most samples held between generator and trainer. None: 2 generation batches."}
+        default=None,
+        metadata={
+            "help": "Most samples queued between generator and trainer. None: one generation batch (at least one "
+            "training micro-batch)."
+        },
     )
     max_policy_kl: float | None = field(
         default=None,
@@ -393,19 +400,22 @@ class NearPolicyDistillConfig(GKDConfig):
     def generation_sizes(self, world_size: int) -> tuple[int, int]:
         """The (generation_batch_size, buffer_size) a generator uses, in samples; `None` fields are sized here.
 
-        A generation batch is sampled by one policy version, so its last sample is trained on about
-        `(weight_sync_steps - 1) + 2 * batch / per_step` optimizer steps after that version's weights were taken
-        when the generator runs ahead (a buffer of one batch, plus the batch the generator holds while it waits).
-        The default batch is the largest that keeps this within `max_staleness`: the cheapest per sample that
-        loses nothing to staleness. `world_size` is the number of ranks a shared generator samples for (1 for a
-        per-rank generator).
+        A generation batch is sampled by one policy version. When the generator runs ahead, three batches are in
+        flight: the one the trainer is using, one in the buffer, and one the generator holds while it waits. The
+        generator starts the next batch, with the newest weights (at most `weight_sync_steps - 1` steps old), when
+        the trainer starts on the buffered one, so that batch's last sample is trained on
+        `weight_sync_steps + 3 * batch / per_step - 2` optimizer steps after its weights were taken (`per_step`:
+        on-policy samples an optimizer step takes). The default batch is the largest that keeps this within
+        `max_staleness`: the cheapest per sample that loses nothing to staleness. `world_size` is the number of
+        ranks a shared generator samples for (1 for a per-rank generator).
         """
         micro_batch = self.per_device_train_batch_size * world_size
         per_step = max(1, round(micro_batch * self.gradient_accumulation_steps * self.lmbda))
         batch = self.generation_batch_size
         if batch is None:  # and never less than one micro-batch, which an on-policy draw takes at once
-            batch = max(micro_batch, per_step * max(2, self.max_staleness - self.weight_sync_steps) // 2)
-        buffer = batch if self.buffer_size is None else self.buffer_size
+            steps_worth = max(1, (self.max_staleness - self.weight_sync_steps + 2) // 3)
+            batch = max(micro_batch, per_step * steps_worth)
+        buffer = max(batch, micro_batch) if self.buffer_size is None else self.buffer_size
         if buffer < max(batch, micro_batch):
             raise ValueError(
                 f"buffer_size={buffer} is smaller than one batch: it must hold at least one generation batch "

@@ -39,6 +39,7 @@ class NPDTotals:
     bootstrap_s: float = 0.0  # sampling inline while the generator process was starting
     bootstrap_samples: int = 0  # of received_samples, those the trainer sampled itself while bootstrapping
     first_sample_wait_s: float = 0.0  # until the first samples: waiting, or sampling them inline at start-up
+    first_sample_idle_s: float = 0.0  # of that, waiting with nothing to do
     weight_syncs: Counter = field(default_factory=Counter)  # by reason: "schedule", "drift", "stale_snapshot"
     sync_steps: list[int] = field(default_factory=list)  # the optimizer step of every weight sync, in order
     max_staleness_seen: int = 0
@@ -87,6 +88,7 @@ class NPDMetrics:
         t = self.totals
         if t.consumed_samples == 0:
             t.first_sample_wait_s = result.wait_s + result.bootstrap_s
+            t.first_sample_idle_s = result.wait_s
         t.consumed_samples += len(result.samples)
         t.dropped["stale"] += result.dropped_stale
         if result.dropped_empty_completion:

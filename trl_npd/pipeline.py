@@ -37,12 +37,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
-from .buffer import Drained, GeneratedBatch, SampleBuffer, TakeResult
+from .buffer import Drained, GeneratedBatch, Rejected, SampleBuffer, TakeResult
 from .engine import EngineConfig, RemoteEngine, TransformersEngine
 from .generator import (
     GeneratorSpec,
@@ -57,6 +57,18 @@ from .prompts import PromptStream
 from .scoring import SampleScorer
 from .selection import DeltaIFDFilter
 from .snapshot import PolicySnapshot, held_while_alive, inference_copy
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _kill(process: mp.process.BaseProcess) -> None:
+    """SIGKILL, which ends a process even while it is stopped, and reap it."""
+    if process.is_alive():
+        process.kill()
+        process.join()
 
 
 @contextlib.contextmanager
@@ -95,6 +107,7 @@ class StopReport:
     generated: int = 0  # the generator's own count: prompts it took, each meant to become one sample
     unfinished: int = 0  # of those, prompts of a batch still in the generator's hands when it stopped
     dropped_in_transport: dict[str, int] | None = None  # the generator's drops in batches never delivered
+    rejected_in_transport: list[Rejected] = field(default_factory=list)  # each of those drops, for the sample log
 
 
 class GenerationPipeline:
@@ -201,15 +214,16 @@ class GenerationPipeline:
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
         if self.mode == "sync" or self._remote is not None or self._bootstrapping:
+            # Sampling and scoring in this process use the trainer's own models, on the trainer's device, whatever
+            # `generator_device` the background generator's copies go to.
+            inline_config = replace(self._engine_config, device=str(next(self._student.parameters()).device))
             if self._remote is not None:
                 self._sync_engine = self._remote
             else:
-                self._sync_engine = TransformersEngine(
-                    self._student, self._engine_config, record_t1=self._ifd is not None
-                )
+                self._sync_engine = TransformersEngine(self._student, inline_config, record_t1=self._ifd is not None)
             # a remote engine's scorer (teacher top-k) runs on the trainer's teacher, in this process
             self._sync_scorer, self._sync_selector = scoring_stage(
-                self._teacher, self._student, self._teacher_top_k, self._ifd, self._bos_token_id, self._engine_config
+                self._teacher, self._student, self._teacher_top_k, self._ifd, self._bos_token_id, inline_config
             )
             if self.mode == "thread":
                 args = (
@@ -233,9 +247,10 @@ class GenerationPipeline:
         args = (self._spec, self.buffer, self._stop, self._errors, self.mode == "process")
         if self.mode == "process":
             # daemon: if the trainer process dies without cleanup, the generator dies with it
-            self._worker = self._ctx.Process(target=run_generator, args=args, name="npd-generator", daemon=True)
+            process = self._ctx.Process(target=run_generator, args=args, name="npd-generator", daemon=True)
             with _main_module_hidden():
-                self._worker.start()
+                process.start()  # pickles the spec: if that fails, there is no process for stop() to end
+            self._worker = process
             # The queues' write ends now live in the generator. Closing this process's copies lets a read see the
             # end of the pipe if the generator is killed halfway through writing a batch, instead of blocking for
             # the rest of it forever (mp.Queue keeps both ends in the process that created it).
@@ -256,6 +271,13 @@ class GenerationPipeline:
             self._watchdog = None
         drained = Drained()
         worker = self._worker
+        reaper = None
+        if isinstance(worker, mp.process.BaseProcess):
+            # A process frozen halfway through writing a batch would block a drain below for ever: past the
+            # deadline, kill it, which ends the blocked read (this process holds no copy of the write end).
+            reaper = threading.Timer(timeout_s + 5.0, _signal, args=(worker.pid, signal.SIGKILL))
+            reaper.daemon = True
+            reaper.start()
         terminated_while_starting = (
             isinstance(worker, mp.process.BaseProcess) and self.progress.activity == Activity.STARTING
         )
@@ -278,10 +300,12 @@ class GenerationPipeline:
                         os.kill(worker.pid, signal.SIGCONT)  # a stopped process handles SIGTERM only once continued
                     worker.join(timeout=5)
                 if worker.is_alive():
-                    worker.kill()  # SIGKILL ends a process even while it is stopped
-                    worker.join()
+                    _kill(worker)
         self._worker = None
         drained.add(self.buffer.drain())
+        if reaper is not None:
+            reaper.cancel()
+            reaper.join()  # leave no thread behind
         unused, undelivered = drained.held, drained.in_transport
         failure = None if self.mode == "sync" else self._reported_failure()
         if self.mode == "process":
@@ -296,6 +320,7 @@ class GenerationPipeline:
             # a process ended while starting delivers nothing, so whatever it had taken is unfinished
             unfinished=self.progress.unfinished + (self.progress.taken if terminated_while_starting else 0),
             dropped_in_transport=dict(drained.dropped_in_transport),
+            rejected_in_transport=drained.rejected_in_transport,
         )
 
     # ---- trainer side ---------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 A line is written when the trainer learns a sample's fate: trained on at an optimizer step (with its staleness
 then), evicted past the staleness bound or for an empty completion, or discarded by the generator before the buffer
-(Δ-IFD, an empty prompt).
-Samples still unused when training ends are counted in `npd_metrics.totals`, not listed.
+(Δ-IFD, an empty prompt), including those in batches still on their way when training ends. Samples still unused
+when training ends are counted in `npd_metrics.totals`, not listed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import os
 from typing import IO, Any
 
-from .buffer import Sample, TakeResult
+from .buffer import Rejected, Sample, TakeResult
 
 FILE_NAME = "npd_samples.jsonl"
 
@@ -39,19 +39,14 @@ class SampleLog:
         lines += [_line(s, step, "dropped", "stale") for s in result.stale]
         lines += [_line(s, step, "dropped", "empty_completion") for s in result.empty]
         for batch in result.received:
-            lines += [
-                {
-                    "prompt_index": r.prompt_index,
-                    "stream_position": r.stream_position,
-                    "policy_version": r.policy_version,
-                    "policy_step": r.policy_step,
-                    "ifd_delta": _finite(r.ifd_delta),
-                    "completion_tokens": r.completion_tokens,
-                    "fate": "dropped",
-                    "reason": r.reason,
-                }
-                for r in batch.rejected
-            ]
+            lines += [_rejected_line(r) for r in batch.rejected]
+        self._write(lines)
+
+    def record_rejected(self, rejected: list[Rejected]) -> None:
+        """The generator's drops in batches that were still on their way when training ended."""
+        self._write([_rejected_line(r) for r in rejected])
+
+    def _write(self, lines: list[dict[str, Any]]) -> None:
         if not lines:
             return
         if self._file is None:
@@ -64,6 +59,19 @@ class SampleLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _rejected_line(r: Rejected) -> dict[str, Any]:
+    return {
+        "prompt_index": r.prompt_index,
+        "stream_position": r.stream_position,
+        "policy_version": r.policy_version,
+        "policy_step": r.policy_step,
+        "ifd_delta": _finite(r.ifd_delta),
+        "completion_tokens": r.completion_tokens,
+        "fate": "dropped",
+        "reason": r.reason,
+    }
 
 
 def _line(sample: Sample, step: int, fate: str, reason: str | None = None) -> dict[str, Any]:

@@ -455,12 +455,16 @@ class NearPolicyDistillTrainer(GKDTrainer):
     def _stop_pipeline(self, raise_failure: bool) -> None:
         self._generating = False
         pipeline, self._pipeline = self._pipeline, None
-        if self._sample_log is not None:
-            self._sample_log.close()
-            self._sample_log = None
-        if pipeline is None:
-            return
-        report = pipeline.stop()
+        sample_log, self._sample_log = self._sample_log, None
+        try:
+            if pipeline is None:
+                return
+            report = pipeline.stop()
+            if sample_log is not None:  # the generator's drops in the batches the stop drained
+                sample_log.record_rejected(report.rejected_in_transport)
+        finally:
+            if sample_log is not None:
+                sample_log.close()
         totals = self.npd_metrics.totals
         totals.unused_at_shutdown += report.unused
         totals.undelivered_at_shutdown += report.undelivered
