@@ -386,8 +386,9 @@ def run_method(
 
     student = copy.deepcopy(student_init)
     spec = preset["distill"]
-    # every method sees the same prompts in the same order: seed-dependent shuffles of the training pool, one after
-    # the other (a prompt repeats only once the pool is used up)
+    # every method gets the same prompts, steps x batch of them: seed-dependent shuffles of the training pool, one
+    # after the other (a prompt repeats only once the pool is used up). Each trainer then draws them in its own
+    # seeded order (TRL's dataloaders, NPD's prompt stream).
     rng, prompts = random.Random(seed), []
     while len(prompts) < spec["steps"] * spec["batch"]:
         prompts += rng.sample(train, len(train))
@@ -627,6 +628,8 @@ def summarize(paths: list[str], out: str, plot_path: str) -> None:
     """Paired per-seed differences to GKD (mean and 95% CI), and time to GKD's final accuracy, over the seeds."""
     reports = sorted((json.load(open(path)) for path in paths), key=lambda r: r["seed"])
     methods = [run["method"] for run in reports[0]["runs"]]
+    if not {"gkd", "sft"} <= set(methods):
+        raise SystemExit(f"the summary pairs every method with gkd and sft; these seeds ran only {methods}")
     rows = []
     for method in methods:
         runs = [{run["method"]: run for run in report["runs"]} for report in reports]

@@ -29,8 +29,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (stage, pattern matched against the whole stack); the first match wins. Frames look like "function (file:line)".
 TRAINER_STAGES = [
-    ("wait for samples", r"_next_batch \(.*buffer\.py"),
+    # first: inline sampling also runs under _next_batch, and it is work, not waiting
     ("sample inline (start-up)", r"_generate_inline \("),
+    ("wait for samples", r"_next_batch \(.*buffer\.py"),
     ("weight sync", r"_publish \("),
     ("teacher forward", r"TEACHER_FORWARD"),
     ("loss (divergence)", r"fused_jsd_sum \(|topk_distill_sum \(|generalized_jsd_sum \(|chunked_token_logprobs \("),

@@ -90,6 +90,8 @@ def warmed_up(records: list[dict], warmup_steps: int) -> list[dict]:
 def growth(records: list[dict], key: str, warmup_steps: int) -> float:
     """(value at the last record - value at the first record after warm-up) / the latter."""
     after = warmed_up(records, warmup_steps)
+    if not after:
+        raise SystemExit(f"no record after warm-up (step {warmup_steps}, and the generator serving): run more steps")
     return (after[-1][key] - after[0][key]) / after[0][key]
 
 
@@ -144,21 +146,24 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
         "steps": trainer.state.global_step,
         "wall_s": wall_s,
         "settings": {
-            key: getattr(args, key)
-            for key in (
-                "lmbda",
-                "per_device_train_batch_size",
-                "generation_batch_size",
-                "buffer_size",
-                "weight_sync_steps",
-                "max_staleness",
-                "max_new_tokens",
-                "generator_mode",
-                "ifd_filter",
-                "ifd_band",
-                "padding_free",
-                "use_fused_loss",
-            )
+            # the generation batch and buffer as sized when training started (the fields themselves stay None)
+            **dict(zip(("generation_batch_size", "buffer_size"), args.generation_sizes(world_size=1), strict=True)),
+            **{
+                key: getattr(args, key)
+                for key in (
+                    "lmbda",
+                    "per_device_train_batch_size",
+                    "weight_sync_steps",
+                    "max_staleness",
+                    "max_new_tokens",
+                    "generator_mode",
+                    "ifd_filter",
+                    "ifd_band",
+                    "padding_free",
+                    "use_fused_loss",
+                    "generator_bootstrap",
+                )
+            },
         },
         "warmup_steps": warmup_steps,
         "warmup_end_step": warmed_up(records, warmup_steps)[0]["step"],

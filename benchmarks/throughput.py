@@ -25,9 +25,11 @@ start-up and shutdown but not model loading. Reported per trainer:
 - `steady_samples_per_s`, `steady_completion_tokens_per_s`: the same rates after the first optimizer step, which
   holds every trainer's start-up (NPD's generator process start, everyone's first generation): the rate a long
   run tends to;
-- `startup_wait_s` (NPD): seconds the optimizer waited for its first samples; `steady_wait_frac`: the share of the
-  wall time after the first optimizer step it spent waiting for samples;
-- `setup_s`: seconds to construct the trainer (model loading excluded), reported apart since NPD starts work there;
+- `startup_wait_s` (NPD): seconds the optimizer sat idle waiting for its first samples (with the start-up bootstrap
+  it samples them itself instead, which is work: `bootstrap_s`, counted as inline generation); `steady_wait_frac`:
+  the share of the wall time after the first optimizer step it spent waiting for samples;
+- `setup_s`: seconds to construct the trainer (model loading excluded), reported apart since NPD runs its
+  construction-time probes there;
 - `peak_mem_mb`: CPU: peak resident memory of the trainer process plus that of its largest child (the generator);
   CUDA: `torch.cuda.max_memory_allocated` of the trainer process (a generator process's own GPU memory is not in it);
 - `wait_frac`: fraction of the wall time the optimizer was blocked waiting for samples (NPD only: for `npd-sync`
@@ -306,13 +308,13 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
     steady_s = clock.end - clock.first_step_end
     wait_frac = steady_wait_frac = startup_wait_s = None
     cls = type(trainer)
-    wait_s = 0.0
+    wait_s = bootstrap_s = 0.0
     npd = getattr(trainer, "npd_metrics", None)
     if npd is not None and name != "ceiling":
-        wait_s = npd.totals.wait_s
+        wait_s, bootstrap_s = npd.totals.wait_s, npd.totals.bootstrap_s
         wait_frac = wait_s / wall_s
         steady_wait_frac = (wait_s - clock.first_step_wait_s) / steady_s
-        startup_wait_s = npd.totals.first_sample_wait_s
+        startup_wait_s = npd.totals.first_sample_idle_s  # idle; the bootstrap's inline sampling is work
         assert npd.totals.consumed_samples == samples, (npd.totals.consumed_samples, samples)
     if npd is not None and name == "ceiling":
         assert npd.totals.consumed_samples == samples
@@ -323,6 +325,8 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
             "generated_samples": totals.generated_samples,
             "dropped": dict(totals.dropped),
             "first_sample_wait_s": totals.first_sample_wait_s,
+            "bootstrap_s": totals.bootstrap_s,
+            "bootstrap_samples": totals.bootstrap_samples,
             "weight_syncs": sum(totals.weight_syncs.values()),
         }
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -341,13 +345,14 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
         "steady_wait_frac": steady_wait_frac,
         "peak_mem_mb": peak_mem_mb(device),
         "wait_frac": wait_frac,
-        # where the wall time went: generation inside the training step (TRL's trainers), waiting for the buffer
-        # (NPD; inline generation for npd-sync), forward and backward, and the rest (optimizer, weight syncs, ...)
+        # where the wall time went: generation inside the training step (TRL's trainers; NPD's inline sampling while
+        # its generator process starts), waiting for the buffer (NPD; inline generation for npd-sync), forward and
+        # backward, and the rest (optimizer, weight syncs, ...)
         "time_s": {
-            "inline_generation": cls.inline_generation_s,
+            "inline_generation": cls.inline_generation_s + bootstrap_s,
             "buffer_wait": wait_s,
             "forward_backward": cls.step_s - cls.inline_generation_s,
-            "other": wall_s - cls.step_s - wait_s,
+            "other": wall_s - cls.step_s - wait_s - bootstrap_s,
         },
         **extras,
     }
