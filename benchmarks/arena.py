@@ -3,6 +3,7 @@
     python benchmarks/arena.py --preset cpu --seed 1 --out results/arena/seed-1.json
     python benchmarks/arena.py --preset cpu --tune --out results/arena/tuning.json   # the learning-rate grid
     python benchmarks/arena.py --summarize results/arena/seed-*.json --out results/arena/summary.json
+    python benchmarks/arena.py --records results/arena/seed-*.json --out results/arena/records.json
 
 **Task.** Multiply a 5-digit number by a digit, writing a carry trace first: for `31415*7` the completion is
 `35 07 29 10 23:219905`, the partial products from the last digit up, each with the previous carry added, then the
@@ -39,6 +40,7 @@ distillation, and neither with SFT on teacher samples.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import datetime
 import hashlib
@@ -672,6 +674,71 @@ def summarize(paths: list[str], out: str, plot_path: str) -> None:
     plot_summary(reports, plot_path)
 
 
+def summarize_records(paths: list[str], out: str) -> None:
+    """What the NPD runs trained on, from their per-sample records next to each seed's JSON: samples trained and
+    dropped by reason, the staleness of the trained ones, and Δ-IFD where it was scored (the dropped ones' sign
+    shows a band that cuts by sign)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        stem = os.path.splitext(path)[0]
+        for run in json.load(open(path))["runs"]:
+            records_path = f"{stem}.{run['method']}.samples.jsonl"
+            if not os.path.exists(records_path):
+                continue
+            row = rows.setdefault(
+                run["method"],
+                {"seeds": 0, "fates": collections.Counter(), "staleness": [], "delta_kept": [], "delta_dropped": []},
+            )
+            row["seeds"] += 1
+            with open(records_path) as f:
+                for line in f:
+                    record = json.loads(line)
+                    trained = record["fate"] == "trained"
+                    row["fates"]["trained" if trained else f"dropped: {record['reason']}"] += 1
+                    if trained:
+                        row["staleness"].append(record["staleness"])
+                    if record["ifd_delta"] is not None:
+                        row["delta_kept" if trained else "delta_dropped"].append(record["ifd_delta"])
+
+    def quantiles(values: list[float]) -> dict[str, float] | None:
+        if len(values) < 2:
+            return None
+        q = statistics.quantiles(values, n=20)
+        return {"p5": q[0], "median": statistics.median(values), "p95": q[-1]}
+
+    report = {}
+    for method, row in rows.items():
+        total = sum(row["fates"].values())
+        dropped_delta = row["delta_dropped"]
+        report[method] = {
+            "seeds": row["seeds"],
+            "records": total,
+            "fates": dict(row["fates"]),
+            "dropped_frac": 1 - row["fates"]["trained"] / total if total else 0.0,
+            "staleness_mean": statistics.mean(row["staleness"]) if row["staleness"] else None,
+            "staleness_max": max(row["staleness"], default=None),
+            "ifd_delta_trained": quantiles(row["delta_kept"]),
+            "ifd_delta_dropped": quantiles(dropped_delta),
+            "ifd_dropped_below_zero_frac": (
+                sum(d < 0 for d in dropped_delta) / len(dropped_delta) if dropped_delta else None
+            ),
+        }
+    write_json({"seeds_files": paths, "methods": report}, out)
+    print(
+        f"{'method':17} {'records':>8} {'dropped':>8} {'stale mean':>10} {'max':>4} {'Δ trained p5/med/p95':>22} "
+        f"{'dropped Δ<0':>11}  fates"
+    )
+    for method, r in report.items():
+        kept = r["ifd_delta_trained"]
+        delta = "-" if kept is None else f"{kept['p5']:+.2f}/{kept['median']:+.2f}/{kept['p95']:+.2f}"
+        below = "-" if r["ifd_dropped_below_zero_frac"] is None else f"{r['ifd_dropped_below_zero_frac']:.0%}"
+        mean = "-" if r["staleness_mean"] is None else f"{r['staleness_mean']:.2f}"
+        print(
+            f"{method:17} {r['records']:8d} {r['dropped_frac']:8.1%} {mean:>10} {r['staleness_max']!s:>4} "
+            f"{delta:>22} {below:>11}  {r['fates']}"
+        )
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     def ci(stat: dict[str, float], scale: float = 100.0, fmt: str = "+.1f") -> str:
         return f"{scale * stat['mean']:{fmt}} [{scale * stat['lo']:{fmt}}, {scale * stat['hi']:{fmt}}]"
@@ -722,10 +789,16 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=os.path.join(".cache", "arena"), help="where the teacher is cached")
     parser.add_argument("--tune", action="store_true", help="run the learning-rate grid on the tuning seed")
     parser.add_argument("--summarize", nargs="+", default=None, help="combine these seeds' JSON into --out")
+    parser.add_argument(
+        "--records", nargs="+", default=None, help="summarize the NPD runs' per-sample records of these seeds' JSON"
+    )
     args = parser.parse_args()
     plot_path = args.plot or os.path.splitext(args.out)[0] + ".png"
     if args.summarize:
         summarize(args.summarize, args.out, plot_path)
+        return
+    if args.records:
+        summarize_records(args.records, args.out)
         return
     preset = PRESETS[args.preset]
     methods = args.methods.split(",")

@@ -137,6 +137,15 @@ def test_arena_benchmark_micro(tmp_path):
     assert rows["npd"]["time_to_gkd_final_s"] == [s["npd"]["time_to_gkd_final_s"] for s in per_seed]
     assert (tmp_path / "summary.png").stat().st_size > 0
     assert "minus gkd" in summary_table and "time to gkd final" in summary_table
+    # the NPD runs' per-sample records, summarized over the seeds
+    records_path = tmp_path / "records.json"
+    records_table = run("arena.py", "--records", str(out), str(out2), "--out", str(records_path))
+    records = json.loads(records_path.read_text())["methods"]
+    assert set(records) == {"npd", "npd-topk"}  # the methods that wrote records; sft and gkd have none
+    for method in records:
+        assert records[method]["seeds"] == 2
+        assert records[method]["fates"]["trained"] == sum(s[method]["npd"]["trained_samples"] for s in per_seed)
+    assert "fates" in records_table
 
 
 def test_arena_learning_rate_grid_micro(tmp_path):
