@@ -114,3 +114,28 @@ def test_topk_and_delta_ifd_of_transformed_models_equal_their_full_logits(tokeni
             _mean_nll(_full_logprobs(student, unconditional), unconditional, 1),
         )
         assert s.ifd_delta == pytest.approx(delta_ifd(*nlls), rel=1e-4, abs=1e-5)
+
+
+def test_live_models_in_training_mode_are_scored_without_dropout_and_left_as_they_were(tokenizer):
+    """The trainer scores with its live models in sync mode and during the start-up bootstrap; they are in train
+    mode, with dropout on unless disable_dropout. Scores must be those of eval mode, and the modes restored."""
+    teacher = build_model(tokenizer, hidden_size=48, num_layers=2, seed=5)
+    student = build_model(tokenizer, hidden_size=32, num_layers=2, seed=6)
+    for model in (teacher, student):
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.5  # heavy dropout: a train-mode score would differ every time
+    reference = make_samples([(4, 6), (7, 3)])
+    for s in reference:
+        s.behaviour_logprobs_t1 = [-1.0] * len(s.completion_ids)
+    scored = [make_samples([(4, 6), (7, 3)]) for _ in range(2)]
+    for samples in scored:
+        for s in samples:
+            s.behaviour_logprobs_t1 = [-1.0] * len(s.completion_ids)
+    teacher.eval(), student.eval()
+    SampleScorer(teacher, top_k=5, student=student, ifd=True).score(reference)
+    teacher.train(), student.train()
+    for samples in scored:
+        SampleScorer(teacher, top_k=5, student=student, ifd=True).score(samples)
+        assert [s.ifd_delta for s in samples] == pytest.approx([s.ifd_delta for s in reference], abs=1e-5)
+        assert [s.teacher_topk_ids for s in samples] == [s.teacher_topk_ids for s in reference]
+    assert teacher.training and student.training

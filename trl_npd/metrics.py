@@ -98,9 +98,11 @@ class NPDMetrics:
         t.bootstrap_s += result.bootstrap_s
         t.max_staleness_seen = max([t.max_staleness_seen, *staleness])
         for batch in result.received:
-            self._gen_samples += len(batch.samples)
-            self._gen_tokens += batch.completion_tokens
-            self._gen_busy_s += batch.busy_s
+            if not batch.bootstrap:  # the generator's rate; the trainer's own sampling is bootstrap_s
+                self._gen_samples += len(batch.samples)
+                self._gen_tokens += batch.completion_tokens
+                self._gen_busy_s += batch.busy_s
+                t.generator_busy_s += batch.busy_s
             self._dropped.update(batch.dropped)
             self._truncated += batch.truncated_prompts
             self._ifd_deltas += batch.ifd_deltas
@@ -109,7 +111,6 @@ class NPDMetrics:
                 self._bootstrap_samples += len(batch.samples)
                 t.bootstrap_samples += len(batch.samples)
             t.generated_tokens += batch.completion_tokens
-            t.generator_busy_s += batch.busy_s
             t.dropped.update(batch.dropped)
             t.truncated_prompts += batch.truncated_prompts
 

@@ -55,6 +55,19 @@ class SampleScorer:
     def score(self, samples: list[Sample]) -> None:
         if not samples or (self.top_k is None and not self.ifd):
             return
+        # Scoring in the trainer (sync mode, the start-up bootstrap) uses its live models, which train with dropout
+        # on unless disable_dropout: score as the generator's copies do, in eval mode.
+        models = [m for m in (self.teacher, self.student) if m is not None]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        try:
+            self._score(samples)
+        finally:
+            for m, training in zip(models, modes, strict=True):
+                m.train(training)
+
+    def _score(self, samples: list[Sample]) -> None:
         sequences = [s.prompt_ids + s.completion_ids for s in samples]
         scored = [range(len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)) for s in samples]
         hidden, tokens = self._hidden_and_tokens(self.teacher, sequences, scored)
