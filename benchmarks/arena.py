@@ -75,6 +75,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "npd-sync": {"generator_mode": "sync"},
     "npd-topk": {"teacher_top_k": 10},
     "npd-kl": {},  # max_policy_kl from the preset
+    "npd-no-ifd-kl": {"ifd_filter": False},  # and max_policy_kl from the preset
     "npd-ifd-absolute": {"ifd_filter": True, "ifd_band": "absolute"},  # the former default band, [0, 0.8]
 }
 PRESETS: dict[str, dict[str, Any]] = {
@@ -94,6 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "npd-sync": 3e-4,
             "npd-topk": 3e-4,
             "npd-kl": 3e-4,
+            "npd-no-ifd-kl": 3e-4,
             "npd-ifd-absolute": 3e-4,
         },
         lr_grid=[1e-4, 3e-4, 1e-3],
@@ -431,7 +433,7 @@ def run_method(
                 cls: type = GKDTrainer
             else:
                 overrides = dict(METHODS[method])
-                if method == "npd-kl":
+                if method.endswith("-kl"):
                     overrides["max_policy_kl"] = preset["max_policy_kl"]
                 args = training_args(
                     NearPolicyDistillConfig,
@@ -489,6 +491,13 @@ def smoothed(curve: list[dict[str, float]], window: int) -> list[float]:
     """Trailing mean of the greedy accuracy over `window` checkpoints (fewer at the start)."""
     accs = [point["acc"] for point in curve]
     return [statistics.mean(accs[max(0, i - window + 1) : i + 1]) for i in range(len(accs))]
+
+
+def at_fraction(curve: list[dict[str, float]], window: int, fraction: float) -> float:
+    """The smoothed accuracy at the last checkpoint within `fraction` of the run's steps."""
+    last_step = curve[-1]["step"]
+    index = max(i for i, point in enumerate(curve) if point["step"] <= fraction * last_step)
+    return smoothed(curve, window)[index]
 
 
 def time_to(curve: list[dict[str, float]], window: int, level: float) -> float | None:
@@ -558,6 +567,22 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
         "runs": runs,
         "total_s": time.perf_counter() - started,
     }
+
+
+def added_to(existing: dict[str, Any], report: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any]:
+    """`existing` with `report`'s runs added: the same seed, so the same teacher and warm-started student, and their
+    time to quality measured against the existing GKD run's final accuracy."""
+    for key in ("task", "seed", "student_init_acc", "teacher_acc", "eval_prompts"):
+        if existing[key] != report[key]:
+            raise SystemExit(f"--add-to: {key} differs ({existing[key]} there, {report[key]} here): not the same seed")
+    have = {run["method"] for run in existing["runs"]}
+    if clash := have & {run["method"] for run in report["runs"]}:
+        raise SystemExit(f"--add-to: the report already has {sorted(clash)}")
+    gkd = next(run for run in existing["runs"] if run["method"] == "gkd")
+    for run in report["runs"]:
+        run["time_to_gkd_final_s"] = time_to(run["curve"], preset["final_points"], gkd["final_acc_smoothed"])
+        run["added"] = {"date": report["date"], "device": report["device"]}
+    return {**existing, "runs": existing["runs"] + report["runs"], "total_s": existing["total_s"] + report["total_s"]}
 
 
 def print_seed(report: dict[str, Any]) -> None:
@@ -653,6 +678,21 @@ def summarize(paths: list[str], out: str, plot_path: str) -> None:
                     [r[method]["final_acc_sampled_smoothed"] - r["gkd"]["final_acc_sampled_smoothed"] for r in runs]
                 ),
                 "minus_sft": mean_ci([r[method]["final_acc_smoothed"] - r["sft"]["final_acc_smoothed"] for r in runs]),
+                # at equal steps along the way: the smoothed curve at half the steps, paired with GKD's there
+                "half_steps_minus_gkd": mean_ci(
+                    [
+                        at_fraction(r[method]["curve"], rep["final_points"], 0.5)
+                        - at_fraction(r["gkd"]["curve"], rep["final_points"], 0.5)
+                        for r, rep in zip(runs, reports, strict=True)
+                    ]
+                ),
+                # has the curve flattened: the smoothed gain over the last quarter of the steps
+                "last_quarter_gain": mean_ci(
+                    [
+                        r[method]["final_acc_smoothed"] - at_fraction(r[method]["curve"], rep["final_points"], 0.75)
+                        for r, rep in zip(runs, reports, strict=True)
+                    ]
+                ),
                 "wall_s": mean_ci([r[method]["wall_s"] for r in runs]),
                 "time_to_gkd_final_s": [r[method]["time_to_gkd_final_s"] for r in runs],
                 "time_to_gkd_final_vs_gkd_wall": [
@@ -751,12 +791,14 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{summary['teacher_acc']:.1%}; student init " + " ".join(f"{a:.1%}" for a in summary["student_init_acc"])
     )
     print(
-        f"{'method':17} {'final acc':>9} {'minus gkd [95% CI]':>22} {'minus sft [95% CI]':>22} {'sampled - gkd':>20}"
+        f"{'method':17} {'final acc':>9} {'minus gkd [95% CI]':>22} {'minus sft [95% CI]':>22} {'sampled - gkd':>20} "
+        f"{'half steps - gkd':>20} {'last quarter gain':>20}"
     )
     for row in summary["methods"]:
         print(
             f"{row['method']:17} {100 * row['final_acc_smoothed']['mean']:8.1f}% {ci(row['minus_gkd']):>22} "
-            f"{ci(row['minus_sft']):>22} {ci(row['minus_gkd_sampled']):>20}"
+            f"{ci(row['minus_sft']):>22} {ci(row['minus_gkd_sampled']):>20} {ci(row['half_steps_minus_gkd']):>20} "
+            f"{ci(row['last_quarter_gain']):>20}"
         )
     print(
         f"\n{'time to gkd final':17} {'wall_s (mean)':>13} {'per seed (s; - = not reached)':>40} {'vs gkd wall':>12}"
@@ -793,6 +835,11 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="run the learning-rate grid on the tuning seed")
     parser.add_argument("--summarize", nargs="+", default=None, help="combine these seeds' JSON into --out")
     parser.add_argument(
+        "--add-to",
+        default=None,
+        help="a seed's JSON: run --methods on the same seed and write that report with their runs added to --out",
+    )
+    parser.add_argument(
         "--records", nargs="+", default=None, help="summarize the NPD runs' per-sample records of these seeds' JSON"
     )
     args = parser.parse_args()
@@ -814,6 +861,8 @@ def main() -> None:
     if args.seed == preset["tuning_seed"]:
         raise SystemExit(f"seed {args.seed} is the tuning seed; compare on the others")
     report = run_seed(preset, args.seed, methods, preset["lr"], args)
+    if args.add_to:
+        report = added_to(json.load(open(args.add_to)), report, preset)
     write_json(report, args.out)
     plot_seed(report, plot_path)
     print_seed(report)

@@ -118,6 +118,14 @@ def test_arena_benchmark_micro(tmp_path):
     assert all({"prompt_index", "policy_version", "staleness", "ifd_delta"} <= set(x) for x in trained)
     assert (tmp_path / "seed-3.png").stat().st_size > 0
     assert not report["teacher_cached"] and any(cache.iterdir())
+    # another method added to the same seed: same warm start, time to quality against that seed's GKD run
+    added = tmp_path / "seed-3-added.json"
+    run(*arena, "--seed", "3", "--methods", "npd-no-ifd-kl", "--add-to", str(out), "--out", str(added))
+    merged = json.loads(added.read_text())
+    assert [r["method"] for r in merged["runs"]] == [*methods.split(","), "npd-no-ifd-kl"]
+    new_run = merged["runs"][-1]
+    assert new_run["npd"]["trained_samples"] == 4 * 4 and "added" in new_run
+    assert merged["runs"][:-1] == report["runs"]
     # a second seed takes the cached teacher
     out2 = tmp_path / "seed-4.json"
     run(*arena, "--seed", "4", "--out", str(out2))
@@ -135,6 +143,13 @@ def test_arena_benchmark_micro(tmp_path):
     assert rows["npd"]["minus_gkd"]["lo"] <= rows["npd"]["minus_gkd"]["mean"] <= rows["npd"]["minus_gkd"]["hi"]
     assert rows["gkd"]["minus_gkd"]["mean"] == 0
     assert rows["npd"]["time_to_gkd_final_s"] == [s["npd"]["time_to_gkd_final_s"] for s in per_seed]
+
+    def smoothed_at_half(run):  # the last checkpoint within half the steps, averaged with the one before (window 2)
+        accs = [p["acc"] for p in run["curve"] if p["step"] <= run["steps"] / 2]
+        return sum(accs[-2:]) / len(accs[-2:])
+
+    half = [smoothed_at_half(s["npd"]) - smoothed_at_half(s["gkd"]) for s in per_seed]
+    assert rows["npd"]["half_steps_minus_gkd"]["mean"] == pytest.approx(sum(half) / 2)
     assert (tmp_path / "summary.png").stat().st_size > 0
     assert "minus gkd" in summary_table and "time to gkd final" in summary_table
     # the NPD runs' per-sample records, summarized over the seeds
