@@ -3,9 +3,10 @@
     python benchmarks/soak.py --steps 1000 --out results/soak.json
 
 Micro models (a Qwen3-shaped student and teacher of a few hundred thousand parameters) train at the NPD defaults:
-the generator in its own process, a weight sync every `weight_sync_steps`, the staleness bound, Δ-IFD selection,
-packing and the fused loss, `lmbda` 0.5. Only what a CPU machine needs differs (fp32, no checkpoints, no reports),
-and `max_new_tokens` is shorter so a thousand steps fit in minutes. Every `--record-every` steps it records:
+the generator in its own process, a weight sync every `weight_sync_steps` (and early on drift, `max_policy_kl`),
+the staleness bound, Δ-IFD as the defaults set it (off), packing and the fused loss, `lmbda` 0.5. Only what a CPU
+machine needs differs (fp32, no checkpoints, no reports), and `max_new_tokens` is shorter so a thousand steps fit
+in minutes. Every `--record-every` steps it records:
   - the resident memory (RSS, psutil) of the trainer process and of the generator process;
   - the samples waiting in the buffer;
 and it records the staleness of every sample trained on. At the end it checks:
@@ -159,6 +160,7 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
                     "generator_mode",
                     "ifd_filter",
                     "ifd_band",
+                    "max_policy_kl",
                     "padding_free",
                     "use_fused_loss",
                     "generator_bootstrap",
@@ -178,6 +180,7 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
         },
         "buffer": {"mean": sum(r["buffer"] for r in records) / len(records), "max": max(r["buffer"] for r in records)},
         "weight_syncs": len(totals.sync_steps),
+        "weight_syncs_by_reason": dict(totals.weight_syncs),
         "sync_steps": {"first": totals.sync_steps[0], "last": totals.sync_steps[-1]} if totals.sync_steps else None,
         "staleness": {
             "trained_samples": sum(trainer.trained_staleness.values()),

@@ -8,8 +8,9 @@ trains on each generated sample once:
 
 - `gkd`: TRL's `GKDTrainer` with `lmbda=1` (samples with the student before every step);
 - `distillation`: `trl.DistillationTrainer` with transformers' `generate` (no vLLM);
-- `npd`: `NearPolicyDistillTrainer` with its defaults (background process, Δ-IFD selection on);
-- `npd-no-ifd`: the same without Δ-IFD, to tell selection cost from the rest;
+- `npd`: `NearPolicyDistillTrainer` with its defaults (background process, the start-up bootstrap, Δ-IFD off, the
+  KL-bounded refresh);
+- `npd-ifd`: the same with Δ-IFD selection on, to show what selection costs;
 - `npd-topk`: the defaults with the NPD paper's objective (`teacher_top_k=10`): the generator scores each sample's
   teacher top-k, so the training step runs no teacher forward;
 - `npd-sync`: the generator forced synchronous (`generator_mode="sync"`): what asynchrony alone buys;
@@ -56,7 +57,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-TRAINERS = ["gkd", "distillation", "npd", "npd-no-ifd", "npd-topk", "npd-sync", "ceiling"]
+TRAINERS = ["gkd", "distillation", "npd", "npd-ifd", "npd-topk", "npd-sync", "ceiling"]
 
 # Model shapes: (hidden, layers, heads, kv heads, head_dim, intermediate); the GPU presets use Qwen3's own.
 QWEN3_0_6B = (1024, 28, 16, 8, 128, 3072)
@@ -208,7 +209,7 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
         )
     overrides = {
         "npd": {},
-        "npd-no-ifd": {"ifd_filter": False},
+        "npd-ifd": {"ifd_filter": True},
         "npd-topk": {"teacher_top_k": 10},
         "npd-sync": {"generator_mode": "sync"},
         # generation is done before the clock starts, so nothing in it should be selected or timed

@@ -54,8 +54,9 @@ def main() -> None:
     print(
         f"\n{totals.generated_samples} samples generated, {totals.consumed_samples} trained on, "
         f"{totals.dropped['stale']} dropped as stale, "
-        f"{totals.dropped['ifd_low'] + totals.dropped['ifd_high']} dropped by Δ-IFD before the buffer, "
-        f"{totals.unused()} unused at the end; {totals.bootstrap_samples} sampled by the trainer itself in "
+        f"{totals.unused()} unused at the end; {totals.weight_syncs['drift']} weight syncs brought forward by "
+        f"max_policy_kl on top of {totals.weight_syncs['schedule']} scheduled; "
+        f"{totals.bootstrap_samples} sampled by the trainer itself in "
         f"{totals.bootstrap_s:.1f} s while the generator process started, after which it waited {totals.wait_s:.1f} s "
         "on the buffer."
     )
@@ -66,6 +67,7 @@ SHOWN = [
     "npd/staleness_mean",
     "npd/staleness_max",
     "npd/policy_kl",
+    "npd/drift_refreshes",
     "npd/wait_s",
     "npd/gen_samples_per_s",
 ]

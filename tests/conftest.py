@@ -53,6 +53,8 @@ def make_config(tmp_path):
             disable_tqdm=True,  # tqdm's monitor thread is not ours; keep it out of the thread checks
             # Δ-IFD has its own tests; elsewhere exact sample counts must not depend on random models' Δ
             ifd_filter=False,
+            # exact weight-sync schedules: refreshes on drift have tests of their own
+            max_policy_kl=None,
             # the tests of the generator process test the process: no inline sampling while it starts (it has
             # tests of its own)
             generator_bootstrap=False,

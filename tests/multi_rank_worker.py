@@ -60,6 +60,7 @@ def config(out: str, **overrides) -> NearPolicyDistillConfig:
         # these runs are a few steps long: with the bootstrap the trainers would sample them all inline, before the
         # generator processes whose streams, syncs and failures are under test have started
         generator_bootstrap=False,
+        max_policy_kl=None,  # syncs at the scheduled steps only, which the tests compare across ranks
         dataloader_num_workers=0,
         use_cpu=True,  # with torchrun's variables set, this makes accelerate take the multi-CPU (gloo) path
     )

@@ -204,7 +204,8 @@ def test_soak_benchmark_100_steps(tmp_path):
     table = run("soak.py", "--steps", "100", "--record-every", "10", "--warmup-steps", "20", "--out", str(out))
     report = json.loads(out.read_text())
     assert report["steps"] == 100
-    assert report["weight_syncs"] == 100 // report["settings"]["weight_sync_steps"]
+    # every scheduled sync, and any early refresh on drift (max_policy_kl is on at the defaults)
+    assert report["weight_syncs"] >= 100 // report["settings"]["weight_sync_steps"]
     assert [r["step"] for r in report["records"]] == list(range(10, 101, 10))
     assert all(r["rss_trainer_mb"] > 0 and r["rss_generator_mb"] > 0 for r in report["records"])
     # a tripwire for a gross leak only: 100 steps are too few to hold the 5% target to
@@ -215,7 +216,6 @@ def test_soak_benchmark_100_steps(tmp_path):
     assert accounting["exact"]
     dropped = sum(accounting["dropped"].values())
     assert accounting["generated"] == accounting["trained"] + dropped + accounting["unused"]
-    assert accounting["dropped"].get("ifd_low", 0) + accounting["dropped"].get("ifd_high", 0) > 0  # Δ-IFD on
     assert (tmp_path / "soak.png").stat().st_size > 0
     assert "accounting" in table and "exact" in table
 
@@ -264,7 +264,7 @@ def test_profile_benchmark_sorts_both_processes_samples_into_stages(tmp_path):
         "--preset",
         "micro",
         "--trainer",
-        "npd-no-ifd",
+        "npd",
         "--no-bootstrap",
         "--steps",
         "60",

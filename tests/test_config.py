@@ -52,6 +52,13 @@ def test_generation_batch_defaults_to_the_staleness_budget_and_the_buffer_to_one
     assert small.generation_sizes(world_size=1) == (2, 4)
 
 
+def test_the_defaults_leave_delta_ifd_off_and_bound_the_policy_drift(tmp_path):
+    """Decided on the arena (docs/design.md): Δ-IFD off, the KL-bounded refresh on."""
+    args = NearPolicyDistillConfig(output_dir=str(tmp_path), report_to="none")
+    assert args.ifd_filter is False and args.ifd_band == "tails"
+    assert args.max_policy_kl == 0.01
+
+
 def test_gkd_fields_keep_their_meaning(tmp_path):
     args = config(tmp_path, lmbda=0.3, beta=0.1, seq_kd=True, temperature=0.7, max_new_tokens=17)
     assert (args.lmbda, args.beta, args.seq_kd, args.temperature, args.max_new_tokens) == (0.3, 0.1, True, 0.7, 17)

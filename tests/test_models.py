@@ -195,7 +195,7 @@ class DoubledLogits(Qwen3ForCausalLM):
 
 @pytest.mark.parametrize(
     ("overrides", "named"),
-    [({}, "use_fused_loss=True, ifd_filter=True"), ({"use_fused_loss": False}, "ifd_filter=True")],
+    [({}, "use_fused_loss=True"), ({"use_fused_loss": False, "ifd_filter": True}, "ifd_filter=True")],
     ids=["fused-loss", "ifd-scoring-only"],
 )
 def test_a_trained_copy_of_the_lm_head_is_refused_at_construction(

@@ -273,6 +273,8 @@ def test_policy_drift_above_max_policy_kl_refreshes_the_snapshot_early(
     totals = trainer.npd_metrics.totals
     # the scheduled sync (every 100 steps) never comes in 6 steps: every refresh is a drift refresh
     assert set(totals.weight_syncs) == {"drift"} and totals.weight_syncs["drift"] >= 5
+    logged = [entry["npd/drift_refreshes"] for entry in trainer.state.log_history if "npd/drift_refreshes" in entry]
+    assert sum(logged) == totals.weight_syncs["drift"]  # each logging window counts its own
 
 
 def test_without_max_policy_kl_only_the_schedule_refreshes(student, teacher, tokenizer, dataset, make_config):

@@ -75,6 +75,7 @@ class NPDMetrics:
         self._gen_busy_s = 0.0
         self._kl_sum, self._kl_tokens = 0.0, 0
         self._sync_s: list[float] = []
+        self._drift_refreshes = 0
         self._truncated = 0
         self._packing: list[PackingStats] = []
         self._ifd_deltas: list[float] = []
@@ -123,6 +124,7 @@ class NPDMetrics:
 
     def record_sync(self, seconds: float, reason: str, step: int) -> None:
         self._sync_s.append(seconds)
+        self._drift_refreshes += reason == "drift"
         self.totals.weight_syncs[reason] += 1
         self.totals.sync_steps.append(step)
 
@@ -156,6 +158,7 @@ class NPDMetrics:
             logs["npd/policy_kl"] = self._kl_sum / self._kl_tokens
         if self._sync_s:
             logs["npd/weight_sync_s"] = sum(self._sync_s) / len(self._sync_s)
+            logs["npd/drift_refreshes"] = float(self._drift_refreshes)  # syncs brought forward by max_policy_kl
         if self._packing:
             logs["npd/row_fill"] = sum(p.row_fill for p in self._packing) / len(self._packing)
             logs["npd/pad_frac"] = sum(p.pad_frac for p in self._packing) / len(self._packing)
@@ -180,7 +183,16 @@ _SUMMED = {
     "npd/gen_tokens_per_s",
     "npd/bootstrap_samples",
 }
-_MAXED = {"npd/staleness_max", "npd/version", "npd/wait_s", "npd/wait_frac", "npd/weight_sync_s", "npd/bootstrap_s"}
+# drift refreshes are decided together (on the KL summed over ranks), so every rank counts the same ones
+_MAXED = {
+    "npd/staleness_max",
+    "npd/version",
+    "npd/wait_s",
+    "npd/wait_frac",
+    "npd/weight_sync_s",
+    "npd/bootstrap_s",
+    "npd/drift_refreshes",
+}
 
 
 def aggregate_across_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
