@@ -80,7 +80,9 @@ def parse(raw_path: str) -> tuple[collections.Counter, collections.Counter]:
             stack, _, count = line.rstrip("\n").rpartition(" ")
             if not count.isdigit():
                 continue
-            if "spawn_main" in stack and "resource_tracker" not in stack:  # the generator process, start-up included
+            # the generator process's main thread, start-up included (its other threads, the queue's feeder and
+            # the heartbeat, idle most of the time and would count as "other")
+            if "spawn_main" in stack and "resource_tracker" not in stack and "MainThread" in stack:
                 generator[stack] += int(count)
             elif "train (" in stack and "MainThread" in stack:
                 # mark the teacher's forward inside distillation_loss by its line
