@@ -131,29 +131,6 @@ def _hold_lock_and_die(lock):
     os._exit(0)
 
 
-def test_a_generator_process_still_starting_is_ended_at_once_by_stop(tokenizer, student, dataset):
-    """A train() shorter than the generator's start-up (the bootstrap served it) must not wait for that start-up."""
-    collator = DataCollatorForChatML(tokenizer, max_length=64)
-    pipeline = GenerationPipeline(
-        mode="process",
-        student=student,
-        prompts=PromptStream(dataset, collator, seed=0),
-        engine=EngineConfig(max_new_tokens=4, temperature=1.0, pad_token_id=0, eos_token_id=2),
-        generation_batch_size=4,
-        buffer_size=4,
-        max_staleness=4,
-        version=0,
-        step=0,
-        num_threads=1,
-        seed=0,
-    )
-    pipeline.start()
-    worker = pipeline._worker
-    report = pipeline.stop()  # at once: the new interpreter is still importing torch
-    assert worker.exitcode == -15  # ended by SIGTERM, not by seeing the stop after its start-up
-    assert report.generated == report.unfinished == 0 and report.failure is None
-
-
 def process_pipeline(tokenizer, student, dataset, **kwargs):
     collator = DataCollatorForChatML(tokenizer, max_length=64)
     values = dict(
@@ -171,6 +148,16 @@ def process_pipeline(tokenizer, student, dataset, **kwargs):
     )
     values.update(kwargs)
     return GenerationPipeline(**values)
+
+
+def test_a_generator_process_still_starting_is_ended_at_once_by_stop(tokenizer, student, dataset):
+    """A train() shorter than the generator's start-up (the bootstrap served it) must not wait for that start-up."""
+    pipeline = process_pipeline(tokenizer, student, dataset)
+    pipeline.start()
+    worker = pipeline._worker
+    report = pipeline.stop()  # at once: the new interpreter is still importing torch
+    assert worker.exitcode == -15  # ended by SIGTERM, not by seeing the stop after its start-up
+    assert report.generated == report.unfinished == 0 and report.failure is None
 
 
 def test_the_bootstrap_samples_on_the_live_students_device_not_the_generators(tokenizer, student, dataset):

@@ -290,9 +290,16 @@ class GenerationPipeline:
             deadline = time.monotonic() + (0.0 if self._hang is not None else timeout_s)
             # Keep draining while the worker winds down: a process cannot exit while its queue still has data
             # that no one reads.
-            while worker.is_alive() and time.monotonic() < deadline:
-                drained.add(self.buffer.drain())
-                worker.join(timeout=0.05)
+            try:
+                while worker.is_alive() and time.monotonic() < deadline:
+                    drained.add(self.buffer.drain())
+                    worker.join(timeout=0.05)
+            finally:
+                # the only reads that can block are over; from here on the worker is ended and reaped here
+                if reaper is not None:
+                    reaper.cancel()
+                    reaper.join()  # leave no thread behind
+                    reaper = None
             if isinstance(worker, mp.process.BaseProcess):
                 if worker.is_alive() and self._hang is None:
                     worker.terminate()
@@ -303,9 +310,7 @@ class GenerationPipeline:
                     _kill(worker)
         self._worker = None
         drained.add(self.buffer.drain())
-        if reaper is not None:
-            reaper.cancel()
-            reaper.join()  # leave no thread behind
+
         unused, undelivered = drained.held, drained.in_transport
         failure = None if self.mode == "sync" else self._reported_failure()
         if self.mode == "process":

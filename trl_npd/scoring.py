@@ -55,17 +55,20 @@ class SampleScorer:
     def score(self, samples: list[Sample]) -> None:
         if not samples or (self.top_k is None and not self.ifd):
             return
-        # Scoring in the trainer (sync mode, the start-up bootstrap) uses its live models, which train with dropout
-        # on unless disable_dropout: score as the generator's copies do, in eval mode.
-        models = [m for m in (self.teacher, self.student) if m is not None]
-        modes = [m.training for m in models]
-        for m in models:
+        # Scoring in the trainer (sync mode, the start-up bootstrap) uses its live models: the student trains with
+        # dropout on unless disable_dropout. Score as the generator's copies do, in eval mode, flipping only a model
+        # that is in train mode and used here. (Only Δ-IFD uses the student, and it runs on the trainer's own thread:
+        # the vLLM backend's scoring thread, which cannot run Δ-IFD, uses the teacher alone, which TRL keeps in eval
+        # mode, so no mode is flipped from another thread while the trainer trains.)
+        used = [self.teacher] + ([self.student] if self.ifd else [])
+        flipped = [m for m in used if m is not None and m.training]
+        for m in flipped:
             m.eval()
         try:
             self._score(samples)
         finally:
-            for m, training in zip(models, modes, strict=True):
-                m.train(training)
+            for m in flipped:
+                m.train()
 
     def _score(self, samples: list[Sample]) -> None:
         sequences = [s.prompt_ids + s.completion_ids for s in samples]
