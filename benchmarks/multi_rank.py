@@ -100,7 +100,7 @@ def worker(preset: dict[str, Any], placement: str, out: str) -> None:
             "wall_s": wall_s,
             "samples_per_s": samples / wall_s,
             "steady_samples_per_s": samples / steady_s,
-            "wait_frac": (totals.wait_s - totals.first_sample_wait_s) / steady_s,
+            "wait_frac": (totals.wait_s - totals.first_sample_idle_s) / steady_s,  # bootstrap sampling is work
         }
         with open(out, "w") as f:
             json.dump(result, f)
