@@ -664,9 +664,9 @@ def summarize(paths: list[str], out: str, plot_path: str) -> None:
     methods = [run["method"] for run in reports[0]["runs"]]
     if not {"gkd", "sft"} <= set(methods):
         raise SystemExit(f"the summary pairs every method with gkd and sft; these seeds ran only {methods}")
+    runs = [{run["method"]: run for run in report["runs"]} for report in reports]  # per seed, by method
     rows = []
     for method in methods:
-        runs = [{run["method"]: run for run in report["runs"]} for report in reports]
         final = [r[method]["final_acc_smoothed"] for r in runs]
         rows.append(
             {

@@ -88,18 +88,15 @@ def warmed_up(records: list[dict], warmup_steps: int) -> list[dict]:
     return [r for r in records if r["step"] >= warmup_steps and not r["bootstrapping"]]
 
 
-def growth(records: list[dict], key: str, warmup_steps: int) -> float:
+def growth(after: list[dict], key: str) -> float:
     """(value at the last record - value at the first record after warm-up) / the latter."""
-    after = warmed_up(records, warmup_steps)
-    if not after:
-        raise SystemExit(f"no record after warm-up (step {warmup_steps}, and the generator serving): run more steps")
     return (after[-1][key] - after[0][key]) / after[0][key]
 
 
-def slope_per_1k_steps(records: list[dict], key: str, warmup_steps: int) -> float:
+def slope_per_1k_steps(after: list[dict], key: str) -> float:
     """Least-squares slope of `key` over the records after warm-up, per 1,000 steps: a leak shows as a steady
     climb, while RSS also swings by a few MiB from one record to the next with whatever a step had allocated."""
-    points = [(r["step"], r[key]) for r in warmed_up(records, warmup_steps)]
+    points = [(r["step"], r[key]) for r in after]
     mean_x = sum(x for x, _ in points) / len(points)
     mean_y = sum(y for _, y in points) / len(points)
     variance = sum((x - mean_x) ** 2 for x, _ in points)
@@ -142,6 +139,9 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
     wall_s = time.perf_counter() - start
     totals = trainer.npd_metrics.totals
     records = recorder.records
+    after = warmed_up(records, warmup_steps)
+    if not after:
+        raise SystemExit(f"no record after warm-up (step {warmup_steps}, and the generator serving): run more steps")
     stale_trained = sum(n for s, n in trainer.trained_staleness.items() if s > args.max_staleness)
     return {
         "steps": trainer.state.global_step,
@@ -168,15 +168,15 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
             },
         },
         "warmup_steps": warmup_steps,
-        "warmup_end_step": warmed_up(records, warmup_steps)[0]["step"],
+        "warmup_end_step": after[0]["step"],
         "records": records,
         "rss_growth_frac": {
-            "trainer": growth(records, "rss_trainer_mb", warmup_steps),
-            "generator": growth(records, "rss_generator_mb", warmup_steps),
+            "trainer": growth(after, "rss_trainer_mb"),
+            "generator": growth(after, "rss_generator_mb"),
         },
         "rss_slope_mb_per_1k_steps": {
-            "trainer": slope_per_1k_steps(records, "rss_trainer_mb", warmup_steps),
-            "generator": slope_per_1k_steps(records, "rss_generator_mb", warmup_steps),
+            "trainer": slope_per_1k_steps(after, "rss_trainer_mb"),
+            "generator": slope_per_1k_steps(after, "rss_generator_mb"),
         },
         "buffer": {"mean": sum(r["buffer"] for r in records) / len(records), "max": max(r["buffer"] for r in records)},
         "weight_syncs": len(totals.sync_steps),

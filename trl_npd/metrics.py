@@ -99,7 +99,10 @@ class NPDMetrics:
         t.bootstrap_s += result.bootstrap_s
         t.max_staleness_seen = max([t.max_staleness_seen, *staleness])
         for batch in result.received:
-            if not batch.bootstrap:  # the generator's rate; the trainer's own sampling is bootstrap_s
+            if batch.bootstrap:  # the trainer sampled these itself: bootstrap_s, not the generator's rate
+                self._bootstrap_samples += len(batch.samples)
+                t.bootstrap_samples += len(batch.samples)
+            else:
                 self._gen_samples += len(batch.samples)
                 self._gen_tokens += batch.completion_tokens
                 self._gen_busy_s += batch.busy_s
@@ -108,9 +111,6 @@ class NPDMetrics:
             self._truncated += batch.truncated_prompts
             self._ifd_deltas += batch.ifd_deltas
             t.received_samples += len(batch.samples)
-            if batch.bootstrap:
-                self._bootstrap_samples += len(batch.samples)
-                t.bootstrap_samples += len(batch.samples)
             t.generated_tokens += batch.completion_tokens
             t.dropped.update(batch.dropped)
             t.truncated_prompts += batch.truncated_prompts

@@ -64,13 +64,6 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def _kill(process: mp.process.BaseProcess) -> None:
-    """SIGKILL, which ends a process even while it is stopped, and reap it."""
-    if process.is_alive():
-        process.kill()
-        process.join()
-
-
 @contextlib.contextmanager
 def _main_module_hidden() -> Iterator[None]:
     """Start a spawned process without re-running the user's `__main__` script in it.
@@ -303,11 +296,11 @@ class GenerationPipeline:
             if isinstance(worker, mp.process.BaseProcess):
                 if worker.is_alive() and self._hang is None:
                     worker.terminate()
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(worker.pid, signal.SIGCONT)  # a stopped process handles SIGTERM only once continued
+                    _signal(worker.pid, signal.SIGCONT)  # a stopped process handles SIGTERM only once continued
                     worker.join(timeout=5)
                 if worker.is_alive():
-                    _kill(worker)
+                    worker.kill()  # SIGKILL ends a process even while it is stopped
+                    worker.join()
         self._worker = None
         drained.add(self.buffer.drain())
 
