@@ -234,3 +234,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Results are written and the process group is destroyed (`finish`). The interpreter's teardown of a gloo
+        # rank still aborts now and then in torch's C++ destructors ("terminate called without an active
+        # exception", exit -6; 2 tests in 1 of 4 clean CI rehearsals): end here so that cannot fail a finished rank.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
