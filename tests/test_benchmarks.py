@@ -120,9 +120,9 @@ def test_arena_benchmark_micro(tmp_path):
     assert not report["teacher_cached"] and any(cache.iterdir())
     # another method added to the same seed: same warm start, time to quality against that seed's GKD run
     added = tmp_path / "seed-3-added.json"
-    run(*arena, "--seed", "3", "--methods", "npd-no-ifd-kl", "--add-to", str(out), "--out", str(added))
+    run(*arena, "--seed", "3", "--methods", "npd-ifd", "--add-to", str(out), "--out", str(added))
     merged = json.loads(added.read_text())
-    assert [r["method"] for r in merged["runs"]] == [*methods.split(","), "npd-no-ifd-kl"]
+    assert [r["method"] for r in merged["runs"]] == [*methods.split(","), "npd-ifd"]
     new_run = merged["runs"][-1]
     assert new_run["npd"]["trained_samples"] == 4 * 4 and "added" in new_run
     assert merged["runs"][:-1] == report["runs"]
