@@ -93,7 +93,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         distill=dict(steps=1600, batch=16, temperature=0.9, beta=0.5, lr_scheduler="cosine"),
         # the best of lr_grid on the tuning seed, by final_acc_smoothed (docs/results/arena/tuning.json)
         lr={method: 1e-3 for method in METHODS},
-        lr_grid=[3e-4, 1e-3, 3e-3],
+        lr_grid=[3e-4, 1e-3, 3e-3, 1e-2],
         tuning_seed=0,
         curve_points=16,
         final_points=3,
@@ -610,10 +610,14 @@ def plot_seed(report: dict[str, Any], path: str) -> None:
 # ---- learning-rate tuning ------------------------------------------------------------------------------------------
 def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
     """Each method at each rate of the grid, on the tuning seed (never one of the compared seeds); the best
-    rate by `final_acc_smoothed` goes in the preset's `lr` table."""
+    rate by `final_acc_smoothed` goes in the preset's `lr` table. With `--add-to`, the rates run here extend an
+    earlier grid (a best rate at its edge) and the best is chosen over both."""
     seed = preset["tuning_seed"]
     grid: dict[str, dict[str, float]] = {}
     reports = []
+    if args.add_to:
+        earlier = json.load(open(args.add_to))
+        grid, reports = earlier["grid"], earlier["runs"]
     for lr in preset["lr_grid"]:
         report = run_seed(
             preset, seed, methods, dict.fromkeys(methods, lr), argparse.Namespace(**{**vars(args), "out": None})
@@ -623,11 +627,11 @@ def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
             grid.setdefault(run["method"], {})[f"{lr:g}"] = run["final_acc_smoothed"]
     best = {method: float(max(rates, key=rates.get)) for method, rates in grid.items()}
     write_json({"seed": seed, "grid": grid, "best_lr": best, "runs": reports}, args.out)
-    print(f"{'method':17} " + " ".join(f"{lr:>8g}" for lr in preset["lr_grid"]) + "   best")
+    rates_run = sorted({float(lr) for rates in grid.values() for lr in rates})
+    print(f"{'method':17} " + " ".join(f"{lr:>8g}" for lr in rates_run) + "   best")
     for method, rates in grid.items():
-        print(
-            f"{method:17} " + " ".join(f"{rates[f'{lr:g}']:8.1%}" for lr in preset["lr_grid"]) + f"   {best[method]:g}"
-        )
+        cells = [f"{rates[f'{lr:g}']:8.1%}" if f"{lr:g}" in rates else f"{'-':>8}" for lr in rates_run]
+        print(f"{method:17} " + " ".join(cells) + f"   {best[method]:g}")
 
 
 # ---- summary over seeds ------------------------------------------------------------------------------------------
@@ -822,11 +826,13 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="PNG of accuracy against wall-clock (default: next to --out)")
     parser.add_argument("--cache-dir", default=os.path.join(".cache", "arena"), help="where the teacher is cached")
     parser.add_argument("--tune", action="store_true", help="run the learning-rate grid on the tuning seed")
+    parser.add_argument("--lr-grid", default=None, help="with --tune: these rates (comma-separated), not the preset's")
     parser.add_argument("--summarize", nargs="+", default=None, help="combine these seeds' JSON into --out")
     parser.add_argument(
         "--add-to",
         default=None,
-        help="a seed's JSON: run --methods on the same seed and write that report with their runs added to --out",
+        help="a seed's JSON: run --methods on the same seed and write that report with their runs added to --out; "
+        "with --tune, an earlier grid's JSON that the rates run here extend",
     )
     parser.add_argument(
         "--records", nargs="+", default=None, help="summarize the NPD runs' per-sample records of these seeds' JSON"
@@ -845,6 +851,8 @@ def main() -> None:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     torch.set_num_threads(os.cpu_count() or 1)
     if args.tune:
+        if args.lr_grid:
+            preset = {**preset, "lr_grid": [float(lr) for lr in args.lr_grid.split(",")]}
         tune(preset, methods, args)
         return
     if args.seed == preset["tuning_seed"]:

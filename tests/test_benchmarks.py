@@ -173,6 +173,16 @@ def test_arena_learning_rate_grid_micro(tmp_path):
         assert set(rates) == {"0.0005", "0.001"}
         assert rates[f"{tuning['best_lr'][method]:g}"] == max(rates.values())
     assert "best" in table
+    # a rate past the grid's edge, added to the same grid: the best is chosen over all three
+    extended = tmp_path / "tuning-extended.json"
+    more = ("--lr-grid", "0.002", "--add-to", str(out), "--out", str(extended))
+    run("arena.py", "--tune", *args[:-2], *more)
+    merged = json.loads(extended.read_text())
+    assert len(merged["runs"]) == len(tuning["runs"]) + 1
+    for method, rates in merged["grid"].items():
+        assert set(rates) == {"0.0005", "0.001", "0.002"}
+        assert {k: v for k, v in rates.items() if k != "0.002"} == tuning["grid"][method]
+        assert rates[f"{merged['best_lr'][method]:g}"] == max(rates.values())
 
 
 def test_lora_sync_benchmark_micro(tmp_path):
