@@ -92,7 +92,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         # last quarter instead of stopping mid-climb (a constant rate kept GKD climbing past 2,400 steps)
         distill=dict(steps=1600, batch=16, temperature=0.9, beta=0.5, lr_scheduler="cosine"),
         # the best of lr_grid on the tuning seed, by final_acc_smoothed (docs/results/arena/tuning.json)
-        lr={method: 1e-3 for method in METHODS},
+        lr={
+            "sft": 0.003,
+            "gkd": 0.003,
+            "npd": 0.003,
+            "npd-ifd": 0.003,
+            "npd-no-kl": 0.003,
+            "npd-sync": 0.003,
+            "npd-topk": 0.003,
+        },
         lr_grid=[3e-4, 1e-3, 3e-3, 1e-2],
         tuning_seed=0,
         curve_points=16,
