@@ -2,6 +2,8 @@
 
     python benchmarks/arena.py --preset cpu --seed 1 --out results/arena/seed-1.json
     python benchmarks/arena.py --preset cpu --tune --out results/arena/tuning.json   # the learning-rate grid
+    python benchmarks/arena.py --preset cpu --tune --lr-grid 1e-2 --add-to results/arena/tuning.json \
+        --out results/arena/tuning.json                                              # one more rate, same grid
     python benchmarks/arena.py --summarize results/arena/seed-*.json --out results/arena/summary.json
     python benchmarks/arena.py --records results/arena/seed-*.json --out results/arena/records.json
 
@@ -66,17 +68,22 @@ from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from trl_npd.toy import build_model
 
-# NPD's config per method, spelled out in full rather than as changes to the defaults, so that each name keeps
-# meaning the configuration measured in docs/results/arena whatever the defaults become. `sft` and `gkd` are TRL's
-# trainers. `npd` is NPD's defaults (Δ-IFD off; the KL-bounded refresh on at 0.01 nats per token), and each other
-# NPD method changes one thing: Δ-IFD on (tails band), the drift refresh off, the generator inline, or the paper's
-# top-k objective. (The first arena, at 800 steps, had Δ-IFD on and no drift refresh as its `npd`: design.md §25.)
-NPD_DEFAULTS: dict[str, Any] = {"ifd_filter": False, "max_policy_kl": 0.01}
+# NPD's config per method, the settings the methods differ in pinned here rather than taken from the trainer's
+# defaults, so that each name keeps meaning what docs/results/arena measured if the defaults change. `sft` and `gkd`
+# are TRL's trainers. `npd` is NPD's defaults at the time (Δ-IFD off; the KL-bounded refresh on at 0.01 nats per
+# token; the generator process; the full JSD), and each other NPD method changes one thing. The first arena
+# (800 steps, docs/results/arena-800) used other names: its `npd` had Δ-IFD on and no drift refresh (design.md §25).
+NPD_DEFAULTS: dict[str, Any] = {
+    "ifd_filter": False,
+    "max_policy_kl": 0.01,
+    "generator_mode": "process",
+    "teacher_top_k": None,
+}
 METHODS: dict[str, dict[str, Any] | None] = {
     "sft": None,
     "gkd": None,
     "npd": NPD_DEFAULTS,
-    "npd-ifd": {**NPD_DEFAULTS, "ifd_filter": True},
+    "npd-ifd": {**NPD_DEFAULTS, "ifd_filter": True, "ifd_band": "tails"},
     "npd-no-kl": {**NPD_DEFAULTS, "max_policy_kl": None},
     "npd-sync": {**NPD_DEFAULTS, "generator_mode": "sync"},
     "npd-topk": {**NPD_DEFAULTS, "teacher_top_k": 10},
@@ -115,7 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         teacher_min_acc=0.0,
         student=dict(hidden=16, layers=1),
         warmup=dict(target_acc=0.0, chunk_steps=5, max_steps=5, batch=8, lr=2e-3, probe_prompts=8),
-        distill=dict(steps=4, batch=4, temperature=0.9, beta=0.5, lr_scheduler="linear"),
+        distill=dict(steps=4, batch=4, temperature=0.9, beta=0.5, lr_scheduler="cosine"),
         lr={method: 5e-4 for method in METHODS},
         lr_grid=[5e-4, 1e-3],
         tuning_seed=0,
@@ -625,7 +632,15 @@ def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
     reports = []
     if args.add_to:
         earlier = json.load(open(args.add_to))
+        if "grid" not in earlier:
+            raise SystemExit(f"--tune --add-to: {args.add_to} is not a learning-rate grid (--tune's JSON)")
         grid, reports = earlier["grid"], earlier["runs"]
+        if earlier["seed"] != seed or any(report["distill"] != preset["distill"] for report in reports):
+            raise SystemExit("--tune --add-to: that grid ran another seed or another setup (steps, schedule)")
+        if set(grid) != set(methods):
+            raise SystemExit(f"--tune --add-to: that grid has methods {sorted(grid)}; run the same ones here")
+        if ran := {f"{lr:g}" for lr in preset["lr_grid"]} & set(next(iter(grid.values()))):
+            raise SystemExit(f"--tune --add-to: that grid already has the rates {sorted(ran)}")
     for lr in preset["lr_grid"]:
         report = run_seed(
             preset, seed, methods, dict.fromkeys(methods, lr), argparse.Namespace(**{**vars(args), "out": None})
@@ -846,6 +861,8 @@ def main() -> None:
         "--records", nargs="+", default=None, help="summarize the NPD runs' per-sample records of these seeds' JSON"
     )
     args = parser.parse_args()
+    if args.lr_grid and not args.tune:
+        parser.error("--lr-grid goes with --tune")
     plot_path = args.plot or os.path.splitext(args.out)[0] + ".png"
     if args.summarize:
         summarize(args.summarize, args.out, plot_path)

@@ -176,13 +176,23 @@ def test_arena_learning_rate_grid_micro(tmp_path):
     # a rate past the grid's edge, added to the same grid: the best is chosen over all three
     extended = tmp_path / "tuning-extended.json"
     more = ("--lr-grid", "0.002", "--add-to", str(out), "--out", str(extended))
-    run("arena.py", "--tune", *args[:-2], *more)
+    extended_table = run("arena.py", "--tune", *args[:-2], *more)
+    assert "0.002" in extended_table.splitlines()[-3]  # the table's header has all three rates
     merged = json.loads(extended.read_text())
     assert len(merged["runs"]) == len(tuning["runs"]) + 1
     for method, rates in merged["grid"].items():
         assert set(rates) == {"0.0005", "0.001", "0.002"}
         assert {k: v for k, v in rates.items() if k != "0.002"} == tuning["grid"][method]
         assert rates[f"{merged['best_lr'][method]:g}"] == max(rates.values())
+    # refused: a rate the grid already has, another method set, a seed's JSON in place of a grid
+    for flags, message in [
+        (("--methods", "sft,gkd", "--lr-grid", "0.001"), "already has the rates"),
+        (("--methods", "sft", "--lr-grid", "0.003"), "run the same ones here"),
+    ]:
+        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "arena.py"), "--tune", "--preset", "micro", *flags]
+        cmd += ["--cache-dir", str(tmp_path / "cache"), "--add-to", str(out), "--out", str(tmp_path / "x.json")]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+        assert done.returncode != 0 and message in done.stderr
 
 
 def test_lora_sync_benchmark_micro(tmp_path):
