@@ -140,7 +140,8 @@ class NearPolicyDistillConfig(GKDConfig):
         exceeds it, the snapshot is refreshed at once instead of waiting for `weight_sync_steps`: samples stay
         near-policy however fast the student moves, and a slowly moving student is never refreshed early. `None`
         only logs it. The default is below the drift the arena reaches at a learning rate of 3e-4, where this
-        refresh gave NPD its accuracy above GKD's (docs/design.md).
+        refresh gave NPD its accuracy above GKD's at a fixed budget; at the end of a decaying schedule it was
+        neutral (docs/design.md §25-26).
 
     > Parameters that control batching and the loss
 
