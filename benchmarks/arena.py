@@ -83,6 +83,9 @@ NPD_DEFAULTS: dict[str, Any] = {
 }
 METHODS: dict[str, dict[str, Any] | None] = {
     "sft": None,
+    # a diagnostic, not a way to distil: SFT on the worked answers the teacher learned from, no sampling noise. With
+    # `sft` it splits a gap to GKD into what the teacher's noisy samples cost and what the on-policy states add.
+    "sft-truth": None,
     "gkd": None,
     "npd": NPD_DEFAULTS,
     "npd-ifd": {**NPD_DEFAULTS, "ifd_filter": True, "ifd_band": "tails"},
@@ -95,14 +98,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         digits=5,
         teacher=dict(hidden=128, layers=3, steps=1500, batch=64, lr=2e-3, seed=0, label_smoothing=0.1),
         teacher_min_acc=0.9,
-        student=dict(hidden=64, layers=2),
-        warmup=dict(target_acc=0.3, chunk_steps=100, max_steps=3000, batch=32, lr=2e-3, probe_prompts=256),
+        student=dict(hidden=32, layers=2),
+        warmup=dict(target_acc=0.3, chunk_steps=100, max_steps=5000, batch=32, lr=2e-3, probe_prompts=256),
         # cosine decay to zero, the usual schedule for a run whose end is the result: the curves flatten over the
         # last quarter instead of stopping mid-climb (a constant rate kept GKD climbing past 2,400 steps)
         distill=dict(steps=1600, batch=16, temperature=0.9, beta=0.5, lr_scheduler="cosine"),
         # the best of lr_grid on the tuning seed, by final_acc_smoothed (docs/results/arena/tuning.json)
         lr={
-            "sft": 0.003,
+            "sft": 0.01,
+            "sft-truth": 0.003,
             "gkd": 0.003,
             "npd": 0.003,
             "npd-ifd": 0.003,
@@ -110,7 +114,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "npd-sync": 0.003,
             "npd-topk": 0.003,
         },
-        lr_grid=[3e-4, 1e-3, 3e-3, 1e-2],
+        lr_grid=[1e-3, 3e-3, 1e-2],
         tuning_seed=0,
         curve_points=16,
         final_points=3,
@@ -382,6 +386,16 @@ def training_args(cls: type, preset: dict[str, Any], output_dir: str, seed: int,
     )
 
 
+def sft_completions(
+    method: str, teacher: Any, tokenizer: Any, prompts: list, new_tokens: int, temperature: float, seed: int
+) -> list[str]:
+    """`sft` trains on one teacher completion per prompt, sampled at the distillation temperature; `sft-truth` on
+    the worked answers the teacher was trained on."""
+    if method == "sft-truth":
+        return [answer for _, answer in prompts]
+    return complete(teacher, tokenizer, [q for q, _ in prompts], new_tokens, temperature, seed)
+
+
 def run_method(
     method: str,
     preset: dict[str, Any],
@@ -413,9 +427,9 @@ def run_method(
     curve_steps = {round(spec["steps"] * (i + 1) / points) for i in range(points)}
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as output_dir:
-        if method == "sft":
+        if method in ("sft", "sft-truth"):
             start = time.perf_counter()
-            completions = complete(teacher, tokenizer, [q for q, _ in prompts], new_tokens, spec["temperature"], seed)
+            completions = sft_completions(method, teacher, tokenizer, prompts, new_tokens, spec["temperature"], seed)
             curve = Curve(curve_steps, start_offset_s=time.perf_counter() - start)
             dataset = Dataset.from_list(
                 [
@@ -628,7 +642,8 @@ def plot_seed(report: dict[str, Any], path: str) -> None:
 def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
     """Each method at each rate of the grid, on the tuning seed (never one of the compared seeds); the best
     rate by `final_acc_smoothed` goes in the preset's `lr` table. With `--add-to`, the rates run here extend an
-    earlier grid (a best rate at its edge) and the best is chosen over both."""
+    earlier grid, for all of its methods or only those whose best rate is at its edge, and each method's best is
+    chosen over all the rates it ran."""
     seed = preset["tuning_seed"]
     grid: dict[str, dict[str, float]] = {}
     reports = []
@@ -639,9 +654,11 @@ def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
         grid, reports = earlier["grid"], earlier["runs"]
         if earlier["seed"] != seed or any(report["distill"] != preset["distill"] for report in reports):
             raise SystemExit("--tune --add-to: that grid ran another seed or another setup (steps, schedule)")
-        if set(grid) != set(methods):
-            raise SystemExit(f"--tune --add-to: that grid has methods {sorted(grid)}; run the same ones here")
-        if ran := {f"{lr:g}" for lr in preset["lr_grid"]} & set(next(iter(grid.values()))):
+        # some of its methods (those whose best rate is at the grid's edge), never new ones: a method's rates all
+        # come from one grid on one seed
+        if new := set(methods) - set(grid):
+            raise SystemExit(f"--tune --add-to: that grid has no {sorted(new)}; it has methods {sorted(grid)}")
+        if ran := {f"{lr:g}" for lr in preset["lr_grid"]} & {rate for method in methods for rate in grid[method]}:
             raise SystemExit(f"--tune --add-to: that grid already has the rates {sorted(ran)}")
     for lr in preset["lr_grid"]:
         report = run_seed(

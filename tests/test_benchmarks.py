@@ -120,12 +120,13 @@ def test_arena_benchmark_micro(tmp_path):
     assert not report["teacher_cached"] and any(cache.iterdir())
     # another method added to the same seed: same warm start, time to quality against that seed's GKD run
     added = tmp_path / "seed-3-added.json"
-    run(*arena, "--seed", "3", "--methods", "npd-ifd", "--add-to", str(out), "--out", str(added))
+    run(*arena, "--seed", "3", "--methods", "npd-ifd,sft-truth", "--add-to", str(out), "--out", str(added))
     merged = json.loads(added.read_text())
-    assert [r["method"] for r in merged["runs"]] == [*methods.split(","), "npd-ifd"]
-    new_run = merged["runs"][-1]
+    assert [r["method"] for r in merged["runs"]] == [*methods.split(","), "npd-ifd", "sft-truth"]
+    new_run, truth_run = merged["runs"][-2:]
     assert new_run["npd"]["trained_samples"] == 4 * 4 and "added" in new_run
-    assert merged["runs"][:-1] == report["runs"]
+    assert truth_run["steps"] == 4 and "npd" not in truth_run and "added" in truth_run
+    assert merged["runs"][:-2] == report["runs"]
     # a second seed takes the cached teacher
     out2 = tmp_path / "seed-4.json"
     run(*arena, "--seed", "4", "--out", str(out2))
@@ -163,6 +164,22 @@ def test_arena_benchmark_micro(tmp_path):
     assert "fates" in records_table
 
 
+def test_arena_sft_methods_train_on_teacher_samples_or_the_worked_answers():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import arena
+
+    preset = arena.PRESETS["micro"]
+    tokenizer = arena.build_tokenizer()
+    prompts = arena.splits(preset)[1][:32]
+    answers = [answer for _, answer in prompts]
+    # the worked answers themselves, with no teacher: nothing is sampled
+    assert arena.sft_completions("sft-truth", None, tokenizer, prompts, 8, 0.9, seed=0) == answers
+    # `sft` samples the teacher: an untrained one writes anything but the worked answers
+    teacher = arena.build_model(tokenizer, hidden_size=16, num_layers=1, seed=0)
+    sampled = arena.sft_completions("sft", teacher, tokenizer, prompts, 8, 0.9, seed=0)
+    assert len(sampled) == len(prompts) and sampled != answers
+
+
 def test_arena_learning_rate_grid_micro(tmp_path):
     out = tmp_path / "tuning.json"
     args = ("--preset", "micro", "--methods", "sft,gkd", "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
@@ -184,10 +201,19 @@ def test_arena_learning_rate_grid_micro(tmp_path):
         assert set(rates) == {"0.0005", "0.001", "0.002"}
         assert {k: v for k, v in rates.items() if k != "0.002"} == tuning["grid"][method]
         assert rates[f"{merged['best_lr'][method]:g}"] == max(rates.values())
-    # refused: a rate the grid already has, another method set, a seed's JSON in place of a grid
+    # one method at its edge extended alone: the others keep their rates
+    edge = tmp_path / "tuning-edge.json"
+    only_sft = ("--preset", "micro", "--methods", "sft", "--cache-dir", str(tmp_path / "cache"))
+    run("arena.py", "--tune", *only_sft, "--lr-grid", "0.004", "--add-to", str(extended), "--out", str(edge))
+    edged = json.loads(edge.read_text())
+    assert set(edged["grid"]["sft"]) == {"0.0005", "0.001", "0.002", "0.004"}
+    assert edged["grid"]["gkd"] == merged["grid"]["gkd"] and edged["best_lr"]["gkd"] == merged["best_lr"]["gkd"]
+    assert edged["grid"]["sft"][f"{edged['best_lr']['sft']:g}"] == max(edged["grid"]["sft"].values())
+    # refused: a rate the grid already has, a method the grid does not have
     for flags, message in [
         (("--methods", "sft,gkd", "--lr-grid", "0.001"), "already has the rates"),
-        (("--methods", "sft", "--lr-grid", "0.003"), "run the same ones here"),
+        (("--methods", "gkd", "--lr-grid", "0.0005"), "already has the rates"),
+        (("--methods", "sft,npd", "--lr-grid", "0.003"), "that grid has no ['npd']"),
     ]:
         cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "arena.py"), "--tune", "--preset", "micro", *flags]
         cmd += ["--cache-dir", str(tmp_path / "cache"), "--add-to", str(out), "--out", str(tmp_path / "x.json")]
