@@ -21,8 +21,8 @@ right even where its samples are not, and the student is corrected in the states
 teacher sampled at temperature 0.9 over long outputs behaves the same way. The gap is one of speed: at half the
 steps GKD leads SFT by about 14 points, but at the end of the decaying schedule the `cpu` preset runs, SFT has
 caught up, on the 32-wide student (23x smaller than the teacher) as on a 64-wide one. The diagnostic `sft-truth`,
-SFT on the clean worked answers, takes the same student to about 99%: what holds every distiller back is the
-teacher's smoothed distribution, not the student's size (docs/design.md §26-27).
+SFT on the clean worked answers, takes the same student to about 99%: the student is big enough for the task, and
+what holds every distiller back is learning the teacher's smoothed distribution (docs/design.md §26-27).
 
 1. **Teacher**: trained from scratch until it reaches `teacher_min_acc` on held-out prompts; cached on disk under
    `--cache-dir`, keyed by its config, so only the first run pays for it.
@@ -103,7 +103,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # cosine decay to zero, the usual schedule for a run whose end is the result: the curves flatten over the
         # last quarter instead of stopping mid-climb (a constant rate kept GKD climbing past 2,400 steps)
         distill=dict(steps=1600, batch=16, temperature=0.9, beta=0.5, lr_scheduler="cosine"),
-        # the best of lr_grid on the tuning seed, by final_acc_smoothed (docs/results/arena/tuning.json)
+        # the best of lr_grid on the tuning seed, by final_acc_smoothed (docs/results/arena/tuning.json, and
+        # tuning-sft-truth.json for the diagnostic)
         lr={
             "sft": 0.01,
             "sft-truth": 0.003,
@@ -320,6 +321,13 @@ def teacher_model(
         with open(os.path.join(path, "arena_config.json"), "w") as f:
             json.dump(config, f, indent=2)
     return model, acc, cached
+
+
+def student_params(preset: dict[str, Any]) -> int:
+    """The preset's student's parameter count, without training it."""
+    spec = preset["student"]
+    model = build_model(build_tokenizer(), hidden_size=spec["hidden"], num_layers=spec["layers"], seed=0)
+    return sum(p.numel() for p in model.parameters())
 
 
 def warm_student(preset: dict[str, Any], tokenizer: Any, train: list, held_out: list, seed: int) -> tuple[Any, int]:
@@ -654,8 +662,10 @@ def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
         grid, reports = earlier["grid"], earlier["runs"]
         if earlier["seed"] != seed or any(report["distill"] != preset["distill"] for report in reports):
             raise SystemExit("--tune --add-to: that grid ran another seed or another setup (steps, schedule)")
-        # some of its methods (those whose best rate is at the grid's edge), never new ones: a method's rates all
-        # come from one grid on one seed
+        if {report["student_params"] for report in reports} != {student_params(preset)}:
+            raise SystemExit("--tune --add-to: that grid tuned another student (its size differs from the preset's)")
+        # a subset of its methods (typically those whose best rate is at the grid's edge), never new ones: a
+        # method's rates all come from one grid on one seed
         if new := set(methods) - set(grid):
             raise SystemExit(f"--tune --add-to: that grid has no {sorted(new)}; it has methods {sorted(grid)}")
         if ran := {f"{lr:g}" for lr in preset["lr_grid"]} & {rate for method in methods for rate in grid[method]}:
@@ -664,6 +674,8 @@ def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
         report = run_seed(
             preset, seed, methods, dict.fromkeys(methods, lr), argparse.Namespace(**{**vars(args), "out": None})
         )
+        if reports and report["student_init_acc"] != reports[0]["student_init_acc"]:
+            raise SystemExit("--tune: the warm-started student differs from the grid's first one; not the same setup")
         reports.append(report)
         for run in report["runs"]:
             grid.setdefault(run["method"], {})[f"{lr:g}"] = run["final_acc_smoothed"]
@@ -693,6 +705,9 @@ def summarize(paths: list[str], out: str, plot_path: str) -> None:
     """Paired per-seed differences to GKD (mean and 95% CI), and time to GKD's final accuracy, over the seeds."""
     reports = sorted((json.load(open(path)) for path in paths), key=lambda r: r["seed"])
     methods = [run["method"] for run in reports[0]["runs"]]
+    for report in reports[1:]:
+        if differ := set(methods) ^ {run["method"] for run in report["runs"]}:
+            raise SystemExit(f"the seeds ran different methods: {sorted(differ)} are not in all of them")
     if not {"gkd", "sft"} <= set(methods):
         raise SystemExit(f"the summary pairs every method with gkd and sft; these seeds ran only {methods}")
     runs = [{run["method"]: run for run in report["runs"]} for report in reports]  # per seed, by method

@@ -126,6 +126,11 @@ def test_arena_benchmark_micro(tmp_path):
     new_run, truth_run = merged["runs"][-2:]
     assert new_run["npd"]["trained_samples"] == 4 * 4 and "added" in new_run
     assert truth_run["steps"] == 4 and "npd" not in truth_run and "added" in truth_run
+    # seeds that ran different methods are not paired
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "arena.py"), "--summarize", str(added), str(out)]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    done = subprocess.run([*cmd, "--out", str(tmp_path / "x.json")], capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "['npd-ifd', 'sft-truth'] are not in all of them" in done.stderr
     assert merged["runs"][:-2] == report["runs"]
     # a second seed takes the cached teacher
     out2 = tmp_path / "seed-4.json"
@@ -209,14 +214,20 @@ def test_arena_learning_rate_grid_micro(tmp_path):
     assert set(edged["grid"]["sft"]) == {"0.0005", "0.001", "0.002", "0.004"}
     assert edged["grid"]["gkd"] == merged["grid"]["gkd"] and edged["best_lr"]["gkd"] == merged["best_lr"]["gkd"]
     assert edged["grid"]["sft"][f"{edged['best_lr']['sft']:g}"] == max(edged["grid"]["sft"].values())
-    # refused: a rate the grid already has, a method the grid does not have
-    for flags, message in [
-        (("--methods", "sft,gkd", "--lr-grid", "0.001"), "already has the rates"),
-        (("--methods", "gkd", "--lr-grid", "0.0005"), "already has the rates"),
-        (("--methods", "sft,npd", "--lr-grid", "0.003"), "that grid has no ['npd']"),
+    # refused: a rate the grid already has, a method the grid does not have, a grid of another student
+    other_student = tmp_path / "tuning-other-student.json"
+    other = json.loads(out.read_text())
+    for report in other["runs"]:
+        report["student_params"] += 1
+    other_student.write_text(json.dumps(other))
+    for flags, grid, message in [
+        (("--methods", "sft,gkd", "--lr-grid", "0.001"), out, "already has the rates"),
+        (("--methods", "gkd", "--lr-grid", "0.0005"), out, "already has the rates"),
+        (("--methods", "sft,npd", "--lr-grid", "0.003"), out, "that grid has no ['npd']"),
+        (("--methods", "sft", "--lr-grid", "0.003"), other_student, "that grid tuned another student"),
     ]:
         cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "arena.py"), "--tune", "--preset", "micro", *flags]
-        cmd += ["--cache-dir", str(tmp_path / "cache"), "--add-to", str(out), "--out", str(tmp_path / "x.json")]
+        cmd += ["--cache-dir", str(tmp_path / "cache"), "--add-to", str(grid), "--out", str(tmp_path / "x.json")]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
         assert done.returncode != 0 and message in done.stderr
 
