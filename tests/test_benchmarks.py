@@ -10,17 +10,23 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(script, *args):
+def launch(script, *args):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-    )
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+
+
+def run(script, *args):
+    done = launch(script, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def refused(script, *args):
+    """The error output of a run that must fail."""
+    done = launch(script, *args)
+    assert done.returncode != 0, done.stdout[-3000:]
+    return done.stderr
 
 
 def test_overlap_benchmark_micro(tmp_path):
@@ -127,10 +133,8 @@ def test_arena_benchmark_micro(tmp_path):
     assert new_run["npd"]["trained_samples"] == 4 * 4 and "added" in new_run
     assert truth_run["steps"] == 4 and "npd" not in truth_run and "added" in truth_run
     # seeds that ran different methods are not paired
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "arena.py"), "--summarize", str(added), str(out)]
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run([*cmd, "--out", str(tmp_path / "x.json")], capture_output=True, text=True, env=env)
-    assert done.returncode != 0 and "['npd-ifd', 'sft-truth'] are not in all of them" in done.stderr
+    stderr = refused("arena.py", "--summarize", str(added), str(out), "--out", str(tmp_path / "x.json"))
+    assert "['npd-ifd', 'sft-truth'] are not in all of them" in stderr
     assert merged["runs"][:-2] == report["runs"]
     # a second seed takes the cached teacher
     out2 = tmp_path / "seed-4.json"
@@ -226,10 +230,8 @@ def test_arena_learning_rate_grid_micro(tmp_path):
         (("--methods", "sft,npd", "--lr-grid", "0.003"), out, "that grid has no ['npd']"),
         (("--methods", "sft", "--lr-grid", "0.003"), other_student, "that grid tuned another student"),
     ]:
-        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "arena.py"), "--tune", "--preset", "micro", *flags]
-        cmd += ["--cache-dir", str(tmp_path / "cache"), "--add-to", str(grid), "--out", str(tmp_path / "x.json")]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
-        assert done.returncode != 0 and message in done.stderr
+        more = ("--cache-dir", str(tmp_path / "cache"), "--add-to", str(grid), "--out", str(tmp_path / "x.json"))
+        assert message in refused("arena.py", "--tune", "--preset", "micro", *flags, *more)
 
 
 def test_lora_sync_benchmark_micro(tmp_path):
