@@ -56,6 +56,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -152,10 +153,11 @@ def task_name(preset: dict[str, Any]) -> str:
     return f"{preset['digits']}-digit x 1-digit multiplication with a carry trace"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, so no token hides a digit pair; `<|im_end|>` ends the answer."""
+def build_tokenizer(extra_chars: str = "") -> PreTrainedTokenizerFast:
+    """One token per character, so no token hides a digit pair; `<|im_end|>` ends the answer. `extra_chars` are
+    characters a task variant adds (arena_pilots.py), after the others, so the arena's own ids do not move."""
     specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + list("0123456789*=: "))}
+    vocab = {token: i for i, token in enumerate(specials + list("0123456789*=: " + extra_chars))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
@@ -263,20 +265,26 @@ def supervised(
     lr: float,
     seed: int,
     label_smoothing: float = 0.0,
+    untrained: Callable[[str], list[int]] | None = None,
 ) -> None:
-    """Plain next-token training on the answers (the setup, not a compared method), one-cycle learning rate."""
+    """Plain next-token training on the answers (the setup, not a compared method), one-cycle learning rate.
+    `untrained(answer)` names positions of the answer not to train on (a task variant's, arena_pilots.py); one
+    character is one token, so an answer's position is its completion token's."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     model.train()
     for _ in range(steps):
-        rows = [encode(tokenizer, q, a) for q, a in rng.sample(pairs, batch)]
+        chosen = rng.sample(pairs, batch)
+        rows = [encode(tokenizer, q, a) for q, a in chosen]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((batch, width), tokenizer.pad_token_id)
         labels = torch.full((batch, width), -100)
-        for i, (ids, prompt_len) in enumerate(rows):
+        for i, ((ids, prompt_len), (_, answer)) in enumerate(zip(rows, chosen, strict=True)):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
+            for position in untrained(answer) if untrained else ():
+                labels[i, prompt_len + position] = -100
         logits = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long()).logits
         torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, label_smoothing=label_smoothing

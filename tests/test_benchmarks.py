@@ -2,10 +2,12 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -337,3 +339,68 @@ def test_profile_benchmark_sorts_both_processes_samples_into_stages(tmp_path):
     assert sum(trainer.values()) > 0 and sum(generator.values()) > 0  # both processes were sampled
     assert trainer["student forward"] + trainer["backward"] > 0  # the training step was seen and classified
     assert "generator:" in table
+
+
+def test_arena_pilot_variants_keep_the_arithmetic_and_mask_only_the_wrong_digits(monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import arena
+    import arena_pilots
+
+    rng = random.Random(0)
+    pairs = [arena_pilots.repaired_problem(rng, 5, repair_rate=0.3) for _ in range(200)]
+    repaired = 0
+    for question, answer in pairs:
+        a, d = (int(x) for x in question.split("*"))
+        assert arena.answer_of(answer) == str(a * d)
+        # without its wrong steps, the trace is the arena's own: the right partials, carries added
+        carry, partials = 0, []
+        for digit in reversed(question.split("*")[0]):
+            partials.append(f"{int(digit) * d + carry:02d}")
+            carry = (int(digit) * d + carry) // 10
+        assert arena_pilots.clean(answer) == " ".join(partials) + f":{a * d}"
+        for position in arena_pilots.wrong_digits(answer):  # each names a digit of a wrong partial, before `<`
+            assert answer[position].isdigit() and "<" in answer[position : position + 3]
+        repaired += answer.count("<")
+    assert 0.2 < repaired / (5 * len(pairs)) < 0.4  # about the rate asked for
+    # supervised training does not train on the positions `untrained` names, and trains on all the others
+    seen = []
+    cross_entropy = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "cross_entropy",
+        lambda logits, labels, **kw: seen.append(labels) or cross_entropy(logits, labels, **kw),
+    )
+    tokenizer = arena.build_tokenizer("<")
+    model = arena.build_model(tokenizer, hidden_size=16, num_layers=1, seed=0)
+    pair = next(p for p in pairs if "<" in p[1])
+    for untrained, masked in ((arena_pilots.wrong_digits, arena_pilots.wrong_digits(pair[1])), (None, [])):
+        seen.clear()
+        arena.supervised(model, tokenizer, [pair], steps=1, batch=1, lr=1e-3, seed=0, untrained=untrained)
+        ids, prompt_len = arena.encode(tokenizer, *pair)
+        trained = seen[0].reshape(1, -1)[0, prompt_len - 1 : len(ids) - 1].tolist()  # labels are shifted by one
+        expected = [-100 if i in masked else token for i, token in enumerate(ids[prompt_len:])]
+        assert trained == expected
+    # the arena's own ids do not move when a variant adds a character
+    assert all(
+        arena.build_tokenizer("<").convert_tokens_to_ids(t) == i for t, i in arena.build_tokenizer().vocab.items()
+    )
+
+
+def test_arena_pilots_micro(tmp_path):
+    out = tmp_path / "dagger.json"
+    cache = tmp_path / "cache"
+    pilot = ("arena_pilots.py", "--preset", "micro", "--cache-dir", str(cache))
+    table = run(*pilot, "--variant", "dagger", "--runs", "gkd@1e-3,sft@1e-3,sft-truth@1e-3", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["variant"] == "dagger" and report["repair_rate"] == 0.3 and report["teacher"]["label_smoothing"] == 0
+    assert "repaired (dagger)" in report["task"] and 0 <= report["teacher_samples_repairing"] <= 1
+    assert [(r["method"], r["lr"]) for r in report["runs"]] == [("gkd", 1e-3), ("sft", 1e-3), ("sft-truth", 1e-3)]
+    for r in report["runs"]:
+        assert r["final_acc_smoothed"] == pytest.approx(sum(p["acc"] for p in r["curve"][-2:]) / 2)
+    assert "final (smoothed)" in table
+    reverse = tmp_path / "reverse-kl.json"
+    run(*pilot, "--variant", "reverse-kl", "--runs", "gkd@1e-3", "--out", str(reverse))
+    reverse_report = json.loads(reverse.read_text())
+    assert reverse_report["distill"]["beta"] == 1.0 and reverse_report["repair_rate"] is None
+    assert len(list(cache.iterdir())) == 2  # a teacher per task: the variant's data are not the arena's
+    assert "not METHOD@LR" in refused(*pilot, "--variant", "dagger", "--runs", "gkd", "--out", str(tmp_path / "x"))

@@ -1,0 +1,194 @@
+"""Pilots of the arena's task variants: does a variant make TRL's GKD beat SFT on teacher samples at the end?
+
+    python benchmarks/arena_pilots.py --variant reverse-kl --runs gkd@3e-3,sft@1e-2 \
+        --out results/arena-pilots/reverse-kl.json
+    python benchmarks/arena_pilots.py --variant repair --runs gkd@3e-3,sft@1e-2,sft-truth@3e-3 \
+        --out results/arena-pilots/repair.json
+    python benchmarks/arena_pilots.py --variant dagger --runs gkd@1e-3,gkd@3e-3,sft@1e-2,sft-truth@3e-3 \
+        --out results/arena-pilots/dagger.json
+
+A pilot is one seed (the arena's tuning seed by default) and a few (method, learning rate) pairs, with the arena's
+`cpu` preset, teacher, warm start, training and evaluation (arena.py). It decides whether a variant is worth five
+seeds and a grid; it is not a comparison (docs/design.md §27). The variants, each a lever the arena's issue named:
+
+- `reverse-kl`: the arena's task, with the JSD's beta at 1 for the distillers: the reverse KL, mode-seeking, which
+  only on-policy training can optimize and which in principle ignores the label-smoothed teacher's floor.
+- `repair`: a trace with repairs. In the training data a fraction (`--repair-rate`) of the steps is a wrong
+  partial, then `<`, then the right one (`07<08`), so the teacher learns to repair a mistake; it is trained without
+  label smoothing. The student warms up, and `sft-truth` trains, on the same data.
+- `dagger`: as `repair`, but the teacher is not trained on the wrong digits, so it repairs a mistake and almost
+  never makes one: its samples are clean and show no repair, while the states a student reaches by its own mistakes
+  are where the teacher's distribution teaches one. This is the setting in which on-policy training (DAgger, GKD)
+  should beat imitating samples. The student warms up, and `sft-truth` trains, on the clean worked answers.
+
+Greedy and sampled accuracy compare only the answer after `:`, so a repaired trace with the right answer is right.
+The variants replace the arena's task functions in this process only (`install`): arena.py keeps the one task its
+committed results were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import functools
+import os
+import random
+import re
+import statistics
+import time
+from typing import Any
+
+import arena
+import torch
+from common import device_name, write_json
+
+VARIANTS = ("reverse-kl", "repair", "dagger")
+REPAIR_ROOM_TOKENS = 9  # generation room for three repairs beyond the longest answer
+
+
+def repaired_problem(rng: random.Random, digits: int, repair_rate: float) -> tuple[str, str]:
+    """arena.problem's trace in which each step is, with probability `repair_rate`, a wrong partial within 12 of the
+    right one, then `<` and the right one."""
+    a, d = rng.randrange(10**digits), rng.randrange(2, 10)
+    padded = str(a).zfill(digits)
+    carry, steps = 0, []
+    for digit in reversed(padded):
+        partial = int(digit) * d + carry
+        if rng.random() < repair_rate:
+            wrong = rng.choice([p for p in range(max(0, partial - 12), min(100, partial + 13)) if p != partial])
+            steps.append(f"{wrong:02d}<{partial:02d}")
+        else:
+            steps.append(f"{partial:02d}")
+        carry = partial // 10
+    return f"{padded}*{d}", " ".join(steps) + f":{a * d}"
+
+
+def clean(answer: str) -> str:
+    """The worked answer without its wrong steps: `07<08 12` becomes `08 12`."""
+    return re.sub(r"\d\d<", "", answer)
+
+
+def wrong_digits(answer: str) -> list[int]:
+    """Positions of the two digits before each `<`: the wrong partials, which the `dagger` teacher is not taught."""
+    return [position for mark in re.finditer("<", answer) for position in (mark.start() - 2, mark.start() - 1)]
+
+
+def install(variant: str, preset: dict[str, Any], repair_rate: float) -> None:
+    """Point arena's task at `variant` (this process only) and adjust `preset` in place."""
+    if variant == "reverse-kl":
+        preset["distill"]["beta"] = 1.0
+        return
+    preset["teacher"]["label_smoothing"] = 0.0
+    # the task's name keys the teacher's cache, so each variant and rate trains its own teacher
+    preset["task"] = f"{arena.task_name(preset)}, {repair_rate:g} of steps repaired ({variant})"
+    arena.task_name = lambda preset: preset["task"]
+    arena.problem = functools.partial(repaired_problem, repair_rate=repair_rate)
+    longest = arena.max_new_tokens
+    arena.max_new_tokens = lambda pairs: longest(pairs) + REPAIR_ROOM_TOKENS
+    if variant == "dagger":
+        arena.supervised = functools.partial(arena.supervised, untrained=wrong_digits)
+
+
+def pilot(
+    preset_name: str, variant: str, runs: list[tuple[str, float]], seed: int, repair_rate: float, cache_dir: str
+) -> dict:
+    started = time.perf_counter()
+    preset = copy.deepcopy(arena.PRESETS[preset_name])
+    install(variant, preset, repair_rate)
+    tokenizer = arena.build_tokenizer("" if variant == "reverse-kl" else "<")
+    held_out, train = arena.splits(preset)
+    teacher, teacher_acc, cached = arena.teacher_model(preset, tokenizer, train, held_out, cache_dir)
+    samples = arena.complete(
+        teacher, tokenizer, [q for q, _ in held_out], arena.max_new_tokens(held_out), preset["distill"]["temperature"]
+    )
+    teacher_repairs = sum("<" in sample for sample in samples) / len(samples)
+    print(
+        f"teacher: {teacher_acc['greedy']:.1%} greedy, {teacher_acc['sampled']:.1%} sampled, "
+        f"{teacher_repairs:.1%} of its samples repair a step",
+        flush=True,
+    )
+    if variant == "dagger":  # the student and `sft-truth` see only clean answers; the teacher saw the repairs
+        train = [(q, clean(a)) for q, a in train]
+    student_init, warm_steps = arena.warm_student(preset, tokenizer, train, held_out, seed)
+    init = {"acc": arena.accuracy(student_init, tokenizer, held_out)}
+    print(f"student after {warm_steps} warm-up steps: {init['acc']:.1%}", flush=True)
+    results = []
+    for method, lr in runs:
+        curve, reported = arena.run_method(method, preset, lr, student_init, teacher, tokenizer, train, seed, None)
+        points = arena.evaluate_curve(curve, preset, student_init, tokenizer, held_out, init)
+        final = points[-preset["final_points"] :]
+        results.append(
+            {
+                "method": method,
+                "lr": lr,
+                "wall_s": curve.wall_s,
+                "final_acc_smoothed": statistics.mean(p["acc"] for p in final),
+                "final_acc_sampled_smoothed": statistics.mean(p["acc_sampled"] for p in final),
+                "half_acc_smoothed": arena.at_fraction(points, preset["final_points"], 0.5),
+                "curve": points,
+                **reported,
+            }
+        )
+        print(f"{method} at {lr:g}: {results[-1]['final_acc_smoothed']:.1%} in {curve.wall_s:.0f} s", flush=True)
+    return {
+        "preset": preset_name,
+        "variant": variant,
+        "task": arena.task_name(preset),
+        "repair_rate": None if variant == "reverse-kl" else repair_rate,
+        "seed": seed,
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        "teacher_acc": teacher_acc["greedy"],
+        "teacher_acc_sampled": teacher_acc["sampled"],
+        "teacher_samples_repairing": teacher_repairs,
+        "teacher_cached": cached,
+        "student_init_acc": init["acc"],
+        "student_warmup_steps": warm_steps,
+        "eval_prompts": len(held_out),
+        "teacher": preset["teacher"],
+        "distill": preset["distill"],
+        "runs": results,
+        "total_s": time.perf_counter() - started,
+    }
+
+
+def print_pilot(report: dict[str, Any]) -> None:
+    print(f"{report['task']}, seed {report['seed']}")
+    print(f"{'method':10} {'lr':>7} {'at half':>8} {'final (smoothed)':>16} {'sampled':>8} {'wall_s':>7}")
+    for run in report["runs"]:
+        print(
+            f"{run['method']:10} {run['lr']:7.0e} {run['half_acc_smoothed']:8.1%} {run['final_acc_smoothed']:16.1%} "
+            f"{run['final_acc_sampled_smoothed']:8.1%} {run['wall_s']:7.1f}"
+        )
+
+
+def parse_runs(text: str) -> list[tuple[str, float]]:
+    """`gkd@3e-3,sft@1e-2` as [("gkd", 0.003), ("sft", 0.01)]; methods must be arena's."""
+    runs = []
+    for item in text.split(","):
+        method, _, lr = item.partition("@")
+        if method not in arena.METHODS or not lr:
+            raise SystemExit(f"--runs: {item!r} is not METHOD@LR with METHOD one of {', '.join(arena.METHODS)}")
+        runs.append((method, float(lr)))
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", choices=VARIANTS, required=True)
+    parser.add_argument("--runs", required=True, help="METHOD@LR pairs, comma-separated, e.g. gkd@3e-3,sft@1e-2")
+    parser.add_argument("--seed", type=int, default=arena.PRESETS["cpu"]["tuning_seed"])
+    parser.add_argument("--repair-rate", type=float, default=0.3, help="repair and dagger: fraction of steps")
+    parser.add_argument("--cache-dir", default=os.path.join(".cache", "arena"), help="where teachers are cached")
+    parser.add_argument("--preset", choices=sorted(arena.PRESETS), default="cpu", help="micro: a smoke test")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)  # as arena.py's main: its thread count shapes the warm start
+    report = pilot(args.preset, args.variant, parse_runs(args.runs), args.seed, args.repair_rate, args.cache_dir)
+    write_json(report, args.out)
+    print_pilot(report)
+
+
+if __name__ == "__main__":
+    main()
