@@ -9,7 +9,10 @@
 
 A pilot is one seed (the arena's tuning seed by default) and a few (method, learning rate) pairs, with the arena's
 `cpu` preset, teacher, warm start, training and evaluation (arena.py). It decides whether a variant is worth five
-seeds and a grid; it is not a comparison (docs/design.md §27). The variants, each a lever the arena's issue named:
+seeds and a grid (docs/design.md §27). Pilots of one variant on other seeds, one run per method, are paired as the
+arena's seeds are: `python benchmarks/arena.py --summarize results/arena-pilots/repair-seed-*.json --out ...`.
+
+The variants, each a lever the arena's issue named:
 
 - `reverse-kl`: the arena's task, with the JSD's beta at 1 for the distillers: the reverse KL, mode-seeking, which
   only on-policy training can optimize and which in principle ignores the label-smoothed teacher's floor.
@@ -131,6 +134,13 @@ def pilot(
             }
         )
         print(f"{method} at {lr:g}: {results[-1]['final_acc_smoothed']:.1%} in {curve.wall_s:.0f} s", flush=True)
+    # as arena.py's seeds, so that `arena.py --summarize` pairs pilots of one variant over seeds
+    gkd = next((run for run in results if run["method"] == "gkd"), None)
+    for run in results:
+        level = None if gkd is None else gkd["final_acc_smoothed"]
+        run["time_to_gkd_final_s"] = (
+            None if level is None else arena.time_to(run["curve"], preset["final_points"], level)
+        )
     return {
         "preset": preset_name,
         "variant": variant,
@@ -148,6 +158,7 @@ def pilot(
         "eval_prompts": len(held_out),
         "teacher": preset["teacher"],
         "distill": preset["distill"],
+        "final_points": preset["final_points"],
         "runs": results,
         "total_s": time.perf_counter() - started,
     }

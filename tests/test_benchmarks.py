@@ -398,6 +398,26 @@ def test_arena_pilots_micro(tmp_path):
     for r in report["runs"]:
         assert r["final_acc_smoothed"] == pytest.approx(sum(p["acc"] for p in r["curve"][-2:]) / 2)
     assert "final (smoothed)" in table
+    # another seed of the same variant pairs with the first, as the arena's seeds do
+    seed_2 = tmp_path / "dagger-seed-2.json"
+    run(
+        *pilot,
+        "--variant",
+        "dagger",
+        "--seed",
+        "2",
+        "--runs",
+        "gkd@1e-3,sft@1e-3,sft-truth@1e-3",
+        "--out",
+        str(seed_2),
+    )
+    summary_path = tmp_path / "summary.json"
+    run("arena.py", "--summarize", str(out), str(seed_2), "--out", str(summary_path))
+    summary = json.loads(summary_path.read_text())
+    rows = {row["method"]: row for row in summary["methods"]}
+    per_seed = [{r["method"]: r for r in json.loads(p.read_text())["runs"]} for p in (out, seed_2)]
+    diffs = [s["sft"]["final_acc_smoothed"] - s["gkd"]["final_acc_smoothed"] for s in per_seed]
+    assert summary["seeds"] == [0, 2] and rows["sft"]["minus_gkd"]["mean"] == pytest.approx(sum(diffs) / 2)
     reverse = tmp_path / "reverse-kl.json"
     run(*pilot, "--variant", "reverse-kl", "--runs", "gkd@1e-3", "--out", str(reverse))
     reverse_report = json.loads(reverse.read_text())
