@@ -1,16 +1,19 @@
 """Pilots of the arena's task variants: does a variant make TRL's GKD beat SFT on teacher samples at the end?
 
-    python benchmarks/arena_pilots.py --variant reverse-kl --runs gkd@3e-3,sft@1e-2 \
+    python benchmarks/arena_pilots.py --variant reverse-kl --runs gkd@1e-3,gkd@3e-3,sft@1e-2 \
         --out results/arena-pilots/reverse-kl.json
-    python benchmarks/arena_pilots.py --variant repair --runs gkd@3e-3,sft@1e-2,sft-truth@3e-3 \
+    python benchmarks/arena_pilots.py --variant repair --runs gkd@1e-3,gkd@3e-3,sft@1e-2,sft-truth@3e-3 \
         --out results/arena-pilots/repair.json
     python benchmarks/arena_pilots.py --variant dagger --runs gkd@1e-3,gkd@3e-3,sft@1e-2,sft-truth@3e-3 \
         --out results/arena-pilots/dagger.json
 
 A pilot is one seed (the arena's tuning seed by default) and a few (method, learning rate) pairs, with the arena's
 `cpu` preset, teacher, warm start, training and evaluation (arena.py). It decides whether a variant is worth five
-seeds and a grid (docs/design.md §27). Pilots of one variant on other seeds, one run per method, are paired as the
-arena's seeds are: `python benchmarks/arena.py --summarize results/arena-pilots/repair-seed-*.json --out ...`.
+seeds and a grid (docs/design.md §28; docs/benchmarks.md has every command run). Pilots of one variant on other
+seeds, one run per method, are paired as the arena's seeds are:
+
+    python benchmarks/arena.py --summarize results/arena-pilots/repair-seed-*.json \
+        --out results/arena-pilots/repair-summary.json
 
 The variants, each a lever the arena's issue named:
 
