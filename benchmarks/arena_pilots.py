@@ -50,7 +50,7 @@ import torch
 from common import device_name, write_json
 
 VARIANTS = ("reverse-kl", "repair", "dagger")
-REPAIR_ROOM_TOKENS = 9  # generation room for three repairs beyond the longest answer
+REPAIR_ROOM_TOKENS = 9  # generation room beyond the longest repaired answer: three more repairs of 3 characters
 
 
 def repaired_problem(rng: random.Random, digits: int, repair_rate: float) -> tuple[str, str]:
@@ -90,8 +90,6 @@ def install(variant: str, preset: dict[str, Any], repair_rate: float) -> None:
     preset["task"] = f"{arena.task_name(preset)}, {repair_rate:g} of steps repaired ({variant})"
     arena.task_name = lambda preset: preset["task"]
     arena.problem = functools.partial(repaired_problem, repair_rate=repair_rate)
-    longest = arena.max_new_tokens
-    arena.max_new_tokens = lambda pairs: longest(pairs) + REPAIR_ROOM_TOKENS
     if variant == "dagger":
         arena.supervised = functools.partial(arena.supervised, untrained=wrong_digits)
 
@@ -104,6 +102,11 @@ def pilot(
     install(variant, preset, repair_rate)
     tokenizer = arena.build_tokenizer("" if variant == "reverse-kl" else "<")
     held_out, train = arena.splits(preset)
+    if variant != "reverse-kl":
+        # one room for every generation (the teacher's samples, the student's rollouts, evaluation), from the
+        # repaired data: the `dagger` student trains on clean answers, but its own traces may repair as often
+        room = arena.max_new_tokens(held_out + train) + REPAIR_ROOM_TOKENS
+        arena.max_new_tokens = lambda pairs: room
     teacher, teacher_acc, cached = arena.teacher_model(preset, tokenizer, train, held_out, cache_dir)
     samples = arena.complete(
         teacher, tokenizer, [q for q, _ in held_out], arena.max_new_tokens(held_out), preset["distill"]["temperature"]
