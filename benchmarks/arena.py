@@ -545,6 +545,34 @@ def time_to(curve: list[dict[str, float]], window: int, level: float) -> float |
 
 
 # ---- one seed ----------------------------------------------------------------------------------------------------
+def run_record(
+    method: str, lr: float, preset: dict[str, Any], curve: Curve, points: list[dict[str, float]], reported: dict
+) -> dict[str, Any]:
+    """One method's run as a seed's JSON holds it: its curve, and its final accuracy averaged over the last
+    `final_points` checkpoints, greedy and sampled."""
+    final = points[-preset["final_points"] :]
+    return {
+        "method": method,
+        "lr": lr,
+        "steps": preset["distill"]["steps"],
+        "wall_s": curve.wall_s,
+        "acc": points[-1]["acc"],
+        "final_acc_smoothed": statistics.mean(p["acc"] for p in final),
+        "final_acc_sampled_smoothed": statistics.mean(p["acc_sampled"] for p in final),
+        "curve": points,
+        **reported,
+    }
+
+
+def add_time_to_gkd_final(runs: list[dict[str, Any]], window: int) -> None:
+    """Each run's `time_to_gkd_final_s`: when its smoothed curve first reaches the (first) GKD run's final accuracy;
+    None for every run when there is no GKD run."""
+    gkd = next((run for run in runs if run["method"] == "gkd"), None)
+    for run in runs:
+        level = None if gkd is None else gkd["final_acc_smoothed"]
+        run["time_to_gkd_final_s"] = None if level is None else time_to(run["curve"], window, level)
+
+
 def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[str, float], args: Any) -> dict:
     started = time.perf_counter()
     tokenizer = build_tokenizer()
@@ -564,27 +592,13 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
             method, preset, lrs[method], student_init, teacher, tokenizer, train, seed, samples_path
         )
         points = evaluate_curve(curve, preset, student_init, tokenizer, held_out, init)
-        final = points[-preset["final_points"] :]
-        run = {
-            "method": method,
-            "lr": lrs[method],
-            "steps": preset["distill"]["steps"],
-            "wall_s": curve.wall_s,
-            "acc": points[-1]["acc"],
-            "final_acc_smoothed": statistics.mean(p["acc"] for p in final),
-            "final_acc_sampled_smoothed": statistics.mean(p["acc_sampled"] for p in final),
-            "curve": points,
-            **reported,
-        }
+        run = run_record(method, lrs[method], preset, curve, points, reported)
         runs.append(run)
         print(
             f"{method}: {run['final_acc_smoothed']:.1%} (last {points[-1]['acc']:.1%}) in {run['wall_s']:.1f} s",
             flush=True,
         )
-    gkd = next((run for run in runs if run["method"] == "gkd"), None)
-    for run in runs:
-        level = None if gkd is None else gkd["final_acc_smoothed"]
-        run["time_to_gkd_final_s"] = None if level is None else time_to(run["curve"], preset["final_points"], level)
+    add_time_to_gkd_final(runs, preset["final_points"])
     return {
         "task": task_name(preset),
         "seed": seed,
@@ -713,6 +727,9 @@ def summarize(paths: list[str], out: str, plot_path: str) -> None:
     """Paired per-seed differences to GKD (mean and 95% CI), and time to GKD's final accuracy, over the seeds."""
     reports = sorted((json.load(open(path)) for path in paths), key=lambda r: r["seed"])
     methods = [run["method"] for run in reports[0]["runs"]]
+    for report in reports:
+        if len(seen := [run["method"] for run in report["runs"]]) != len(set(seen)):
+            raise SystemExit(f"seed {report['seed']} ran a method more than once ({seen}): nothing to pair it with")
     for report in reports[1:]:
         if differ := set(methods) ^ {run["method"] for run in report["runs"]}:
             raise SystemExit(f"the seeds ran different methods: {sorted(differ)} are not in all of them")

@@ -41,7 +41,6 @@ import functools
 import os
 import random
 import re
-import statistics
 import time
 from typing import Any
 
@@ -80,11 +79,12 @@ def wrong_digits(answer: str) -> list[int]:
     return [position for mark in re.finditer("<", answer) for position in (mark.start() - 2, mark.start() - 1)]
 
 
-def install(variant: str, preset: dict[str, Any], repair_rate: float) -> None:
-    """Point arena's task at `variant` (this process only) and adjust `preset` in place."""
+def install(variant: str, preset: dict[str, Any], repair_rate: float) -> str:
+    """Point arena's task at `variant` and adjust `preset` in place; returns the characters the variant adds to the
+    tokenizer. It replaces arena's functions for the rest of the process, so a process runs one variant."""
     if variant == "reverse-kl":
         preset["distill"]["beta"] = 1.0
-        return
+        return ""
     preset["teacher"]["label_smoothing"] = 0.0
     # the task's name keys the teacher's cache, so each variant and rate trains its own teacher
     preset["task"] = f"{arena.task_name(preset)}, {repair_rate:g} of steps repaired ({variant})"
@@ -92,6 +92,13 @@ def install(variant: str, preset: dict[str, Any], repair_rate: float) -> None:
     arena.problem = functools.partial(repaired_problem, repair_rate=repair_rate)
     if variant == "dagger":
         arena.supervised = functools.partial(arena.supervised, untrained=wrong_digits)
+    return "<"
+
+
+def student_pairs(variant: str, train: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """What the student warms up on and `sft-truth` trains on: in `dagger` the clean answers (the teacher alone saw
+    the repairs), otherwise the teacher's own training data."""
+    return [(q, clean(a)) for q, a in train] if variant == "dagger" else train
 
 
 def pilot(
@@ -99,8 +106,7 @@ def pilot(
 ) -> dict:
     started = time.perf_counter()
     preset = copy.deepcopy(arena.PRESETS[preset_name])
-    install(variant, preset, repair_rate)
-    tokenizer = arena.build_tokenizer("" if variant == "reverse-kl" else "<")
+    tokenizer = arena.build_tokenizer(install(variant, preset, repair_rate))
     held_out, train = arena.splits(preset)
     if variant != "reverse-kl":
         # one room for every generation (the teacher's samples, the student's rollouts, evaluation), from the
@@ -117,8 +123,7 @@ def pilot(
         f"{teacher_repairs:.1%} of its samples repair a step",
         flush=True,
     )
-    if variant == "dagger":  # the student and `sft-truth` see only clean answers; the teacher saw the repairs
-        train = [(q, clean(a)) for q, a in train]
+    train = student_pairs(variant, train)
     student_init, warm_steps = arena.warm_student(preset, tokenizer, train, held_out, seed)
     init = {"acc": arena.accuracy(student_init, tokenizer, held_out)}
     print(f"student after {warm_steps} warm-up steps: {init['acc']:.1%}", flush=True)
@@ -126,27 +131,12 @@ def pilot(
     for method, lr in runs:
         curve, reported = arena.run_method(method, preset, lr, student_init, teacher, tokenizer, train, seed, None)
         points = arena.evaluate_curve(curve, preset, student_init, tokenizer, held_out, init)
-        final = points[-preset["final_points"] :]
-        results.append(
-            {
-                "method": method,
-                "lr": lr,
-                "wall_s": curve.wall_s,
-                "final_acc_smoothed": statistics.mean(p["acc"] for p in final),
-                "final_acc_sampled_smoothed": statistics.mean(p["acc_sampled"] for p in final),
-                "half_acc_smoothed": arena.at_fraction(points, preset["final_points"], 0.5),
-                "curve": points,
-                **reported,
-            }
-        )
-        print(f"{method} at {lr:g}: {results[-1]['final_acc_smoothed']:.1%} in {curve.wall_s:.0f} s", flush=True)
+        run = arena.run_record(method, lr, preset, curve, points, reported)
+        run["half_acc_smoothed"] = arena.at_fraction(points, preset["final_points"], 0.5)
+        results.append(run)
+        print(f"{method} at {lr:g}: {run['final_acc_smoothed']:.1%} in {curve.wall_s:.0f} s", flush=True)
     # as arena.py's seeds, so that `arena.py --summarize` pairs pilots of one variant over seeds
-    gkd = next((run for run in results if run["method"] == "gkd"), None)
-    for run in results:
-        level = None if gkd is None else gkd["final_acc_smoothed"]
-        run["time_to_gkd_final_s"] = (
-            None if level is None else arena.time_to(run["curve"], preset["final_points"], level)
-        )
+    arena.add_time_to_gkd_final(results, preset["final_points"])
     return {
         "preset": preset_name,
         "variant": variant,
@@ -185,9 +175,14 @@ def parse_runs(text: str) -> list[tuple[str, float]]:
     runs = []
     for item in text.split(","):
         method, _, lr = item.partition("@")
-        if method not in arena.METHODS or not lr:
-            raise SystemExit(f"--runs: {item!r} is not METHOD@LR with METHOD one of {', '.join(arena.METHODS)}")
-        runs.append((method, float(lr)))
+        try:
+            if method not in arena.METHODS:
+                raise ValueError
+            runs.append((method, float(lr)))
+        except ValueError:
+            raise SystemExit(
+                f"--runs: {item!r} is not METHOD@LR with METHOD one of {', '.join(arena.METHODS)}"
+            ) from None
     return runs
 
 
@@ -195,14 +190,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", choices=VARIANTS, required=True)
     parser.add_argument("--runs", required=True, help="METHOD@LR pairs, comma-separated, e.g. gkd@3e-3,sft@1e-2")
-    parser.add_argument("--seed", type=int, default=arena.PRESETS["cpu"]["tuning_seed"])
+    parser.add_argument("--seed", type=int, default=None, help="default: the preset's tuning seed")
     parser.add_argument("--repair-rate", type=float, default=0.3, help="repair and dagger: fraction of steps")
     parser.add_argument("--cache-dir", default=os.path.join(".cache", "arena"), help="where teachers are cached")
     parser.add_argument("--preset", choices=sorted(arena.PRESETS), default="cpu", help="micro: a smoke test")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)  # as arena.py's main: its thread count shapes the warm start
-    report = pilot(args.preset, args.variant, parse_runs(args.runs), args.seed, args.repair_rate, args.cache_dir)
+    runs = parse_runs(args.runs)
+    seed = arena.PRESETS[args.preset]["tuning_seed"] if args.seed is None else args.seed
+    report = pilot(args.preset, args.variant, runs, seed, args.repair_rate, args.cache_dir)
     write_json(report, args.out)
     print_pilot(report)
 

@@ -380,6 +380,18 @@ def test_arena_pilot_variants_keep_the_arithmetic_and_mask_only_the_wrong_digits
         trained = seen[0].reshape(1, -1)[0, prompt_len - 1 : len(ids) - 1].tolist()  # labels are shifted by one
         expected = [-100 if i in masked else token for i, token in enumerate(ids[prompt_len:])]
         assert trained == expected
+    # `dagger` (and only it) keeps the teacher off the wrong digits and the student on clean answers
+    for name in ("task_name", "problem", "supervised"):  # restored after the test: install() is for a whole process
+        monkeypatch.setattr(arena, name, getattr(arena, name))
+    plain = arena.supervised
+    preset = {"digits": 5, "teacher": {"label_smoothing": 0.1}, "distill": {"beta": 0.5}}
+    assert arena_pilots.install("repair", preset, 0.3) == "<" and arena.supervised is plain
+    assert arena_pilots.student_pairs("repair", pairs) == pairs
+    assert arena_pilots.install("dagger", preset, 0.3) == "<"
+    assert arena.supervised.func is plain and arena.supervised.keywords == {"untrained": arena_pilots.wrong_digits}
+    assert "<" not in "".join(a for _, a in arena_pilots.student_pairs("dagger", pairs))
+    assert preset["teacher"]["label_smoothing"] == 0 and "(dagger)" in arena.task_name(preset)
+    assert any("<" in arena.problem(random.Random(1), 5)[1] for _ in range(20))
     # the arena's own ids do not move when a variant adds a character
     assert all(
         arena.build_tokenizer("<").convert_tokens_to_ids(t) == i for t, i in arena.build_tokenizer().vocab.items()
@@ -393,7 +405,7 @@ def test_arena_pilots_micro(tmp_path):
     table = run(*pilot, "--variant", "dagger", "--runs", "gkd@1e-3,sft@1e-3,sft-truth@1e-3", "--out", str(out))
     report = json.loads(out.read_text())
     assert report["variant"] == "dagger" and report["repair_rate"] == 0.3 and report["teacher"]["label_smoothing"] == 0
-    assert "repaired (dagger)" in report["task"] and 0 <= report["teacher_samples_repairing"] <= 1
+    assert "repaired (dagger)" in report["task"]
     assert [(r["method"], r["lr"]) for r in report["runs"]] == [("gkd", 1e-3), ("sft", 1e-3), ("sft-truth", 1e-3)]
     for r in report["runs"]:
         assert r["final_acc_smoothed"] == pytest.approx(sum(p["acc"] for p in r["curve"][-2:]) / 2)
@@ -418,9 +430,16 @@ def test_arena_pilots_micro(tmp_path):
     per_seed = [{r["method"]: r for r in json.loads(p.read_text())["runs"]} for p in (out, seed_2)]
     diffs = [s["sft"]["final_acc_smoothed"] - s["gkd"]["final_acc_smoothed"] for s in per_seed]
     assert summary["seeds"] == [0, 2] and rows["sft"]["minus_gkd"]["mean"] == pytest.approx(sum(diffs) / 2)
+    # a seed that ran a method twice (a pilot of two rates) has nothing to pair: refused, not silently overwritten
+    twice = json.loads(seed_2.read_text())
+    twice["runs"].append(twice["runs"][0])
+    (tmp_path / "twice.json").write_text(json.dumps(twice))
+    stderr = refused("arena.py", "--summarize", str(out), str(tmp_path / "twice.json"), "--out", str(tmp_path / "x"))
+    assert "ran a method more than once" in stderr
     reverse = tmp_path / "reverse-kl.json"
     run(*pilot, "--variant", "reverse-kl", "--runs", "gkd@1e-3", "--out", str(reverse))
     reverse_report = json.loads(reverse.read_text())
     assert reverse_report["distill"]["beta"] == 1.0 and reverse_report["repair_rate"] is None
     assert len(list(cache.iterdir())) == 2  # a teacher per task: the variant's data are not the arena's
-    assert "not METHOD@LR" in refused(*pilot, "--variant", "dagger", "--runs", "gkd", "--out", str(tmp_path / "x"))
+    for bad in ("gkd", "gkd@fast", "nope@1e-3"):
+        assert "not METHOD@LR" in refused(*pilot, "--variant", "dagger", "--runs", bad, "--out", str(tmp_path / "x"))
