@@ -4,8 +4,8 @@
         --out results/arena-pilots/reverse-kl.json
     python benchmarks/arena_pilots.py --variant repair --runs gkd@1e-3,gkd@3e-3,sft@1e-2,sft-truth@3e-3 \
         --out results/arena-pilots/repair.json
-    python benchmarks/arena_pilots.py --variant dagger --runs gkd@1e-3,gkd@3e-3,sft@1e-2,sft-truth@3e-3 \
-        --out results/arena-pilots/dagger.json
+    python benchmarks/arena_pilots.py --variant dagger \
+        --runs gkd@3e-4,gkd@1e-3,gkd@3e-3,sft@3e-3,sft@1e-2,sft-truth@3e-3 --out results/arena-pilots/dagger.json
 
 A pilot is one seed (the arena's tuning seed by default) and a few (method, learning rate) pairs, with the arena's
 `cpu` preset, teacher, warm start, training and evaluation (arena.py). It decides whether a variant is worth five
