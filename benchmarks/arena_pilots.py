@@ -28,8 +28,8 @@ The variants, each a lever the arena's issue named:
   should beat imitating samples. The student warms up, and `sft-truth` trains, on the clean worked answers.
 
 Greedy and sampled accuracy compare only the answer after `:`, so a repaired trace with the right answer is right.
-The variants replace the arena's task functions in this process only (`install`): arena.py keeps the one task its
-committed results were measured on.
+The variants replace the arena's task functions, and its generation room, for the rest of the process (`install`,
+`pilot`), so a process runs one pilot: arena.py keeps the one task its committed results were measured on.
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ def pilot(
         flush=True,
     )
     train = student_pairs(variant, train)
+    rollout_tokens = arena.max_new_tokens(train)  # what run_method gives the student's rollouts and SFT's samples
     student_init, warm_steps = arena.warm_student(preset, tokenizer, train, held_out, seed)
     init = {"acc": arena.accuracy(student_init, tokenizer, held_out)}
     print(f"student after {warm_steps} warm-up steps: {init['acc']:.1%}", flush=True)
@@ -152,6 +153,7 @@ def pilot(
         "student_init_acc": init["acc"],
         "student_warmup_steps": warm_steps,
         "eval_prompts": len(held_out),
+        "max_new_tokens": rollout_tokens,
         "teacher": preset["teacher"],
         "distill": preset["distill"],
         "final_points": preset["final_points"],
@@ -174,9 +176,9 @@ def parse_runs(text: str) -> list[tuple[str, float]]:
     """`gkd@3e-3,sft@1e-2` as [("gkd", 0.003), ("sft", 0.01)]; methods must be arena's."""
     runs = []
     for item in text.split(","):
-        method, _, lr = item.partition("@")
+        method, _, lr = item.strip().partition("@")
         try:
-            if method not in arena.METHODS:
+            if method not in arena.METHODS or not float(lr) > 0:  # also refuses nan
                 raise ValueError
             runs.append((method, float(lr)))
         except ValueError:

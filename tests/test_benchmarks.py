@@ -1,5 +1,6 @@
 """The benchmark scripts are not run by CI, but each runs here on a micro preset so it cannot rot."""
 
+import functools
 import json
 import os
 import random
@@ -389,23 +390,33 @@ def test_arena_pilot_variants_keep_the_arithmetic_and_mask_only_the_wrong_digits
     assert arena_pilots.student_pairs("repair", pairs) == pairs
     assert arena_pilots.install("dagger", preset, 0.3) == "<"
     assert arena.supervised.func is plain and arena.supervised.keywords == {"untrained": arena_pilots.wrong_digits}
-    assert "<" not in "".join(a for _, a in arena_pilots.student_pairs("dagger", pairs))
+    assert arena_pilots.student_pairs("dagger", pairs) == [(q, arena_pilots.clean(a)) for q, a in pairs]
     assert preset["teacher"]["label_smoothing"] == 0 and "(dagger)" in arena.task_name(preset)
-    assert any("<" in arena.problem(random.Random(1), 5)[1] for _ in range(20))
+    draws = random.Random(1)
+    assert any("<" in arena.problem(draws, 5)[1] for _ in range(20))
     # the arena's own ids do not move when a variant adds a character
     assert all(
         arena.build_tokenizer("<").convert_tokens_to_ids(t) == i for t, i in arena.build_tokenizer().vocab.items()
     )
 
 
-def test_arena_pilots_micro(tmp_path):
+def test_arena_pilots_micro(tmp_path, monkeypatch):
     out = tmp_path / "dagger.json"
     cache = tmp_path / "cache"
     pilot = ("arena_pilots.py", "--preset", "micro", "--cache-dir", str(cache))
     table = run(*pilot, "--variant", "dagger", "--runs", "gkd@1e-3,sft@1e-3,sft-truth@1e-3", "--out", str(out))
     report = json.loads(out.read_text())
     assert report["variant"] == "dagger" and report["repair_rate"] == 0.3 and report["teacher"]["label_smoothing"] == 0
-    assert "repaired (dagger)" in report["task"]
+    assert "repaired (dagger)" in report["task"] and "teacher_samples_repairing" in report
+    # the student trains on clean answers, but its rollouts get the room of the repaired data, as evaluation does
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import arena
+    import arena_pilots
+
+    monkeypatch.setattr(arena, "problem", functools.partial(arena_pilots.repaired_problem, repair_rate=0.3))
+    held_out, train = arena.splits(arena.PRESETS["micro"])
+    longest = max(len(answer) for _, answer in held_out + train)
+    assert report["max_new_tokens"] == longest + 2 + arena_pilots.REPAIR_ROOM_TOKENS
     assert [(r["method"], r["lr"]) for r in report["runs"]] == [("gkd", 1e-3), ("sft", 1e-3), ("sft-truth", 1e-3)]
     for r in report["runs"]:
         assert r["final_acc_smoothed"] == pytest.approx(sum(p["acc"] for p in r["curve"][-2:]) / 2)
@@ -441,5 +452,5 @@ def test_arena_pilots_micro(tmp_path):
     reverse_report = json.loads(reverse.read_text())
     assert reverse_report["distill"]["beta"] == 1.0 and reverse_report["repair_rate"] is None
     assert len(list(cache.iterdir())) == 2  # a teacher per task: the variant's data are not the arena's
-    for bad in ("gkd", "gkd@fast", "nope@1e-3"):
+    for bad in ("gkd", "gkd@fast", "nope@1e-3", "gkd@0", "gkd@nan"):
         assert "not METHOD@LR" in refused(*pilot, "--variant", "dagger", "--runs", bad, "--out", str(tmp_path / "x"))
