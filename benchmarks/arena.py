@@ -172,16 +172,20 @@ def build_tokenizer(extra_chars: str = "") -> PreTrainedTokenizerFast:
     return fast
 
 
+def carry_partials(padded: str, d: int) -> list[int]:
+    """The trace's steps for `padded` times `d`: each digit's product from the last digit up, previous carry added."""
+    carry, partials = 0, []
+    for digit in reversed(padded):
+        partials.append(int(digit) * d + carry)
+        carry = partials[-1] // 10
+    return partials
+
+
 def problem(rng: random.Random, digits: int) -> tuple[str, str]:
     """(question, worked answer) for a random `digits`-digit number times a digit in 2..9."""
     a, d = rng.randrange(10**digits), rng.randrange(2, 10)
     padded = str(a).zfill(digits)
-    carry, steps = 0, []
-    for digit in reversed(padded):
-        partial = int(digit) * d + carry
-        steps.append(f"{partial:02d}")
-        carry = partial // 10
-    return f"{padded}*{d}", " ".join(steps) + f":{a * d}"
+    return f"{padded}*{d}", " ".join(f"{partial:02d}" for partial in carry_partials(padded, d)) + f":{a * d}"
 
 
 def answer_of(completion: str) -> str:

@@ -57,15 +57,13 @@ def repaired_problem(rng: random.Random, digits: int, repair_rate: float) -> tup
     right one, then `<` and the right one."""
     a, d = rng.randrange(10**digits), rng.randrange(2, 10)
     padded = str(a).zfill(digits)
-    carry, steps = 0, []
-    for digit in reversed(padded):
-        partial = int(digit) * d + carry
+    steps = []
+    for partial in arena.carry_partials(padded, d):
         if rng.random() < repair_rate:
             wrong = rng.choice([p for p in range(max(0, partial - 12), min(100, partial + 13)) if p != partial])
             steps.append(f"{wrong:02d}<{partial:02d}")
         else:
             steps.append(f"{partial:02d}")
-        carry = partial // 10
     return f"{padded}*{d}", " ".join(steps) + f":{a * d}"
 
 
