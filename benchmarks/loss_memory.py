@@ -9,7 +9,12 @@ applied to `(tokens, hidden)` states:
   - `fused`: `trl_npd.fused_jsd.fused_jsd_sum` (Liger's fused-linear JSD, eager);
   - `fused-compiled`: the same with `torch.compile` (the first call, which compiles, is not timed).
 Each child caps its address space (`--mem-cap-gb`): an implementation that needs more reports `oom` instead of
-waking the kernel's OOM killer. On CUDA, peaks come from `torch.cuda.max_memory_allocated` instead.
+waking the kernel's OOM killer. On CUDA, peaks come from `torch.cuda.max_memory_allocated` instead:
+
+    python benchmarks/loss_memory.py --device cuda --vocab 151936 --tokens 8192 --out results/loss_memory-cuda.json
+
+`--child-timeout` bounds each child: one that runs past it (a slow first compilation) is reported `timed out`, and
+the others still run and are written.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from common import write_json
+from common import device_name, write_json
 
 IMPLEMENTATIONS = ("unfused", "fused", "fused-compiled")
 
@@ -98,10 +103,16 @@ def run_one(impl: str, tokens: int, args: argparse.Namespace) -> dict:
         "--mem-cap-gb",
         str(args.mem_cap_gb),
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
     row = {"impl": impl, "tokens": tokens, "peak_mb": None, "ms_per_call": None, "status": "ok"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        row["status"] = f"timed out (over --child-timeout {args.child_timeout:g} s)"
+        return row
     if done.returncode == 0:
         row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    elif args.device.startswith("cuda") and "out of memory" in done.stderr:
+        row["status"] = "oom (CUDA out of memory)"
     elif "can't allocate memory" in done.stderr or "MemoryError" in done.stderr or "out of memory" in done.stderr:
         row["status"] = f"oom (over the {args.mem_cap_gb} GB cap)"
     else:
@@ -117,8 +128,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--mem-cap-gb", type=float, default=20.0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--mem-cap-gb", type=float, default=20.0, help="address-space cap of a CPU child")
+    parser.add_argument(
+        "--child-timeout", type=float, default=None, help="seconds each child may run (default: no limit)"
+    )
     parser.add_argument("--child", choices=IMPLEMENTATIONS)
     args = parser.parse_args()
 
@@ -129,10 +143,18 @@ def main() -> None:
         print(json.dumps(child(args.child, int(args.tokens), args.vocab, args.hidden, args.repeats, args.device)))
         return
 
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                f"loss_memory.py: --device {args.device} asks for CUDA, and this machine has none "
+                "(torch.cuda.is_available() is False). Use --device cpu here."
+            )
     rows = [run_one(impl, int(n), args) for n in args.tokens.split(",") for impl in args.impls.split(",")]
     report = {
         "benchmark": "loss_memory",
-        "device": args.device if args.device != "cpu" else f"cpu: {platform.machine()}, {os.cpu_count()} cores",
+        "device": device_name() if args.device != "cpu" else f"cpu: {platform.machine()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),
         "vocab": args.vocab,
         "hidden": args.hidden,

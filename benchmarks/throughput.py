@@ -14,12 +14,17 @@ trains on each generated sample once:
 - `npd-topk`: the defaults with the NPD paper's objective (`teacher_top_k=10`): the generator scores each sample's
   teacher top-k, so the training step runs no teacher forward;
 - `npd-sync`: the generator forced synchronous (`generator_mode="sync"`): what asynchrony alone buys;
+- `npd-vllm` (CUDA and vLLM only, so not in the default list): the defaults with a colocated vLLM engine generating
+  (`generation_backend="vllm"`, `vllm_mode="colocate"`, 30% of the GPU's memory); vLLM builds the student from a
+  checkpoint, so the student is saved and loaded back before the clock starts;
 - `ceiling`: NPD's training loop fed from a buffer filled before the clock starts (generation removed): the rate
   the optimizer alone sustains.
 
 Each trainer runs in a fresh Python process, one after the other, so that memory peaks and thread pools are its
-own. The clock runs from the `on_train_begin` callback until `train()` returns, so it includes NPD's generator
-start-up and shutdown but not model loading. Reported per trainer:
+own; on CUDA its models are initialized on the GPU. The report is rewritten after every trainer, so a run stopped
+part-way (a time limit) keeps the trainers it finished. The clock runs from the `on_train_begin` callback until
+`train()` returns, so it includes NPD's generator start-up and shutdown but not model loading. Reported per
+trainer:
 
 - `samples_per_s`: samples trained on per second of that wall time;
 - `completion_tokens_per_s`: completion tokens trained on (counted in the loss inputs) per second;
@@ -32,7 +37,8 @@ start-up and shutdown but not model loading. Reported per trainer:
 - `setup_s`: seconds to construct the trainer (model loading excluded), reported apart since NPD runs its
   construction-time probes there;
 - `peak_mem_mb`: CPU: peak resident memory of the trainer process plus that of its largest child (the generator);
-  CUDA: `torch.cuda.max_memory_allocated` of the trainer process (a generator process's own GPU memory is not in it);
+  CUDA: `torch.cuda.max_memory_allocated` of the trainer process (a generator process's own GPU memory is not in it;
+  a colocated vLLM engine's weights and KV cache are);
 - `wait_frac`: fraction of the wall time the optimizer was blocked waiting for samples (NPD only: for `npd-sync`
   that is its inline generation; for TRL's trainers, which generate inline by design, null).
 """
@@ -40,7 +46,9 @@ start-up and shutdown but not model loading. Reported per trainer:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib.util
 import inspect
 import json
 import os
@@ -57,7 +65,10 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-TRAINERS = ["gkd", "distillation", "npd", "npd-ifd", "npd-topk", "npd-sync", "ceiling"]
+TRAINERS = ["gkd", "distillation", "npd", "npd-ifd", "npd-topk", "npd-sync", "ceiling", "npd-vllm"]
+# trainers that generate with a colocated vLLM engine: they need a CUDA device and vLLM, and a student on disk
+VLLM_TRAINERS = ("npd-vllm",)
+DEFAULT_TRAINERS = [name for name in TRAINERS if name not in VLLM_TRAINERS]
 
 # Model shapes: (hidden, layers, heads, kv heads, head_dim, intermediate); the GPU presets use Qwen3's own.
 QWEN3_0_6B = (1024, 28, 16, 8, 128, 3072)
@@ -87,7 +98,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ---- one trainer, in its own process -----------------------------------------------------------------------------
-def build_models(preset: dict[str, Any]) -> tuple[Any, Any, Any]:
+def build_models(preset: dict[str, Any], device: str | None = None) -> tuple[Any, Any, Any]:
+    """Tokenizer, student and teacher, initialized on `device` (default: the GPU where there is one, else the CPU:
+    random initialization of GPU-sized models costs seconds of CPU time per process)."""
     import torch
 
     from trl_npd.toy import build_model, build_tokenizer
@@ -109,7 +122,9 @@ def build_models(preset: dict[str, Any]) -> tuple[Any, Any, Any]:
             vocab_size=preset["vocab"],
         )
 
-    student, teacher = model(preset["student"], seed=1), model(preset["teacher"], seed=2)
+    device = device or ("cuda" if torch.cuda.is_available() else None)
+    with torch.device(device) if device else contextlib.nullcontext():
+        student, teacher = model(preset["student"], seed=1), model(preset["teacher"], seed=2)
     if preset.get("bf16"):
         teacher = teacher.to(torch.bfloat16)  # the teacher only runs forward: keep it in bf16, as users would
     return tokenizer, student, teacher
@@ -214,6 +229,7 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
         "npd-sync": {"generator_mode": "sync"},
         # generation is done before the clock starts, so nothing in it should be selected or timed
         "ceiling": {"generator_mode": "sync", "ifd_filter": False},
+        "npd-vllm": {"generation_backend": "vllm", "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3},
     }[name]
     args = NearPolicyDistillConfig(
         **common_args(preset, output_dir),
@@ -286,11 +302,44 @@ def peak_mem_mb(device: str) -> float:
     return (own + child) / 1024
 
 
+def vllm_refusal(names: list[str]) -> str | None:
+    """Why the vLLM trainers among `names` cannot run on this machine, or None."""
+    wanted = [name for name in names if name in VLLM_TRAINERS]
+    if not wanted:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return (
+            f"{', '.join(wanted)} needs a CUDA GPU: a colocated vLLM engine generates on the GPU, and this machine "
+            "has none (torch.cuda.is_available() is False). Leave it out of --trainers here."
+        )
+    if importlib.util.find_spec("vllm") is None:
+        return f"{', '.join(wanted)} needs vLLM, which is not installed: pip install -e '.[vllm]'."
+    return None
+
+
+def student_on_disk(models: tuple[Any, Any, Any], folder: str) -> tuple[Any, Any, Any]:
+    """The same models, with the student saved to `folder` and loaded back, so that vLLM can build it by name."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, student, teacher = models
+    student.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), teacher
+
+
 def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    refusal = vllm_refusal([name])
+    if refusal:
+        raise SystemExit(refusal)
     with tempfile.TemporaryDirectory() as output_dir:
         models = build_models(preset)
+        if name in VLLM_TRAINERS:
+            models = student_on_disk(models, os.path.join(output_dir, "student"))
         build_start = time.perf_counter()
         trainer = make_trainer(name, preset, output_dir, models)
         setup_s = time.perf_counter() - build_start
@@ -361,7 +410,7 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
 
 # ---- the whole comparison ----------------------------------------------------------------------------------------
 def parameter_counts(preset: dict[str, Any]) -> dict[str, int]:
-    _, student, teacher = build_models(preset)
+    _, student, teacher = build_models(preset, device="meta")  # shapes only: no memory, no initialization
     return {
         "student_params": sum(p.numel() for p in student.parameters()),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
@@ -425,7 +474,11 @@ def plot(report: dict[str, Any], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
-    parser.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated subset of " + str(TRAINERS))
+    parser.add_argument(
+        "--trainers",
+        default=",".join(DEFAULT_TRAINERS),
+        help=f"comma-separated subset of {TRAINERS} (default: all but {list(VLLM_TRAINERS)}: CUDA and vLLM only)",
+    )
     parser.add_argument("--out", default="results/throughput-cpu-tiny.json")
     parser.add_argument("--plot", default=None, help="PNG path for the bar chart (default: next to --out)")
     parser.add_argument(
@@ -443,10 +496,26 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args.run_one, preset)))
         return
 
-    runs = []
-    for name in args.trainers.split(","):
-        if name not in TRAINERS:
-            raise SystemExit(f"unknown trainer {name!r}; choose from {TRAINERS}")
+    names = args.trainers.split(",")
+    unknown = [name for name in names if name not in TRAINERS]
+    if unknown:
+        raise SystemExit(f"unknown trainer {unknown[0]!r}; choose from {TRAINERS}")
+    refusal = vllm_refusal(names)
+    if refusal:
+        raise SystemExit(refusal)
+
+    header = {
+        "preset": args.preset,
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        **parameter_counts(preset),
+        "new_tokens": preset["new_tokens"],
+        "effective_batch": preset["batch"],
+        "steps": preset["steps"],
+        "trainers": names,
+    }
+    runs: list[dict[str, Any]] = []
+    for name in names:
         done = subprocess.run(
             [sys.executable, __file__, "--preset", args.preset, "--run-one", name]
             + (["--no-bootstrap"] if args.no_bootstrap else [])
@@ -459,18 +528,10 @@ def main() -> None:
         line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
         runs.append(json.loads(line[len("RESULT ") :]))
         print(f"{name}: {runs[-1]['samples_per_s']:.2f} samples/s", flush=True)
+        # after every trainer: a run stopped part-way (a time limit) keeps what it finished
+        write_json({**header, "runs": runs, "complete": len(runs) == len(names)}, args.out)
     ceiling = next((r["samples_per_s"] for r in runs if r["trainer"] == "ceiling"), None)
-    report = {
-        "preset": args.preset,
-        "device": device_name(),
-        "date": datetime.date.today().isoformat(),
-        **parameter_counts(preset),
-        "new_tokens": preset["new_tokens"],
-        "effective_batch": preset["batch"],
-        "steps": preset["steps"],
-        "runs": runs,
-        "ceiling_samples_per_s": ceiling,
-    }
+    report = {**header, "runs": runs, "complete": True, "ceiling_samples_per_s": ceiling}
     write_json(report, args.out)
     plot(report, args.plot or os.path.splitext(args.out)[0] + ".png")
     print_table(report)
