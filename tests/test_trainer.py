@@ -547,3 +547,24 @@ def test_an_ifd_band_that_rejects_everything_warns_and_widens_instead_of_starvin
     assert trainer.state.global_step == 6
     assert any("[1000000.0, 2000000.0]" in r.message and "quantile" in r.message for r in caplog.records)
     assert trainer.npd_metrics.totals.dropped["ifd_low"] >= 8
+
+
+def test_every_trained_sample_records_its_staleness_and_its_drift(student, teacher, tokenizer, dataset, make_config):
+    """The per-sample distribution behind `npd/policy_kl`: one record per trained sample, staleness as trained,
+    no drift for a sample of the current weights, and drift once the student has moved past its weights."""
+    args = make_config(generator_mode="thread", weight_sync_steps=3, max_staleness=3, learning_rate=1e-2, max_steps=8)
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    trainer.train()
+    records = trainer.npd_metrics.totals.sample_drift
+    staleness = [record["step"] - p for record in trainer.seen for p in record["policy_steps"]]
+    assert len(records) == trainer.npd_metrics.totals.consumed_samples == len(staleness)
+    assert sorted(s for s, _, _ in records) == sorted(staleness)
+    fresh = [drift for s, drift, _ in records if s == 0]
+    stale = [drift for s, drift, _ in records if s >= 2]
+    assert fresh and stale
+    assert max(fresh) < 1e-4  # sampled by the weights being trained: behaviour and current agree
+    assert min(stale) > 10 * max(fresh)  # two optimizer steps at lr 1e-2 later, every such sample has drifted
+    assert all(tokens > 0 for _, _, tokens in records)
+    # the largest sample drift of each logging window is logged
+    logged = [entry["npd/policy_kl_sample_max"] for entry in trainer.state.log_history if "npd/policy_kl" in entry]
+    assert max(logged) == pytest.approx(max(drift for _, drift, _ in records))

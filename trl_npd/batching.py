@@ -73,14 +73,20 @@ def pad_sequences(sequences: list[Sequence], pad_token_id: int) -> dict[str, tor
 def on_policy_extras(
     sequences: list[Sequence], behaviour_logprobs: torch.Tensor, starts: list[tuple[int, int]], width: int
 ) -> dict[str, torch.Tensor]:
-    """For batches of generated sequences only: `behaviour_logprobs`, per-sequence `policy_step`, and the stored
+    """For batches of generated sequences only: `behaviour_logprobs`, per-sequence `policy_step`, `sample_index`
+    (the sequence at each position, -1 at padding), and the stored
     teacher top-k (`teacher_topk_ids`, `teacher_topk_logprobs`, shape `(rows, width, k)`) when it was scored.
     `starts[i]` is the (row, column) where sequence i begins."""
     if any(s.policy_step is None for s in sequences):
         return {}
+    # which sequence each position belongs to (-1: none), so that the drift can be told per sample
+    sample_index = torch.full(behaviour_logprobs.shape, -1, dtype=torch.long)
+    for i, (s, (row, col)) in enumerate(zip(sequences, starts, strict=True)):
+        sample_index[row, col : col + len(s.input_ids)] = i
     extras = {
         "behaviour_logprobs": behaviour_logprobs,
         "policy_step": torch.tensor([s.policy_step for s in sequences], dtype=torch.long),
+        "sample_index": sample_index,
     }
     if all(s.teacher_topk_ids is not None for s in sequences):
         k = len(sequences[0].teacher_topk_ids[0])

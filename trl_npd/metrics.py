@@ -43,6 +43,8 @@ class NPDTotals:
     weight_syncs: Counter = field(default_factory=Counter)  # by reason: "schedule", "drift", "stale_snapshot"
     sync_steps: list[int] = field(default_factory=list)  # the optimizer step of every weight sync, in order
     max_staleness_seen: int = 0
+    # every on-policy sample trained on: (staleness when trained, its mean k3 drift per token, its trained tokens)
+    sample_drift: list[tuple[int, float, int]] = field(default_factory=list)
 
     def unused(self) -> int:
         """Samples unused at shutdown, wherever they were."""
@@ -74,6 +76,7 @@ class NPDMetrics:
         self._gen_samples = self._gen_tokens = 0
         self._gen_busy_s = 0.0
         self._kl_sum, self._kl_tokens = 0.0, 0
+        self._sample_drift_max = -math.inf
         self._sync_s: list[float] = []
         self._drift_refreshes = 0
         self._truncated = 0
@@ -114,6 +117,12 @@ class NPDMetrics:
             t.generated_tokens += batch.completion_tokens
             t.dropped.update(batch.dropped)
             t.truncated_prompts += batch.truncated_prompts
+
+    def record_sample_drift(self, staleness: list[int], drift: list[float], tokens: list[int]) -> None:
+        """Each trained sample's staleness and drift (mean k3 between its behaviour policy and the current student);
+        the window's largest is logged as `npd/policy_kl_sample_max`."""
+        self.totals.sample_drift += zip(staleness, drift, tokens, strict=True)
+        self._sample_drift_max = max([self._sample_drift_max, *drift])
 
     def record_packing(self, stats: PackingStats) -> None:
         self._packing.append(stats)
@@ -156,6 +165,7 @@ class NPDMetrics:
             logs["npd/gen_tokens_per_s"] = self._gen_tokens / self._gen_busy_s
         if self._kl_tokens:
             logs["npd/policy_kl"] = self._kl_sum / self._kl_tokens
+            logs["npd/policy_kl_sample_max"] = self._sample_drift_max
         if self._sync_s:
             logs["npd/weight_sync_s"] = sum(self._sync_s) / len(self._sync_s)
             logs["npd/drift_refreshes"] = float(self._drift_refreshes)  # syncs brought forward by max_policy_kl
@@ -186,6 +196,7 @@ _SUMMED = {
 # drift refreshes are decided together (on the KL summed over ranks), so every rank counts the same ones
 _MAXED = {
     "npd/staleness_max",
+    "npd/policy_kl_sample_max",
     "npd/version",
     "npd/wait_s",
     "npd/wait_frac",

@@ -677,7 +677,21 @@ class NearPolicyDistillTrainer(GKDTrainer):
             k3 = k3_policy_kl(result.current_logprobs, behaviour.to(result.current_logprobs.dtype))
             self._step_kl_sum = self._step_kl_sum.to(k3.device) + k3.sum().double()
             self._step_kl_tokens += k3.numel()
+            self._record_sample_drift(inputs, k3, result.mask)
         return loss
+
+    def _record_sample_drift(self, inputs: dict[str, Any], k3: torch.Tensor, mask: torch.Tensor) -> None:
+        """Each sample's mean drift over its trained tokens, with its staleness: the distribution behind the step's
+        `npd/policy_kl`, which shows how drift grows with staleness (`npd_metrics.totals.sample_drift`)."""
+        samples = inputs["policy_step"].numel()
+        index = inputs["sample_index"][:, 1:][mask].to(k3.device)
+        drift_sum = torch.zeros(samples, dtype=torch.float64, device=k3.device).index_add_(0, index, k3.double())
+        tokens = torch.bincount(index, minlength=samples)
+        trained = tokens > 0
+        staleness = self.state.global_step - inputs["policy_step"].to(k3.device)
+        self.npd_metrics.record_sample_drift(
+            staleness[trained].tolist(), (drift_sum[trained] / tokens[trained]).tolist(), tokens[trained].tolist()
+        )
 
     def _nonfinite_loss_report(self, model: nn.Module, loss: float, micro_batch: int) -> str:
         """Name the samples of the failing micro-batch whose logits are not finite, and in which model."""
