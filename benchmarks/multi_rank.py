@@ -62,6 +62,7 @@ def worker(preset: dict[str, Any], placement: str, out: str) -> None:
             lmbda=1.0,
             ifd_filter=False,
             shared_generator=placement == "shared",
+            generator_mode="process",  # where the generator processes sit is what is compared
             generator_num_threads=1,
             learning_rate=1e-4,
             report_to="none",

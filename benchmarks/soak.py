@@ -124,6 +124,7 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
         save_strategy="no",
         disable_tqdm=True,
         seed=0,
+        generator_mode="process",  # the generator process's life over a long run is what a soak watches
     )
     trainer = SoakTrainer(
         model=build_model(tokenizer, hidden_size=32, num_layers=2, seed=1),

@@ -58,6 +58,7 @@ def make_config(tmp_path):
             # the tests of the generator process test the process: no inline sampling while it starts (it has
             # tests of its own)
             generator_bootstrap=False,
+            generator_mode="process",  # on a CPU the default is inline; the process is what these tests test
         )
         values.update(overrides)
         return NearPolicyDistillConfig(**values)

@@ -93,3 +93,20 @@ def test_an_explicit_bf16_on_a_cpu_only_machine_is_a_clear_error(tmp_path):
         NearPolicyDistillConfig(output_dir=str(tmp_path), report_to="none", bf16=True)
     # CPU bf16 autocast stays available on request
     assert NearPolicyDistillConfig(output_dir=str(tmp_path), report_to="none", bf16=True, use_cpu=True).bf16
+
+
+def test_generator_mode_left_unset_follows_the_hardware_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.INFO, logger="trl_npd.config"):
+        assert config(tmp_path).generator_mode == "sync"  # trainer and generator would share the CPU's cores
+    assert "generator_mode was not set: 'sync'" in caplog.text
+    assert config(tmp_path, use_cpu=True, generator_device="cpu").generator_mode == "sync"
+    # an accelerator on either side: the generator process overlaps real work
+    assert config(tmp_path, generator_device="cuda:1").generator_mode == "process"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert config(tmp_path, use_cpu=True).generator_mode == "sync"  # use_cpu: the trainer is on the CPU all the same
+
+
+@pytest.mark.parametrize("mode", ["process", "thread", "sync"])
+def test_a_generator_mode_that_is_set_is_kept(tmp_path, mode):
+    assert config(tmp_path, generator_mode=mode).generator_mode == mode

@@ -223,7 +223,7 @@ KILLED_SCRIPT = textwrap.dedent(
     args = NearPolicyDistillConfig(
         output_dir={out!r}, max_steps=100, per_device_train_batch_size=4, learning_rate=1e-3, lmbda=1.0,
         max_new_tokens=8, max_length=96, report_to="none", save_strategy="steps", save_steps=2, bf16=False, seed=0,
-        disable_tqdm=True, ifd_filter=False, weight_sync_steps=2, max_staleness=3,
+        disable_tqdm=True, ifd_filter=False, weight_sync_steps=2, max_staleness=3, generator_mode="process",
     )
     trainer = NearPolicyDistillTrainer(
         model=build_model(tokenizer, hidden_size=32, num_layers=2, seed=1),

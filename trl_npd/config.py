@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl.experimental.gkd import GKDConfig
 
@@ -21,6 +22,17 @@ TOPK_OBJECTIVES = ("npd", "jsd")
 # Whether Δ-IFD selection is on when `ifd_filter` is left at None, on a backend that can score it. Off: on the
 # arena it bought no accuracy that the KL-bounded refresh does not, at twice the generator's cost (docs/design.md).
 IFD_FILTER_DEFAULT = False
+
+
+def _has_accelerator() -> bool:
+    """Whether torch sees a device a trainer would train on instead of the CPU."""
+    if torch.cuda.is_available():
+        return True
+    for name in ("xpu", "mps", "npu"):
+        backend = getattr(torch, name, None)
+        if backend is not None and hasattr(backend, "is_available") and backend.is_available():
+            return True
+    return False
 
 
 def default_ifd_filter(generation_backend: str) -> bool:
@@ -64,11 +76,14 @@ class NearPolicyDistillConfig(GKDConfig):
         weight_sync_steps + 2) / 3` optimizer steps' worth of on-policy samples, rounded down (at least one step's
         worth, and one micro-batch). A larger batch costs less per sample but waits longer in the buffer; see
         `docs/design.md`. With `lmbda < 1` the on-policy draws are random, so the bound then holds on average.
-    generator_mode (`str`, *optional*, defaults to `"process"`):
+    generator_mode (`str` or `None`, *optional*, defaults to `None`):
         Where the generator runs. `"process"`: a spawned process that generates while the optimizer trains (the
         only mode with real overlap on CPU, see `docs/design.md`). `"thread"`: a thread in the trainer process, for
         debugging or for models that cannot be pickled. `"sync"`: no background work; the trainer generates with its
-        live weights when it needs samples (GKD's schedule with NPD's batching, used as an ablation).
+        live weights when it needs samples, a generation batch at a time. `None` chooses from the hardware, and
+        logs the choice: `"sync"` when the trainer and the generator would both run on the CPU, where a process
+        would only split the same cores between them (measured on 2 cores: inline as fast or faster, see
+        `docs/design.md`); `"process"` when the trainer or the generator has an accelerator.
     generator_device (`str` or `None`, *optional*, defaults to `None`):
         Device of the generator's copy of the student, e.g. `"cpu"` or `"cuda:1"`. `None` uses the trainer's device.
     generator_num_threads (`int` or `None`, *optional*, defaults to `None`):
@@ -230,9 +245,12 @@ class NearPolicyDistillConfig(GKDConfig):
             "max_staleness ((max_staleness - weight_sync_steps + 2) / 3 optimizer steps' worth)."
         },
     )
-    generator_mode: str = field(
-        default="process",
-        metadata={"help": "Where the generator runs.", "choices": list(GENERATOR_MODES)},
+    generator_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the generator runs. None: 'sync' when trainer and generator share the CPU, else 'process'.",
+            "choices": [*GENERATOR_MODES, None],
+        },
     )
     generator_device: str | None = field(
         default=None, metadata={"help": "Device of the generator's snapshot. None: the trainer's device."}
@@ -334,6 +352,8 @@ class NearPolicyDistillConfig(GKDConfig):
     def __post_init__(self) -> None:
         self._resolve_mixed_precision()
         super().__post_init__()
+        if self.generator_mode is None:
+            self.generator_mode = self._default_generator_mode()
         if self.generator_mode not in GENERATOR_MODES:
             raise ValueError(f"generator_mode must be one of {GENERATOR_MODES}, got {self.generator_mode!r}.")
         if self.generation_backend not in GENERATION_BACKENDS:
@@ -453,6 +473,22 @@ class NearPolicyDistillConfig(GKDConfig):
                 "or newer, or an XPU, NPU, TPU...). Leave bf16 unset to have it chosen from the hardware, set "
                 "bf16=False to train in float32, or set use_cpu=True to use bf16 autocast on the CPU."
             )
+
+    def _default_generator_mode(self) -> str:
+        """`"sync"` when the trainer and the generator would share the CPU's cores, `"process"` otherwise.
+
+        On a CPU-only machine a generator process takes half of the cores from the trainer for the whole run, and
+        its overlap buys back about what it costs: on 2 cores inline generation was as fast or faster in every
+        measured run (docs/design.md). With an accelerator on either side the process overlaps real work.
+        """
+        on_cpu = lambda device: device is None or torch.device(device).type == "cpu"  # noqa: E731
+        trainer_on_cpu = self.use_cpu or not _has_accelerator()
+        if self.generation_backend == "transformers" and trainer_on_cpu and on_cpu(self.generator_device):
+            mode, reason = "sync", "the trainer and the generator would share the CPU's cores"
+        else:
+            mode, reason = "process", "the generator runs beside an accelerator"
+        logger.info("generator_mode was not set: %r (%s). Set generator_mode to choose.", mode, reason)
+        return mode
 
     @property
     def uses_shared_generator(self) -> bool:
