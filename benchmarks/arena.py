@@ -426,9 +426,13 @@ def run_method(
     train: list,
     seed: int,
     samples_path: str | None,
+    new_tokens: int | None = None,
+    npd_overrides: dict[str, Any] | None = None,
 ) -> tuple[Curve, dict[str, Any]]:
-    """Train a copy of the warm student with `method`; returns its curve and what the run reported."""
-    from trl import SFTConfig, SFTTrainer
+    """Train a copy of the warm student with `method`; returns its curve and what the run reported. Another task
+    (arena_real.py) gives its completions' length, `new_tokens`, and its NPD method's settings, `npd_overrides`;
+    `method="distillation"` is TRL's DistillationTrainer on the prompts alone."""
+    from trl import DistillationConfig, DistillationTrainer, SFTConfig, SFTTrainer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
@@ -442,7 +446,7 @@ def run_method(
     while len(prompts) < spec["steps"] * spec["batch"]:
         prompts += rng.sample(train, len(train))
     prompts = prompts[: spec["steps"] * spec["batch"]]
-    new_tokens = max_new_tokens(train)
+    new_tokens = new_tokens or max_new_tokens(train)
     points = preset["curve_points"]
     curve_steps = {round(spec["steps"] * (i + 1) / points) for i in range(points)}
     report: dict[str, Any] = {}
@@ -461,6 +465,24 @@ def run_method(
                 SFTConfig, preset, output_dir, seed, lr, max_length=None, packing=False, logging_steps=10**6
             )
             trainer = SFTTrainer(model=student, args=args, train_dataset=dataset, processing_class=tokenizer)
+        elif method == "distillation":  # GKD's settings in DistillationConfig's names (lmbda=1: prompts only)
+            curve = Curve(curve_steps)
+            dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q, _ in prompts])
+            args = training_args(
+                DistillationConfig,
+                preset,
+                output_dir,
+                seed,
+                lr,
+                logging_steps=10**6,
+                max_completion_length=new_tokens,
+                temperature=spec["temperature"],
+                beta=spec["beta"],
+                disable_dropout=True,
+            )
+            trainer = DistillationTrainer(
+                model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+            )
         else:
             curve = Curve(curve_steps)
             dataset = Dataset.from_list(
@@ -474,7 +496,7 @@ def run_method(
                 args = training_args(GKDConfig, preset, output_dir, seed, lr, logging_steps=10**6, **common)
                 cls: type = GKDTrainer
             else:
-                overrides = dict(METHODS[method])
+                overrides = dict(METHODS[method] if npd_overrides is None else npd_overrides)
                 args = training_args(
                     NearPolicyDistillConfig,
                     preset,
@@ -505,6 +527,8 @@ def run_method(
                 "policy_kl": [
                     entry["npd/policy_kl"] for entry in trainer.state.log_history if "npd/policy_kl" in entry
                 ],
+                # every trained sample: [staleness when trained, mean k3 drift per token, trained tokens]
+                "sample_drift": [list(record) for record in totals.sample_drift],
             }
             if samples_path is not None:
                 shutil.copyfile(os.path.join(output_dir, "npd_samples.jsonl"), samples_path)
@@ -673,7 +697,7 @@ def plot_seed(report: dict[str, Any], path: str) -> None:
 
 
 # ---- learning-rate tuning ------------------------------------------------------------------------------------------
-def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
+def tune(preset: dict[str, Any], methods: list[str], args: Any, run_seed: Callable[..., dict] = run_seed) -> None:
     """Each method at each rate of the grid, on the tuning seed (never one of the compared seeds); the best
     rate by `final_acc_smoothed` goes in the preset's `lr` table. With `--add-to`, the rates run here extend an
     earlier grid, for all of its methods or only those whose best rate is at its edge, and each method's best is

@@ -17,6 +17,23 @@ def device_name() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def git_commit() -> str | None:
+    """The short commit of the checkout the benchmark runs from, with `+dirty` when files differ from it; None
+    outside a git checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=here
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=here).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def write_json(report: dict[str, Any], path: str) -> None:
     """Write `report` to `path`, creating its folder."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -13,6 +13,8 @@ trains on each generated sample once:
 - `npd-ifd`: the same with Δ-IFD selection on, to show what selection costs;
 - `npd-topk`: the defaults with the NPD paper's objective (`teacher_top_k=10`): the generator scores each sample's
   teacher top-k, so the training step runs no teacher forward;
+- `npd-process`: the defaults with the generator in its own process (`generator_mode="process"`), which is the
+  default where trainer or generator has an accelerator; on a CPU-only machine the default is inline (`sync`);
 - `npd-sync`: the generator forced synchronous (`generator_mode="sync"`): what asynchrony alone buys;
 - `npd-vllm` (CUDA and vLLM only, so not in the default list): the defaults with a colocated vLLM engine generating
   (`generation_backend="vllm"`, `vllm_mode="colocate"`, 30% of the GPU's memory); vLLM builds the student from a
@@ -59,13 +61,13 @@ import tempfile
 import time
 from typing import Any
 
-from common import device_name, pyplot, save_figure, write_json
+from common import device_name, git_commit, pyplot, save_figure, write_json
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-TRAINERS = ["gkd", "distillation", "npd", "npd-ifd", "npd-topk", "npd-sync", "ceiling", "npd-vllm"]
+TRAINERS = ["gkd", "distillation", "npd", "npd-process", "npd-ifd", "npd-topk", "npd-sync", "ceiling", "npd-vllm"]
 # trainers that generate with a colocated vLLM engine: they need a CUDA device and vLLM, and a student on disk
 VLLM_TRAINERS = ("npd-vllm",)
 DEFAULT_TRAINERS = [name for name in TRAINERS if name not in VLLM_TRAINERS]
@@ -90,6 +92,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu-medium": dict(
         student=QWEN3_0_6B, teacher=QWEN3_4B, vocab=151_936, new_tokens=256, batch=32, steps=24, bf16=True
     ),
+    # the real pretrained pair of the real-model arena: SmolLM2-135M-Instruct teaching itself pruned to 10 of its
+    # 30 layers (benchmarks/smollm2.py), on the arena's short questions, whose answers end at EOS at varied lengths
+    "cpu-smollm2": dict(pair="smollm2", student_layers=10, new_tokens=40, batch=4, steps=24),
     # smoke test only: a few steps of tiny models
     "micro": dict(
         student=(32, 1, 2, 1, 16, 64), teacher=(64, 1, 2, 1, 32, 128), vocab=None, new_tokens=8, batch=2, steps=3
@@ -102,6 +107,12 @@ def build_models(preset: dict[str, Any], device: str | None = None) -> tuple[Any
     """Tokenizer, student and teacher, initialized on `device` (default: the GPU where there is one, else the CPU:
     random initialization of GPU-sized models costs seconds of CPU time per process)."""
     import torch
+
+    if preset.get("pair") == "smollm2":
+        import smollm2
+
+        tokenizer, teacher = smollm2.load_teacher(smollm2.CACHE_DIR)
+        return tokenizer, smollm2.pruned_student(teacher, preset["student_layers"]), teacher
 
     from trl_npd.toy import build_model, build_tokenizer
 
@@ -162,11 +173,17 @@ def counting(trainer_cls: type, count: Any) -> type:
 
     class Counting(trainer_cls):
         bench_tokens = 0
+        bench_positions = 0  # token positions the forward ran on, padding included
+        bench_padding = 0
         step_s = 0.0
         inline_generation_s = 0.0
 
         def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            type(self).bench_tokens += int(count(inputs))
+            if model.training:
+                type(self).bench_tokens += int(count(inputs))
+                positions, padding = padded_positions(inputs, self.processing_class.pad_token_id)
+                type(self).bench_positions += positions
+                type(self).bench_padding += padding
             return super().compute_loss(model, inputs, *args, **kwargs)
 
         def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -184,6 +201,26 @@ def counting(trainer_cls: type, count: Any) -> type:
             else:
                 setattr(Counting, name, _timed(raw, Counting))
     return Counting
+
+
+def padded_positions(inputs: dict[str, Any], pad_token_id: int) -> tuple[int, int]:
+    """(positions, padding positions) of one training batch, as each trainer lays it out.
+
+    DistillationTrainer: its prompt and completion masks. GKD and NPD's padded path: the attention mask. NPD's packed
+    rows (no attention mask): the tail segment of a row, whose positions restart at 0 and whose ids are all padding
+    (a real sequence starts with its prompt, never with the pad token)."""
+    if "completion_mask" in inputs:
+        positions = inputs["prompt_ids"].numel() + inputs["completion_ids"].numel()
+        return positions, positions - int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+    ids = inputs["input_ids"]
+    if "attention_mask" in inputs:
+        return ids.numel(), ids.numel() - int(inputs["attention_mask"].sum())
+    padding = 0
+    for row_ids, row_positions in zip(ids, inputs["position_ids"], strict=True):
+        tail = int((row_positions == 0).nonzero()[-1])
+        if tail > 0 and bool((row_ids[tail:] == pad_token_id).all()):
+            padding += len(row_ids) - tail
+    return ids.numel(), padding
 
 
 def _timed(function: Any, owner: type) -> Any:
@@ -205,7 +242,12 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
 
     tokenizer, student, teacher = models
     # enough distinct prompts that nobody repeats one
-    dataset = arithmetic_dataset(4 * preset["steps"] * preset["batch"], seed=0)
+    if preset.get("pair") == "smollm2":
+        import smollm2
+
+        dataset = smollm2.question_dataset(4 * preset["steps"] * preset["batch"], seed=0)
+    else:
+        dataset = arithmetic_dataset(4 * preset["steps"] * preset["batch"], seed=0)
     labels_count = lambda inputs: (inputs["labels"] != -100).sum()  # noqa: E731
     if name == "gkd":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -226,6 +268,7 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
         "npd": {},
         "npd-ifd": {"ifd_filter": True},
         "npd-topk": {"teacher_top_k": 10},
+        "npd-process": {"generator_mode": "process"},
         "npd-sync": {"generator_mode": "sync"},
         # generation is done before the clock starts, so nothing in it should be selected or timed
         "ceiling": {"generator_mode": "sync", "ifd_filter": False},
@@ -390,6 +433,8 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
         "wall_s": wall_s,
         "steady_samples_per_s": (samples - preset["batch"]) / steady_s,
         "steady_completion_tokens_per_s": (type(trainer).bench_tokens - clock.first_step_tokens) / steady_s,
+        # share of the training forward's positions that were padding: what packing saves
+        "pad_frac": cls.bench_padding / cls.bench_positions if cls.bench_positions else None,
         "setup_s": setup_s,
         "startup_wait_s": startup_wait_s,
         "steady_wait_frac": steady_wait_frac,
@@ -430,17 +475,18 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"{'trainer':13} {'samples/s':>9} {'vs gkd':>7} {'tokens/s':>9} {'vs gkd':>7} {'steady/s':>8} {'vs gkd':>7} "
         f"{'steady tok/s':>12} {'vs gkd':>7} {'wall_s':>7} {'setup_s':>7} {'peak_mb':>8} {'wait':>5} "
-        f"{'steady wait':>11} {'startup wait_s':>14}"
+        f"{'steady wait':>11} {'startup wait_s':>14} {'pad':>5}"
     )
     for r in report["runs"]:
         startup = "-" if r["startup_wait_s"] is None else f"{r['startup_wait_s']:.2f}"
+        pad = "-" if r.get("pad_frac") is None else f"{r['pad_frac']:.0%}"
         print(
             f"{r['trainer']:13} {r['samples_per_s']:9.2f} {vs_gkd(r, 'samples_per_s'):>7} "
             f"{r['completion_tokens_per_s']:9.1f} {vs_gkd(r, 'completion_tokens_per_s'):>7} "
             f"{r['steady_samples_per_s']:8.2f} {vs_gkd(r, 'steady_samples_per_s'):>7} "
             f"{r['steady_completion_tokens_per_s']:12.1f} {vs_gkd(r, 'steady_completion_tokens_per_s'):>7} "
             f"{r['wall_s']:7.1f} {r['setup_s']:7.1f} {r['peak_mem_mb']:8.0f} {share(r['wait_frac']):>5} "
-            f"{share(r['steady_wait_frac']):>11} {startup:>14}"
+            f"{share(r['steady_wait_frac']):>11} {startup:>14} {pad:>5}"
         )
     print(f"\n{'where the time goes':19} {'generate':>8} {'wait':>8} {'fwd+bwd':>8} {'other':>8}  (share of wall)")
     for r in report["runs"]:
@@ -508,6 +554,7 @@ def main() -> None:
         "preset": args.preset,
         "device": device_name(),
         "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
         **parameter_counts(preset),
         "new_tokens": preset["new_tokens"],
         "effective_batch": preset["batch"],

