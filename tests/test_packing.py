@@ -3,6 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from trl_npd.batching import Sequence, pad_sequences
 from trl_npd.losses import distillation_loss
@@ -52,8 +53,9 @@ def test_a_packed_row_gives_each_sample_the_logits_it_gets_alone_in_train_mode(t
     model = build_model(tokenizer, hidden_size=32, num_layers=2, seed=3)
     model.config._attn_implementation = attention
     model.train()  # train mode: where a default cache would silently merge the packed samples
-    sequences = random_sequences([7, 12, 5, 9])
-    batch, _ = pack_sequences(sequences, max_tokens_per_row=64, pad_token_id=tokenizer.pad_token_id)
+    sequences = random_sequences([9, 7, 12, 4])
+    batch, _ = pack_sequences(sequences, max_tokens_per_row=16, pad_token_id=tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (2, 16)  # [12, 4] and [9, 7]: each row masked by its own position_ids
     packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     checked = 0
     for row in range(batch["input_ids"].shape[0]):
@@ -64,7 +66,7 @@ def test_a_packed_row_gives_each_sample_the_logits_it_gets_alone_in_train_mode(t
                 torch.log_softmax(packed[row, start:end], -1), torch.log_softmax(alone[0], -1), atol=1e-5, rtol=1e-5
             )
             checked += 1
-    assert checked == 4  # one segment per sample (the row is full, so no padding segment)
+    assert checked == 4  # one segment per sample (the rows are full, so no padding segment)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
@@ -123,7 +125,7 @@ def test_models_that_ignore_position_ids_are_detected_and_trained_on_padded_rows
 
 def test_dense_attention_caps_rows_at_the_longest_sequence_and_still_drops_padding():
     lengths = [10, 4, 4, 6, 5]
-    assert row_token_budget(lengths, 1024, per_sample_attention=True) == 1024
+    assert row_token_budget(lengths, 16, per_sample_attention=True) == sum(lengths)  # one row: see the flash test
     assert row_token_budget(lengths, None, per_sample_attention=True) == sum(lengths)
     budget = row_token_budget(lengths, 1024, per_sample_attention=False)
     assert budget == 10
@@ -155,3 +157,63 @@ def test_the_trainer_packs_rows_no_wider_than_the_longest_sample_under_sdpa(toke
     assert trainer._pack and not trainer._per_sample_attention  # toy models run SDPA on CPU
     batch = trainer._training_batch(random_sequences([12, 5, 4, 7, 4]))
     assert batch["input_ids"].shape == (3, 12)  # [12], [7, 5], [4, 4]
+
+
+def reference_flash_kernels():
+    """flash-attn's two entry points, written with SDPA so that they run on CPU: `flash_attn_func` attends within each
+    row of a (batch, seq, heads, dim) batch, `flash_attn_varlen_func` within each segment of a flattened batch."""
+
+    def attend(q, k, v, causal, softmax_scale):  # one sequence, (seq, heads, dim)
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale, enable_gqa=True)
+        return out.transpose(0, 1)
+
+    def flash_attn_func(q, k, v, causal=False, softmax_scale=None):
+        return torch.stack([attend(q[b], k[b], v[b], causal, softmax_scale) for b in range(q.shape[0])])
+
+    def flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, causal=False, softmax_scale=None
+    ):
+        bounds = itertools.pairwise(cu_seqlens_q.tolist())
+        return torch.cat([attend(q[s:e], k[s:e], v[s:e], causal, softmax_scale) for s, e in bounds])
+
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def test_flash_attention_gets_the_micro_batch_as_one_row_because_it_only_unpacks_a_single_row(tokenizer, monkeypatch):
+    """transformers' own flash-attention dispatch, with reference kernels standing in for flash-attn (no GPU here).
+
+    It detects packed samples from `position_ids` only in a batch of one row; a batch of several rows runs each row
+    as one causal sequence, so its samples see each other. The packed layout trl_npd trains must therefore be one row.
+    """
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    flash_attn_func, flash_attn_varlen_func = reference_flash_kernels()
+    kernels = (flash_attn_func, flash_attn_varlen_func, None, flash_utils._pad_input, flash_utils._unpad_input)
+    monkeypatch.setattr(flash_utils, "_lazy_imports", lambda *args, **kwargs: kernels)
+    monkeypatch.setattr(flash_utils, "_loaded_implementation", None)  # load the reference kernels, not a cached one
+    model = build_model(tokenizer, hidden_size=32, num_layers=2, seed=3).train()
+    model.config._attn_implementation = "flash_attention_2"
+    assert attends_per_sample(model)
+    sequences = random_sequences([7, 12, 5, 9])
+    lengths = [len(s.input_ids) for s in sequences]
+
+    def worst_error(batch):  # largest log-prob difference between a packed sample and the same sample alone
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        worst = 0.0
+        for row in range(batch["input_ids"].shape[0]):
+            starts = [*(batch["position_ids"][row] == 0).nonzero().flatten().tolist(), batch["input_ids"].shape[1]]
+            for start, end in itertools.pairwise(starts):
+                alone = model(input_ids=batch["input_ids"][row : row + 1, start:end], use_cache=False).logits
+                difference = torch.log_softmax(packed[row, start:end], -1) - torch.log_softmax(alone[0], -1)
+                worst = max(worst, difference.abs().max().item())
+        return worst
+
+    # rows of at most 16 tokens, [12], [9, 7], [5]: the samples sharing the second row see each other
+    several_rows, _ = pack_sequences(sequences, max_tokens_per_row=16, pad_token_id=tokenizer.pad_token_id)
+    assert several_rows["input_ids"].shape[0] == 3 and worst_error(several_rows) > 1e-2
+    # trl_npd's layout under per-sample attention, whatever max_length: one row, which transformers unpacks
+    budget = row_token_budget(lengths, 16, per_sample_attention=True)
+    batch, _ = pack_sequences(sequences, budget, pad_token_id=tokenizer.pad_token_id)
+    assert worst_error(batch) < 1e-5
+    assert batch["input_ids"].shape == (1, sum(lengths))

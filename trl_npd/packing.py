@@ -2,9 +2,10 @@
 
 Each sequence keeps its own `position_ids` (restarting at 0) and the batch carries no `attention_mask`, so
 transformers derives the sample boundaries from `position_ids` and attention stays block-diagonal. It only does so
-when no cache exists; the trainer's forwards pass `use_cache=False` for this reason, and the tests check in train
-mode that a packed row gives each sample exactly the log-probs it gets alone. Labels are -100 on prompt tokens, on
-padding and at each sample's first position, so no sample learns to predict another's first token.
+when no cache exists (the trainer's forwards pass `use_cache=False`) and, under flash attention, only in a batch of
+one row (see `row_token_budget`). The tests check in train mode that a packed row gives each sample exactly the
+log-probs it gets alone. Labels are -100 on prompt tokens, on padding and at each sample's first position, so no
+sample learns to predict another's first token.
 """
 
 from __future__ import annotations
@@ -87,16 +88,18 @@ def attends_per_sample(model: torch.nn.Module) -> bool:
 def row_token_budget(lengths: list[int], max_length: int | None, per_sample_attention: bool) -> int:
     """How many tokens one packed row may hold.
 
-    With per-sample attention a long row is free: rows hold up to `max_length` tokens (all of them if unset). With
-    dense attention a row of n tokens costs an (n x n) attention, so rows are capped at the longest sequence: short
-    sequences still share rows, the padding is still gone, and attention never costs more than the padded batch's.
-    On 2 CPU cores with SDPA, uncapped 1024-token rows made the training step 13-15% slower than padding
-    (docs/benchmarks.md).
+    With per-sample attention the whole micro-batch is one row, whatever `max_length`. It must be: transformers'
+    flash-attention path finds the sample boundaries in `position_ids` only when the batch has a single row, and
+    runs a batch of several rows as plain causal rows whose samples attend to each other (tests/test_packing.py
+    shows it). A long row is free there anyway, and one row has no padding. With dense attention (SDPA, eager), whose
+    masks follow each row's `position_ids`, a row of n tokens costs an (n x n) attention, so rows are capped at the
+    longest sequence: short sequences still share rows, the padding is still gone, and attention never costs more
+    than the padded batch's. On 2 CPU cores with SDPA, uncapped 1024-token rows made the training step 13-15% slower
+    than padding (docs/benchmarks.md).
     """
-    longest = max(lengths)
     if per_sample_attention:
-        return max_length or sum(lengths)
-    return longest
+        return sum(lengths)
+    return max(lengths)
 
 
 @torch.no_grad()
