@@ -162,9 +162,10 @@ class NearPolicyDistillConfig(GKDConfig):
 
     padding_free (`bool`, *optional*, defaults to `True`):
         Pack each training micro-batch's sequences into rows (first-fit-decreasing), with `position_ids`
-        restarting at every sequence and no padding inside rows. Rows hold up to `max_length` tokens when both
-        models use a per-sample attention (flash-attention, flex attention), and at most the batch's longest
-        sequence under dense attention (SDPA, eager), where a long row would cost a quadratic attention. This is
+        restarting at every sequence and no padding inside rows. The whole micro-batch is one row when both models
+        use a per-sample attention (flash-attention, flex attention: transformers unpacks a single row only), and
+        rows hold at most the batch's longest sequence under dense attention (SDPA, eager), where a long row would
+        cost a quadratic attention. This is
         trl_npd's own packing stage; SFTTrainer's padding-free collator does not apply to GKD's batches. `False`
         right-pads each sequence to the longest.
     use_fused_loss (`bool`, *optional*, defaults to `True`):
