@@ -82,6 +82,16 @@ NPD_DEFAULTS: dict[str, Any] = {
     "generator_mode": "process",
     "teacher_top_k": None,
 }
+# what an NPD run's JSON records of its config, as it ran
+NPD_SETTINGS = (
+    "generator_mode",
+    "max_policy_kl",
+    "weight_sync_steps",
+    "max_staleness",
+    "generation_batch_size",
+    "ifd_filter",
+    "teacher_top_k",
+)
 METHODS: dict[str, dict[str, Any] | None] = {
     "sft": None,
     # a diagnostic, not a way to distil: SFT on the worked answers the teacher learned from, no sampling noise. With
@@ -527,6 +537,8 @@ def run_method(
                 "policy_kl": [
                     entry["npd/policy_kl"] for entry in trainer.state.log_history if "npd/policy_kl" in entry
                 ],
+                # the settings that ran, defaults resolved (the generator's mode follows the hardware)
+                "config": {key: getattr(trainer.args, key) for key in NPD_SETTINGS},
                 # every trained sample: [staleness when trained, mean k3 drift per token, trained tokens]
                 "sample_drift": [list(record) for record in totals.sample_drift],
             }

