@@ -103,6 +103,8 @@ def test_generator_mode_left_unset_follows_the_hardware_and_says_so(tmp_path, mo
     assert config(tmp_path, use_cpu=True, generator_device="cpu").generator_mode == "sync"
     # an accelerator on either side: the generator process overlaps real work
     assert config(tmp_path, generator_device="cuda:1").generator_mode == "process"
+    # FSDP refuses inline sampling with the sharded live weights, so the default does not choose it
+    assert config(tmp_path, fsdp="full_shard").generator_mode == "process"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert config(tmp_path, use_cpu=True).generator_mode == "sync"  # use_cpu: the trainer is on the CPU all the same
 
