@@ -363,13 +363,51 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
             flush=True,
         )
         arena.add_time_to_gkd_final(runs, preset["final_points"])
+        add_time_to_gkd_final_kl(runs, preset["final_points"])
         if args.out:  # after each method, so that a stopped session keeps what finished
             write_json(
                 report_of(preset, seed, refs, teacher_point, (pruned, init), student_init, teacher, runs, started),
                 args.out,
             )
     arena.add_time_to_gkd_final(runs, preset["final_points"])
+    add_time_to_gkd_final_kl(runs, preset["final_points"])
     return report_of(preset, seed, refs, teacher_point, (pruned, init), student_init, teacher, runs, started)
+
+
+def add_time_to_gkd_final_kl(runs: list[dict[str, Any]], window: int) -> None:
+    """Each run's `time_to_gkd_final_kl_s`: when its KL(teacher || student), averaged over `window` checkpoints as
+    the final values are, first reaches GKD's final value or below (None: never, or no GKD run)."""
+    gkd = next((run for run in runs if run["method"] == "gkd"), None)
+    for run in runs:
+        run["time_to_gkd_final_kl_s"] = None
+        if gkd is None:
+            continue
+        kls = [point["kl_teacher"] for point in run["curve"]]
+        for i, point in enumerate(run["curve"]):
+            if statistics.mean(kls[max(0, i - window + 1) : i + 1]) <= gkd["final_kl_teacher_smoothed"] + 1e-12:
+                run["time_to_gkd_final_kl_s"] = point["wall_s"]
+                break
+
+
+def print_real(report: dict[str, Any]) -> None:
+    print(
+        f"{'method':18} {'agreement':>9} {'sampled':>8} {'ROUGE-L':>8} {'KL(t||s)':>9} {'reverse KL':>10} "
+        f"{'wall_s':>7} {'to gkd agreement':>16} {'to gkd KL':>10}"
+    )
+    for run in report["runs"]:
+        to_acc, to_kl = run.get("time_to_gkd_final_s"), run.get("time_to_gkd_final_kl_s")
+        print(
+            f"{run['method']:18} {run['final_acc_smoothed']:9.1%} {run['final_acc_sampled_smoothed']:8.1%} "
+            f"{run['final_rouge_l_smoothed']:8.3f} {run['final_kl_teacher_smoothed']:9.3f} "
+            f"{run['final_reverse_kl_smoothed']:10.3f} {run['wall_s']:7.0f} "
+            f"{'-' if to_acc is None else f'{to_acc:.0f}':>16} {'-' if to_kl is None else f'{to_kl:.0f}':>10}"
+        )
+    init = report["student_init"]
+    print(
+        f"warm-started student: agreement {init['acc']:.1%}, ROUGE-L {init['rouge_l']:.3f}, "
+        f"KL {init['kl_teacher']:.3f}"
+        f"; pruned: KL {report['student_pruned']['kl_teacher']:.3f}; total {report['total_s']:.0f} s"
+    )
 
 
 def report_of(
@@ -474,9 +512,15 @@ def main() -> None:
     parser.add_argument("--lr-grid", default=None, help="with --tune: these rates (comma-separated), not the preset's")
     parser.add_argument("--lr", default=None, help="METHOD=RATE,...: rates other than the preset's (not with --tune)")
     parser.add_argument("--drift", nargs="+", default=None, help="summarize the NPD runs' drift in these seeds' JSON")
+    parser.add_argument("--show", default=None, help="print the table of a seed's JSON")
     args = parser.parse_args()
     if args.drift:
         drift_summary(args.drift, args.out)
+        return
+    if args.show:
+        report = json.load(open(args.show))
+        add_time_to_gkd_final_kl(report["runs"], report["final_points"])
+        print_real(report)
         return
     args.add_to = None
     if args.lr_grid and not args.tune:
@@ -501,7 +545,7 @@ def main() -> None:
     report = run_seed(preset, args.seed, methods, lrs, args)
     write_json(report, args.out)
     arena.plot_seed(report, args.plot or os.path.splitext(args.out)[0] + ".png")
-    arena.print_seed(report)
+    print_real(report)
 
 
 if __name__ == "__main__":

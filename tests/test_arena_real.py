@@ -93,6 +93,15 @@ def test_a_seed_runs_every_method_and_records_the_real_arena_fields(tmp_path, mo
             assert point["reverse_kl"] >= 0 and 0 <= point["acc_sampled"] <= 1
         assert run["final_kl_teacher_smoothed"] == pytest.approx(sum(p["kl_teacher"] for p in run["curve"][1:]) / 2)
         assert "time_to_gkd_final_s" in run
+    gkd = report["runs"][1]
+    assert gkd["time_to_gkd_final_kl_s"] is not None  # GKD's own curve reaches its own final value
+    for run in report["runs"]:  # the first checkpoint whose trailing mean (over 2) is at or below GKD's final KL
+        kls = [p["kl_teacher"] for p in run["curve"]]
+        trailing = [sum(kls[max(0, i - 1) : i + 1]) / len(kls[max(0, i - 1) : i + 1]) for i in range(len(kls))]
+        level = gkd["final_kl_teacher_smoothed"]
+        reached = [p["wall_s"] for p, kl in zip(run["curve"], trailing, strict=True) if kl <= level + 1e-12]
+        expected = reached[0] if reached else None
+        assert run["time_to_gkd_final_kl_s"] == expected
     npd = report["runs"][-1]["npd"]
     assert len(npd["sample_drift"]) == npd["trained_samples"] == 2 * 2
     # written after each method, so a stopped session keeps the finished ones
