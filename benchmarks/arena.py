@@ -227,22 +227,32 @@ def max_new_tokens(pairs: list[tuple[str, str]]) -> int:
     return max(len(a) for _, a in pairs) + 2  # the answer, its end token, one spare
 
 
+def chat_ids(tokenizer: Any, question: str) -> list[int]:
+    """The prompt's ids in the tokenizer's chat template, ready for the answer."""
+    return tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
+
+
 @torch.no_grad()
-def complete(
-    model: Any, tokenizer: Any, questions: list[str], new_tokens: int, temperature: float | None, seed: int = 0
-) -> list[str]:
-    """Completions of `questions`: greedy when `temperature` is None, else sampled at it; in batches of 512."""
+def generate_ids(
+    model: Any, tokenizer: Any, questions: list[str], new_tokens: int, batch: int, temperature: float | None, seed: int
+) -> list[list[int]]:
+    """Completion ids of `questions`, each cut after its first end token: greedy when `temperature` is None, else
+    sampled at it; `batch` prompts at a time, left-padded."""
     was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
-    out: list[str] = []
+    out: list[list[int]] = []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        for start in range(0, len(questions), 512):
-            chunk = [prompt_text(tokenizer, q) for q in questions[start : start + 512]]
-            inputs = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            ids = model.generate(
-                **inputs,
+        for start in range(0, len(questions), batch):
+            rows = [chat_ids(tokenizer, q) for q in questions[start : start + batch]]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+            mask = torch.zeros_like(ids)
+            for i, row in enumerate(rows):
+                ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
+            sequences = model.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
                 max_new_tokens=new_tokens,
                 do_sample=temperature is not None,
                 temperature=temperature,
@@ -251,9 +261,21 @@ def complete(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            out += tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for completion in sequences[:, width:].tolist():
+                end = completion.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in completion else None
+                out.append(completion[:end])
     model.train(was_training)
     return out
+
+
+def complete(
+    model: Any, tokenizer: Any, questions: list[str], new_tokens: int, temperature: float | None, seed: int = 0
+) -> list[str]:
+    """Completions of `questions`: greedy when `temperature` is None, else sampled at it; in batches of 512."""
+    # kept from when this padded with the tokenizer: the trainers built after the first call saw it left-padding
+    tokenizer.padding_side = "left"
+    ids = generate_ids(model, tokenizer, questions, new_tokens, 512, temperature, seed)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def accuracy(model: Any, tokenizer: Any, held_out: list, temperature: float | None = None) -> float:
@@ -265,7 +287,7 @@ def accuracy(model: Any, tokenizer: Any, held_out: list, temperature: float | No
 # ---- supervised training (teacher from scratch, student warm start) -------------------------------------------
 def encode(tokenizer: Any, question: str, answer: str) -> tuple[list[int], int]:
     """Prompt and completion ids, and the prompt's length (its tokens are not trained on)."""
-    prompt = tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
+    prompt = chat_ids(tokenizer, question)
     completion = tokenizer(answer, add_special_tokens=False)["input_ids"]
     return [*prompt, *completion, tokenizer.eos_token_id], len(prompt)
 

@@ -64,63 +64,56 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "npd-process": {**NPD_DEFAULTS, "generator_mode": "process", "max_policy_kl": 0.01},
     "npd-process-no-kl": {**NPD_DEFAULTS, "generator_mode": "process", "max_policy_kl": None},
 }
+CPU_PRESET: dict[str, Any] = dict(
+    student=dict(layers=10),
+    # beta=0, the forward KL: a pruned student's distribution barely overlaps the teacher's, where JSD(0.5)
+    # saturates at ln 2 and its gradient vanishes (measured on the micro preset: loss 0.693, gradient norm 0.007)
+    distill=dict(steps=120, batch=4, temperature=0.9, beta=0.0, lr_scheduler="cosine"),
+    new_tokens=40,
+    # a short SFT on the teacher's greedy answers to 512 training prompts, off the clock and the same for every
+    # method: the evenly pruned student is garbage (KL 12.8 nats per token), and without it 120 steps of GKD
+    # at 1e-4 brought the KL to 3.2 but not one held-out answer to agreement
+    warmup=dict(prompts=512, steps=100, batch=16, lr=5e-4),
+    lr=dict.fromkeys(METHODS, 3e-4),
+    lr_grid=[1e-4, 3e-4, 1e-3],
+    tuning_seed=0,
+    curve_points=4,
+    final_points=2,
+    held_out_keys=40,
+    held_out_wrappers=7,
+    eval_batch=64,
+    sampled_prompts=64,
+    threads=None,
+)
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(
-        student=dict(layers=10),
-        # beta=0, the forward KL: a pruned student's distribution barely overlaps the teacher's, where JSD(0.5)
-        # saturates at ln 2 and its gradient vanishes (measured on the micro preset: loss 0.693, gradient norm 0.007)
-        distill=dict(steps=120, batch=4, temperature=0.9, beta=0.0, lr_scheduler="cosine"),
-        new_tokens=40,
-        # a short SFT on the teacher's greedy answers to 512 training prompts, off the clock and the same for every
-        # method: the evenly pruned student is garbage (KL 12.8 nats per token), and without it 120 steps of GKD
-        # at 1e-4 brought the KL to 3.2 but not one held-out answer to agreement
-        warmup=dict(prompts=512, steps=100, batch=16, lr=5e-4),
-        lr={method: 3e-4 for method in METHODS},
-        lr_grid=[1e-4, 3e-4, 1e-3],
-        tuning_seed=0,
-        curve_points=4,
-        final_points=2,
-        held_out_keys=40,
-        held_out_wrappers=7,
-        eval_batch=64,
-        sampled_prompts=64,
-        threads=None,
-    ),
+    "cpu": CPU_PRESET,
     # the GPU preset: a deeper student, more steps (benchmarks/gpu_suite.sh)
-    "gpu": dict(
-        student=dict(layers=15),
-        distill=dict(steps=300, batch=16, temperature=0.9, beta=0.0, lr_scheduler="cosine"),
-        new_tokens=64,
-        warmup=dict(prompts=1024, steps=200, batch=32, lr=5e-4),
-        lr={method: 3e-4 for method in METHODS},
-        lr_grid=[1e-4, 3e-4, 1e-3],
-        tuning_seed=0,
-        curve_points=6,
-        final_points=2,
-        held_out_keys=40,
-        held_out_wrappers=7,
-        eval_batch=256,
-        sampled_prompts=256,
-        threads=None,
-    ),
-    # smoke test only: a 2-layer student, a few steps
-    "micro": dict(
-        student=dict(layers=2),
-        distill=dict(steps=2, batch=2, temperature=0.9, beta=0.0, lr_scheduler="cosine"),
-        new_tokens=6,
-        warmup=dict(prompts=4, steps=2, batch=2, lr=1e-4),
-        lr={method: 1e-4 for method in METHODS},
-        lr_grid=[1e-4, 3e-4],
-        tuning_seed=0,
-        curve_points=2,
-        final_points=2,
-        held_out_keys=3,
-        held_out_wrappers=1,
-        eval_batch=8,
-        sampled_prompts=2,
-        threads=None,
-        train_keys=4,
-    ),
+    "gpu": {
+        **CPU_PRESET,
+        "student": dict(layers=15),
+        "distill": {**CPU_PRESET["distill"], "steps": 300, "batch": 16},
+        "new_tokens": 64,
+        "warmup": dict(prompts=1024, steps=200, batch=32, lr=5e-4),
+        "curve_points": 6,
+        "eval_batch": 256,
+        "sampled_prompts": 256,
+    },
+    # smoke test only: a 2-layer student, a few steps, a few questions
+    "micro": {
+        **CPU_PRESET,
+        "student": dict(layers=2),
+        "distill": {**CPU_PRESET["distill"], "steps": 2, "batch": 2},
+        "new_tokens": 6,
+        "warmup": dict(prompts=4, steps=2, batch=2, lr=1e-4),
+        "lr": dict.fromkeys(METHODS, 1e-4),
+        "lr_grid": [1e-4, 3e-4],
+        "curve_points": 2,
+        "held_out_keys": 3,
+        "held_out_wrappers": 1,
+        "eval_batch": 8,
+        "sampled_prompts": 2,
+        "train_keys": 4,
+    },
 }
 COMMIT = git_commit()  # the code as it was loaded, not as it is when a report is written
 TASK = "heal SmolLM2-135M-Instruct pruned to {layers} of 30 layers, on short factual questions"
@@ -151,45 +144,8 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
-    )["input_ids"]
-
-
-@torch.no_grad()
-def generate(
-    model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, batch: int, temperature: float | None, seed: int
-) -> list[list[int]]:
-    """Completion ids (cut after the first end token): greedy when `temperature` is None, else sampled at it."""
-    was_training = model.training
-    model.eval()
-    out: list[list[int]] = []
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch):
-            rows = [chat_ids(tokenizer, p) for p in prompts[start : start + batch]]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-            mask = torch.zeros_like(ids)
-            for i, row in enumerate(rows):
-                ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
-            sequences = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=new_tokens,
-                do_sample=temperature is not None,
-                temperature=temperature,
-                top_k=None,
-                top_p=None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            for completion in sequences[:, width:].tolist():
-                end = completion.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in completion else None
-                out.append(completion[:end])
-    model.train(was_training)
-    return out
+chat_ids = arena.chat_ids
+generate = arena.generate_ids
 
 
 @torch.no_grad()
