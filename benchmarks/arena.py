@@ -316,14 +316,22 @@ def supervised(
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((batch, width), tokenizer.pad_token_id)
         labels = torch.full((batch, width), -100)
+        # from the lengths, not from the pad id: a tokenizer whose pad token is its end token (SmolLM2's) has it
+        # inside every chat-template prompt, where it must be attended to
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
         for i, ((ids, prompt_len), (_, answer)) in enumerate(zip(rows, chosen, strict=True)):
             input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
             labels[i, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
             for position in untrained(answer) if untrained else ():
                 labels[i, prompt_len + position] = -100
-        logits = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long()).logits
+        device = model.device
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, label_smoothing=label_smoothing
+            logits[:, :-1].flatten(0, 1),
+            labels[:, 1:].flatten().to(device),
+            ignore_index=-100,
+            label_smoothing=label_smoothing,
         ).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -497,7 +505,9 @@ def run_method(
                 SFTConfig, preset, output_dir, seed, lr, max_length=None, packing=False, logging_steps=10**6
             )
             trainer = SFTTrainer(model=student, args=args, train_dataset=dataset, processing_class=tokenizer)
-        elif method == "distillation":  # GKD's settings in DistillationConfig's names (lmbda=1: prompts only)
+        # GKD's settings in DistillationConfig's names (lmbda=1: prompts only). Unlike GKD, DistillationTrainer also
+        # applies the temperature to the divergence, not only to the sampling: that is its objective, kept as is
+        elif method == "distillation":
             curve = Curve(curve_steps)
             dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q, _ in prompts])
             args = training_args(

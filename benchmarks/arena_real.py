@@ -12,7 +12,7 @@ off the clock, seeded by `--seed`) starts the healing, as the toy arena's warm s
 experiments start from a fine-tuned student; every method then starts from that student.
 
 **Prompts.** Short factual questions in seven families (capitals, opposites, legs, plurals, colours, past tenses,
-animal sounds), each asked in 20 phrasings, in the teacher's chat template. Only questions whose expected answer
+animal sounds), each asked in 24 phrasings, in the teacher's chat template. Only questions whose expected answer
 word the teacher's greedy answer contains are kept ("answers well", checked). Held-out questions are never trained
 on in any phrasing. The teacher's greedy answers to the held-out prompts are the references; they are cached.
 
@@ -162,9 +162,10 @@ def token_logprobs(model: Any, tokenizer: Any, prompts: list[str], completions: 
         mask = torch.zeros_like(ids)
         for i, (p, c) in enumerate(rows):
             ids[i, : len(p) + len(c)], mask[i, : len(p) + len(c)] = torch.tensor(p + c), 1
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        # wherever the model is (a trainer moves the shared teacher to its device); the results stay on the CPU
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
         for i, (p, c) in enumerate(rows):
-            out.append(torch.log_softmax(logits[i, len(p) - 1 : len(p) + len(c) - 1], dim=-1))
+            out.append(torch.log_softmax(logits[i, len(p) - 1 : len(p) + len(c) - 1], dim=-1).cpu())
     return out
 
 
@@ -266,6 +267,8 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
     started = time.perf_counter()
     tokenizer, teacher = smollm2.load_teacher(args.cache_dir)
     teacher.eval()
+    if torch.cuda.is_available():  # the GPU preset: references, warm start and evaluation on the GPU too
+        teacher.to("cuda")
     refs = references(preset, tokenizer, teacher, args.cache_dir)
     evaluate = Evaluator(preset, tokenizer, teacher, refs)
     teacher_point = evaluate(teacher, sampled=True)
@@ -461,7 +464,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--methods", default="sft,gkd,npd,npd-topk")
-    parser.add_argument("--out", default="results/arena-real/seed-1.json")
+    parser.add_argument("--out", default=None, help="the JSON to write (default: results/arena-real/seed-N.json)")
     parser.add_argument("--plot", default=None, help="PNG of agreement against wall-clock (default: next to --out)")
     parser.add_argument("--cache-dir", default=smollm2.CACHE_DIR, help="the model and the references")
     parser.add_argument("--tune", action="store_true", help="run the learning-rate grid on the tuning seed")
@@ -470,6 +473,9 @@ def main() -> None:
     parser.add_argument("--drift", nargs="+", default=None, help="summarize the NPD runs' drift in these seeds' JSON")
     parser.add_argument("--show", default=None, help="print the table of a seed's JSON")
     args = parser.parse_args()
+    if (args.drift or args.tune) and not args.out:
+        parser.error("--drift and --tune write a file of their own: give it with --out")
+    args.out = args.out or f"results/arena-real/seed-{args.seed}.json"
     if args.drift:
         drift_summary(args.drift, args.out)
         return
@@ -478,7 +484,6 @@ def main() -> None:
         add_time_to_gkd_final_kl(report["runs"], report["final_points"])
         print_real(report)
         return
-    args.add_to = None
     if args.lr_grid and not args.tune:
         parser.error("--lr-grid goes with --tune")
     preset = PRESETS[args.preset]
