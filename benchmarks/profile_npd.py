@@ -1,7 +1,7 @@
 """Where the time goes in both of NPD's processes: the trainer and its generator process, sampled with py-spy.
 
     pip install py-spy
-    python benchmarks/profile_npd.py --trainer npd --out results/profile-npd.json
+    python benchmarks/profile_npd.py --trainer npd-process --out results/profile-npd.json
 
 Runs one trainer of `throughput.py` (the same preset, models and work, in its `--run-one` mode) under
 `py-spy record --subprocesses --idle`, which samples the stack of every thread of both processes at a fixed rate,
@@ -95,7 +95,8 @@ def parse(raw_path: str) -> tuple[collections.Counter, collections.Counter]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trainer", default="npd", help="one of throughput.py's trainers (an NPD one)")
+    # npd-process: on a CPU-only machine NPD's default generates inline, and there would be no generator to profile
+    parser.add_argument("--trainer", default="npd-process", help="one of throughput.py's trainers (an NPD one)")
     parser.add_argument("--preset", default="cpu-tiny")
     parser.add_argument("--rate", type=int, default=100, help="samples per second")
     parser.add_argument(

@@ -15,6 +15,7 @@ trains on each generated sample once:
   teacher top-k, so the training step runs no teacher forward;
 - `npd-process`: the defaults with the generator in its own process (`generator_mode="process"`), which is the
   default where trainer or generator has an accelerator; on a CPU-only machine the default is inline (`sync`);
+- `npd-padded`: the defaults on right-padded rows (`padding_free=False`): with `pad_frac`, what packing saves;
 - `npd-sync`: the generator forced synchronous (`generator_mode="sync"`): what asynchrony alone buys;
 - `npd-vllm` (CUDA and vLLM only, so not in the default list): the defaults with a colocated vLLM engine generating
   (`generation_backend="vllm"`, `vllm_mode="colocate"`, 30% of the GPU's memory); vLLM builds the student from a
@@ -67,7 +68,18 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-TRAINERS = ["gkd", "distillation", "npd", "npd-process", "npd-ifd", "npd-topk", "npd-sync", "ceiling", "npd-vllm"]
+TRAINERS = [
+    "gkd",
+    "distillation",
+    "npd",
+    "npd-process",
+    "npd-padded",
+    "npd-ifd",
+    "npd-topk",
+    "npd-sync",
+    "ceiling",
+    "npd-vllm",
+]
 # trainers that generate with a colocated vLLM engine: they need a CUDA device and vLLM, and a student on disk
 VLLM_TRAINERS = ("npd-vllm",)
 DEFAULT_TRAINERS = [name for name in TRAINERS if name not in VLLM_TRAINERS]
@@ -269,6 +281,8 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
         "npd-ifd": {"ifd_filter": True},
         "npd-topk": {"teacher_top_k": 10},
         "npd-process": {"generator_mode": "process"},
+        # what packing saves: the same trainer on right-padded rows
+        "npd-padded": {"padding_free": False},
         "npd-sync": {"generator_mode": "sync"},
         # generation is done before the clock starts, so nothing in it should be selected or timed
         "ceiling": {"generator_mode": "sync", "ifd_filter": False},

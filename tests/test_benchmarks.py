@@ -454,3 +454,28 @@ def test_arena_pilots_micro(tmp_path, monkeypatch):
     assert len(list(cache.iterdir())) == 2  # a teacher per task: the variant's data are not the arena's
     for bad in ("gkd", "gkd@fast", "nope@1e-3", "gkd@0", "gkd@nan"):
         assert "not METHOD@LR" in refused(*pilot, "--variant", "dagger", "--runs", bad, "--out", str(tmp_path / "x"))
+
+
+def test_throughput_counts_each_trainers_padding_in_its_own_layout():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from throughput import padded_positions
+
+    from trl_npd.batching import Sequence, pad_sequences
+    from trl_npd.packing import pack_sequences
+
+    pad = 0
+    sequences = [Sequence(input_ids=[5] * n, labels=[5] * n) for n in (7, 3, 2)]
+    # right-padded to the longest: 3 rows x 7 positions, 12 real tokens
+    assert padded_positions(pad_sequences(sequences, pad), pad) == (21, 9)
+    # packed into rows of 7: [7] and [3, 2] plus 2 padding positions at the second row's tail
+    packed, _ = pack_sequences(sequences, 7, pad)
+    assert packed["input_ids"].shape == (2, 7) and "attention_mask" not in packed
+    assert padded_positions(packed, pad) == (14, 2)
+    # DistillationTrainer's prompt and completion tensors, with their masks
+    distillation = {
+        "prompt_ids": torch.ones(2, 4, dtype=torch.long),
+        "prompt_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]),
+        "completion_ids": torch.ones(2, 3, dtype=torch.long),
+        "completion_mask": torch.tensor([[1, 1, 1], [1, 0, 0]]),
+    }
+    assert padded_positions(distillation, pad) == (14, 3)

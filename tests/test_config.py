@@ -112,3 +112,12 @@ def test_generator_mode_left_unset_follows_the_hardware_and_says_so(tmp_path, mo
 @pytest.mark.parametrize("mode", ["process", "thread", "sync"])
 def test_a_generator_mode_that_is_set_is_kept(tmp_path, mode):
     assert config(tmp_path, generator_mode=mode).generator_mode == mode
+
+
+def test_the_generator_mode_default_leaves_vllm_and_sharded_launches_to_a_generator_of_their_own(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert config(tmp_path, generation_backend="vllm").generator_mode == "process"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # FSDP turned on by accelerate's config, not by the args
+    assert config(tmp_path).generator_mode == "process"

@@ -549,10 +549,26 @@ def test_an_ifd_band_that_rejects_everything_warns_and_widens_instead_of_starvin
     assert trainer.npd_metrics.totals.dropped["ifd_low"] >= 8
 
 
-def test_every_trained_sample_records_its_staleness_and_its_drift(student, teacher, tokenizer, dataset, make_config):
-    """The per-sample distribution behind `npd/policy_kl`: one record per trained sample, staleness as trained,
-    no drift for a sample of the current weights, and drift once the student has moved past its weights."""
-    args = make_config(generator_mode="thread", weight_sync_steps=3, max_staleness=3, learning_rate=1e-2, max_steps=8)
+@pytest.mark.parametrize(
+    "loss_path",
+    [
+        {},
+        {"use_fused_loss": False},
+        {"padding_free": False},
+        {"teacher_top_k": 4},
+        {"teacher_top_k": 4, "use_fused_loss": False},
+    ],
+    ids=["fused-packed", "reference", "padded", "topk", "topk-reference"],
+)
+def test_every_trained_sample_records_its_staleness_and_its_drift(
+    student, teacher, tokenizer, dataset, make_config, loss_path
+):
+    """The per-sample distribution behind `npd/policy_kl`, on every loss path and layout: one record per trained
+    sample, staleness as trained, no drift for a sample of the current weights, and drift once the student has moved
+    past its weights."""
+    args = make_config(
+        generator_mode="thread", weight_sync_steps=3, max_staleness=3, learning_rate=1e-2, max_steps=8, **loss_path
+    )
     trainer = trainer_for(student, teacher, tokenizer, dataset, args)
     trainer.train()
     records = trainer.npd_metrics.totals.sample_drift

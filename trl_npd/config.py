@@ -26,7 +26,10 @@ IFD_FILTER_DEFAULT = False
 
 def _has_accelerator() -> bool:
     """Whether torch sees a device a trainer would train on instead of the CPU."""
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or is_torch_xla_available():
+        return True
+    accelerator = getattr(torch, "accelerator", None)  # CUDA, XPU, MPS, HPU... where torch knows the device
+    if accelerator is not None and accelerator.is_available():
         return True
     for name in ("xpu", "mps", "npu"):
         backend = getattr(torch, name, None)
@@ -484,9 +487,16 @@ class NearPolicyDistillConfig(GKDConfig):
         """
         on_cpu = lambda device: device is None or torch.device(device).type == "cpu"  # noqa: E731
         trainer_on_cpu = self.use_cpu or not _has_accelerator()
-        sharded = bool(self.fsdp or self.deepspeed)  # inline sampling with sharded live weights is refused there
-        inline = self.generation_backend == "transformers" and trainer_on_cpu and on_cpu(self.generator_device)
-        if inline and not sharded:
+        # inline sampling with sharded live weights is refused there; accelerate's launcher can turn either on
+        sharded = bool(self.fsdp or self.deepspeed) or any(
+            os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true")
+            for name in ("FSDP", "DEEPSPEED")
+        )
+        if self.generation_backend != "transformers":
+            mode, reason = "process", "the vLLM engine generates on its own"
+        elif sharded:
+            mode, reason = "process", "FSDP and DeepSpeed refuse sampling with the sharded live weights"
+        elif trainer_on_cpu and on_cpu(self.generator_device):
             mode, reason = "sync", "the trainer and the generator would share the CPU's cores"
         else:
             mode, reason = "process", "the generator runs beside an accelerator"

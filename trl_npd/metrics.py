@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from .buffer import TakeResult
 from .packing import PackingStats
+
+SAMPLE_DRIFT_KEPT = 100_000
 
 
 @dataclass
@@ -43,8 +45,9 @@ class NPDTotals:
     weight_syncs: Counter = field(default_factory=Counter)  # by reason: "schedule", "drift", "stale_snapshot"
     sync_steps: list[int] = field(default_factory=list)  # the optimizer step of every weight sync, in order
     max_staleness_seen: int = 0
-    # every on-policy sample trained on: (staleness when trained, its mean k3 drift per token, its trained tokens)
-    sample_drift: list[tuple[int, float, int]] = field(default_factory=list)
+    # the on-policy samples trained on, the most recent SAMPLE_DRIFT_KEPT of them: (staleness when trained, mean k3
+    # drift per token, trained tokens); bounded, since a run can train on millions
+    sample_drift: deque = field(default_factory=lambda: deque(maxlen=SAMPLE_DRIFT_KEPT))
 
     def unused(self) -> int:
         """Samples unused at shutdown, wherever they were."""
@@ -121,7 +124,7 @@ class NPDMetrics:
     def record_sample_drift(self, staleness: list[int], drift: list[float], tokens: list[int]) -> None:
         """Each trained sample's staleness and drift (mean k3 between its behaviour policy and the current student);
         the window's largest is logged as `npd/policy_kl_sample_max`."""
-        self.totals.sample_drift += zip(staleness, drift, tokens, strict=True)
+        self.totals.sample_drift.extend(zip(staleness, drift, tokens, strict=True))
         self._sample_drift_max = max([self._sample_drift_max, *drift])
 
     def record_packing(self, stats: PackingStats) -> None:
