@@ -741,7 +741,7 @@ def plot_seed(report: dict[str, Any], path: str) -> None:
 
 
 # ---- learning-rate tuning ------------------------------------------------------------------------------------------
-def tune(preset: dict[str, Any], methods: list[str], args: Any, run_seed: Callable[..., dict] = run_seed) -> None:
+def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
     """Each method at each rate of the grid, on the tuning seed (never one of the compared seeds); the best
     rate by `final_acc_smoothed` goes in the preset's `lr` table. With `--add-to`, the rates run here extend an
     earlier grid, for all of its methods or only those whose best rate is at its edge, and each method's best is

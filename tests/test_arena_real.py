@@ -106,5 +106,5 @@ def test_a_seed_runs_every_method_and_records_the_real_arena_fields(tmp_path, mo
     assert len(npd["sample_drift"]) == npd["trained_samples"] == 2 * 2
     # written after each method, so a stopped session keeps the finished ones
     assert [run["method"] for run in json.load(open(args.out))["runs"]] == methods
-    # the references are cached, keyed by the questions: a second seed reuses them
+    # the references are cached in one file, keyed by the questions and the preset's settings
     assert len(os.listdir(tmp_path / "cache")) == 1
