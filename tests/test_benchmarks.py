@@ -326,7 +326,7 @@ def test_profile_benchmark_sorts_both_processes_samples_into_stages(tmp_path):
         "--preset",
         "micro",
         "--trainer",
-        "npd",
+        "npd-process",  # on a CPU NPD's default generates inline: no generator process to profile
         "--no-bootstrap",
         "--steps",
         "60",
