@@ -83,7 +83,6 @@ CPU_PRESET: dict[str, Any] = dict(
     held_out_wrappers=7,
     eval_batch=64,
     sampled_prompts=64,
-    threads=None,
 )
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": CPU_PRESET,
@@ -490,8 +489,6 @@ def main() -> None:
     methods = args.methods.split(",")
     if unknown := set(methods) - set(METHODS):
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
-    if preset["threads"]:
-        torch.set_num_threads(preset["threads"])
     if args.tune:
         if args.lr_grid:
             preset = {**preset, "lr_grid": [float(lr) for lr in args.lr_grid.split(",")]}

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import time
 from collections import Counter
 
@@ -32,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import psutil
-from common import device_name, pyplot, save_figure, write_json
+from common import device_name, git_commit, pyplot, save_figure, write_json
 from transformers import TrainerCallback
 
 from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
@@ -101,16 +100,6 @@ def slope_per_1k_steps(after: list[dict], key: str) -> float:
     mean_y = sum(y for _, y in points) / len(points)
     variance = sum((x - mean_x) ** 2 for x, _ in points)
     return 1000 * sum((x - mean_x) * (y - mean_y) for x, y in points) / variance if variance else 0.0
-
-
-def commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        status = ["git", "status", "--porcelain", "--untracked-files=no"]
-        dirty = subprocess.run(status, capture_output=True, text=True)
-        return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, output_dir: str) -> dict:
@@ -239,7 +228,7 @@ def main() -> None:
     report = {
         "device": device_name(),
         "date": datetime.date.today().isoformat(),
-        "commit": commit(),
+        "commit": git_commit(),
         **run(args.steps, args.record_every, warmup_steps, args.new_tokens, os.path.join(folder, "soak-run")),
     }
     write_json(report, args.out)
