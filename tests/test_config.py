@@ -121,3 +121,34 @@ def test_the_generator_mode_default_leaves_vllm_and_sharded_launches_to_a_genera
     assert config(tmp_path, generation_backend="vllm").generator_mode == "process"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # FSDP turned on by accelerate's config, not by the args
     assert config(tmp_path).generator_mode == "process"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"ifd_band": "quantile"}, "ifd_band='quantile'"),
+        ({"ifd_window": 256}, "ifd_window=256"),
+        ({"ifd_quantiles": [0.2, 0.8]}, "ifd_quantiles=[0.2, 0.8]"),  # a list, as the command line gives it
+        ({"ifd_delta_max": 0.5, "ifd_filter": False}, "ifd_delta_max=0.5"),
+        ({"ifd_tail_width": 2.0, "generation_backend": "vllm"}, "ifd_tail_width=2.0"),
+    ],
+)
+def test_a_delta_ifd_setting_without_ifd_filter_warns_that_it_does_nothing(tmp_path, kwargs, named):
+    """Δ-IFD is off by default, so `--ifd_band quantile` alone would be ignored: the config says so."""
+    with pytest.warns(UserWarning, match="no effect without ifd_filter=True") as caught:
+        args = config(tmp_path, **kwargs)
+    assert args.ifd_filter is False
+    ours = [w for w in caught if "no effect without ifd_filter=True" in str(w.message)]
+    assert len(ours) == 1 and named in str(ours[0].message), [str(w.message) for w in ours]
+    assert ours[0].filename == __file__  # points at the code that built the config, not into trl_npd
+
+
+def test_delta_ifd_settings_warn_about_nothing_at_the_defaults_or_with_ifd_filter_on(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config(tmp_path)
+        config(tmp_path, ifd_filter=False, ifd_quantiles=[0.1, 0.9], ifd_window=1024)  # explicit, but the defaults
+        config(tmp_path, ifd_filter=True, ifd_band="quantile", ifd_window=256)
+    assert not [w for w in caught if "ifd_filter" in str(w.message)], [str(w.message) for w in caught]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,17 @@ GENERATOR_MODES = ("process", "thread", "sync")
 GENERATION_BACKENDS = ("transformers", "vllm")
 VLLM_MODES = ("server", "colocate")
 TOPK_OBJECTIVES = ("npd", "jsd")
+# Fields that only Δ-IFD selection reads: without `ifd_filter=True` a value set on them does nothing.
+IFD_ONLY_FIELDS = (
+    "ifd_band",
+    "ifd_tail_width",
+    "ifd_max_drop_frac",
+    "ifd_delta_min",
+    "ifd_delta_max",
+    "ifd_quantiles",
+    "ifd_window",
+    "ifd_max_rejected_in_a_row",
+)
 
 # Whether Δ-IFD selection is on when `ifd_filter` is left at None, on a backend that can score it. Off: on the
 # arena it bought no accuracy that the KL-bounded refresh does not, at twice the generator's cost (docs/design.md).
@@ -85,8 +97,9 @@ class NearPolicyDistillConfig(GKDConfig):
         debugging or for models that cannot be pickled. `"sync"`: no background work; the trainer generates with its
         live weights when it needs samples, a generation batch at a time. `None` chooses from the hardware, and
         logs the choice: `"sync"` when the trainer and the generator would both run on the CPU, where a process
-        would only split the same cores between them (measured on 2 cores: inline as fast or faster, see
-        `docs/design.md`); `"process"` when the trainer or the generator has an accelerator.
+        would only split the same cores between them (on a 2-core CPU, inline generation was about as fast as the
+        process or faster with `benchmarks/throughput.py`'s `cpu-tiny` and `cpu-smollm2` presets, see
+        `docs/design.md` §30); `"process"` when the trainer or the generator has an accelerator.
     generator_device (`str` or `None`, *optional*, defaults to `None`):
         Device of the generator's copy of the student, e.g. `"cpu"` or `"cuda:1"`. `None` uses the trainer's device.
     generator_num_threads (`int` or `None`, *optional*, defaults to `None`):
@@ -157,9 +170,10 @@ class NearPolicyDistillConfig(GKDConfig):
         with k3 on the trained tokens of each optimizer step, in nats, above which the snapshot is refreshed at once
         instead of waiting for `weight_sync_steps`. Samples already generated are still trained on (within
         `max_staleness`). `None`, the default, only measures the drift (`npd/policy_kl`, and per sample
-        `npd/policy_kl_sample_max`) and keeps weight syncs sparse: on the real-model arena a bound of 0.01 forced a
-        sync at 64 of 120 steps and did not change the result (docs/design.md §31); each sync is a full weight
-        transfer with vLLM.
+        `npd/policy_kl_sample_max`) and keeps weight syncs sparse: on the real-model arena
+        (`benchmarks/arena_real.py`: SmolLM2-135M-Instruct distilled into a 10-layer pruned copy of itself, 120
+        steps, one seed) a bound of 0.01 forced a sync at 64 of the 120 steps and did not change the result
+        (`docs/design.md` §31); each sync is a full weight transfer with vLLM.
 
     > Parameters that control batching and the loss
 
@@ -197,11 +211,17 @@ class NearPolicyDistillConfig(GKDConfig):
 
     ifd_filter (`bool` or `None`, *optional*, defaults to `None`):
         Score every generated sample's Δ-IFD = IFD_teacher - IFD_student (IFD = NLL with the prompt / NLL without)
-        in the generator, and train only on samples inside the band. Costs the generator two extra forwards per
-        sample, off the training critical path, which on CPU makes the generator the bottleneck. `None` means the
+        in the generator, and train only on samples inside the band. Scoring runs three forwards per generated
+        batch: the teacher over prompt + completion, and the teacher and the generating student over the
+        completion alone (the student's NLL with the prompt comes from the sampler). With `teacher_top_k` set, the
+        first is the teacher forward that scores the top-k anyway, so Δ-IFD adds two. They run in the generator,
+        off the training critical path, but on CPU they make the generator the bottleneck (`benchmarks/ifd_cost.py`,
+        a teacher of about 8x the student's compute: 2.0x the generator's time per sample). `None` means the
         backend's default, which is off (`"vllm"` cannot score it at all: the generating weights live in the vLLM
-        engine, so `True` with `"vllm"` is refused). Off because on the arena it bought no accuracy that the
-        KL-bounded refresh (`max_policy_kl`) does not, at about twice the generator's time per sample.
+        engine, so `True` with `"vllm"` is refused). Off because on the toy arithmetic arena
+        (`benchmarks/arena.py`, 5 seeds) its effect on final accuracy was within noise (every 95% interval includes
+        zero) at about twice the generator's time per sample. The other `ifd_*` fields have no effect while it is
+        off: setting one then warns.
     ifd_band (`str`, *optional*, defaults to `"tails"`):
         `"tails"`: drop only the extreme outliers of the last `ifd_window` scored samples, those more than
         `ifd_tail_width` robust standard deviations from their median, and never more than `ifd_max_drop_frac` of
@@ -214,9 +234,12 @@ class NearPolicyDistillConfig(GKDConfig):
     ifd_delta_min (`float`, *optional*, defaults to `0.0`), ifd_delta_max (`float`, *optional*, defaults to `0.8`):
         The absolute band. It is not the NPD paper's: the paper does not publish one.
     ifd_quantiles (`tuple[float, float]`, *optional*, defaults to `(0.1, 0.9)`):
-        The quantile band.
+        The quantile band: keep Δ between these quantiles of the last `ifd_window` values. The absolute band falls
+        back to it when it starves (see `ifd_max_rejected_in_a_row`).
     ifd_window (`int`, *optional*, defaults to `1024`):
-        Scored samples the tails and quantile bands are computed over, in samples.
+        How many of the most recent Δ values (samples whose Δ is undefined are not counted) the tails and quantile
+        bands are computed over, the current batch's included; the absolute band does not use it. The tails band
+        drops nothing until the window holds 64 values, so below 64 it keeps every sample.
     ifd_max_rejected_in_a_row (`int`, *optional*, defaults to `256`):
         Consecutive rejections after which the absolute band gives way to the quantile band, with a warning that
         names the band and the observed Δ distribution, so training never starves silently.
@@ -342,7 +365,9 @@ class NearPolicyDistillConfig(GKDConfig):
     ifd_quantiles: tuple[float, float] = field(
         default=(0.1, 0.9), metadata={"help": "Quantiles of recent Δ-IFD bounding the quantile band."}
     )
-    ifd_window: int = field(default=1024, metadata={"help": "Recent samples the quantile band is taken over."})
+    ifd_window: int = field(
+        default=1024, metadata={"help": "Recent Δ values the tails and quantile bands are computed over."}
+    )
     ifd_max_rejected_in_a_row: int = field(
         default=256, metadata={"help": "Rejections in a row before the absolute band falls back to the quantile one."}
     )
@@ -428,6 +453,31 @@ class NearPolicyDistillConfig(GKDConfig):
             raise ValueError(f"generation_batch_size must be >= 1, got {self.generation_batch_size}.")
         if self.buffer_size is not None:
             self.generation_sizes(world_size=1)  # an explicit buffer too small for a batch fails now, not at train()
+        self._warn_about_unused_ifd_settings()
+
+    def _warn_about_unused_ifd_settings(self) -> None:
+        """A Δ-IFD setting changed from its default while Δ-IFD is off does nothing: say so instead of ignoring it
+        (e.g. `--ifd_band quantile` without `--ifd_filter true`)."""
+        if self.ifd_filter:
+            return
+        changed = []
+        for name in IFD_ONLY_FIELDS:
+            value, default = getattr(self, name), self.__dataclass_fields__[name].default
+            if (tuple(value) != tuple(default)) if name == "ifd_quantiles" else value != default:
+                changed.append(f"{name}={value!r}")
+        if not changed:
+            return
+        fix = (
+            "generation_backend='vllm' cannot run Δ-IFD selection, so leave them unset"
+            if self.generation_backend == "vllm"
+            else "Set ifd_filter=True to select samples with them, or leave them unset"
+        )
+        warnings.warn(
+            f"{', '.join(changed)} {'has' if len(changed) == 1 else 'have'} no effect without ifd_filter=True: "
+            f"Δ-IFD selection is off, so no generated sample is scored or dropped by it. {fix}.",
+            UserWarning,
+            stacklevel=4,  # this method, __post_init__, the dataclass __init__, then the caller
+        )
 
     def generation_sizes(self, world_size: int) -> tuple[int, int]:
         """The (generation_batch_size, buffer_size) a generator uses, in samples; `None` fields are sized here.
