@@ -81,7 +81,8 @@ CPU_PRESET: dict[str, Any] = dict(
     # at 1e-4 brought the KL to 3.2 but not one held-out answer to agreement
     warmup=dict(prompts=512, steps=100, batch=16, lr=5e-4),
     lr=dict.fromkeys(METHODS, 3e-4),
-    # 1e-3 left out: at 3e-4 every method already fell from the warm start's agreement to 0-5% by step 30
+    # every method did best at 3e-4, the grid's upper edge (docs/results/arena-real/tuning.json); 1e-3, the next
+    # rate to try, has not been run: each rate costs about 40 minutes a seed here
     lr_grid=[1e-4, 3e-4],
     # the tuning seed is also one of the compared seeds (its best runs, `--grid`'s <out>-best.json): a seed of four
     # methods costs about 40 minutes here, and every method gets its best rate on it alike
@@ -517,13 +518,18 @@ def grid_from(sources: list[str], out: str) -> dict[str, Any]:
 
 
 def summarize_real(paths: list[str], out: str) -> dict[str, Any]:
-    """`arena.py --summarize` (agreement paired with GKD and SFT, time to GKD's final agreement), plus what this
-    arena adds, paired per seed with GKD: the final KL(teacher || student), ROUGE-L and reverse KL, the training
-    wall-clock, and the time to GKD's final KL, as fractions of GKD's wall-clock."""
-    arena.summarize(paths, out, os.path.splitext(out)[0] + ".png")
-    summary = json.load(open(out))
+    """`arena.py --summarize` over the methods that every seed ran (agreement paired with GKD, and with SFT where
+    every seed ran it; time to GKD's final agreement), plus what this arena adds, paired per seed with GKD: the
+    final KL(teacher || student), ROUGE-L and reverse KL, the training wall-clock, and the time to GKD's final KL,
+    as fractions of GKD's wall-clock."""
     reports = sorted((json.load(open(path)) for path in paths), key=lambda r: r["seed"])
-    runs = [{run["method"]: run for run in report["runs"]} for report in reports]
+    ran = [{run["method"] for run in report["runs"]} for report in reports]
+    common = [run["method"] for run in reports[0]["runs"] if all(run["method"] in methods for methods in ran)]
+    if left_out := set().union(*ran) - set(common):
+        print(f"left out, not run on every seed: {sorted(left_out)}")
+    arena.summarize(paths, out, os.path.splitext(out)[0] + ".png", only=common)
+    summary = json.load(open(out))
+    runs = [{run["method"]: run for run in report["runs"] if run["method"] in common} for report in reports]
     for report, by_method in zip(reports, runs, strict=True):
         add_time_to_gkd_final_kl(list(by_method.values()), report["final_points"])
     for row in summary["methods"]:
@@ -537,6 +543,7 @@ def summarize_real(paths: list[str], out: str) -> dict[str, Any]:
             None if (t := r[method]["time_to_gkd_final_kl_s"]) is None else t / r["gkd"]["wall_s"] for r in runs
         ]
     summary["student_init_kl_teacher"] = [report["student_init"]["kl_teacher"] for report in reports]
+    summary["left_out"] = sorted(left_out)
     summary["commits"] = [report["commit"] for report in reports]
     write_json(summary, out)
     print(

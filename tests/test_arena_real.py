@@ -186,13 +186,17 @@ def test_the_summary_pairs_kl_rouge_and_wall_clock_with_gkd_over_seeds(tmp_path)
     paths = [
         _seed_report(
             tmp_path / f"s{seed}.json",
-            [("gkd", 1e-4, 0.10, 2.0), ("sft", 1e-4, 0.05, 2.5), ("npd", 1e-4, 0.10 + gain, 2.0 - gain)],
+            [("gkd", 1e-4, 0.10, 2.0), ("sft", 1e-4, 0.05, 2.5), ("npd", 1e-4, 0.10 + gain, 2.0 - gain), *extra],
             seed=seed,
             wall_s={"gkd": 40.0, "npd": 20.0},
         )
-        for seed, gain in ((1, 0.02), (2, 0.04), (3, 0.06))
+        for seed, gain, extra in ((1, 0.02, [("npd-topk", 1e-4, 0.2, 1.0)]), (2, 0.04, []), (3, 0.06, []))
     ]
     summary = arena_real.summarize_real(paths, str(tmp_path / "summary.json"))
+
+    # a method not run on every seed is left out, and said so
+    assert [row["method"] for row in summary["methods"]] == ["gkd", "sft", "npd"]
+    assert summary["left_out"] == ["npd-topk"]
 
     npd = next(row for row in summary["methods"] if row["method"] == "npd")
     assert npd["minus_gkd"]["mean"] == pytest.approx(0.04)
@@ -203,3 +207,13 @@ def test_the_summary_pairs_kl_rouge_and_wall_clock_with_gkd_over_seeds(tmp_path)
     # 20 s into GKD's 40
     assert npd["time_to_gkd_final_kl_vs_gkd_wall"] == [pytest.approx(0.5)] * 3
     assert json.load(open(tmp_path / "summary.json"))["methods"] == summary["methods"]
+    assert npd["minus_sft"]["mean"] == pytest.approx(0.09)
+
+    # without SFT on every seed, the pairing with SFT is left empty, not made up
+    without_sft = _seed_report(tmp_path / "s4.json", [("gkd", 1e-4, 0.10, 2.0), ("npd", 1e-4, 0.2, 1.9)], seed=4)
+    summary = arena_real.summarize_real([*paths, without_sft], str(tmp_path / "summary-4.json"))
+    assert [row["method"] for row in summary["methods"]] == ["gkd", "npd"] and summary["left_out"] == [
+        "npd-topk",
+        "sft",
+    ]
+    assert all(row["minus_sft"] is None for row in summary["methods"])
