@@ -276,16 +276,29 @@ def start(
 ) -> tuple[Any, tuple[dict, dict, dict]]:  # fmt: skip
     """A seed's starting point: the warm-started student, and the teacher, the pruned student and the warm-started
     one evaluated. Cached per seed and setting (everything in it is seeded), so that a second run on a seed, such
-    as another learning rate of the grid, starts from the same student without the warm start's ten minutes."""
+    as another learning rate of the grid, starts from the same student without the warm start's ten minutes. The
+    teacher's and the pruned student's evaluations do not depend on the seed (evaluation samples with a seed of its
+    own) and are cached across seeds: about five minutes of the teacher generating."""
     settings = [seed, preset["student"], preset["warmup"], preset["sampled_prompts"], preset["distill"]["temperature"]]
     key = hashlib.sha256(json.dumps([settings, refs["warmup_pairs"], refs["held_out"]]).encode()).hexdigest()[:16]
-    path = os.path.join(args.cache_dir, f"start-{key}")
+    common = hashlib.sha256(json.dumps([settings[1:], preset["new_tokens"], refs["held_out"]]).encode()).hexdigest()[
+        :16
+    ]
+    path, points_path = (
+        os.path.join(args.cache_dir, f"start-{key}"),
+        os.path.join(args.cache_dir, f"points-{common}.json"),
+    )
     student = smollm2.pruned_student(teacher, preset["student"]["layers"])
     if os.path.isfile(f"{path}.json"):
         student.load_state_dict(torch.load(f"{path}.pt", map_location="cpu"))
         points = json.load(open(f"{path}.json"))
         return student, (points["teacher"], points["pruned"], points["warm"])
-    teacher_point, pruned = evaluate(teacher, sampled=True), evaluate(student, sampled=True)
+    if os.path.isfile(points_path):
+        points = json.load(open(points_path))
+        teacher_point, pruned = points["teacher"], points["pruned"]
+    else:
+        teacher_point, pruned = evaluate(teacher, sampled=True), evaluate(student, sampled=True)
+        write_json({"teacher": teacher_point, "pruned": pruned}, points_path)
     warm = preset["warmup"]
     if warm["steps"]:  # a short SFT on the teacher's answers, the same for every method: see the module docstring
         pairs = [tuple(pair) for pair in refs["warmup_pairs"]]
@@ -650,11 +663,6 @@ def main() -> None:
             preset = {**preset, "lr_grid": [float(lr) for lr in args.lr_grid.split(",")]}
         tune(preset, methods, args)
         return
-    if args.seed == preset["tuning_seed"] and not args.lr:
-        raise SystemExit(
-            f"seed {args.seed} is the tuning seed: run its grid with --lr (or --tune); the comparison takes its best "
-            "runs from --grid's <out>-best.json"
-        )
     lrs = dict(preset["lr"])
     if args.lr_from:
         lrs.update(json.load(open(args.lr_from))["best_lr"])

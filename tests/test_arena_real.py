@@ -109,7 +109,7 @@ def test_a_seed_runs_every_method_and_records_the_real_arena_fields(tmp_path, mo
     # the references are cached in one file, keyed by the questions and the preset's settings; the seed's start
     # (the warm-started student and its evaluations) in another, which a second run on the seed starts from
     cached = sorted(os.listdir(tmp_path / "cache"))
-    assert [name.split("-")[0] for name in cached] == ["references", "start", "start"]
+    assert [name.split("-")[0] for name in cached] == ["points", "references", "start", "start"]
     monkeypatch.setattr(arena_real.arena, "supervised", lambda *a, **k: pytest.fail("the warm start ran again"))
     more = argparse.Namespace(**{**vars(args), "out": str(tmp_path / "more.json"), "add_to": args.out})
     with pytest.raises(SystemExit, match=r"already has \['sft'\]"):
@@ -119,6 +119,16 @@ def test_a_seed_runs_every_method_and_records_the_real_arena_fields(tmp_path, mo
     assert [run["method"] for run in added["runs"]] == [*methods, "npd-topk"]
     assert added["runs"][0]["curve"] == report["runs"][0]["curve"]  # the earlier runs, as they were
     assert [run["method"] for run in json.load(open(more.out))["runs"]] == [*methods, "npd-topk"]
+    # another seed's start evaluates only its own warm-started student: the teacher's and the pruned student's
+    # evaluations do not depend on the seed and come from the cache
+    evaluated = []
+    monkeypatch.setattr(arena_real.arena, "supervised", lambda *a, **k: None)
+    refs = arena_real.references(preset, tokenizer, teacher, args.cache_dir)
+    _, (teacher_point, pruned, _) = arena_real.start(
+        preset, 2, tokenizer, teacher, refs, lambda model, sampled=True: evaluated.append(model) or {}, args
+    )
+    assert len(evaluated) == 1 and evaluated[0] is not teacher and pruned == report["student_pruned"]
+    assert teacher_point["acc_sampled"] == report["teacher_acc_sampled"]
     other = tmp_path / "other-seed.json"
     other.write_text(json.dumps({**report, "seed": 2}))
     with pytest.raises(SystemExit, match="another seed"):
