@@ -801,6 +801,8 @@ def summarize(paths: list[str], out: str, plot_path: str, only: list[str] | None
     reports = sorted((json.load(open(path)) for path in paths), key=lambda r: r["seed"])
     for report in reports if only else []:
         report["runs"] = [run for run in report["runs"] if run["method"] in only]
+    if len(seeds := [report["seed"] for report in reports]) != len(set(seeds)):
+        raise SystemExit(f"a seed given more than once ({seeds}): each seed is paired once")
     methods = [run["method"] for run in reports[0]["runs"]]
     for report in reports:
         if len(seen := [run["method"] for run in report["runs"]]) != len(set(seen)):

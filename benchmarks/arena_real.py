@@ -30,7 +30,7 @@ training, as the toy arena does):
 - `reverse_kl`: KL(student || teacher) per token on the student's own samples at the training temperature, and
   `acc_sampled`, the agreement of those samples.
 `final_*_smoothed` average the last `final_points` checkpoints. The run records, the seed reports and the
-summary (`arena.py --summarize`) have the toy arena's fields, `acc` meaning agreement here.
+summary (`--summarize`) have the toy arena's fields, `acc` meaning agreement here.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ CPU_PRESET: dict[str, Any] = dict(
     # rate to try, has not been run: each rate costs about 40 minutes a seed here
     lr_grid=[1e-4, 3e-4],
     # the tuning seed is also one of the compared seeds (its best runs, `--grid`'s <out>-best.json): a seed of four
-    # methods costs about 40 minutes here, and every method gets its best rate on it alike
+    # methods costs 45-60 minutes here; picking each method's best rate flatters seed 1 for every method
     tuning_seed=1,
     curve_points=4,
     final_points=2,
@@ -124,6 +124,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train_keys": 4,
     },
 }
+START_CACHE_VERSION = 1  # bump when the evaluation or the warm start changes: cached starts are then recomputed
 COMMIT = git_commit()  # the code as it was loaded, not as it is when a report is written
 TASK = "heal SmolLM2-135M-Instruct pruned to {layers} of 30 layers, on short factual questions"
 
@@ -279,17 +280,17 @@ def start(
     as another learning rate of the grid, starts from the same student without the warm start's ten minutes. The
     teacher's and the pruned student's evaluations do not depend on the seed (evaluation samples with a seed of its
     own) and are cached across seeds: about five minutes of the teacher generating."""
-    settings = [seed, preset["student"], preset["warmup"], preset["sampled_prompts"], preset["distill"]["temperature"]]
-    key = hashlib.sha256(json.dumps([settings, refs["warmup_pairs"], refs["held_out"]]).encode()).hexdigest()[:16]
-    common = hashlib.sha256(json.dumps([settings[1:], preset["new_tokens"], refs["held_out"]]).encode()).hexdigest()[
-        :16
-    ]
-    path, points_path = (
-        os.path.join(args.cache_dir, f"start-{key}"),
-        os.path.join(args.cache_dir, f"points-{common}.json"),
-    )
+    # what the cached evaluations depend on besides the seed: the student, the evaluation's settings and device, and
+    # the code (START_CACHE_VERSION: bump it when the evaluation or the warm start changes)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    evaluation = [preset["student"], preset["sampled_prompts"], preset["distill"]["temperature"], preset["new_tokens"]]
+    evaluation += [preset["eval_batch"], device, START_CACHE_VERSION]
+    common = hashlib.sha256(json.dumps([evaluation, refs["held_out"]]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([common, seed, preset["warmup"], refs["warmup_pairs"]]).encode()).hexdigest()[:16]
+    path = os.path.join(args.cache_dir, f"start-{key}")
+    points_path = os.path.join(args.cache_dir, f"points-{common}.json")
     student = smollm2.pruned_student(teacher, preset["student"]["layers"])
-    if os.path.isfile(f"{path}.json"):
+    if os.path.isfile(f"{path}.json") and os.path.isfile(f"{path}.pt"):
         student.load_state_dict(torch.load(f"{path}.pt", map_location="cpu"))
         points = json.load(open(f"{path}.json"))
         return student, (points["teacher"], points["pruned"], points["warm"])
@@ -304,7 +305,8 @@ def start(
         pairs = [tuple(pair) for pair in refs["warmup_pairs"]]
         arena.supervised(student, tokenizer, pairs, warm["steps"], warm["batch"], warm["lr"], seed)
     init = evaluate(student, sampled=True)
-    torch.save({name: tensor.cpu() for name, tensor in student.state_dict().items()}, f"{path}.pt")
+    torch.save({name: tensor.cpu() for name, tensor in student.state_dict().items()}, f"{path}.pt.tmp")
+    os.replace(f"{path}.pt.tmp", f"{path}.pt")
     write_json({"teacher": teacher_point, "pruned": pruned, "warm": init}, f"{path}.json")  # last: marks it whole
     return student, (teacher_point, pruned, init)
 
@@ -415,7 +417,8 @@ def print_real(report: dict[str, Any]) -> None:
     print(
         f"warm-started student: agreement {init['acc']:.1%}, ROUGE-L {init['rouge_l']:.3f}, "
         f"KL {init['kl_teacher']:.3f}"
-        f"; pruned: KL {report['student_pruned']['kl_teacher']:.3f}; total {report['total_s']:.0f} s"
+        f"; pruned: KL {report['student_pruned']['kl_teacher']:.3f}"
+        + ("" if report["total_s"] is None else f"; total {report['total_s']:.0f} s")
     )
 
 
@@ -467,12 +470,14 @@ def grid_from(sources: list[str], out: str) -> dict[str, Any]:
     """The learning-rate grid from seed reports of the tuning seed that ran methods at different rates (`--lr`),
     each run once: per method, the rate with the best `final_acc_smoothed` (ties: the lower final KL). Writes the
     grid to `out` and, next to it (`<out>-best.json`), the tuning seed's report made of each method's best run,
-    which `arena.py --summarize` pairs like any other seed. `PATH:METHOD+METHOD` takes only those methods' runs from
+    which `--summarize` pairs like any other seed. `PATH:METHOD+METHOD` takes only those methods' runs from
     a report (one that also ran a method again elsewhere, at another commit's defaults)."""
     selected = [(path.partition(":")[0], set(filter(None, path.partition(":")[2].split("+")))) for path in sources]
     paths = [path for path, _ in selected]
     reports = [json.load(open(path)) for path in paths]
-    for report, (_, only) in zip(reports, selected, strict=True):
+    for report, (path, only) in zip(reports, selected, strict=True):
+        if missing := only - {run["method"] for run in report["runs"]}:
+            raise SystemExit(f"--grid: {path} has no run of {sorted(missing)}")
         report["runs"] = [run for run in report["runs"] if not only or run["method"] in only]
     first = reports[0]
     for path, report in zip(paths, reports, strict=True):
@@ -487,10 +492,11 @@ def grid_from(sources: list[str], out: str) -> dict[str, Any]:
             rate = f"{run['lr']:g}"
             if rate in runs.setdefault(run["method"], {}):
                 raise SystemExit(f"--grid: {run['method']} at {rate} ran twice (again in {path})")
-            runs[run["method"]][rate] = {**run, "commit": report["commit"]}
+            runs[run["method"]][rate] = {"commit": report["commit"], **run}  # a run's own commit, where it has one
 
     def rank(run: dict[str, Any]) -> tuple[float, float]:
-        return run["final_acc_smoothed"], -run["final_kl_teacher_smoothed"]
+        # agreement is a mean of fractions of the same prompt count: equal counts may differ in the last bit
+        return round(run["final_acc_smoothed"], 9), -run["final_kl_teacher_smoothed"]
 
     best = {method: max(by_rate, key=lambda rate: rank(by_rate[rate])) for method, by_rate in runs.items()}
     grid = {
@@ -504,14 +510,16 @@ def grid_from(sources: list[str], out: str) -> dict[str, Any]:
     tuned_runs = [runs[method][rate] for method, rate in best.items()]
     arena.add_time_to_gkd_final(tuned_runs, first["final_points"])
     add_time_to_gkd_final_kl(tuned_runs, first["final_points"])
-    commits = sorted({report["commit"] for report in reports})
+    commits = sorted({run["commit"] for by_rate in runs.values() for run in by_rate.values()})
     tuned = {**first, "commit": ",".join(commits), "runs": tuned_runs, "tuned_from": sources}
+    tuned["total_s"] = None  # the sources' sessions, not one run of these methods
     tuned["methods_config"] = {run["method"]: METHODS.get(run["method"]) for run in tuned_runs}
     result = {
         "seed": first["seed"],
         "grid": grid,
         "grid_kl_teacher": grid_kl,
-        "best_lr": {method: float(rate) for method, rate in best.items()},
+        # a method run at one rate only has no best rate: --lr-from leaves it at the preset's
+        "best_lr": {method: float(rate) for method, rate in best.items() if len(runs[method]) > 1},
         "sources": sources,
         "commits": commits,
     }
@@ -526,7 +534,7 @@ def grid_from(sources: list[str], out: str) -> dict[str, Any]:
             else f"{'-':>15}"
             for lr in rates_run
         ]
-        print(f"{method:17} " + " ".join(cells) + f"   {best[method]}")
+        print(f"{method:17} " + " ".join(cells) + f"   {best[method] if len(by_rate) > 1 else '- (one rate)'}")
     return result
 
 
@@ -557,7 +565,10 @@ def summarize_real(paths: list[str], out: str) -> dict[str, Any]:
         ]
     summary["student_init_kl_teacher"] = [report["student_init"]["kl_teacher"] for report in reports]
     summary["left_out"] = sorted(left_out)
-    summary["commits"] = [report["commit"] for report in reports]
+    summary["commits"] = [
+        {method: run.get("commit", report["commit"]) for method, run in by_method.items()}
+        for report, by_method in zip(reports, runs, strict=True)
+    ]
     write_json(summary, out)
     print(
         f"\n{'paired with gkd':17} {'KL(t||s) - gkd':>22} {'ROUGE-L - gkd':>22} {'wall / gkd':>20} "

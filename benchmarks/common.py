@@ -35,10 +35,13 @@ def git_commit() -> str | None:
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
-    """Write `report` to `path`, creating its folder."""
+    """Write `report` to `path`, creating its folder; through a temporary file, so that a run stopped while writing
+    leaves the previous file or none, never half of one (caches trust a file that exists)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    temporary = f"{path}.{os.getpid()}.tmp"  # one per process: ranks may write side by side
+    with open(temporary, "w") as f:
         json.dump(report, f, indent=2)
+    os.replace(temporary, path)
 
 
 def pyplot() -> Any:

@@ -171,8 +171,8 @@ def test_the_grid_picks_each_methods_best_rate_across_reports_and_refuses_mixed_
     grid = arena_real.grid_from([first, second], out)
 
     assert grid["grid"]["gkd"] == {"0.0001": 0.20, "0.0003": 0.10}
-    # agreement decides; on a tie, the lower final KL
-    assert grid["best_lr"] == {"gkd": 1e-4, "npd": 1e-4, "sft": 1e-4}
+    # agreement decides; on a tie, the lower final KL; a method run at one rate has no best rate
+    assert grid["best_lr"] == {"gkd": 1e-4, "npd": 1e-4}
     assert grid["commits"] == ["abc", "def"]
     best = json.load(open(tmp_path / "tuning-best.json"))
     assert [(run["method"], run["lr"]) for run in best["runs"]] == [("gkd", 1e-4), ("npd", 1e-4), ("sft", 1e-4)]
@@ -183,7 +183,22 @@ def test_the_grid_picks_each_methods_best_rate_across_reports_and_refuses_mixed_
     again = _seed_report(tmp_path / "c.json", [("gkd", 1e-4, 0.3, 1.0), ("sft", 3e-4, 0.01, 3.0)])
     with pytest.raises(SystemExit, match="ran twice"):
         arena_real.grid_from([second, again], out)
-    # PATH:METHOD+METHOD takes only those runs of a report
+    # a tie in agreement is a tie up to rounding: 0/259 and 3/259 against 1/259 and 2/259, smoothed over two points
+    low, high = (0 / 259 + 3 / 259) / 2, (1 / 259 + 2 / 259) / 2
+    assert low != high
+    tied = [
+        _seed_report(tmp_path / "t1.json", [("gkd", 1e-4, low, 1.9)]),
+        _seed_report(tmp_path / "t2.json", [("gkd", 3e-4, high, 1.8)]),
+    ]
+    assert arena_real.grid_from(tied, str(tmp_path / "tied.json"))["best_lr"] == {"gkd": 3e-4}
+    # a run keeps the commit it ran on when its report joined runs of several commits (--add-to)
+    joined = json.loads(open(second).read())
+    joined["runs"][0]["commit"] = "older"
+    (tmp_path / "joined.json").write_text(json.dumps(joined))
+    assert arena_real.grid_from([str(tmp_path / "joined.json")], out)["commits"] == ["def", "older"]
+    # PATH:METHOD+METHOD takes only those runs of a report, and a method it does not have is an error
+    with pytest.raises(SystemExit, match=r"has no run of \['gdk'\]"):
+        arena_real.grid_from([second, f"{again}:gdk"], out)
     grid = arena_real.grid_from([second, f"{again}:sft"], out)
     assert grid["grid"]["sft"] == {"0.0001": 0.15, "0.0003": 0.01} and grid["grid"]["gkd"] == {"0.0001": 0.20}
     assert grid["sources"] == [second, f"{again}:sft"]
@@ -227,3 +242,5 @@ def test_the_summary_pairs_kl_rouge_and_wall_clock_with_gkd_over_seeds(tmp_path)
         "sft",
     ]
     assert all(row["minus_sft"] is None for row in summary["methods"])
+    with pytest.raises(SystemExit, match="more than once"):  # e.g. the tuning seed's best runs and a seed-1 report
+        arena_real.summarize_real([*paths, paths[0]], str(tmp_path / "summary-5.json"))
