@@ -801,8 +801,6 @@ def summarize(paths: list[str], out: str, plot_path: str, only: list[str] | None
     reports = sorted((json.load(open(path)) for path in paths), key=lambda r: r["seed"])
     for report in reports if only else []:
         report["runs"] = [run for run in report["runs"] if run["method"] in only]
-    if len(seeds := [report["seed"] for report in reports]) != len(set(seeds)):
-        raise SystemExit(f"a seed given more than once ({seeds}): each seed is paired once")
     methods = [run["method"] for run in reports[0]["runs"]]
     for report in reports:
         if len(seen := [run["method"] for run in report["runs"]]) != len(set(seen)):
@@ -810,6 +808,8 @@ def summarize(paths: list[str], out: str, plot_path: str, only: list[str] | None
     for report in reports[1:]:
         if differ := set(methods) ^ {run["method"] for run in report["runs"]}:
             raise SystemExit(f"the seeds ran different methods: {sorted(differ)} are not in all of them")
+    if len(seeds := [report["seed"] for report in reports]) != len(set(seeds)):
+        raise SystemExit(f"a seed given more than once ({seeds}): each seed is paired once")
     if "gkd" not in methods:
         raise SystemExit(f"the summary pairs every method with gkd; these seeds ran only {methods}")
     runs = [{run["method"]: run for run in report["runs"]} for report in reports]  # per seed, by method
