@@ -795,7 +795,7 @@ def mean_ci(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(values)}
 
 
-def summarize(paths: list[str], out: str, plot_path: str, only: list[str] | None = None) -> None:
+def summarize(paths: list[str], out: str, plot_path: str, only: list[str] | None = None) -> dict[str, Any]:
     """Paired per-seed differences to GKD and SFT (mean and 95% CI; to SFT where every seed ran it), and time to
     GKD's final accuracy, over the seeds; `only`: these methods of each seed."""
     reports = sorted((json.load(open(path)) for path in paths), key=lambda r: r["seed"])
@@ -869,6 +869,7 @@ def summarize(paths: list[str], out: str, plot_path: str, only: list[str] | None
     write_json(summary, out)
     print_summary(summary)
     plot_summary(reports, plot_path)
+    return summary
 
 
 def summarize_records(paths: list[str], out: str) -> None:

@@ -82,7 +82,7 @@ CPU_PRESET: dict[str, Any] = dict(
     warmup=dict(prompts=512, steps=100, batch=16, lr=5e-4),
     lr=dict.fromkeys(METHODS, 3e-4),
     # every method did best at 3e-4, the grid's upper edge (docs/results/arena-real/tuning.json); 1e-3, the next
-    # rate to try, has not been run: each rate costs about 40 minutes a seed here
+    # rate to try, has not been run: each rate costs 45-60 minutes a seed here
     lr_grid=[1e-4, 3e-4],
     # the tuning seed is also one of the compared seeds (its best runs, `--grid`'s <out>-best.json): a seed of four
     # methods costs 45-60 minutes here; picking each method's best rate flatters seed 1 for every method
@@ -548,8 +548,7 @@ def summarize_real(paths: list[str], out: str) -> dict[str, Any]:
     common = [run["method"] for run in reports[0]["runs"] if all(run["method"] in methods for methods in ran)]
     if left_out := set().union(*ran) - set(common):
         print(f"left out, not run on every seed: {sorted(left_out)}")
-    arena.summarize(paths, out, os.path.splitext(out)[0] + ".png", only=common)
-    summary = json.load(open(out))
+    summary = arena.summarize(paths, out, os.path.splitext(out)[0] + ".png", only=common)
     runs = [{run["method"]: run for run in report["runs"] if run["method"] in common} for report in reports]
     for report, by_method in zip(reports, runs, strict=True):
         add_time_to_gkd_final_kl(list(by_method.values()), report["final_points"])
