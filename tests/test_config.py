@@ -123,6 +123,14 @@ def test_the_generator_mode_default_leaves_vllm_and_sharded_launches_to_a_genera
     assert config(tmp_path).generator_mode == "process"
 
 
+def test_fused_loss_compile_resolves_to_a_bool(tmp_path):
+    assert config(tmp_path, fused_loss_compile=True).resolved_fused_loss_compile() is True
+    assert config(tmp_path, fused_loss_compile=False).resolved_fused_loss_compile() is False
+    args = config(tmp_path)
+    assert args.fused_loss_compile is None  # the field keeps what was asked: the trainer resolves it, once
+    assert args.resolved_fused_loss_compile() is (args.device.type == "cuda")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [

@@ -58,6 +58,29 @@ def trainer_for(student, teacher, tokenizer, dataset, args, cls=RecordingTrainer
     )
 
 
+def test_fused_loss_compile_is_resolved_when_the_trainer_is_built(
+    student, teacher, tokenizer, dataset, make_config, monkeypatch
+):
+    """`None` (compile on CUDA only) is decided once, from the device, and every loss call is given that bool."""
+    from trl_npd import trainer as trainer_module
+
+    trainer = trainer_for(student, teacher, tokenizer, dataset, make_config(max_steps=2, generator_mode="sync"))
+    resolved = trainer._compile_fused_loss
+    assert resolved is (trainer.args.device.type == "cuda")
+    given = []
+    loss = trainer_module.distillation_loss
+
+    def recording(*args, **kwargs):
+        given.append(kwargs["compiled"])
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "distillation_loss", recording)
+    # the config is not read again while training: were it, the loss would now be compiled (or not) the other way
+    trainer.args.fused_loss_compile = not resolved
+    trainer.train()
+    assert given and all(compiled is resolved for compiled in given), given
+
+
 def test_trains_in_a_background_process_within_the_staleness_bound_and_logs_npd_metrics(
     student, teacher, tokenizer, dataset, make_config
 ):

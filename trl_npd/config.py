@@ -560,6 +560,13 @@ class NearPolicyDistillConfig(GKDConfig):
         """Whether one generator on the main process samples for every rank (vLLM's server mode always does)."""
         return self.shared_generator or (self.generation_backend == "vllm" and self.vllm_mode == "server")
 
+    def resolved_fused_loss_compile(self) -> bool:
+        """Whether the fused loss is compiled: as set, or, left unset, on CUDA only (on CPU the first call costs
+        seconds of compilation). The trainer resolves it once, when it is built."""
+        if self.fused_loss_compile is not None:
+            return self.fused_loss_compile
+        return self.device.type == "cuda"
+
     def resolved_generator_num_threads(self) -> int:
         """Threads the CPU generator process gets: the configured number, or half of the cores."""
         if self.generator_num_threads is not None:

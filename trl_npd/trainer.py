@@ -154,6 +154,8 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self._train_without_router_logits()
         self._check_chunked_projections()
         self._pack = args.padding_free and not self._packing_leaks()
+        # resolved once, here, and passed to every loss call: the device does not change during training
+        self._compile_fused_loss = args.resolved_fused_loss_compile()
         self._per_sample_attention = all(
             attends_per_sample(m) for m in (self.model, self.accelerator.unwrap_model(self.teacher_model))
         )
@@ -641,13 +643,12 @@ class NearPolicyDistillTrainer(GKDTrainer):
             return loss, student_outputs
         on_policy = model.training and "behaviour_logprobs" in inputs
         fused = self.args.use_fused_loss
-        compiled = self.args.fused_loss_compile
         loss_kwargs = {
             "beta": self.beta,
             "fused": fused,
             # drift is measured against the sampling distribution, i.e. at the sampling temperature
             "logprob_temperature": self.temperature if on_policy else None,
-            "compiled": self.args.device.type == "cuda" if compiled is None else compiled,
+            "compiled": self._compile_fused_loss,
             "teacher_top_k": self.args.teacher_top_k,
             "ce_weight": self.args.ce_weight,
             "topk_jsd": self.args.topk_objective == "jsd",
