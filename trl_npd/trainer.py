@@ -261,10 +261,11 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 "FSDP wraps and shards. Use DeepSpeed ZeRO-3, or generation_backend='vllm' (TRL's weight sync "
                 "gathers FSDP weights)."
             )
-        if args.generator_mode == "sync" and args.generation_backend == "transformers":
+        if args.generator_mode == "inline" and args.generation_backend == "transformers":
             raise ValueError(
-                "generator_mode='sync' samples with the live student, and under ZeRO-3 every forward is a collective "
-                "that ranks stopping at different lengths cannot line up. Use generator_mode='process' or 'thread'."
+                "generator_mode='inline' samples with the live student, and under ZeRO-3 every forward is a "
+                "collective that ranks stopping at different lengths cannot line up. Use generator_mode='process' or "
+                "'thread'."
             )
         if args.generation_backend == "vllm" and args.teacher_top_k is not None:
             raise ValueError(
@@ -489,9 +490,9 @@ class NearPolicyDistillTrainer(GKDTrainer):
             logger.error("The background generator had also failed:\n%s", report.failure)
 
     def _generator_threads(self) -> int | None:
-        # vLLM's generator is a thread that waits on the engine, which sets its own threads (colocated) or runs
-        # elsewhere (server): there is no generator process to give cores to.
-        if self.args.generator_mode != "process" or self.args.generation_backend == "vllm":
+        # Only a generator process has threads of its own. (vLLM's generator is always a thread, which the config
+        # resolves: it waits on the engine, which sets its own threads when colocated or runs elsewhere.)
+        if self.args.generator_mode != "process":
             return None
         if self._generator_device().type == "cpu":
             return self.args.resolved_generator_num_threads()
