@@ -14,7 +14,7 @@ trains on each generated sample once:
 - `npd-topk`: the defaults with the NPD paper's objective (`teacher_top_k=10`): the generator scores each sample's
   teacher top-k, so the training step runs no teacher forward;
 - `npd-process`: the defaults with the generator in its own process (`generator_mode="process"`), which is the
-  default where trainer or generator has an accelerator; on a CPU-only machine the default is `generator_mode="inline"`;
+  default where trainer or generator has an accelerator; on a CPU-only machine the default is `"inline"`;
 - `npd-padded`: the defaults on right-padded rows (`padding_free=False`): with `pad_frac`, what packing saves;
 - `npd-sync`: the generator forced inline (`generator_mode="inline"`): what asynchrony alone buys;
 - `npd-vllm` (CUDA and vLLM only, so not in the default list): the defaults with a colocated vLLM engine generating
