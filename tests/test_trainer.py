@@ -469,7 +469,7 @@ def test_a_late_generator_failure_is_raised_even_if_the_trainer_never_waits(toke
         trainer.train()
 
 
-def test_sync_mode_tags_samples_with_the_live_weights_step(student, teacher, tokenizer, dataset, make_config):
+def test_inline_mode_tags_samples_with_the_live_weights_step(student, teacher, tokenizer, dataset, make_config):
     args = make_config(
         generator_mode="inline", max_steps=8, weight_sync_steps=4, max_staleness=3, generation_batch_size=12
     )
