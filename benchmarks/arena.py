@@ -101,7 +101,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "npd": NPD_DEFAULTS,
     "npd-ifd": {**NPD_DEFAULTS, "ifd_filter": True, "ifd_band": "tails"},
     "npd-no-kl": {**NPD_DEFAULTS, "max_policy_kl": None},
-    "npd-sync": {**NPD_DEFAULTS, "generator_mode": "sync"},
+    "npd-sync": {**NPD_DEFAULTS, "generator_mode": "inline"},
     "npd-topk": {**NPD_DEFAULTS, "teacher_top_k": 10},
 }
 PRESETS: dict[str, dict[str, Any]] = {

@@ -66,7 +66,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "npd": NPD_DEFAULTS,
     "npd-topk": {**NPD_DEFAULTS, "teacher_top_k": 10},
     "npd-ifd": {**NPD_DEFAULTS, "ifd_filter": True, "ifd_band": "tails"},
-    "npd-sync": {**NPD_DEFAULTS, "generator_mode": "sync"},
+    "npd-sync": {**NPD_DEFAULTS, "generator_mode": "inline"},
     "npd-process": {**NPD_DEFAULTS, "generator_mode": "process", "max_policy_kl": 0.01},
     "npd-process-no-kl": {**NPD_DEFAULTS, "generator_mode": "process", "max_policy_kl": None},
 }

@@ -2,7 +2,7 @@
 
     python benchmarks/overlap.py --out results/overlap.json
 
-For each mode (`process`, `thread`, `sync`) it trains the same student on the same prompts for the same steps and
+For each mode (`process`, `thread`, `inline`) it trains the same student on the same prompts for the same steps and
 reports, after the first sample arrived (so process start-up is reported apart):
   - `steady_wall_s`: wall time of the training loop after the first sample;
   - `gen_busy_s`: time the generator spent sampling (its own clock);
@@ -70,9 +70,9 @@ def run(mode: str, preset: dict, output_dir: str, generator_threads: int | None 
     totals = trainer.npd_metrics.totals
     steady_wall_s = trainer.state.log_history[-1]["train_runtime"] - totals.first_sample_wait_s
     steady_wait_s = totals.wait_s - totals.first_sample_idle_s  # waiting only: bootstrap sampling is work
-    gen_busy_s = totals.generator_busy_s if mode != "sync" else 0.0  # sync generation is the trainer's own wait
+    gen_busy_s = totals.generator_busy_s if mode != "inline" else 0.0  # inline generation is the trainer's own wait
     train_busy_s = steady_wall_s - steady_wait_s
-    if mode == "sync":
+    if mode == "inline":
         gen_busy_s = steady_wait_s
     return {
         "mode": mode,
@@ -93,7 +93,7 @@ def run(mode: str, preset: dict, output_dir: str, generator_threads: int | None 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--modes", default="process,thread,sync")
+    parser.add_argument("--modes", default="process,thread,inline")
     parser.add_argument("--out", default="results/overlap.json")
     parser.add_argument("--generator-threads", type=int, default=None, help="generator_num_threads (process mode)")
     parser.add_argument(

@@ -14,9 +14,9 @@ trains on each generated sample once:
 - `npd-topk`: the defaults with the NPD paper's objective (`teacher_top_k=10`): the generator scores each sample's
   teacher top-k, so the training step runs no teacher forward;
 - `npd-process`: the defaults with the generator in its own process (`generator_mode="process"`), which is the
-  default where trainer or generator has an accelerator; on a CPU-only machine the default is inline (`sync`);
+  default where trainer or generator has an accelerator; on a CPU-only machine the default is `"inline"`;
 - `npd-padded`: the defaults on right-padded rows (`padding_free=False`): with `pad_frac`, what packing saves;
-- `npd-sync`: the generator forced synchronous (`generator_mode="sync"`): what asynchrony alone buys;
+- `npd-sync`: the generator forced inline (`generator_mode="inline"`): what asynchrony alone buys;
 - `npd-vllm` (CUDA and vLLM only, so not in the default list): the defaults with a colocated vLLM engine generating
   (`generation_backend="vllm"`, `vllm_mode="colocate"`, 30% of the GPU's memory); vLLM builds the student from a
   checkpoint, so the student is saved and loaded back before the clock starts;
@@ -283,9 +283,9 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
         "npd-process": {"generator_mode": "process"},
         # what packing saves: the same trainer on right-padded rows
         "npd-padded": {"padding_free": False},
-        "npd-sync": {"generator_mode": "sync"},
+        "npd-sync": {"generator_mode": "inline"},
         # generation is done before the clock starts, so nothing in it should be selected or timed
-        "ceiling": {"generator_mode": "sync", "ifd_filter": False},
+        "ceiling": {"generator_mode": "inline", "ifd_filter": False},
         "npd-vllm": {"generation_backend": "vllm", "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3},
     }[name]
     args = NearPolicyDistillConfig(

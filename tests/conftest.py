@@ -60,6 +60,8 @@ def make_config(tmp_path):
             generator_bootstrap=False,
             generator_mode="process",  # on a CPU the default is inline; the process is what these tests test
         )
+        if overrides.get("generation_backend") == "vllm":
+            values["generator_mode"] = "thread"  # vLLM's generator is a thread waiting on the engine, never a process
         values.update(overrides)
         return NearPolicyDistillConfig(**values)
 

@@ -214,7 +214,7 @@ def _(env):
 def _(env):
     question = " ".join(f"{i}+{i}" for i in range(60))
     rows = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "0"}]}] * 8
-    args = env.make_config(max_steps=2, max_length=40, max_new_tokens=8, generator_mode="sync")
+    args = env.make_config(max_steps=2, max_length=40, max_new_tokens=8, generator_mode="inline")
     trainer = env.trainer(dataset=Dataset.from_list(rows), args=args)
     found = env.warned(trainer.train, "trl_npd.trainer")
     assert trainer.npd_metrics.totals.truncated_prompts == 8  # counted, every one
@@ -235,7 +235,7 @@ def _empty_completions(env, every: int) -> None:
 @case("empty-completion")
 def _(env):
     _empty_completions(env, every=2)
-    trainer = env.trainer(args=env.make_config(max_steps=3, generator_mode="sync"))
+    trainer = env.trainer(args=env.make_config(max_steps=3, generator_mode="inline"))
     found = env.warned(trainer.train, "trl_npd.trainer")
     totals = trainer.npd_metrics.totals
     assert totals.dropped["empty_completion"] >= 12 and totals.consumed_samples == 12
@@ -246,13 +246,13 @@ def _(env):
 @case("only-empty-completions")
 def _(env):
     _empty_completions(env, every=1)
-    return env.raised(env.trainer(args=env.make_config(max_steps=3, generator_mode="sync")).train)
+    return env.raised(env.trainer(args=env.make_config(max_steps=3, generator_mode="inline")).train)
 
 
 @case("no-prompt-with-a-token")
 def _(env):
     rows = Dataset.from_list([{"prompt": ""}] * 8)  # plain-text prompts that render to no token at all
-    return env.raised(env.trainer(dataset=rows, args=env.make_config(generator_mode="sync")).train)
+    return env.raised(env.trainer(dataset=rows, args=env.make_config(generator_mode="inline")).train)
 
 
 def test_every_documented_bad_input_has_a_case_and_every_case_a_row():

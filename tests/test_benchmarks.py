@@ -34,9 +34,9 @@ def refused(script, *args):
 
 def test_overlap_benchmark_micro(tmp_path):
     out = tmp_path / "overlap.json"
-    table = run("overlap.py", "--preset", "micro", "--modes", "thread,sync", "--out", str(out))
+    table = run("overlap.py", "--preset", "micro", "--modes", "thread,inline", "--out", str(out))
     report = json.loads(out.read_text())
-    assert [r["mode"] for r in report["runs"]] == ["thread", "sync"]
+    assert [r["mode"] for r in report["runs"]] == ["thread", "inline"]
     assert all(r["samples_per_s"] > 0 for r in report["runs"])
     assert "overlap" in table
 

@@ -44,7 +44,7 @@ def cli_args(saved, *extra):
         "--lmbda", "1.0",
         "--max_new_tokens", "4",
         "--max_length", "64",
-        "--generator_mode", "sync",
+        "--generator_mode", "inline",
         "--ifd_filter", "false",
         "--report_to", "none",
         "--save_strategy", "no",
@@ -102,6 +102,19 @@ def test_a_yaml_config_sets_npd_and_trl_fields(tmp_path, saved):
     assert (training_args.max_policy_kl, training_args.weight_sync_steps, training_args.max_staleness) == (0.25, 2, 3)
     assert training_args.beta == 0.2 and script_args.dataset_name == saved["data"]
     assert model_args.model_name_or_path == saved["student"]
+
+
+def test_the_cli_takes_generator_mode_inline_and_the_old_name_sync_with_a_warning(tmp_path):
+    paths = {role: str(tmp_path / role) for role in ("student", "teacher", "data", "out")}  # parsing reads no file
+    _, training_args, _ = make_parser().parse_args_and_config(args=cli_args(paths))
+    assert training_args.generator_mode == "inline" and training_args.ifd_filter is False
+    old = cli_args(paths)
+    old[old.index("inline")] = "sync"
+    with pytest.warns(FutureWarning, match="generator_mode='sync' is deprecated: use generator_mode='inline'"):
+        _, training_args, _ = make_parser().parse_args_and_config(args=old)
+    assert training_args.generator_mode == "inline"
+    _, training_args, _ = make_parser().parse_args_and_config(args=[*cli_args(paths), "--ifd_filter"])
+    assert training_args.ifd_filter is True  # a plain bool flag: given alone, it turns Δ-IFD on
 
 
 def test_the_cli_requires_a_teacher(saved):

@@ -1,4 +1,6 @@
+import contextlib
 import logging
+import warnings
 
 import pytest
 import torch
@@ -98,29 +100,86 @@ def test_an_explicit_bf16_on_a_cpu_only_machine_is_a_clear_error(tmp_path):
 def test_generator_mode_left_unset_follows_the_hardware_and_says_so(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level(logging.INFO, logger="trl_npd.config"):
-        assert config(tmp_path).generator_mode == "sync"  # trainer and generator would share the CPU's cores
-    assert "generator_mode was not set: 'sync'" in caplog.text
-    assert config(tmp_path, use_cpu=True, generator_device="cpu").generator_mode == "sync"
+        assert config(tmp_path).generator_mode == "inline"  # trainer and generator would share the CPU's cores
+    assert "generator_mode was not set: 'inline'" in caplog.text
+    assert config(tmp_path, use_cpu=True, generator_device="cpu").generator_mode == "inline"
     # an accelerator on either side: the generator process overlaps real work
     assert config(tmp_path, generator_device="cuda:1").generator_mode == "process"
     # FSDP refuses inline sampling with the sharded live weights, so the default does not choose it
     assert config(tmp_path, fsdp="full_shard").generator_mode == "process"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert config(tmp_path, use_cpu=True).generator_mode == "sync"  # use_cpu: the trainer is on the CPU all the same
+    assert config(tmp_path, use_cpu=True).generator_mode == "inline"  # use_cpu: the trainer is on the CPU all the same
 
 
-@pytest.mark.parametrize("mode", ["process", "thread", "sync"])
-def test_a_generator_mode_that_is_set_is_kept(tmp_path, mode):
-    assert config(tmp_path, generator_mode=mode).generator_mode == mode
+def one_warning(caught, text):
+    """The one warning of `caught` whose message contains `text` (others, from transformers or TRL, are not ours)."""
+    ours = [w for w in caught if text in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    return ours[0]
+
+
+@contextlib.contextmanager
+def no_warning_about(text):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    assert not [w for w in caught if text in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("mode", ["process", "thread", "inline"])
+def test_a_generator_mode_that_is_set_is_kept_without_a_word(tmp_path, mode):
+    with no_warning_about("generator_mode"):
+        assert config(tmp_path, generator_mode=mode).generator_mode == mode
+
+
+def test_the_old_name_sync_warns_that_it_is_deprecated_and_runs_inline(tmp_path):
+    with pytest.warns(FutureWarning) as caught:
+        args = config(tmp_path, generator_mode="sync")
+    warning = one_warning(caught, "generator_mode='sync' is deprecated: use generator_mode='inline'")
+    assert args.generator_mode == "inline"  # what the trainer and the pipeline read: inline generation
+    assert warning.filename == __file__  # points at the code that built the config
 
 
 def test_the_generator_mode_default_leaves_vllm_and_sharded_launches_to_a_generator_of_their_own(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, caplog
 ):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert config(tmp_path, generation_backend="vllm").generator_mode == "process"
+    with caplog.at_level(logging.INFO, logger="trl_npd.config"), no_warning_about("generator_mode"):
+        assert config(tmp_path, generation_backend="vllm").generator_mode == "thread"  # left unset: only logged
+    assert "generator_mode was not set: 'thread' (the vLLM client lives in the trainer process" in caplog.text
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # FSDP turned on by accelerate's config, not by the args
     assert config(tmp_path).generator_mode == "process"
+
+
+def test_generator_mode_process_asked_for_with_vllm_runs_as_a_thread_and_says_so(tmp_path):
+    """The vLLM client lives in the trainer process; a requested mode is never changed silently."""
+    with pytest.warns(UserWarning) as caught:
+        args = config(tmp_path, generation_backend="vllm", generator_mode="process")
+    warning = one_warning(caught, "generator_mode='process' runs as generator_mode='thread'")
+    assert args.generator_mode == "thread"
+    assert "the vLLM client lives in the trainer process" in str(warning.message)
+    assert "a thread only waits on it" in str(warning.message)
+    assert warning.filename == __file__
+    with no_warning_about("generator_mode"):  # the modes vLLM runs as asked
+        assert config(tmp_path, generation_backend="vllm", generator_mode="thread").generator_mode == "thread"
+        assert config(tmp_path, generation_backend="vllm", generator_mode="inline").generator_mode == "inline"
+
+
+def test_ifd_filter_is_a_bool_and_an_explicit_none_warns_that_it_is_deprecated(tmp_path):
+    assert NearPolicyDistillConfig.__dataclass_fields__["ifd_filter"].default is False
+    for backend in ("transformers", "vllm"):
+        with pytest.warns(FutureWarning) as caught:
+            args = config(tmp_path, ifd_filter=None, generation_backend=backend, generator_mode="thread")
+        assert args.ifd_filter is False  # None always meant off
+        assert one_warning(caught, "ifd_filter=None is deprecated").filename == __file__
+
+
+def test_fused_loss_compile_resolves_to_a_bool(tmp_path):
+    assert config(tmp_path, fused_loss_compile=True).resolved_fused_loss_compile() is True
+    assert config(tmp_path, fused_loss_compile=False).resolved_fused_loss_compile() is False
+    args = config(tmp_path)
+    assert args.fused_loss_compile is None  # the field keeps what was asked: the trainer resolves it, once
+    assert args.resolved_fused_loss_compile() is (args.device.type == "cuda")
 
 
 @pytest.mark.parametrize(
@@ -144,8 +203,6 @@ def test_a_delta_ifd_setting_without_ifd_filter_warns_that_it_does_nothing(tmp_p
 
 
 def test_delta_ifd_settings_warn_about_nothing_at_the_defaults_or_with_ifd_filter_on(tmp_path):
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config(tmp_path)

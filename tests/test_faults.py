@@ -158,7 +158,7 @@ def test_non_finite_logits_stop_training_naming_the_step_and_the_sample(tokenize
             weights.update({n: p.detach().clone() for n, p in student.named_parameters()})
 
     before = live_workers()
-    args = make_config(generator_mode="sync", max_steps=8, max_grad_norm=0.0)
+    args = make_config(generator_mode="inline", max_steps=8, max_grad_norm=0.0)
     trainer = trainer_for(student, teacher, tokenizer, Dataset.from_list(rows), args, callbacks=[Steps()])
     seen.clear()  # construction probes the models once (packing check)
     with pytest.raises(NonFiniteLossError) as raised:

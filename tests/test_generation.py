@@ -150,6 +150,14 @@ def process_pipeline(tokenizer, student, dataset, **kwargs):
     return GenerationPipeline(**values)
 
 
+def test_a_remote_engine_is_not_run_from_a_process_and_the_mode_is_not_changed_behind_the_callers_back(
+    tokenizer, student, dataset
+):
+    """The config turns vLLM's "process" into "thread" with a warning; the pipeline itself only refuses it."""
+    with pytest.raises(ValueError, match="mode='process' cannot drive a remote engine"):
+        process_pipeline(tokenizer, student, dataset, remote_engine=object())
+
+
 def test_a_generator_process_still_starting_is_ended_at_once_by_stop(tokenizer, student, dataset):
     """A train() shorter than the generator's start-up (the bootstrap served it) must not wait for that start-up."""
     pipeline = process_pipeline(tokenizer, student, dataset)
@@ -168,7 +176,7 @@ def test_the_bootstrap_samples_on_the_live_students_device_not_the_generators(to
     pipeline._spec.engine = EngineConfig(max_new_tokens=4, temperature=1.0, pad_token_id=0, eos_token_id=2)
     pipeline.start()
     try:
-        assert pipeline._sync_engine.config.device == "cpu"
+        assert pipeline._inline_engine.config.device == "cpu"
         result = pipeline.take(4, current_step=0)  # sampled inline by the live student, on its device
         assert len(result.samples) == 4 and all(batch.bootstrap for batch in result.received)
     finally:

@@ -31,7 +31,7 @@ def test_npd_scalars_reach_tensorboard(tmp_path, student, teacher, tokenizer, da
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = make_config(
-        generator_mode="sync",
+        generator_mode="inline",
         max_steps=4,
         logging_steps=2,
         report_to=["tensorboard"],
@@ -57,7 +57,7 @@ def test_the_progress_bar_shows_version_buffer_and_lag(
     import tqdm
 
     monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)  # no monitor thread left behind
-    args = make_config(generator_mode="sync", max_steps=3, disable_tqdm=False, logging_steps=100)
+    args = make_config(generator_mode="inline", max_steps=3, disable_tqdm=False, logging_steps=100)
     train(student, teacher, tokenizer, dataset, args)
     bar = capsys.readouterr().err
     assert "version=" in bar and "buffer=" in bar and "lag=" in bar, bar[-500:]
@@ -67,7 +67,7 @@ def test_log_completions_prints_prompt_completion_delta_ifd_and_staleness(
     capsys, student, teacher, tokenizer, dataset, make_config
 ):
     args = make_config(
-        generator_mode="sync",
+        generator_mode="inline",
         max_steps=2,
         logging_steps=2,
         log_completions=True,
@@ -87,5 +87,5 @@ def test_log_completions_prints_prompt_completion_delta_ifd_and_staleness(
 
 
 def test_completions_are_not_kept_unless_asked(student, teacher, tokenizer, dataset, make_config):
-    trainer = train(student, teacher, tokenizer, dataset, make_config(generator_mode="sync", max_steps=1))
+    trainer = train(student, teacher, tokenizer, dataset, make_config(generator_mode="inline", max_steps=1))
     assert trainer._completion_log is None

@@ -117,7 +117,7 @@ def test_topk_and_delta_ifd_of_transformed_models_equal_their_full_logits(tokeni
 
 
 def test_live_models_in_training_mode_are_scored_without_dropout_and_left_as_they_were(tokenizer):
-    """The trainer scores with its live models in sync mode and during the start-up bootstrap; they are in train
+    """The trainer scores with its live models in inline mode and during the start-up bootstrap; they are in train
     mode, with dropout on unless disable_dropout. Scores must be those of eval mode, and the modes restored."""
     teacher = build_model(tokenizer, hidden_size=48, num_layers=2, seed=5)
     student = build_model(tokenizer, hidden_size=32, num_layers=2, seed=6)

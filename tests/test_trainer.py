@@ -58,6 +58,29 @@ def trainer_for(student, teacher, tokenizer, dataset, args, cls=RecordingTrainer
     )
 
 
+def test_fused_loss_compile_is_resolved_when_the_trainer_is_built(
+    student, teacher, tokenizer, dataset, make_config, monkeypatch
+):
+    """`None` (compile on CUDA only) is decided once, from the device, and every loss call is given that bool."""
+    from trl_npd import trainer as trainer_module
+
+    trainer = trainer_for(student, teacher, tokenizer, dataset, make_config(max_steps=2, generator_mode="inline"))
+    resolved = trainer._compile_fused_loss
+    assert resolved is (trainer.args.device.type == "cuda")
+    given = []
+    loss = trainer_module.distillation_loss
+
+    def recording(*args, **kwargs):
+        given.append(kwargs["compiled"])
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "distillation_loss", recording)
+    # the config is not read again while training: were it, the loss would now be compiled (or not) the other way
+    trainer.args.fused_loss_compile = not resolved
+    trainer.train()
+    assert given and all(compiled is resolved for compiled in given), given
+
+
 def test_trains_in_a_background_process_within_the_staleness_bound_and_logs_npd_metrics(
     student, teacher, tokenizer, dataset, make_config
 ):
@@ -167,7 +190,7 @@ def test_loss_is_normalized_by_completion_tokens_across_gradient_accumulation(
         max_steps=1,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
-        generator_mode="sync",
+        generator_mode="inline",
         max_grad_norm=0.0,
         max_new_tokens=12,
     )
@@ -244,7 +267,7 @@ def test_gkd_script_flow_train_evaluate_checkpoint_and_resume(
 def test_prompts_too_long_for_max_length_are_truncated_and_counted(student, teacher, tokenizer, make_config):
     long_question = " ".join(f"{i}+{i}" for i in range(60))
     rows = [{"messages": [{"role": "user", "content": long_question}, {"role": "assistant", "content": "0"}]}] * 4
-    args = make_config(max_steps=2, max_length=40, max_new_tokens=8, generator_mode="sync")
+    args = make_config(max_steps=2, max_length=40, max_new_tokens=8, generator_mode="inline")
     trainer = trainer_for(student, teacher, tokenizer, Dataset.from_list(rows), args)
     trainer.train()
     assert trainer.npd_metrics.totals.truncated_prompts > 0
@@ -278,7 +301,7 @@ def test_policy_drift_above_max_policy_kl_refreshes_the_snapshot_early(
 
 
 def test_without_max_policy_kl_only_the_schedule_refreshes(student, teacher, tokenizer, dataset, make_config):
-    args = make_config(generator_mode="sync", weight_sync_steps=3, max_staleness=3)
+    args = make_config(generator_mode="inline", weight_sync_steps=3, max_staleness=3)
     trainer = trainer_for(student, teacher, tokenizer, dataset, args)
     trainer.train()
     assert trainer.npd_metrics.totals.weight_syncs == {"schedule": 2}
@@ -446,9 +469,9 @@ def test_a_late_generator_failure_is_raised_even_if_the_trainer_never_waits(toke
         trainer.train()
 
 
-def test_sync_mode_tags_samples_with_the_live_weights_step(student, teacher, tokenizer, dataset, make_config):
+def test_inline_mode_tags_samples_with_the_live_weights_step(student, teacher, tokenizer, dataset, make_config):
     args = make_config(
-        generator_mode="sync", max_steps=8, weight_sync_steps=4, max_staleness=3, generation_batch_size=12
+        generator_mode="inline", max_steps=8, weight_sync_steps=4, max_staleness=3, generation_batch_size=12
     )
     trainer = trainer_for(student, teacher, tokenizer, dataset, args)
     trainer.train()

@@ -79,7 +79,7 @@ class TakeResult:
     samples: list[Sample]
     stale: list[Sample] = field(default_factory=list)  # evicted past the staleness bound, oldest first
     empty: list[Sample] = field(default_factory=list)  # completions without a single token: nothing to train on
-    wait_s: float = 0.0  # blocked on the transport (or generating inline, in sync mode)
+    wait_s: float = 0.0  # blocked on the transport (or generating, in `inline` mode)
     bootstrap_s: float = 0.0  # generating inline while the generator process was starting
     received: list[GeneratedBatch] = field(default_factory=list)
 
@@ -164,7 +164,7 @@ class SampleBuffer:
 
         Blocks while fewer than `n` fresh samples are available. `check_producer` is called while waiting and must
         raise if the generator has failed, so a crash surfaces here instead of hanging. `refill`, when given, makes
-        the samples synchronously instead of waiting on the transport (the `sync` generator mode). `bootstrap`,
+        the samples synchronously instead of waiting on the transport (the `inline` generator mode). `bootstrap`,
         when given, makes them synchronously only while the transport has nothing to give (a generator that is still
         starting); its time is `bootstrap_s`, not `wait_s`. Samples without a completion token are dropped and
         counted too: they have nothing to train on.

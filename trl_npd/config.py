@@ -15,7 +15,10 @@ from .selection import BANDS as IFD_BANDS
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_MODES = ("process", "thread", "sync")
+GENERATOR_MODES = ("process", "thread", "inline")
+# Old names of generator modes, still accepted with a FutureWarning: "sync" generated inline, and "sync" now names
+# only weight syncs.
+DEPRECATED_GENERATOR_MODES = {"sync": "inline"}
 GENERATION_BACKENDS = ("transformers", "vllm")
 VLLM_MODES = ("server", "colocate")
 TOPK_OBJECTIVES = ("npd", "jsd")
@@ -31,10 +34,6 @@ IFD_ONLY_FIELDS = (
     "ifd_max_rejected_in_a_row",
 )
 
-# Whether Δ-IFD selection is on when `ifd_filter` is left at None, on a backend that can score it. Off: on the
-# arena it bought no accuracy that the KL-bounded refresh does not, at twice the generator's cost (docs/design.md).
-IFD_FILTER_DEFAULT = False
-
 
 def _has_accelerator() -> bool:
     """Whether torch sees a device a trainer would train on instead of the CPU."""
@@ -48,22 +47,6 @@ def _has_accelerator() -> bool:
         if backend is not None and hasattr(backend, "is_available") and backend.is_available():
             return True
     return False
-
-
-def default_ifd_filter(generation_backend: str) -> bool:
-    """What `ifd_filter=None` means for this backend: the one place that decides Δ-IFD's default.
-
-    The vLLM backend cannot score Δ-IFD yet: it needs the generating weights' NLL of each completion with and
-    without its prompt, and those weights live in the vLLM engine, not in the trainer.
-    """
-    if generation_backend == "vllm":
-        if IFD_FILTER_DEFAULT:
-            logger.info(
-                "Δ-IFD selection is off: generation_backend='vllm' cannot score it (the generating weights live in "
-                "the vLLM engine), so every generated sample within the staleness bound is trained on."
-            )
-        return False
-    return IFD_FILTER_DEFAULT
 
 
 @dataclass
@@ -94,12 +77,15 @@ class NearPolicyDistillConfig(GKDConfig):
     generator_mode (`str` or `None`, *optional*, defaults to `None`):
         Where the generator runs. `"process"`: a spawned process that generates while the optimizer trains (the
         only mode with real overlap on CPU, see `docs/design.md`). `"thread"`: a thread in the trainer process, for
-        debugging or for models that cannot be pickled. `"sync"`: no background work; the trainer generates with its
-        live weights when it needs samples, a generation batch at a time. `None` chooses from the hardware, and
-        logs the choice: `"sync"` when the trainer and the generator would both run on the CPU, where a process
-        would only split the same cores between them (on a 2-core CPU, inline generation was about as fast as the
-        process or faster with `benchmarks/throughput.py`'s `cpu-tiny` and `cpu-smollm2` presets, see
-        `docs/design.md` §30); `"process"` when the trainer or the generator has an accelerator.
+        debugging or for models that cannot be pickled. `"inline"`: no background work; the trainer generates with
+        its live weights when it needs samples, a generation batch at a time (`"sync"`, its old name, still works
+        and warns that it is deprecated). `None` chooses from the hardware, and logs the choice: `"inline"` when the
+        trainer and the generator would both run on the CPU, where a process would only split the same cores
+        between them (on a 2-core CPU, inline generation was about as fast as the process or faster with
+        `benchmarks/throughput.py`'s `cpu-tiny` and `cpu-smollm2` presets, see `docs/design.md` §30); `"process"`
+        when the trainer or the generator has an accelerator; `"thread"` with `generation_backend="vllm"`, whose
+        client lives in the trainer process, where a thread waits on it while the optimizer trains. An explicit
+        `"process"` with vLLM becomes `"thread"` for the same reason, with a warning.
     generator_device (`str` or `None`, *optional*, defaults to `None`):
         Device of the generator's copy of the student, e.g. `"cpu"` or `"cuda:1"`. `None` uses the trainer's device.
     generator_num_threads (`int` or `None`, *optional*, defaults to `None`):
@@ -209,19 +195,19 @@ class NearPolicyDistillConfig(GKDConfig):
 
     > Parameters that control Δ-IFD selection
 
-    ifd_filter (`bool` or `None`, *optional*, defaults to `None`):
+    ifd_filter (`bool`, *optional*, defaults to `False`):
         Score every generated sample's Δ-IFD = IFD_teacher - IFD_student (IFD = NLL with the prompt / NLL without)
         in the generator, and train only on samples inside the band. Scoring runs three forwards per generated
         batch: the teacher over prompt + completion, and the teacher and the generating student over the
         completion alone (the student's NLL with the prompt comes from the sampler). With `teacher_top_k` set, the
         first is the teacher forward that scores the top-k anyway, so Δ-IFD adds two. They run in the generator,
         off the training critical path, but on CPU they make the generator the bottleneck (`benchmarks/ifd_cost.py`,
-        a teacher of about 8x the student's compute: 2.0x the generator's time per sample). `None` means the
-        backend's default, which is off (`"vllm"` cannot score it at all: the generating weights live in the vLLM
-        engine, so `True` with `"vllm"` is refused). Off because on the toy arithmetic arena
-        (`benchmarks/arena.py`, 5 seeds) its effect on final accuracy was within noise (every 95% interval includes
-        zero) at about twice the generator's time per sample. The other `ifd_*` fields have no effect while it is
-        off: setting one then warns.
+        a teacher of about 8x the student's compute: 2.0x the generator's time per sample). `True` is refused with
+        `generation_backend="vllm"`, which cannot score it: the generating weights live in the vLLM engine. `None`,
+        the old way to leave it unset, is read as `False` and warns that it is deprecated. Off by default because
+        on the toy arithmetic arena (`benchmarks/arena.py`, 5 seeds) its effect on final accuracy was within noise
+        (every 95% interval includes zero) at about twice the generator's time per sample. The other `ifd_*`
+        fields have no effect while it is off: setting one then warns.
     ifd_band (`str`, *optional*, defaults to `"tails"`):
         `"tails"`: drop only the extreme outliers of the last `ifd_window` scored samples, those more than
         `ifd_tail_width` robust standard deviations from their median, and never more than `ifd_max_drop_frac` of
@@ -275,8 +261,9 @@ class NearPolicyDistillConfig(GKDConfig):
     generator_mode: str | None = field(
         default=None,
         metadata={
-            "help": "Where the generator runs. None: 'sync' when trainer and generator share the CPU, else 'process'.",
-            "choices": [*GENERATOR_MODES, None],
+            "help": "Where the generator runs. None: 'inline' when trainer and generator share the CPU, 'thread' with "
+            "vLLM, else 'process'. ('sync' is the deprecated name of 'inline'.)",
+            "choices": [*GENERATOR_MODES, *DEPRECATED_GENERATOR_MODES, None],
         },
     )
     generator_device: str | None = field(
@@ -351,10 +338,7 @@ class NearPolicyDistillConfig(GKDConfig):
             "choices": list(TOPK_OBJECTIVES),
         },
     )
-    ifd_filter: bool | None = field(
-        default=None,
-        metadata={"help": "Train only on samples in the Δ-IFD band. None: the default, off."},
-    )
+    ifd_filter: bool = field(default=False, metadata={"help": "Train only on samples in the Δ-IFD band."})
     ifd_band: str = field(default="tails", metadata={"help": "Δ-IFD band.", "choices": list(IFD_BANDS)})
     ifd_tail_width: float = field(
         default=3.5, metadata={"help": "Tails band half-width, in robust standard deviations of recent Δ."}
@@ -381,26 +365,77 @@ class NearPolicyDistillConfig(GKDConfig):
     )
 
     def __post_init__(self) -> None:
+        # One check per section of the docstring. Checks that warn are called from here directly: their stacklevel
+        # (the check, this method, the dataclass __init__, then the caller) points at the code that built the config.
         self._resolve_mixed_precision()
         super().__post_init__()
+        self._resolve_generator_mode()
+        self._check_backends()
+        self._check_ifd_filter()
+        self._check_staleness()
+        self._check_lengths()
+        self._check_objective()
+        self._check_ifd_band()
+        self._check_logging()
+        self._check_generator()
+        self._warn_about_unused_ifd_settings()
+
+    def _resolve_generator_mode(self) -> None:
+        """The mode the generator will run in. Left unset, it is chosen from the hardware and logged; a mode that
+        was asked for is never changed silently: an old name, or a mode the backend runs otherwise, warns."""
         if self.generator_mode is None:
             self.generator_mode = self._default_generator_mode()
+        elif self.generator_mode in DEPRECATED_GENERATOR_MODES:
+            new = DEPRECATED_GENERATOR_MODES[self.generator_mode]
+            warnings.warn(
+                f"generator_mode={self.generator_mode!r} is deprecated: use generator_mode={new!r}, which does the "
+                "same (the trainer generates with its live weights when it needs samples). 'sync' now names only "
+                "weight syncs.",
+                FutureWarning,
+                stacklevel=4,
+            )
+            self.generator_mode = new
         if self.generator_mode not in GENERATOR_MODES:
             raise ValueError(f"generator_mode must be one of {GENERATOR_MODES}, got {self.generator_mode!r}.")
+        if self.generator_mode == "process" and self.generation_backend == "vllm":
+            warnings.warn(
+                "generator_mode='process' runs as generator_mode='thread' with generation_backend='vllm': the vLLM "
+                "client lives in the trainer process, where a thread only waits on it while the optimizer trains, "
+                "and a generator process would have nothing to run. Set generator_mode='thread' (or leave it unset) "
+                "to stop this warning.",
+                UserWarning,
+                stacklevel=4,
+            )
+            self.generator_mode = "thread"
+
+    def _check_backends(self) -> None:
+        """The generation backend, and vLLM's mode."""
         if self.generation_backend not in GENERATION_BACKENDS:
             raise ValueError(
                 f"generation_backend must be one of {GENERATION_BACKENDS}, got {self.generation_backend!r}."
             )
         if self.vllm_mode not in VLLM_MODES:
             raise ValueError(f"vllm_mode must be one of {VLLM_MODES}, got {self.vllm_mode!r}.")
+
+    def _check_ifd_filter(self) -> None:
+        """Δ-IFD on or off: `None`, once the way to leave it unset, is off; vLLM cannot score it."""
         if self.ifd_filter is None:
-            self.ifd_filter = default_ifd_filter(self.generation_backend)
-        elif self.generation_backend == "vllm" and self.ifd_filter:
+            warnings.warn(
+                "ifd_filter=None is deprecated: it has always meant off, which is now the default, False. Leave "
+                "ifd_filter unset or set it to False (True turns Δ-IFD selection on).",
+                FutureWarning,
+                stacklevel=4,
+            )
+            self.ifd_filter = False
+        if self.generation_backend == "vllm" and self.ifd_filter:
             raise ValueError(
                 "generation_backend='vllm' cannot run Δ-IFD selection: it needs the generating weights' NLL of each "
                 "completion with and without its prompt, and those weights live in the vLLM engine. Set "
                 "ifd_filter=False (or leave it unset, which means off with vLLM)."
             )
+
+    def _check_staleness(self) -> None:
+        """Weight sync and staleness."""
         if self.weight_sync_steps < 1:
             raise ValueError(f"weight_sync_steps must be >= 1, got {self.weight_sync_steps}.")
         if self.max_staleness < 0:
@@ -411,6 +446,11 @@ class NearPolicyDistillConfig(GKDConfig):
                 "samples of the newest snapshot would go stale before the next weight sync and training would "
                 "starve. Raise max_staleness or lower weight_sync_steps."
             )
+        if self.max_policy_kl is not None and self.max_policy_kl <= 0:
+            raise ValueError(f"max_policy_kl must be > 0 or None, got {self.max_policy_kl}.")
+
+    def _check_lengths(self) -> None:
+        """GKD's `max_new_tokens` and `max_length`, which the generator's prompts must fit beside."""
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         if self.max_length is not None and self.max_length - self.max_new_tokens < 1:
@@ -418,14 +458,18 @@ class NearPolicyDistillConfig(GKDConfig):
                 f"max_length={self.max_length} leaves no room for a prompt next to max_new_tokens="
                 f"{self.max_new_tokens}. Raise max_length or lower max_new_tokens."
             )
-        if self.max_policy_kl is not None and self.max_policy_kl <= 0:
-            raise ValueError(f"max_policy_kl must be > 0 or None, got {self.max_policy_kl}.")
+
+    def _check_objective(self) -> None:
+        """The top-k objective's fields."""
         if self.teacher_top_k is not None and self.teacher_top_k < 1:
             raise ValueError(f"teacher_top_k must be >= 1 or None, got {self.teacher_top_k}.")
         if self.topk_objective not in TOPK_OBJECTIVES:
             raise ValueError(f"topk_objective must be one of {TOPK_OBJECTIVES}, got {self.topk_objective!r}.")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}.")
+
+    def _check_ifd_band(self) -> None:
+        """The Δ-IFD band's fields, checked whether or not Δ-IFD is on."""
         if self.ifd_band not in IFD_BANDS:
             raise ValueError(f"ifd_band must be one of {IFD_BANDS}, got {self.ifd_band!r}.")
         if self.ifd_tail_width <= 0:
@@ -439,8 +483,14 @@ class NearPolicyDistillConfig(GKDConfig):
             raise ValueError(f"ifd_quantiles must satisfy 0 <= lo < hi <= 1, got {self.ifd_quantiles}.")
         if self.ifd_window < 1 or self.ifd_max_rejected_in_a_row < 1:
             raise ValueError("ifd_window and ifd_max_rejected_in_a_row must be >= 1.")
+
+    def _check_logging(self) -> None:
         if self.num_completions_to_print < 1:
             raise ValueError(f"num_completions_to_print must be >= 1, got {self.num_completions_to_print}.")
+
+    def _check_generator(self) -> None:
+        """The background generator's threads, timeout and sizes; an explicit buffer too small for a batch fails
+        here, not at train()."""
         if self.generator_num_threads is not None and self.generator_num_threads < 1:
             raise ValueError(f"generator_num_threads must be >= 1 or None, got {self.generator_num_threads}.")
         if not self.generator_timeout_s > 0:
@@ -448,12 +498,10 @@ class NearPolicyDistillConfig(GKDConfig):
                 f"generator_timeout_s must be > 0, got {self.generator_timeout_s}: it is how long the generator may "
                 "go without progress before training stops. Keep the default (1800) unless a hang must surface sooner."
             )
-
         if self.generation_batch_size is not None and self.generation_batch_size < 1:
             raise ValueError(f"generation_batch_size must be >= 1, got {self.generation_batch_size}.")
         if self.buffer_size is not None:
-            self.generation_sizes(world_size=1)  # an explicit buffer too small for a batch fails now, not at train()
-        self._warn_about_unused_ifd_settings()
+            self.generation_sizes(world_size=1)
 
     def _warn_about_unused_ifd_settings(self) -> None:
         """A Δ-IFD setting changed from its default while Δ-IFD is off does nothing: say so instead of ignoring it
@@ -531,7 +579,8 @@ class NearPolicyDistillConfig(GKDConfig):
             )
 
     def _default_generator_mode(self) -> str:
-        """`"sync"` when the trainer and the generator would share the CPU's cores, `"process"` otherwise.
+        """`"inline"` where the trainer and the generator would share the CPU's cores, `"thread"` with vLLM,
+        `"process"` otherwise.
 
         On a CPU-only machine a generator process takes half of the cores from the trainer for the whole run, and
         its overlap buys back about what it costs: on 2 cores inline generation was as fast or faster in every
@@ -544,12 +593,12 @@ class NearPolicyDistillConfig(GKDConfig):
             os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true")
             for name in ("FSDP", "DEEPSPEED")
         )
-        if self.generation_backend != "transformers":
-            mode, reason = "process", "the vLLM engine generates on its own"
+        if self.generation_backend == "vllm":
+            mode, reason = "thread", "the vLLM client lives in the trainer process, where a thread only waits on it"
         elif sharded:
             mode, reason = "process", "FSDP and DeepSpeed refuse sampling with the sharded live weights"
         elif trainer_on_cpu and on_cpu(self.generator_device):
-            mode, reason = "sync", "the trainer and the generator would share the CPU's cores"
+            mode, reason = "inline", "the trainer and the generator would share the CPU's cores"
         else:
             mode, reason = "process", "the generator runs beside an accelerator"
         logger.info("generator_mode was not set: %r (%s). Set generator_mode to choose.", mode, reason)
@@ -559,6 +608,13 @@ class NearPolicyDistillConfig(GKDConfig):
     def uses_shared_generator(self) -> bool:
         """Whether one generator on the main process samples for every rank (vLLM's server mode always does)."""
         return self.shared_generator or (self.generation_backend == "vllm" and self.vllm_mode == "server")
+
+    def resolved_fused_loss_compile(self) -> bool:
+        """Whether the fused loss is compiled: as set, or, left unset, on CUDA only (on CPU the first call costs
+        seconds of compilation). The trainer resolves it once, when it is built."""
+        if self.fused_loss_compile is not None:
+            return self.fused_loss_compile
+        return self.device.type == "cuda"
 
     def resolved_generator_num_threads(self) -> int:
         """Threads the CPU generator process gets: the configured number, or half of the cores."""

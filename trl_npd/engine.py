@@ -1,7 +1,7 @@
 """The sampling engine: completions for a batch of prompts, with the behaviour log-prob of every sampled token.
 
 `TransformersEngine` samples with the model's own `generate`, in whichever process holds the model (a generator
-process, a thread, or the trainer itself in `sync` mode). A `RemoteEngine` holds its own copy of the weights (vLLM,
+process, a thread, or the trainer itself in `inline` mode). A `RemoteEngine` holds its own copy of the weights (vLLM,
 in `vllm_engine.py`) and receives them from the trainer.
 """
 

@@ -1,6 +1,6 @@
 """The generator loop: prompts -> engine -> scoring -> selection -> buffer.
 
-`generate_batch` is one turn of it, shared by every host (a generator process, a thread, the trainer in `sync`
+`generate_batch` is one turn of it, shared by every host (a generator process, a thread, the trainer in `inline`
 mode). `run_generator` is the loop of a background generator that samples from a `PolicySnapshot`, and
 `run_remote_generator` the loop for an engine that holds its own weights (vLLM).
 """

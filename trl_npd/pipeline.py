@@ -7,16 +7,17 @@ Three hosts run the same generator loop (`generator.run_generator` / `generator.
   for its thread pool.
 - `thread`: a thread of the trainer process. Same code, no pickling; generation and Python-heavy training steps
   serialize on the GIL, so it overlaps far less.
-- `sync`: no background work. When the trainer needs samples it generates them with its live weights.
+- `inline`: no background work. When the trainer needs samples it generates them with its live weights.
 
 A generator process takes seconds to start (a fresh interpreter imports torch and transformers, then copies the
 models). With `bootstrap`, the trainer does not sit idle meanwhile: until the process hands over its first batch,
-the trainer samples its own on-policy batches with its live weights, as `sync` mode does, from a side stream of the
+the trainer samples its own on-policy batches with its live weights, as `inline` mode does, from a side stream of the
 prompts. That time is reported as `bootstrap_s`, apart from waiting.
 
 A remote engine (vLLM) replaces the snapshot: the engine holds its own copy of the weights and `publish` pushes the
-student's into it. Its generator is a thread of the trainer process (`process` runs as `thread`), which mostly waits
-on the engine; the policy lock keeps every generation batch sampled by one version.
+student's into it. Its generator is a thread of the trainer process, which mostly waits on the engine (the config
+turns a requested `process` into `thread`, with a warning; here `process` is refused); the policy lock keeps every
+generation batch sampled by one version.
 
 Liveness is not enough: a generator can be alive and stuck (deadlocked, frozen by SIGSTOP). The generator reports
 progress (`progress.GeneratorProgress`), and `check_alive`, which the trainer calls wherever it can block on the
@@ -107,8 +108,8 @@ class GenerationPipeline:
     """Owns the generator, its snapshot of the student and the buffer between them.
 
     Args:
-        mode: `"process"`, `"thread"` or `"sync"`.
-        student: the trainer's (unwrapped) student. The background modes snapshot it; `sync` generates with it.
+        mode: `"process"`, `"thread"` or `"inline"`.
+        student: the trainer's (unwrapped) student. The background modes snapshot it; `inline` generates with it.
         prompts: the prompt stream the generator consumes.
         engine: sampling settings and the generator's device.
         generation_batch_size: prompts per generation batch.
@@ -148,7 +149,11 @@ class GenerationPipeline:
         bootstrap: bool = False,
     ) -> None:
         if remote_engine is not None and mode == "process":
-            mode = "thread"  # the engine's client lives in this process; the thread only waits on it
+            # NearPolicyDistillConfig resolves this, with a warning; a requested mode is never changed silently
+            raise ValueError(
+                "mode='process' cannot drive a remote engine: its client lives in this process, where a thread "
+                "waits on it. Use mode='thread'."
+            )
         self.mode = mode
         self.max_staleness = max_staleness
         self.generator_timeout_s = generator_timeout_s
@@ -177,14 +182,14 @@ class GenerationPipeline:
         self._snapshot: PolicySnapshot | None = None
         self._remote = remote_engine
         self._policy_lock = threading.Lock()  # a remote engine's weights change only between generation batches
-        self._sync_engine: TransformersEngine | RemoteEngine | None = None
+        self._inline_engine: TransformersEngine | RemoteEngine | None = None
         self._teacher, self._teacher_top_k, self._ifd, self._bos_token_id = teacher, teacher_top_k, ifd, bos_token_id
-        self._sync_scorer: SampleScorer | None = None
-        self._sync_selector: DeltaIFDFilter | None = None
+        self._inline_scorer: SampleScorer | None = None
+        self._inline_selector: DeltaIFDFilter | None = None
         self._bootstrapping = bootstrap and mode == "process" and remote_engine is None
         self._bootstrap_prompts = prompts.side_stream(seed + BOOTSTRAP_SEED_OFFSET) if self._bootstrapping else None
         self._bootstrap_progress = GeneratorProgress(self._ctx)  # counts the trainer's own samples
-        if mode != "sync" and remote_engine is None:
+        if mode != "inline" and remote_engine is None:
             teacher_copy = None
             if teacher is not None and (teacher_top_k is not None or ifd is not None):
                 teacher_copy = inference_copy(teacher)
@@ -206,16 +211,16 @@ class GenerationPipeline:
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self.mode == "sync" or self._remote is not None or self._bootstrapping:
+        if self.mode == "inline" or self._remote is not None or self._bootstrapping:
             # Sampling and scoring in this process use the trainer's own models, on the trainer's device, whatever
             # `generator_device` the background generator's copies go to.
             inline_config = replace(self._engine_config, device=str(next(self._student.parameters()).device))
             if self._remote is not None:
-                self._sync_engine = self._remote
+                self._inline_engine = self._remote
             else:
-                self._sync_engine = TransformersEngine(self._student, inline_config, record_t1=self._ifd is not None)
+                self._inline_engine = TransformersEngine(self._student, inline_config, record_t1=self._ifd is not None)
             # a remote engine's scorer (teacher top-k) runs on the trainer's teacher, in this process
-            self._sync_scorer, self._sync_selector = scoring_stage(
+            self._inline_scorer, self._inline_selector = scoring_stage(
                 self._teacher, self._student, self._teacher_top_k, self._ifd, self._bos_token_id, inline_config
             )
             if self.mode == "thread":
@@ -225,7 +230,7 @@ class GenerationPipeline:
                     lambda: (self._version, self._step),
                     self._prompts,
                     self._generation_batch_size,
-                    self._sync_scorer,
+                    self._inline_scorer,
                     self.buffer,
                     self._stop,
                     self._errors,
@@ -305,7 +310,7 @@ class GenerationPipeline:
         drained.add(self.buffer.drain())
 
         unused, undelivered = drained.held, drained.in_transport
-        failure = None if self.mode == "sync" else self._reported_failure()
+        failure = None if self.mode == "inline" else self._reported_failure()
         if self.mode == "process":
             for q in (self.buffer.transport, self._errors):
                 q.close()
@@ -339,7 +344,7 @@ class GenerationPipeline:
                 self._version += 1
                 self._step = step
                 return self._version
-        if self._snapshot is None:  # sync mode generates with the live weights: nothing to copy
+        if self._snapshot is None:  # inline mode generates with the live weights: nothing to copy
             self._version += 1
             self._step = step
             return self._version
@@ -352,7 +357,7 @@ class GenerationPipeline:
 
     def take(self, n: int, current_step: int) -> TakeResult:
         """`n` samples within the staleness bound, blocking until they exist; raises if the generator failed."""
-        refill = (lambda: self._generate_inline(current_step)) if self.mode == "sync" else None
+        refill = (lambda: self._generate_inline(current_step)) if self.mode == "inline" else None
         bootstrap = None
         if self._bootstrapping:
             bootstrap = lambda: self._generate_inline(current_step, bootstrap=True)  # noqa: E731
@@ -364,25 +369,25 @@ class GenerationPipeline:
     def _generate_inline(self, current_step: int, bootstrap: bool = False) -> GeneratedBatch:
         # The live weights are those after `current_step` optimizer steps: these samples start at staleness 0. A
         # remote engine samples with the weights of the last sync instead. They carry the version of the last
-        # publish, as sync mode's do.
+        # publish, as inline mode's do.
         batch = generate_batch(
-            self._sync_engine,
+            self._inline_engine,
             self._bootstrap_prompts if bootstrap else self._prompts,
             self._generation_batch_size,
             self.version,
             current_step if self._remote is None else self._step,
-            self._sync_scorer,
-            self._sync_selector,
+            self._inline_scorer,
+            self._inline_selector,
             self._bootstrap_progress if bootstrap else self.progress,
         )
-        assert batch is not None  # nothing can stop a synchronous generation midway
+        assert batch is not None  # nothing can stop an inline generation midway
         batch.bootstrap = bootstrap
         return batch
 
     def check_alive(self) -> None:
         """Raise `GeneratorError` with the original traceback if the generator has failed or died, or with what it
         was doing if it has made no progress for `generator_timeout_s`."""
-        if self.mode == "sync":
+        if self.mode == "inline":
             return
         failure = self._reported_failure() or self._hang  # the watchdog's verdict, once it has killed a hung process
         if failure is None and self._worker is not None and not self._worker.is_alive():

@@ -5,7 +5,7 @@ cgroup freezer). Liveness alone cannot tell that apart from a long batch, so the
 at every decoding step (the engine's stop check), at every poll while the buffer is full, at every poll while it
 waits for the weight snapshot's lock. The trainer treats a generator whose last beat is older than
 `generator_timeout_s` as hung. The values live in shared memory, so the same object works for a spawned process,
-a thread, and the trainer itself (`sync` mode, where only the counts are used).
+a thread, and the trainer itself (`inline` mode, where only the counts are used).
 
 The counts make the accounting exact from the generator's side: every prompt it takes becomes a sample that is
 trained on, dropped (with its reason), or unused when training ends, wherever it then sits.

@@ -154,6 +154,8 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self._train_without_router_logits()
         self._check_chunked_projections()
         self._pack = args.padding_free and not self._packing_leaks()
+        # resolved once, here, and passed to every loss call: the device does not change during training
+        self._compile_fused_loss = args.resolved_fused_loss_compile()
         self._per_sample_attention = all(
             attends_per_sample(m) for m in (self.model, self.accelerator.unwrap_model(self.teacher_model))
         )
@@ -259,10 +261,11 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 "FSDP wraps and shards. Use DeepSpeed ZeRO-3, or generation_backend='vllm' (TRL's weight sync "
                 "gathers FSDP weights)."
             )
-        if args.generator_mode == "sync" and args.generation_backend == "transformers":
+        if args.generator_mode == "inline" and args.generation_backend == "transformers":
             raise ValueError(
-                "generator_mode='sync' samples with the live student, and under ZeRO-3 every forward is a collective "
-                "that ranks stopping at different lengths cannot line up. Use generator_mode='process' or 'thread'."
+                "generator_mode='inline' samples with the live student, and under ZeRO-3 every forward is a "
+                "collective that ranks stopping at different lengths cannot line up. Use generator_mode='process' or "
+                "'thread'."
             )
         if args.generation_backend == "vllm" and args.teacher_top_k is not None:
             raise ValueError(
@@ -487,9 +490,9 @@ class NearPolicyDistillTrainer(GKDTrainer):
             logger.error("The background generator had also failed:\n%s", report.failure)
 
     def _generator_threads(self) -> int | None:
-        # vLLM's generator is a thread that waits on the engine, which sets its own threads (colocated) or runs
-        # elsewhere (server): there is no generator process to give cores to.
-        if self.args.generator_mode != "process" or self.args.generation_backend == "vllm":
+        # Only a generator process has threads of its own. (vLLM's generator is always a thread, which the config
+        # resolves: it waits on the engine, which sets its own threads when colocated or runs elsewhere.)
+        if self.args.generator_mode != "process":
             return None
         if self._generator_device().type == "cpu":
             return self.args.resolved_generator_num_threads()
@@ -641,13 +644,12 @@ class NearPolicyDistillTrainer(GKDTrainer):
             return loss, student_outputs
         on_policy = model.training and "behaviour_logprobs" in inputs
         fused = self.args.use_fused_loss
-        compiled = self.args.fused_loss_compile
         loss_kwargs = {
             "beta": self.beta,
             "fused": fused,
             # drift is measured against the sampling distribution, i.e. at the sampling temperature
             "logprob_temperature": self.temperature if on_policy else None,
-            "compiled": self.args.device.type == "cuda" if compiled is None else compiled,
+            "compiled": self._compile_fused_loss,
             "teacher_top_k": self.args.teacher_top_k,
             "ce_weight": self.args.ce_weight,
             "topk_jsd": self.args.topk_objective == "jsd",
