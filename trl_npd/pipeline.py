@@ -259,7 +259,8 @@ class GenerationPipeline:
         """Stop the generator and release everything; reports what was left and any failure not yet raised.
 
         In order: signal the stop, end the watchdog, end the worker (draining the buffer while it winds down), then
-        collect what is left and any failure. Nothing it started is left running: no process, thread or timer.
+        collect what is left and any failure, and close the queues. A generator process, the watchdog and the reaper
+        timer are all ended and joined; only a hung generator thread, which nothing can stop, is left as a daemon.
         """
         self._stop.set()
         self._stop_watchdog()
