@@ -142,14 +142,34 @@ class NPDMetrics:
 
     def flush(self, version: int, buffer_size: int | None) -> dict[str, float]:
         """This window's values. `buffer_size` is None on a rank without a generator (`shared_generator`): it has
-        no buffer, and its waits happen in the scatter, where they are not measured."""
+        no buffer, and its waits happen in the scatter, where they are not measured.
+
+        A mean or rate over something this window may not have (syncs, packed batches, generator time) is left
+        out when it has none, rather than logged as 0.
+        """
         logs: dict[str, float] = {"npd/version": float(version)}
         if buffer_size is not None:
-            logs["npd/buffer_size"] = float(buffer_size)
-            logs["npd/wait_s"] = self._wait_s
+            logs.update(self._buffer_logs(buffer_size))
+        logs.update(self._drop_logs())
+        logs.update(self._sample_logs())
+        logs.update(self._policy_logs())
+        logs.update(self._batch_logs())
+        logs.update(self._bootstrap_logs())
+        self._reset_window()
+        return logs
+
+    def _buffer_logs(self, buffer_size: int) -> dict[str, float]:
+        """How full the buffer is, and how long the optimizer waited on it."""
+        return {
+            "npd/buffer_size": float(buffer_size),
+            "npd/wait_s": self._wait_s,
             # share of the window's wall time the optimizer spent blocked on the buffer: ~0 when generation keeps up
-            logs["npd/wait_frac"] = self._wait_s / max(time.perf_counter() - self._window_start, 1e-9)
-        logs["npd/dropped_stale"] = float(self._dropped["stale"])
+            "npd/wait_frac": self._wait_s / max(time.perf_counter() - self._window_start, 1e-9),
+        }
+
+    def _drop_logs(self) -> dict[str, float]:
+        """Samples dropped, by reason; the Δ-IFD filter's drops are logged with its own values."""
+        logs = {"npd/dropped_stale": float(self._dropped["stale"])}
         for reason, count in self._dropped.items():
             if reason not in ("stale", "ifd_low", "ifd_high"):
                 logs[f"npd/dropped_{reason}"] = float(count)
@@ -160,28 +180,45 @@ class NPDMetrics:
             low, high = self._dropped["ifd_low"], self._dropped["ifd_high"]
             logs["npd/ifd_kept_frac"] = 1.0 - (low + high) / len(self._ifd_deltas)
             logs["npd/ifd_dropped_low"], logs["npd/ifd_dropped_high"] = float(low), float(high)
+        return logs
+
+    def _sample_logs(self) -> dict[str, float]:
+        """How stale the trained samples were, and how fast the generator made them."""
+        logs: dict[str, float] = {}
         if self._staleness:
             logs["npd/staleness_mean"] = sum(self._staleness) / len(self._staleness)
             logs["npd/staleness_max"] = float(max(self._staleness))
         if self._gen_busy_s > 0:
             logs["npd/gen_samples_per_s"] = self._gen_samples / self._gen_busy_s
             logs["npd/gen_tokens_per_s"] = self._gen_tokens / self._gen_busy_s
+        return logs
+
+    def _policy_logs(self) -> dict[str, float]:
+        """How far the samples' behaviour policy was from the student, and the weight syncs that narrow it."""
+        logs: dict[str, float] = {}
         if self._kl_tokens:
             logs["npd/policy_kl"] = self._kl_sum / self._kl_tokens
             logs["npd/policy_kl_sample_max"] = self._sample_drift_max
         if self._sync_s:
             logs["npd/weight_sync_s"] = sum(self._sync_s) / len(self._sync_s)
             logs["npd/drift_refreshes"] = float(self._drift_refreshes)  # syncs brought forward by max_policy_kl
+        return logs
+
+    def _batch_logs(self) -> dict[str, float]:
+        """How well packing filled the trained rows, and how many prompts were truncated."""
+        logs: dict[str, float] = {}
         if self._packing:
             logs["npd/row_fill"] = sum(p.row_fill for p in self._packing) / len(self._packing)
             logs["npd/pad_frac"] = sum(p.pad_frac for p in self._packing) / len(self._packing)
         if self._truncated:
             logs["npd/truncated_prompts"] = float(self._truncated)
-        if self._bootstrap_samples:  # the trainer sampled these itself while the generator process started
-            logs["npd/bootstrap_samples"] = float(self._bootstrap_samples)
-            logs["npd/bootstrap_s"] = self._bootstrap_s
-        self._reset_window()
         return logs
+
+    def _bootstrap_logs(self) -> dict[str, float]:
+        if not self._bootstrap_samples:
+            return {}
+        # the trainer sampled these itself while the generator process started
+        return {"npd/bootstrap_samples": float(self._bootstrap_samples), "npd/bootstrap_s": self._bootstrap_s}
 
 
 # How one log window's values from several ranks combine into the one logged value. Counts and throughputs add up

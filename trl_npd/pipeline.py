@@ -261,51 +261,19 @@ class GenerationPipeline:
             self._worker.start()
 
     def stop(self, timeout_s: float = 30.0) -> StopReport:
-        """Stop the generator and release everything; reports what was left and any failure not yet raised."""
+        """Stop the generator and release everything; reports what was left and any failure not yet raised.
+
+        In order: signal the stop, end the watchdog, end the worker (draining the buffer while it winds down), then
+        collect what is left and any failure, and close the queues. A generator process, the watchdog and the reaper
+        timer are all ended and joined; only a hung generator thread, which nothing can stop, is left as a daemon.
+        """
         self._stop.set()
-        if self._watchdog is not None:
-            self._watchdog_stop.set()
-            self._watchdog.join()
-            self._watchdog = None
+        self._stop_watchdog()
         drained = Drained()
         worker = self._worker
-        reaper = None
-        if isinstance(worker, mp.process.BaseProcess):
-            # A process frozen halfway through writing a batch would block a drain below for ever: past the
-            # deadline, kill it, which ends the blocked read (this process holds no copy of the write end).
-            reaper = threading.Timer(timeout_s + 5.0, _signal, args=(worker.pid, signal.SIGKILL))
-            reaper.daemon = True
-            reaper.start()
-        terminated_while_starting = (
-            isinstance(worker, mp.process.BaseProcess) and self.progress.activity == Activity.STARTING
-        )
-        if terminated_while_starting:
-            # Still importing or copying its models: it has made nothing and would only see the stop once started,
-            # seconds from now (a train() shorter than the start-up, served by the bootstrap). End it now.
-            worker.terminate()
+        terminated_while_starting = False
         if worker is not None:
-            # A hung generator will not wind down by itself: a process was killed already, a thread cannot be.
-            deadline = time.monotonic() + (0.0 if self._hang is not None else timeout_s)
-            # Keep draining while the worker winds down: a process cannot exit while its queue still has data
-            # that no one reads.
-            try:
-                while worker.is_alive() and time.monotonic() < deadline:
-                    drained.add(self.buffer.drain())
-                    worker.join(timeout=0.05)
-            finally:
-                # the only reads that can block are over; from here on the worker is ended and reaped here
-                if reaper is not None:
-                    reaper.cancel()
-                    reaper.join()  # leave no thread behind
-                    reaper = None
-            if isinstance(worker, mp.process.BaseProcess):
-                if worker.is_alive() and self._hang is None:
-                    worker.terminate()
-                    _signal(worker.pid, signal.SIGCONT)  # a stopped process handles SIGTERM only once continued
-                    worker.join(timeout=5)
-                if worker.is_alive():
-                    worker.kill()  # SIGKILL ends a process even while it is stopped
-                    worker.join()
+            terminated_while_starting = self._end_worker(worker, timeout_s, drained)
         self._worker = None
         drained.add(self.buffer.drain())
 
@@ -325,6 +293,68 @@ class GenerationPipeline:
             dropped_in_transport=dict(drained.dropped_in_transport),
             rejected_in_transport=drained.rejected_in_transport,
         )
+
+    def _stop_watchdog(self) -> None:
+        # Ended (and joined, leaving no thread behind) before the worker is: until then it may still kill a hung
+        # process, and its verdict (`_hang`) decides how stop() ends the worker.
+        if self._watchdog is not None:
+            self._watchdog_stop.set()
+            self._watchdog.join()
+            self._watchdog = None
+
+    def _end_worker(
+        self, worker: mp.process.BaseProcess | threading.Thread, timeout_s: float, drained: Drained
+    ) -> bool:
+        """End and reap the worker, draining the buffer into `drained` meanwhile; returns whether it was a process
+        ended while still starting."""
+        process = isinstance(worker, mp.process.BaseProcess)
+        # A process frozen halfway through writing a batch would block a drain below for ever: past the deadline,
+        # kill it, which ends the blocked read (this process holds no copy of the write end).
+        reaper = self._start_reaper(worker, timeout_s) if process else None
+        terminated_while_starting = process and self.progress.activity == Activity.STARTING
+        if terminated_while_starting:
+            # Still importing or copying its models: it has made nothing and would only see the stop once started,
+            # seconds from now (a train() shorter than the start-up, served by the bootstrap). End it now.
+            worker.terminate()
+        try:
+            self._drain_while_winding_down(worker, timeout_s, drained)
+        finally:
+            # the only reads that can block are over; from here on the worker is ended and reaped here
+            if reaper is not None:
+                reaper.cancel()
+                reaper.join()  # leave no thread behind
+        if process:
+            self._reap_process(worker)
+        return terminated_while_starting
+
+    @staticmethod
+    def _start_reaper(worker: mp.process.BaseProcess, timeout_s: float) -> threading.Timer:
+        """A daemon timer that kills `worker` (SIGKILL) `timeout_s + 5` seconds from now, unless cancelled."""
+        reaper = threading.Timer(timeout_s + 5.0, _signal, args=(worker.pid, signal.SIGKILL))
+        reaper.daemon = True
+        reaper.start()
+        return reaper
+
+    def _drain_while_winding_down(
+        self, worker: mp.process.BaseProcess | threading.Thread, timeout_s: float, drained: Drained
+    ) -> None:
+        # A hung generator will not wind down by itself: a process was killed already, a thread cannot be.
+        deadline = time.monotonic() + (0.0 if self._hang is not None else timeout_s)
+        # Keep draining while the worker winds down: a process cannot exit while its queue still has data that no
+        # one reads.
+        while worker.is_alive() and time.monotonic() < deadline:
+            drained.add(self.buffer.drain())
+            worker.join(timeout=0.05)
+
+    def _reap_process(self, worker: mp.process.BaseProcess) -> None:
+        """End a generator process that outlived the deadline, and reap it."""
+        if worker.is_alive() and self._hang is None:
+            worker.terminate()
+            _signal(worker.pid, signal.SIGCONT)  # a stopped process handles SIGTERM only once continued
+            worker.join(timeout=5)
+        if worker.is_alive():
+            worker.kill()  # SIGKILL ends a process even while it is stopped
+            worker.join()
 
     # ---- trainer side ---------------------------------------------------------------------------------------------
     @property
