@@ -158,6 +158,14 @@ def test_a_remote_engine_is_not_run_from_a_process_and_the_mode_is_not_changed_b
         process_pipeline(tokenizer, student, dataset, remote_engine=object())
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_mode_the_config_did_not_resolve_is_refused_not_run_as_a_thread(tokenizer, student, dataset, mode):
+    """The config maps "sync" to "inline"; a mode set after it was built (or an older pickle) reaches the pipeline
+    unmapped, and an unknown mode must not fall through to the background thread."""
+    with pytest.raises(ValueError, match=f"generator mode '{mode}' is not one of"):
+        process_pipeline(tokenizer, student, dataset, mode=mode)
+
+
 def test_a_generator_process_still_starting_is_ended_at_once_by_stop(tokenizer, student, dataset):
     """A train() shorter than the generator's start-up (the bootstrap served it) must not wait for that start-up."""
     pipeline = process_pipeline(tokenizer, student, dataset)

@@ -44,6 +44,7 @@ from typing import Any
 from torch import nn
 
 from .buffer import Drained, GeneratedBatch, Rejected, SampleBuffer, TakeResult
+from .config import GENERATOR_MODES
 from .engine import EngineConfig, RemoteEngine, TransformersEngine
 from .generator import (
     GeneratorSpec,
@@ -148,6 +149,12 @@ class GenerationPipeline:
         generator_timeout_s: float = 1800.0,
         bootstrap: bool = False,
     ) -> None:
+        if mode not in GENERATOR_MODES:
+            # the config maps old names; a mode set on it afterwards (or read from an older pickle) arrives unmapped
+            raise ValueError(
+                f"generator mode {mode!r} is not one of {GENERATOR_MODES}"
+                + (" ('sync' was renamed 'inline')." if mode == "sync" else ".")
+            )
         if remote_engine is not None and mode == "process":
             # NearPolicyDistillConfig resolves this, with a warning; a requested mode is never changed silently
             raise ValueError(

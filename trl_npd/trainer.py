@@ -490,7 +490,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             logger.error("The background generator had also failed:\n%s", report.failure)
 
     def _generator_threads(self) -> int | None:
-        # Only a generator process has threads of its own. (vLLM's generator is always a thread, which the config
+        # Only a generator process has threads of its own. (vLLM's generator is never a process, which the config
         # resolves: it waits on the engine, which sets its own threads when colocated or runs elsewhere.)
         if self.args.generator_mode != "process":
             return None
