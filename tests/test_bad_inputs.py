@@ -10,6 +10,7 @@ import re
 
 import pytest
 from datasets import Dataset, IterableDataset
+from tiny_models import build as build_tiny
 from transformers import Qwen3Config, Qwen3ForCausalLM
 from trl.experimental.gkd import GKDConfig
 
@@ -175,6 +176,14 @@ def _(env):
 def _(env):
     context = env.student.config.max_position_embeddings
     return env.raised(lambda: env.trainer(args=env.make_config(max_new_tokens=context, max_length=2 * context)))
+
+
+@case("max-length-beyond-learned-positions")
+def _(env):
+    gpt2 = [build_tiny("GPT-2", env.tokenizer, seed=seed, n_positions=48) for seed in (1, 2)]
+    return env.warned(
+        lambda: env.trainer(student=gpt2[0], teacher=gpt2[1], args=env.make_config(max_length=64)), "trl_npd.guards"
+    )
 
 
 @case("max-length-without-room")

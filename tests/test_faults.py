@@ -22,6 +22,7 @@ import torch
 from datasets import Dataset
 from helpers import ScoringFailsInTheGenerator, live_workers, processes_with_marker
 from transformers import TrainerCallback
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 from trl_npd import GeneratorError, NearPolicyDistillTrainer
 from trl_npd.nonfinite import NonFiniteLossError
@@ -85,7 +86,7 @@ def test_a_frozen_generator_is_reported_as_hung_with_its_last_activity_and_kille
 
     def freeze():
         pipeline = trainer._pipeline
-        assert pipeline.generator_timeout_s == args.generator_timeout_s == 1800  # the config reaches the pipeline
+        assert pipeline.generator_timeout_s == args.generator_timeout_s == 300  # the default reaches the pipeline
         # Lowered only now: on a loaded 2-core machine the generator's start-up alone can outlast 2 s.
         pipeline.generator_timeout_s = timeout_s
         os.kill(pipeline._worker.pid, signal.SIGSTOP)
@@ -211,6 +212,7 @@ KILLED_SCRIPT = textwrap.dedent(
     import os, signal, sys
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from transformers import TrainerCallback
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
     from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
     from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
 
@@ -299,7 +301,7 @@ def test_a_trainer_killed_mid_run_resumes_from_its_last_checkpoint_continuing_ve
     assert live_workers() == before
 
 
-def _thread_pipeline(tokenizer, dataset, timeout_s):
+def _pipeline(tokenizer, dataset, timeout_s, mode="thread", student=None, max_new_tokens=4, **kwargs):
     from trl.experimental.utils import DataCollatorForChatML
 
     from trl_npd.engine import EngineConfig
@@ -307,11 +309,14 @@ def _thread_pipeline(tokenizer, dataset, timeout_s):
     from trl_npd.prompts import PromptStream
 
     engine = EngineConfig(
-        max_new_tokens=4, temperature=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return GenerationPipeline(
-        mode="thread",
-        student=build_model(tokenizer, hidden_size=32, num_layers=2, seed=1),
+        mode=mode,
+        student=student or build_model(tokenizer, hidden_size=32, num_layers=2, seed=1),
         prompts=PromptStream(dataset, DataCollatorForChatML(tokenizer=tokenizer, max_length=96), seed=0),
         engine=engine,
         generation_batch_size=2,
@@ -322,11 +327,12 @@ def _thread_pipeline(tokenizer, dataset, timeout_s):
         num_threads=None,
         seed=0,
         generator_timeout_s=timeout_s,
+        **kwargs,
     )
 
 
 def test_waiting_on_a_full_buffer_or_on_the_snapshot_lock_is_progress_not_a_hang(tokenizer, dataset):
-    pipeline = _thread_pipeline(tokenizer, dataset, timeout_s=0.5)
+    pipeline = _pipeline(tokenizer, dataset, timeout_s=0.5)
     pipeline.start()
     try:
         time.sleep(1.5)  # nobody takes: the generator waits on the full buffer (backpressure) for 3 timeouts
@@ -350,7 +356,7 @@ def test_a_stuck_generator_thread_is_reported_and_left_as_a_daemon(tokenizer, da
 
     release = threading.Event()
     monkeypatch.setattr(TransformersEngine, "generate", lambda self, prompts: release.wait() and None)
-    pipeline = _thread_pipeline(tokenizer, dataset, timeout_s=0.5)
+    pipeline = _pipeline(tokenizer, dataset, timeout_s=0.5)
     pipeline.start()
     worker = pipeline._worker
     try:
@@ -367,3 +373,114 @@ def test_a_stuck_generator_thread_is_reported_and_left_as_a_daemon(tokenizer, da
         release.set()
         worker.join(timeout=10)
     assert not worker.is_alive()
+
+
+@pytest.mark.parametrize("bootstrap", [False, True], ids=["waiting", "bootstrapping"])
+def test_a_generator_frozen_while_starting_is_reported_as_hung_and_killed(
+    student, teacher, tokenizer, dataset, make_config, monkeypatch, bootstrap
+):
+    """A hang before the generator has shown any progress (here: frozen while its interpreter starts) surfaces
+    after generator_timeout_s like a later one, whether the trainer waits for the first batch or samples its own
+    meanwhile (the bootstrap), in which case it surfaces at the next step."""
+    from trl_npd.pipeline import GenerationPipeline
+
+    before = live_workers()
+    timeout_s = 5.0
+    started_at = []
+    start = GenerationPipeline.start
+
+    def start_then_freeze(pipeline):
+        started_at.append(time.monotonic())  # its silence is timed from start()
+        start(pipeline)
+        os.kill(pipeline._worker.pid, signal.SIGSTOP)  # still importing torch: it has not beaten once
+
+    monkeypatch.setattr(GenerationPipeline, "start", start_then_freeze)
+    args = make_config(max_steps=10**4, generator_timeout_s=timeout_s, generator_bootstrap=bootstrap)
+    trainer = trainer_for(student, teacher, tokenizer, dataset, args)
+    with pytest.raises(GeneratorError) as raised:
+        trainer.train()
+    elapsed = time.monotonic() - started_at[0]
+    report(f"generator frozen while starting, trainer {'bootstrapping' if bootstrap else 'waiting'}", elapsed)
+    message = str(raised.value)
+    assert f"more than generator_timeout_s={timeout_s:g}." in message
+    assert "Its last activity: starting up (loading its copies of the models)" in message
+    assert "It has been killed (SIGKILL)" in message
+    assert timeout_s <= elapsed < 20
+    trained_meanwhile = trainer.state.global_step > 0
+    assert trained_meanwhile == bootstrap
+    assert live_workers() == before
+
+
+def test_the_start_up_is_timed_from_start_not_from_building_the_pipeline(tokenizer, dataset):
+    """Building the pipeline copies the models into shared memory (the trainer's work, long for a large model):
+    that time is not the generator's silence."""
+    pipeline = _pipeline(tokenizer, dataset, timeout_s=2.0, mode="process")
+    try:
+        time.sleep(2.5)  # as if the copies had taken longer than the timeout
+        pipeline.start()
+        pipeline.check_alive()  # the process was only just spawned
+        assert "starting up" in pipeline.progress.describe()
+    finally:
+        pipeline.stop()
+
+
+class SlowLayer(Qwen3DecoderLayer):
+    """A decoder layer that takes `seconds` per forward, in every copy the pipeline makes (hooks are not copied)."""
+
+    seconds = 0.0
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.seconds)
+        return super().forward(*args, **kwargs)
+
+
+def _slow_layers(model, seconds):
+    """`model`, each of whose decoder layers sleeps `seconds` per forward."""
+    slow = type("SlowLayerFor", (SlowLayer,), {"seconds": seconds})
+    for layer in model.model.layers:
+        layer.__class__ = slow
+    return model
+
+
+def test_one_long_forward_is_progress_not_a_hang(tokenizer, dataset):
+    """A forward longer than the timeout (a prefill or the teacher scoring a whole generation batch, with a large
+    model on a slow device), whose every layer is shorter, is progress: the generator beats after every layer."""
+    layer_s, timeout_s = 0.2, 0.8
+    student = _slow_layers(build_model(tokenizer, hidden_size=32, num_layers=5, seed=1), layer_s)
+    teacher = _slow_layers(build_model(tokenizer, hidden_size=32, num_layers=5, seed=2), layer_s)
+    pipeline = _pipeline(
+        tokenizer, dataset, timeout_s, student=student, teacher=teacher, teacher_top_k=4, max_new_tokens=2
+    )
+    pipeline.start()
+    try:
+        start = time.monotonic()
+        samples = pipeline.take(2, current_step=0).samples  # checks for a hang every 0.1 s while it waits
+        assert time.monotonic() - start > 2 * 5 * layer_s  # at least the prefill and the teacher's scoring
+        assert all(len(s.teacher_topk_ids) == len(s.completion_ids) for s in samples)  # the teacher scored them
+    finally:
+        pipeline.stop()
+
+
+def test_a_stuck_remote_engine_batch_says_progress_comes_once_per_batch(tokenizer, dataset):
+    """A remote engine (vLLM) samples a batch in one call the generator cannot see into: the report says that a
+    batch legitimately this long needs a larger generator_timeout_s."""
+    release = threading.Event()
+
+    class StuckEngine:  # the RemoteEngine protocol
+        def generate(self, prompts):
+            release.wait()
+
+        def sync_weights(self):
+            pass
+
+    pipeline = _pipeline(tokenizer, dataset, timeout_s=0.5, remote_engine=StuckEngine())
+    pipeline.start()
+    worker = pipeline._worker
+    try:
+        with pytest.raises(GeneratorError, match="thread 'npd-generator' has made no progress") as raised:
+            pipeline.take(2, current_step=0)
+        assert "With vLLM the generator shows progress once per generation batch" in str(raised.value)
+        pipeline.stop()
+    finally:
+        release.set()
+        worker.join(timeout=10)

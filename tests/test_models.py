@@ -20,6 +20,7 @@ import re
 
 import pytest
 import torch
+from datasets import Dataset
 from tiny_models import build as build_tiny
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
@@ -233,16 +234,71 @@ def test_settings_a_model_cannot_run_are_refused_at_construction(tmp_path, stude
     with pytest.raises(ValueError, match=f"teacher_top_k={vocab + 1} is larger than the teacher's vocabulary"):
         build_trainer(student, teacher, tokenizer, dataset, npd_config(tmp_path, teacher_top_k=vocab + 1))
 
-    gpt2 = [build_tiny("GPT-2", tokenizer, seed=seed, n_positions=48) for seed in (1, 2)]
-    with pytest.raises(ValueError, match="max_length=64 is longer than the student's learned position embeddings"):
-        build_trainer(*gpt2, tokenizer, dataset, npd_config(tmp_path, max_length=64))
-    build_trainer(*gpt2, tokenizer, dataset, npd_config(tmp_path, max_length=48))
-
     moe = [build_tiny("Qwen3-MoE", tokenizer, seed=seed) for seed in (1, 2)]
     with pytest.raises(ValueError, match="no router load-balancing term"):
         build_trainer(*moe, tokenizer, dataset, npd_config(tmp_path, router_aux_loss_coef=0.01))
     build_trainer(*moe, tokenizer, dataset, npd_config(tmp_path))
     assert moe[0].config.output_router_logits is False  # SFTTrainer had switched them on; nothing uses them
+
+
+def _gpt2_pair(tokenizer):
+    """A student with 48 learned positions and a teacher with 40: the teacher's table is the limit."""
+    student = build_tiny("GPT-2", tokenizer, seed=1, n_positions=48)
+    return student, build_tiny("GPT-2", tokenizer, seed=2, n_positions=40)
+
+
+@pytest.mark.parametrize("max_length", [64, None])
+def test_a_max_length_past_learned_positions_is_lowered_to_them_with_a_warning(
+    tmp_path, tokenizer, dataset, caplog, max_length
+):
+    with caplog.at_level(logging.WARNING, logger="trl_npd.guards"):
+        args = npd_config(tmp_path, max_length=max_length)
+        trainer = build_trainer(*_gpt2_pair(tokenizer), tokenizer, dataset, args)
+    assert trainer.args.max_length == 40
+    assert trainer.data_collator.max_length == 40  # GKD's collator, made from the value asked for
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "trl_npd.guards"]
+    assert "the teacher's learned position embeddings (GPT2LMHeadModel: 40 positions)" in warning
+    assert "max_length is lowered to 40" in warning
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trl_npd.guards"):
+        trainer = build_trainer(*_gpt2_pair(tokenizer), tokenizer, dataset, npd_config(tmp_path, max_length=40))
+    assert trainer.args.max_length == 40  # a max_length that fits is kept, silently
+    assert not [r for r in caplog.records if r.name == "trl_npd.guards"]
+
+    # max_new_tokens that leaves no room for a prompt in the teacher's table is still refused
+    args = npd_config(tmp_path, max_length=max_length, max_new_tokens=40)
+    with pytest.raises(ValueError, match="max_new_tokens=40 does not fit the teacher's context of 40 positions"):
+        build_trainer(*_gpt2_pair(tokenizer), tokenizer, dataset, args)
+
+
+@pytest.mark.parametrize(("lmbda", "seq_kd"), [(0.5, False), (0.0, True)], ids=["npd", "seq_kd"])
+def test_with_a_lowered_max_length_nothing_runs_past_the_learned_positions(tmp_path, tokenizer, lmbda, seq_kd):
+    """Conversations far longer than 40 tokens, on- and off-policy or with the teacher's generations: prompts are
+    cut from the left to max_length - max_new_tokens for sampling, off-policy samples to max_length, and no forward
+    (sampling, scoring, training, either model) asks for a position past the teacher's 40."""
+    # a completion that fills the window alone would leave GKD's collator no prompt: long questions, short answers
+    question = " ".join(f"{i}+{i}" for i in range(30))
+    rows = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "0"}]}] * 16
+    student, teacher = _gpt2_pair(tokenizer)
+    positions = []  # the default generator on a CPU samples inline, with the student itself: hooks and all
+    for model in (student, teacher):
+        model.transformer.wpe.register_forward_hook(lambda module, args, output: positions.append(int(args[0].max())))
+    args = npd_config(
+        tmp_path,
+        max_length=64,
+        max_new_tokens=8,
+        max_steps=6,
+        per_device_train_batch_size=2,
+        lmbda=lmbda,
+        seq_kd=seq_kd,
+    )
+    trainer = build_trainer(student, teacher, tokenizer, Dataset.from_list(rows), args)
+    trainer.train()  # a position past a table is an IndexError on a CPU
+    assert max(positions) == 39  # the full 40 positions were used, and none past them
+    totals = trainer.npd_metrics.totals
+    if not seq_kd:
+        assert totals.truncated_prompts > 0 and totals.received_samples > 0  # sampled, from prompts cut to 32 tokens
 
 
 def test_gkds_migration_notice_is_not_shown_for_npd(tmp_path, student, teacher, tokenizer, dataset, caplog):

@@ -109,13 +109,15 @@ class NearPolicyDistillConfig(GKDConfig):
         its own on-policy micro-batches with its live weights, as GKD does, instead of waiting. Reported as
         `npd/bootstrap_samples` and `npd/bootstrap_s`. Off under DeepSpeed ZeRO-3 and FSDP, where sampling with the
         live weights is a collective.
-    generator_timeout_s (`float`, *optional*, defaults to `1800.0`):
+    generator_timeout_s (`float`, *optional*, defaults to `300.0`):
         Seconds the background generator may go without showing progress before training stops with a
         `GeneratorError` that says what it was last doing; a hung generator process is then killed. The embedded
-        engine shows progress at every decoding step and while it waits (for room in the buffer, for the weight
-        snapshot), so this bounds the longest single forward pass, a weight load, and the generator's start-up
-        (process start, copying the models); with vLLM, one whole generation batch. The default, the same as
-        `torch.distributed`'s collective timeout, sits far above these even for large models on slow devices.
+        engine shows progress after every layer of every forward (sampling, and the teacher's scoring) and while it
+        waits (for room in the buffer, for the weight snapshot), so this bounds one layer's forward over a
+        generation batch, a weight load, and the generator's start-up (process start, copying the models); with
+        vLLM, one whole generation batch (vLLM's own start-up comes before the generator's and is not counted). The
+        default is the heartbeat timeout of TRL's `AsyncDistillationTrainer`; raise it when one vLLM generation
+        batch of long completions takes longer.
 
     > Parameters that control the vLLM backend (`generation_backend="vllm"`)
 
@@ -285,7 +287,7 @@ class NearPolicyDistillConfig(GKDConfig):
         metadata={"help": "Sample inline with the live student until the generator process delivers its first batch."},
     )
     generator_timeout_s: float = field(
-        default=1800.0,
+        default=300.0,
         metadata={"help": "Seconds without progress after which the generator counts as hung and training stops."},
     )
     vllm_mode: str = field(
@@ -496,7 +498,8 @@ class NearPolicyDistillConfig(GKDConfig):
         if not self.generator_timeout_s > 0:
             raise ValueError(
                 f"generator_timeout_s must be > 0, got {self.generator_timeout_s}: it is how long the generator may "
-                "go without progress before training stops. Keep the default (1800) unless a hang must surface sooner."
+                "go without progress before training stops. Keep the default (300) unless a hang must surface "
+                "sooner, or one vLLM generation batch takes longer."
             )
         if self.generation_batch_size is not None and self.generation_batch_size < 1:
             raise ValueError(f"generation_batch_size must be >= 1, got {self.generation_batch_size}.")

@@ -173,8 +173,13 @@ def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: 
         if spec.num_threads is not None:
             torch.set_num_threads(spec.num_threads)
         model = copy.deepcopy(spec.snapshot.model).to(spec.engine.device)
+        beat_after_every_layer(model, progress)
+        progress.beat()
         engine = TransformersEngine(model, spec.engine, should_stop=should_stop, record_t1=spec.ifd is not None)
         teacher = None if spec.teacher is None else copy.deepcopy(spec.teacher).to(spec.engine.device)
+        if teacher is not None:
+            beat_after_every_layer(teacher, progress)
+            progress.beat()
         scorer, selector = scoring_stage(teacher, model, spec.teacher_top_k, spec.ifd, spec.bos_token_id, spec.engine)
         version, step = -1, 0
 
@@ -199,6 +204,23 @@ def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: 
         pass
     except BaseException:
         errors.put(traceback.format_exc())
+
+
+def beat_after_every_layer(model: nn.Module, progress: GeneratorProgress) -> None:
+    """Beat after each block of `model`'s layer stack (its largest `nn.ModuleList`).
+
+    A decoding step beats through the stop check, but one forward can be long by itself: the prefill of a whole
+    generation batch, or the teacher scoring it, with a large model on a CPU. Beating after every layer bounds the
+    silence by one layer's forward instead of the whole model's, so that `generator_timeout_s` need not cover a
+    full forward over a generation batch. Only the generator's own copies get the hooks (a model the trainer also
+    runs would beat for the trainer's forwards); a model without a `ModuleList` keeps the per-step beats only.
+    """
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not stacks:
+        return
+    layers = max(stacks, key=lambda stack: sum(p.numel() for p in stack.parameters()))
+    for layer in layers:
+        layer.register_forward_hook(lambda module, args, output: progress.beat())
 
 
 def _beating(should_stop: Callable[[], bool], progress: GeneratorProgress) -> Callable[[], bool]:

@@ -31,6 +31,52 @@ def check_context_fits(max_new_tokens: int, student: nn.Module, teacher: nn.Modu
             )
 
 
+def learned_position_limit(model: nn.Module) -> int | None:
+    """The longest sequence a model with a learned absolute position table can run (GPT-2, OPT, GPTBigCode), or
+    None for models without one (rotary, ALiBi), whose `max_position_embeddings` is no hard limit."""
+    embeddings = model.get_input_embeddings()
+    learned = any(
+        isinstance(module, nn.Embedding) and module is not embeddings and ("position" in name or name.endswith("wpe"))
+        for name, module in model.named_modules()
+    )
+    if not learned:
+        return None
+    config = model.config.get_text_config()
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def fit_max_length_to_positions(max_length: int | None, models: dict[str, nn.Module]) -> int | None:
+    """`max_length`, lowered (with a warning) to the fewest positions among `models` ({role: model}) that have a
+    learned position table, since no sequence can run past that table; unchanged otherwise.
+
+    GKD runs such a model with any `max_length` and fails only once a sequence outgrows the table (an index error,
+    or a device-side assert on a GPU). Lowering `max_length` instead keeps that from happening anywhere: prompts are
+    cut from the left to `max_length - max_new_tokens` and off-policy samples to their last `max_length` tokens, as
+    with any `max_length`. `max_new_tokens` itself must fit the context (`check_context_fits`, called first).
+    """
+    limits = {role: limit for role, model in models.items() if (limit := learned_position_limit(model)) is not None}
+    if not limits:
+        return max_length
+    fitted = min(limits.values())
+    if max_length is not None and max_length <= fitted:
+        return max_length
+    limiting = [role for role, limit in limits.items() if limit == fitted]
+    logger.warning(
+        "max_length=%s is longer than the %s learned position embeddings (%s: %d positions), past which no sequence "
+        "can run: max_length is lowered to %d. As with any max_length, prompts are cut from the left to "
+        "max_length - max_new_tokens and off-policy samples to their last max_length tokens. Set max_length <= %d "
+        "to choose this yourself.",
+        "None (no limit)" if max_length is None else max_length,
+        " and the ".join(f"{role}'s" for role in limiting),
+        ", ".join(type(models[role]).__name__ for role in limiting),
+        fitted,
+        fitted,
+        fitted,
+    )
+    return fitted
+
+
 def check_teacher_tokenizer(teacher_name: str, student_tokenizer: Any, init_kwargs: dict[str, Any]) -> None:
     """When the teacher is given by name, compare its own tokenizer with the student's.
 

@@ -146,7 +146,7 @@ class GenerationPipeline:
         ifd: IFDSettings | None = None,
         bos_token_id: int | None = None,
         remote_engine: RemoteEngine | None = None,
-        generator_timeout_s: float = 1800.0,
+        generator_timeout_s: float = 300.0,
         bootstrap: bool = False,
     ) -> None:
         if mode not in GENERATOR_MODES:
@@ -218,6 +218,9 @@ class GenerationPipeline:
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
+        # The generator's start-up is timed from here: the copies made in __init__ (the snapshot, the teacher's
+        # shared copy) are the trainer's work, and a large model's would otherwise count against its silence.
+        self.progress.beat()
         if self.mode == "inline" or self._remote is not None or self._bootstrapping:
             # Sampling and scoring in this process use the trainer's own models, on the trainer's device, whatever
             # `generator_device` the background generator's copies go to.
@@ -474,8 +477,13 @@ class GenerationPipeline:
                         if process
                         else "A thread cannot be stopped from outside; it is left behind as a daemon thread. "
                     )
-                    + "If its work is legitimately this slow (a large model on a slow device), raise "
-                    "generator_timeout_s."
+                    + (
+                        "With vLLM the generator shows progress once per generation batch: if one batch "
+                        "legitimately takes this long (long completions, a large model), raise generator_timeout_s."
+                        if self._remote is not None
+                        else "If its work is legitimately this slow (a large model on a slow device), raise "
+                        "generator_timeout_s."
+                    )
                 )
                 if process:
                     worker.kill()  # SIGKILL: a stopped process ignores SIGTERM until it is continued

@@ -2,10 +2,11 @@
 
 A generator can be alive and still make no progress: deadlocked, stuck in a device call, or frozen (SIGSTOP, a
 cgroup freezer). Liveness alone cannot tell that apart from a long batch, so the generator beats while it works:
-at every decoding step (the engine's stop check), at every poll while the buffer is full, at every poll while it
-waits for the weight snapshot's lock. The trainer treats a generator whose last beat is older than
-`generator_timeout_s` as hung. The values live in shared memory, so the same object works for a spawned process,
-a thread, and the trainer itself (`inline` mode, where only the counts are used).
+after every layer of a forward (`generator.beat_after_every_layer`: a prefill or a scoring pass over a whole
+generation batch can be long by itself), at every decoding step (the engine's stop check), at every poll while the
+buffer is full, at every poll while it waits for the weight snapshot's lock. The trainer treats a generator whose
+last beat is older than `generator_timeout_s` as hung. The values live in shared memory, so the same object works
+for a spawned process, a thread, and the trainer itself (`inline` mode, where only the counts are used).
 
 The counts make the accounting exact from the generator's side: every prompt it takes becomes a sample that is
 trained on, dropped (with its reason), or unused when training ends, wherever it then sits.

@@ -55,7 +55,7 @@ class SampleScorer:
     def score(self, samples: list[Sample]) -> None:
         if not samples or (self.top_k is None and not self.ifd):
             return
-        # Scoring in the trainer (sync mode, the start-up bootstrap) uses its live models: the student trains with
+        # Scoring in the trainer (inline mode, the start-up bootstrap) uses its live models: the student trains with
         # dropout on unless disable_dropout. Score as the generator's copies do, in eval mode, flipping only a model
         # that is in train mode and used here. (Only Δ-IFD uses the student, and it runs on the trainer's own thread:
         # the vLLM backend's scoring thread, which cannot run Δ-IFD, uses the teacher alone, which TRL keeps in eval

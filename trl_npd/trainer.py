@@ -49,6 +49,7 @@ from .guards import (
     check_output_dir_writable,
     check_teacher_tokenizer,
     checkpoint_failed_message,
+    fit_max_length_to_positions,
     last_complete_checkpoint,
 )
 from .heads import chunked_logits_error, chunked_logits_tolerance, logit_transform
@@ -97,6 +98,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 "Import it with `from trl_npd import NearPolicyDistillConfig as GKDConfig`."
             )
         _check_train_dataset(train_dataset)
+        own_collator = data_collator is None  # made below from args.max_length (ours or GKD's)
         check_output_dir_writable(args)  # before transformers makes the folder, with a plainer error
         if processing_class is not None and getattr(processing_class, "pad_token_id", 0) is None:
             raise ValueError(
@@ -150,7 +152,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             )
         # Everything the generator would otherwise find out mid-run is refused (or set right) here.
         self._check_topk_fits_vocabulary()
-        self._check_positions_fit()
+        self._fit_max_length_to_positions(own_collator)
         self._train_without_router_logits()
         self._check_chunked_projections()
         self._pack = args.padding_free and not self._packing_leaks()
@@ -283,20 +285,17 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 f"{vocab} (the NPD paper uses 10), or None for the full-vocabulary JSD."
             )
 
-    def _check_positions_fit(self) -> None:
-        """A model with learned absolute positions cannot run past its position table: the generator would fail
-        with an index error on the first prompt and completion longer than that."""
-        max_length = self.args.max_length
-        if max_length is None:
+    def _fit_max_length_to_positions(self, own_collator: bool) -> None:
+        """Lower `max_length` to a learned position table's size (see `guards.fit_max_length_to_positions`) where
+        the trainer reads it: `args` (prompt truncation for the generator, packing, vLLM's context) and the collator
+        made for it (off-policy samples; a collator the caller passed keeps its own settings)."""
+        models = {"student": self.model, "teacher": self.accelerator.unwrap_model(self.teacher_model)}
+        fitted = fit_max_length_to_positions(self.args.max_length, models)
+        if fitted == self.args.max_length:
             return
-        for role, model in (("student", self.model), ("teacher", self.accelerator.unwrap_model(self.teacher_model))):
-            limit = _learned_position_limit(model)
-            if limit is not None and max_length > limit:
-                raise ValueError(
-                    f"max_length={max_length} is longer than the {role}'s learned position embeddings "
-                    f"({type(model).__name__} has {limit} positions): sequences that long cannot run through it. "
-                    f"Set max_length <= {limit}."
-                )
+        self.args.max_length = fitted
+        if own_collator and hasattr(self.data_collator, "max_length"):
+            self.data_collator.max_length = fitted
 
     def _train_without_router_logits(self) -> None:
         """MoE students: the distillation objective has no router load-balancing term (GKD's has none either), so
@@ -542,6 +541,15 @@ class NearPolicyDistillTrainer(GKDTrainer):
         if self._is_on_policy(micro_batch):
             return self._on_policy_batch()
         if self.seq_kd:
+            if self.args.max_length is not None:
+                # The teacher's prompts get room for max_new_tokens within max_length, cut from the left, as the
+                # generator's do (GKD would let prompt + completion outgrow max_length, and a learned position table)
+                keep = self.args.max_length - self.args.max_new_tokens
+                batch = {
+                    **batch,
+                    "prompts": batch["prompts"][:, -keep:],
+                    "prompt_attention_mask": batch["prompt_attention_mask"][:, -keep:],
+                }
             with unwrap_model_for_generation(
                 self.teacher_model, self.accelerator, generation_kwargs=self.generation_kwargs
             ) as teacher:
@@ -892,18 +900,3 @@ class _FilterHandle:
 def _silence_gkd_migration_notice() -> _FilterHandle:
     """While NPD's trainer runs GKDTrainer.__init__ only: GKDTrainer used directly still logs its notice."""
     return _FilterHandle(logging.getLogger(GKDTrainer.__module__), _GKDMigrationNoticeFilter())
-
-
-def _learned_position_limit(model: nn.Module) -> int | None:
-    """The longest sequence a model with a learned absolute position table can run (GPT-2, OPT), or None for models
-    without one (rotary, ALiBi)."""
-    embeddings = model.get_input_embeddings()
-    learned = any(
-        isinstance(module, nn.Embedding) and module is not embeddings and ("position" in name or name.endswith("wpe"))
-        for name, module in model.named_modules()
-    )
-    if not learned:
-        return None
-    config = model.config.get_text_config()
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    return int(limit) if limit else None
