@@ -212,7 +212,6 @@ KILLED_SCRIPT = textwrap.dedent(
     import os, signal, sys
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from transformers import TrainerCallback
-from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
     from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
     from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
 
@@ -298,7 +297,9 @@ def test_a_trainer_killed_mid_run_resumes_from_its_last_checkpoint_continuing_ve
     assert first.stream_position == saved["stream_positions"][0]  # the prompt stream continues where it stopped
     assert all(step - s.policy_step <= 3 for step, s in resumed.taken)  # nothing stale is trained on
     assert all(s.policy_version > saved["policy_version"] for _, s in resumed.taken)
-    assert live_workers() == before
+    # a checkpoint save starts tqdm's monitor thread (transformers' weight saving), which is not ours to stop
+    after, expected = ((threads - {"tqdm_monitor"}, processes) for threads, processes in (live_workers(), before))
+    assert after == expected
 
 
 def _pipeline(tokenizer, dataset, timeout_s, mode="thread", student=None, max_new_tokens=4, **kwargs):
