@@ -34,7 +34,7 @@ TRAINER_STAGES = [
     ("wait for samples", r"_next_batch \(.*buffer\.py"),
     ("weight sync", r"_publish \("),
     ("teacher forward", r"TEACHER_FORWARD"),
-    ("loss (divergence)", r"fused_jsd_sum \(|topk_distill_sum \(|generalized_jsd_sum \(|chunked_token_logprobs \("),
+    ("loss (divergence)", r"fused_jsd_sum \(|chunked_sum \(|generalized_jsd_sum \(|topk_loss \(|token_logprobs \("),
     ("student forward", r"distillation_loss \("),
     ("backward", r"backward \(|run_backward"),
     ("optimizer step", r"optimizer_step|_fused_adamw|adamw|clip_grad_norm"),
@@ -52,10 +52,11 @@ GENERATOR_STAGES = [
 
 
 def teacher_forward_lines() -> set[int]:
-    """Lines of `losses.distillation_loss` that call the teacher, so its forward is told from the student's."""
+    """Lines of `losses.distillation_loss` that pass the teacher to a forward, so its forward is told from the
+    student's."""
     path = os.path.join(HERE, "..", "trl_npd", "losses.py")
     with open(path) as f:
-        return {i for i, line in enumerate(f, 1) if re.search(r"(backbone\(teacher\)|teacher\(\*\*forward\))", line)}
+        return {i for i, line in enumerate(f, 1) if re.search(r"\(teacher\b", line)}
 
 
 def classify(stacks: collections.Counter, rules: list[tuple[str, str]]) -> dict[str, int]:

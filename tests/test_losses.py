@@ -1,4 +1,5 @@
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from tiny_models import build as build_tiny
 from torch import nn
 from trl.experimental.gkd import GKDTrainer
 
+from trl_npd.chunked import chunked_sum
 from trl_npd.divergences import (
     generalized_jsd_per_token,
     generalized_jsd_sum,
@@ -25,7 +27,13 @@ from trl_npd.heads import (
     teacher_topk,
     token_logprobs,
 )
-from trl_npd.losses import distillation_loss, topk_distill_sum
+from trl_npd.losses import distillation_loss, topk_loss
+
+
+def topk_distill_sum(hidden, head, targets, ids, logprobs, ce_weight, chunk_size, transform=None, jsd_beta=None):
+    """The chunked top-k objective, as distillation_loss's chunked path runs it."""
+    loss = partial(topk_loss, ce_weight=ce_weight, jsd_beta=jsd_beta)
+    return chunked_sum(loss, hidden, head, targets, ids, logprobs, transform=transform, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.2])
@@ -429,3 +437,122 @@ def test_chunked_paths_of_transformed_models_equal_their_own_logits_loss_and_gra
     assert fused_grads.keys() == plain_grads.keys() and plain_grads
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+CHUNK_SIZES = pytest.mark.parametrize("chunk_size", [5, 7, 64], ids=["divides", "does-not-divide", "one-chunk"])
+
+
+@CHUNK_SIZES
+@pytest.mark.parametrize("objective", ["jsd-liger", "jsd-transformed", "topk-npd", "topk-jsd"])
+def test_chunked_losses_equal_the_reference_at_any_chunk_size(objective, chunk_size):
+    """Loss and gradients against divergences.py on full logits, whether the chunks divide the 30 rows or not."""
+    torch.manual_seed(3)
+    n, hidden_size, vocab = 30, 12, 31
+    hidden = (2 * torch.randn(n, hidden_size)).requires_grad_(True)
+    head = nn.Linear(hidden_size, vocab)
+    targets = torch.randint(0, vocab, (n,))
+    params = [hidden, head.weight, head.bias]
+    if objective.startswith("jsd"):
+        transform = LogitTransform(scale=0.5, softcap=1.5) if objective == "jsd-transformed" else LogitTransform()
+        teacher_hidden, teacher_head = 2 * torch.randn(n, 16), nn.Linear(16, vocab)
+        targets[::4] = -100
+        chunked = fused_jsd_sum(
+            hidden,
+            head,
+            teacher_hidden,
+            teacher_head,
+            targets,
+            0.5,
+            chunk_size=chunk_size,
+            student_transform=transform,
+            teacher_transform=transform,
+        )
+        teacher_logits = transform(teacher_head(teacher_hidden)).detach()
+        reference = generalized_jsd_sum(transform(head(hidden)), teacher_logits, targets != -100, 0.5)
+    else:
+        ids, logprobs = _random_topk(n, vocab, 5)
+        student = torch.log_softmax(head(hidden), -1)
+        if objective == "topk-jsd":
+            chunked = topk_distill_sum(hidden, head, targets, ids, logprobs, 0.1, chunk_size, jsd_beta=0.5)
+            reference = topk_bucket_jsd(student, ids, logprobs, 0.5).sum()
+        else:
+            chunked = topk_distill_sum(hidden, head, targets, ids, logprobs, 0.1, chunk_size)
+            reference = topk_token_loss(student, targets, ids, logprobs, 0.1).sum()
+    chunked_grads = torch.autograd.grad(chunked, params)
+    reference_grads = torch.autograd.grad(reference, params)
+    torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(chunked_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@CHUNK_SIZES
+def test_chunked_maps_equal_the_full_logits_at_any_chunk_size(chunk_size):
+    torch.manual_seed(4)
+    hidden, head, transform = torch.randn(30, 8), nn.Linear(8, 33), LogitTransform(softcap=2.0)
+    tokens = torch.randint(0, 33, (30,))
+    logits = transform(head(hidden)).detach()
+    got = chunked_token_logprobs(hidden, head, tokens, 0.7, chunk_size=chunk_size, transform=transform)
+    torch.testing.assert_close(got, token_logprobs(logits, tokens, 0.7))
+    top_ids, top_values = teacher_topk(hidden, head, 4, chunk_size=chunk_size, transform=transform)
+    expected = torch.log_softmax(logits, -1).topk(4, dim=-1)
+    assert torch.equal(top_ids, expected.indices)
+    torch.testing.assert_close(top_values, expected.values)
+
+
+def test_chunked_paths_accept_no_rows():
+    """A micro-batch with nothing to train on: a zero loss with zero gradients, and empty maps of the right shapes."""
+    hidden, head = torch.zeros(0, 8, requires_grad=True), nn.Linear(8, 17)
+    ids, logprobs = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3)
+    loss = topk_distill_sum(hidden, head, torch.zeros(0, dtype=torch.long), ids, logprobs, 0.1, None)
+    loss.backward()
+    assert loss.item() == 0 and hidden.grad.shape == (0, 8) and not head.weight.grad.any()
+    assert chunked_token_logprobs(hidden.detach(), head, torch.zeros(0, dtype=torch.long), 1.0).shape == (0,)
+    top_ids, top_values = teacher_topk(hidden.detach(), head, 3)
+    assert top_ids.shape == top_values.shape == (0, 3) and top_ids.dtype == torch.long
+
+
+def test_chunked_sum_computes_only_the_gradients_asked_for():
+    """A frozen head (an adapter-trained student) gets no gradient, and under no_grad (evaluation) there is only the
+    loss; the hidden states' gradient and the loss are unchanged."""
+    torch.manual_seed(5)
+    hidden, head = torch.randn(20, 12, requires_grad=True), nn.Linear(12, 31).requires_grad_(False)
+    targets = torch.randint(0, 31, (20,))
+    ids, logprobs = _random_topk(20, 31, 5)
+    reference = topk_token_loss(torch.log_softmax(head(hidden), -1), targets, ids, logprobs, 0.1).sum()
+    chunked = topk_distill_sum(hidden, head, targets, ids, logprobs, 0.1, 7)
+    torch.testing.assert_close(torch.autograd.grad(chunked, hidden), torch.autograd.grad(reference, hidden))
+    assert head.weight.grad is None
+    with torch.no_grad():
+        evaluated = topk_distill_sum(hidden, head, targets, ids, logprobs, 0.1, 7)
+    assert not evaluated.requires_grad
+    torch.testing.assert_close(evaluated, reference.detach())
+
+
+@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(softcap=1.5)], ids=["liger", "transformed"])
+def test_fused_jsd_pads_a_student_vocabulary_smaller_than_the_teachers_head(transform):
+    """A teacher head padded past the student's vocabulary: both fused paths give the student's missing logits 0."""
+    torch.manual_seed(6)
+    hidden, head = torch.randn(10, 8, requires_grad=True), nn.Linear(8, 29)
+    teacher_hidden, teacher_head = torch.randn(10, 8), nn.Linear(8, 32)
+    targets = torch.randint(0, 29, (10,))
+    fused = fused_jsd_sum(
+        hidden,
+        head,
+        teacher_hidden,
+        teacher_head,
+        targets,
+        0.5,
+        student_transform=transform,
+        teacher_transform=transform,
+    )
+    student_logits = torch.nn.functional.pad(transform(head(hidden)), (0, 3))
+    teacher_logits = transform(teacher_head(teacher_hidden)).detach()
+    reference = generalized_jsd_sum(student_logits, teacher_logits, targets != -100, 0.5)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(fused, hidden), torch.autograd.grad(reference, hidden))
+
+
+def test_a_chunk_size_below_one_row_is_refused():
+    hidden, head = torch.randn(4, 8), nn.Linear(8, 17)
+    with pytest.raises(ValueError, match="chunk_size must be a positive number of rows"):
+        chunked_token_logprobs(hidden, head, torch.zeros(4, dtype=torch.long), 1.0, chunk_size=0)

@@ -79,19 +79,19 @@ def spy_on_loss_kernels(monkeypatch):
             ran.add("Liger fused-linear JSD")
             return super().forward(*args)
 
-    transformed_apply = fused_jsd_module.TransformedLogitsJSDFunction.apply
+    chunked = fused_jsd_module.chunked_sum
     plain = losses_module.generalized_jsd_sum
 
-    def transformed_spy(*args):
+    def transformed_spy(*args, **kwargs):
         ran.add("NPD chunked JSD (transformed logits)")
-        return transformed_apply(*args)
+        return chunked(*args, **kwargs)
 
     def plain_spy(*args, **kwargs):
         ran.add("plain JSD (full logits)")
         return plain(*args, **kwargs)
 
     monkeypatch.setattr(fused_jsd_module, "LigerFusedLinearJSDLoss", LigerSpy)
-    monkeypatch.setattr(fused_jsd_module.TransformedLogitsJSDFunction, "apply", transformed_spy)
+    monkeypatch.setattr(fused_jsd_module, "chunked_sum", transformed_spy)
     monkeypatch.setattr(losses_module, "generalized_jsd_sum", plain_spy)
     return ran
 

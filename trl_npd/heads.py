@@ -1,4 +1,5 @@
-"""What the LM head makes of hidden states, computed chunk by chunk so the `(tokens x vocab)` logits never exist.
+"""What the LM head makes of hidden states: the student's log-probs and the teacher's top-k, chunk by chunk
+(`chunked.chunked_map`) so the `(tokens x vocab)` logits never exist.
 
 The chunked paths (the fused loss, the top-k objective, the scoring stage) take the backbone's last hidden states
 and project them through the head themselves. Some models transform their logits after the head (Gemma 2/3
@@ -10,20 +11,12 @@ model's own logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-# Rows per chunk of the chunked projections: about 2**25 logits (128 MB in float32) per chunk; Liger rounds the
-# number of chunks down, so its chunks can hold up to twice that. Liger's fixed 1024 rows meant 622 MB per
-# temporary at Qwen's vocabulary and a 12.6 GB peak in eager mode; 220 rows gave 5.0 GB at the same speed.
-LOGITS_PER_CHUNK = 2**25
-
-
-def chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk so that one chunk's logits stay near LOGITS_PER_CHUNK."""
-    return max(16, min(1024, LOGITS_PER_CHUNK // vocab_size))
+from .chunked import chunked_map, linear_logits
 
 
 @dataclass(frozen=True)
@@ -60,7 +53,6 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-@torch.no_grad()
 def chunked_token_logprobs(
     hidden: torch.Tensor,
     head: nn.Linear,
@@ -71,15 +63,10 @@ def chunked_token_logprobs(
 ) -> torch.Tensor:
     """`token_logprobs(head(hidden), tokens)` for `(N, H)` hidden states, without materializing `(N, V)` logits.
     `transform` is the model's `LogitTransform`, applied before the temperature as the model's forward does."""
-    chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
-    out = [
-        token_logprobs(project(h, head, transform), t, temperature)
-        for h, t in zip(hidden.split(chunk_size), tokens.split(chunk_size), strict=True)
-    ]
-    return torch.cat(out) if out else hidden.new_zeros(0)
+    logprobs = partial(token_logprobs, temperature=temperature)
+    return chunked_map(logprobs, hidden, head, tokens, transform=transform, chunk_size=chunk_size)
 
 
-@torch.no_grad()
 def teacher_topk(
     hidden: torch.Tensor,
     head: nn.Linear,
@@ -89,15 +76,12 @@ def teacher_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-`k` (ids, log-probs) of `log_softmax(transform(head(hidden)))` for `(N, H)` hidden states, chunk by
     chunk; `transform` is the teacher's `LogitTransform`."""
-    chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
-    ids, values = [], []
-    for chunk in hidden.split(chunk_size):
-        top = torch.log_softmax(project(chunk, head, transform), dim=-1).topk(k, dim=-1)
-        ids.append(top.indices)
-        values.append(top.values)
-    if not ids:
-        return hidden.new_zeros((0, k), dtype=torch.long), hidden.new_zeros((0, k), dtype=torch.float32)
-    return torch.cat(ids), torch.cat(values)
+
+    def topk(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        return top.indices, top.values
+
+    return chunked_map(topk, hidden, head, transform=transform, chunk_size=chunk_size)
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -107,15 +91,9 @@ def backbone(model: nn.Module) -> nn.Module:
     return model.base_model
 
 
-def float_or_none(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.float()
-
-
 def project(hidden: torch.Tensor, head: nn.Linear, transform: LogitTransform | None = None) -> torch.Tensor:
-    """The model's logits, `transform(head(hidden))`, in float32 whatever the model's dtype: bf16 projections put
-    gradients about 10% off."""
-    logits = F.linear(hidden.float(), head.weight.float(), float_or_none(head.bias))
-    return logits if transform is None else transform(logits)
+    """The model's logits, `transform(head(hidden))`, in float32 whatever the model's dtype."""
+    return linear_logits(hidden, head.weight, head.bias, transform)
 
 
 # Config fields through which transformers' causal LMs transform `lm_head(hidden)` into their logits, as their

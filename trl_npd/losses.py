@@ -1,87 +1,85 @@
 """The distillation loss of a training batch: which objective, on which path, summed over the trained tokens.
 
-`distillation_loss` runs the student (and the teacher, unless the batch carries the teacher's top-k from the
-scoring stage) and takes one of:
-- the generalized JSD on full logits (the plain reference path, `use_fused_loss=False`);
-- the fused JSD (`fused_jsd`), which never materializes the `(tokens x vocab)` logits;
-- NPD's top-k objective, plain or chunked (`topk_distill_sum`).
-Only the positions trained on are projected on the chunked paths. Each fast path equals the plain one, loss and
-gradients (tests/test_losses.py).
+`distillation_loss` runs the student once, and the teacher unless the batch carries the teacher's top-k from the
+scoring stage, at the trained positions only; then it takes one objective:
+- the generalized JSD (`fused_jsd.fused_jsd_sum` on the chunked path);
+- NPD's top-k objective, or the generalized JSD over the top-k buckets (`topk_loss`);
+on one of two paths: the plain reference path (`use_fused_loss=False`) on the models' own full logits, or the
+chunked path (`chunked`), which never materializes the `(tokens x vocab)` logits. Each chunked path equals the plain
+one, loss and gradients (tests/test_losses.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .batching import IGNORE_INDEX
+from .chunked import chunked_sum
 from .divergences import generalized_jsd_sum, topk_bucket_jsd, topk_token_loss
 from .fused_jsd import fused_jsd_sum
 from .heads import (
     LogitTransform,
     backbone,
-    chunk_rows,
     chunked_token_logprobs,
     lm_head,
     logit_transform,
-    project,
     teacher_topk,
     token_logprobs,
 )
 
 
-def topk_objective(
-    student_logprobs: torch.Tensor,
+def topk_loss(
+    logits: torch.Tensor,
     targets: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
+    *,
     ce_weight: float,
     jsd_beta: float | None,
 ) -> torch.Tensor:
-    """The per-token top-k objective: NPD's CE + forward KL, or with `jsd_beta` the bucketed generalized JSD."""
+    """The top-k objective summed over rows of the student's float32 logits: NPD's CE + forward KL
+    (`topk_token_loss`, CE weighted by `ce_weight`), or with `jsd_beta` the generalized JSD over the top-k buckets
+    (`topk_bucket_jsd`)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
     if jsd_beta is None:
-        return topk_token_loss(student_logprobs, targets, teacher_topk_ids, teacher_topk_logprobs, ce_weight)
-    return topk_bucket_jsd(student_logprobs, teacher_topk_ids, teacher_topk_logprobs, jsd_beta)
+        return topk_token_loss(logprobs, targets, teacher_topk_ids, teacher_topk_logprobs, ce_weight).sum()
+    return topk_bucket_jsd(logprobs, teacher_topk_ids, teacher_topk_logprobs, jsd_beta).sum()
 
 
-def topk_distill_sum(
-    student_hidden: torch.Tensor,
-    student_head: nn.Linear,
-    targets: torch.Tensor,
-    teacher_topk_ids: torch.Tensor,
-    teacher_topk_logprobs: torch.Tensor,
-    ce_weight: float,
-    chunk_size: int | None = None,
-    transform: LogitTransform | None = None,
-    jsd_beta: float | None = None,
-) -> torch.Tensor:
-    """Sum of the top-k objective over `(N, H)` hidden states, projected chunk by chunk in float32: NPD's
-    (`topk_token_loss`), or with `jsd_beta` GKD's generalized JSD over the top-k buckets (`topk_bucket_jsd`).
+@dataclass
+class Outputs:
+    """A model's output at the trained positions, one row per position: `(N, H)` hidden states with the head and
+    transform that make them logits (the chunked path), or `(N, V)` logits from the model's own forward (the plain
+    path, which handles any head)."""
 
-    Each chunk's `(chunk, V)` logits are recomputed in the backward pass instead of being kept, so peak memory
-    holds one chunk's logits, never `(N, V)`. `transform` is the student's `LogitTransform`.
-    """
+    states: torch.Tensor
+    head: nn.Linear | None = None
+    transform: LogitTransform | None = None
 
-    def chunk_loss(hidden: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-        logprobs = torch.log_softmax(project(hidden, student_head, transform), dim=-1)
-        return topk_objective(logprobs, *tensors, ce_weight=ce_weight, jsd_beta=jsd_beta).sum()
+    @classmethod
+    def of(cls, model: nn.Module, forward: dict[str, Any], mask: torch.Tensor, chunked: bool) -> Outputs:
+        if not chunked:
+            return cls(model(**forward).logits[:, :-1][mask])
+        head, transform = lm_head(model), logit_transform(model)  # a head the chunks cannot read is refused first
+        return cls(backbone(model)(**forward).last_hidden_state[:, :-1][mask], head, transform)
 
-    chunk_size = chunk_size or chunk_rows(student_head.weight.shape[0])
-    total = student_hidden.new_zeros((), dtype=torch.float32)
-    chunks = zip(
-        student_hidden.split(chunk_size),
-        targets.split(chunk_size),
-        teacher_topk_ids.split(chunk_size),
-        teacher_topk_logprobs.split(chunk_size),
-        strict=True,
-    )
-    for hidden, *tensors in chunks:
-        total = total + checkpoint(chunk_loss, hidden, *tensors, use_reentrant=False)
-    return total
+    def sum(self, loss: Callable[..., torch.Tensor], *rows: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+        """`loss(logits, *rows)`, summed over the positions: chunk by chunk, or on the full logits."""
+        if self.head is None:
+            return loss(self.states.float(), *rows)
+        return chunked_sum(loss, self.states, self.head, *rows, transform=self.transform, chunk_size=chunk_size)
+
+    def token_logprobs(self, tokens: torch.Tensor, temperature: float, chunk_size: int | None) -> torch.Tensor:
+        """The log-probs of `tokens` at `temperature`, detached."""
+        if self.head is None:
+            return token_logprobs(self.states.detach(), tokens, temperature)
+        return chunked_token_logprobs(self.states, self.head, tokens, temperature, chunk_size, self.transform)
 
 
 @dataclass
@@ -114,7 +112,8 @@ def distillation_loss(
     batch by the scoring stage (no teacher forward); a batch without them (dataset completions) gets them from a
     teacher forward here. `inputs` holds `input_ids`, `labels` and either `attention_mask` (padded rows) or
     `position_ids` (packed rows). With `logprob_temperature`, also returns the student's log-probs of the trained
-    tokens at that temperature.
+    tokens at that temperature. `fused` takes the chunked path; `compiled` runs the fused JSD's chunks through
+    `torch.compile`.
     """
     forward = {"input_ids": inputs["input_ids"], "use_cache": False}  # a cache would drop the packed-sequence mask
     for key in ("attention_mask", "position_ids"):
@@ -123,68 +122,57 @@ def distillation_loss(
     labels = inputs["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     targets = labels[mask]
-    current = None
-    if teacher_top_k is not None:
-        if "teacher_topk_ids" in inputs:
-            topk_ids = inputs["teacher_topk_ids"][:, 1:][mask]
-            topk_logprobs = inputs["teacher_topk_logprobs"][:, 1:][mask]
-        else:
-            with torch.no_grad():
-                hidden = backbone(teacher)(**forward).last_hidden_state[:, :-1][mask]
-            topk_ids, topk_logprobs = teacher_topk(
-                hidden, lm_head(teacher), teacher_top_k, chunk_size, logit_transform(teacher)
-            )
-        if fused:
-            student_head, student_transform = lm_head(student), logit_transform(student)
-            student_hidden = backbone(student)(**forward).last_hidden_state[:, :-1][mask]
-            loss_sum = topk_distill_sum(
-                student_hidden,
-                student_head,
-                targets,
-                topk_ids,
-                topk_logprobs,
-                ce_weight,
-                chunk_size,
-                transform=student_transform,
-                jsd_beta=beta if topk_jsd else None,
-            )
-            if logprob_temperature is not None:
-                current = chunked_token_logprobs(
-                    student_hidden, student_head, targets, logprob_temperature, chunk_size, student_transform
-                )
-        else:
-            student_logits = student(**forward).logits[:, :-1][mask]
-            logprobs = torch.log_softmax(student_logits.float(), dim=-1)
-            jsd_beta = beta if topk_jsd else None
-            loss_sum = topk_objective(logprobs, targets, topk_ids, topk_logprobs, ce_weight, jsd_beta).sum()
-            if logprob_temperature is not None:
-                current = token_logprobs(student_logits.detach(), targets, logprob_temperature)
-    elif not fused:
-        student_logits = student(**forward).logits[:, :-1]
+    student_outputs = Outputs.of(student, forward, mask, chunked=fused)
+    if teacher_top_k is None:
         with torch.no_grad():
-            teacher_logits = teacher(**forward).logits[:, :-1]
-        loss_sum = generalized_jsd_sum(student_logits, teacher_logits, mask, beta)
-        if logprob_temperature is not None:
-            current = token_logprobs(student_logits[mask].detach(), targets, logprob_temperature)
+            teacher_outputs = Outputs.of(teacher, forward, mask, chunked=fused)
+        loss_sum = _jsd_sum(student_outputs, teacher_outputs, targets, beta, chunk_size, compiled)
     else:
-        student_head, student_transform = lm_head(student), logit_transform(student)
-        student_hidden = backbone(student)(**forward).last_hidden_state[:, :-1][mask]
-        with torch.no_grad():
-            teacher_hidden = backbone(teacher)(**forward).last_hidden_state[:, :-1][mask]
-        loss_sum = fused_jsd_sum(
-            student_hidden,
-            student_head,
-            teacher_hidden,
-            lm_head(teacher),
-            targets,
-            beta,
-            chunk_size=chunk_size,
-            compiled=compiled,
-            student_transform=student_transform,
-            teacher_transform=logit_transform(teacher),
-        )
-        if logprob_temperature is not None:
-            current = chunked_token_logprobs(
-                student_hidden, student_head, targets, logprob_temperature, chunk_size, student_transform
-            )
+        topk = _teacher_topk(teacher, inputs, forward, mask, teacher_top_k, chunk_size)
+        objective = partial(topk_loss, ce_weight=ce_weight, jsd_beta=beta if topk_jsd else None)
+        loss_sum = student_outputs.sum(objective, targets, *topk, chunk_size=chunk_size)
+    current = None
+    if logprob_temperature is not None:
+        current = student_outputs.token_logprobs(targets, logprob_temperature, chunk_size)
     return LossResult(loss_sum=loss_sum, num_tokens=mask.sum(), mask=mask, current_logprobs=current)
+
+
+def _jsd_sum(
+    student: Outputs,
+    teacher: Outputs,
+    targets: torch.Tensor,
+    beta: float,
+    chunk_size: int | None,
+    compiled: bool,
+) -> torch.Tensor:
+    if student.head is None:  # the reference, on the models' own logits
+        return generalized_jsd_sum(student.states, teacher.states, targets != IGNORE_INDEX, beta)
+    return fused_jsd_sum(
+        student.states,
+        student.head,
+        teacher.states,
+        teacher.head,
+        targets,
+        beta,
+        chunk_size=chunk_size,
+        compiled=compiled,
+        student_transform=student.transform,
+        teacher_transform=teacher.transform,
+    )
+
+
+def _teacher_topk(
+    teacher: nn.Module,
+    inputs: dict[str, Any],
+    forward: dict[str, Any],
+    mask: torch.Tensor,
+    k: int,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k (ids, log-probs) at the trained positions: stored in the batch by the scoring stage, or
+    from a teacher forward here (dataset completions)."""
+    if "teacher_topk_ids" in inputs:
+        return inputs["teacher_topk_ids"][:, 1:][mask], inputs["teacher_topk_logprobs"][:, 1:][mask]
+    with torch.no_grad():
+        outputs = Outputs.of(teacher, forward, mask, chunked=True)
+    return teacher_topk(outputs.states, outputs.head, k, chunk_size, outputs.transform)

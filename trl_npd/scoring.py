@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .buffer import Sample
-from .heads import backbone, chunk_rows, chunked_token_logprobs, lm_head, logit_transform, project
+from .chunked import chunked_map
+from .heads import backbone, chunked_token_logprobs, lm_head, logit_transform
 from .selection import delta_ifd
 
 
@@ -74,27 +75,25 @@ class SampleScorer:
         sequences = [s.prompt_ids + s.completion_ids for s in samples]
         scored = [range(len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)) for s in samples]
         hidden, tokens = self._hidden_and_tokens(self.teacher, sequences, scored)
+        top_k = self.top_k
+
+        def scores(logits: torch.Tensor, chunk_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            # one log-softmax per chunk serves both the sampled tokens' log-probs and the top-k
+            logprobs = torch.log_softmax(logits, dim=-1)
+            token_lps = logprobs.gather(-1, chunk_tokens[:, None]).squeeze(-1)
+            if top_k is None:
+                return (token_lps,)
+            top = logprobs.topk(top_k, dim=-1)
+            return token_lps, top.indices, top.values
+
         head, transform = lm_head(self.teacher), logit_transform(self.teacher)
-        topk_ids, topk_values, token_lps = [], [], []
-        chunk = chunk_rows(head.weight.shape[0])
-        for h, t in zip(hidden.split(chunk), tokens.split(chunk), strict=True):
-            # one log-softmax per chunk serves both the top-k and the sampled tokens' log-probs
-            logprobs = torch.log_softmax(project(h, head, transform), dim=-1)
-            if self.top_k is not None:
-                top = logprobs.topk(self.top_k, dim=-1)
-                topk_ids.append(top.indices.cpu())
-                topk_values.append(top.values.cpu())
-            token_lps.append(logprobs.gather(-1, t[:, None]).squeeze(-1).cpu())
-        token_lps = torch.cat(token_lps) if token_lps else torch.zeros(0)
-        if self.top_k is not None:
-            ids, values = torch.cat(topk_ids), torch.cat(topk_values)
+        token_lps, *top = (t.cpu() for t in chunked_map(scores, hidden, head, tokens, transform=transform))
         start = 0
         teacher_conditional = []
         for s in samples:
             end = start + len(s.completion_ids)
-            if self.top_k is not None:
-                s.teacher_topk_ids = ids[start:end].tolist()
-                s.teacher_topk_logprobs = values[start:end].tolist()
+            if top:
+                s.teacher_topk_ids, s.teacher_topk_logprobs = (t[start:end].tolist() for t in top)
             teacher_conditional.append(_mean_nll(token_lps[start:end]))
             start = end
         if self.ifd:
