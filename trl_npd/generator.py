@@ -172,14 +172,9 @@ def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: 
         should_stop = _beating(should_stop, progress)
         if spec.num_threads is not None:
             torch.set_num_threads(spec.num_threads)
-        model = copy.deepcopy(spec.snapshot.model).to(spec.engine.device)
-        beat_after_every_layer(model, progress)
-        progress.beat()
+        model = _own_copy(spec.snapshot.model, spec.engine.device, progress)
         engine = TransformersEngine(model, spec.engine, should_stop=should_stop, record_t1=spec.ifd is not None)
-        teacher = None if spec.teacher is None else copy.deepcopy(spec.teacher).to(spec.engine.device)
-        if teacher is not None:
-            beat_after_every_layer(teacher, progress)
-            progress.beat()
+        teacher = None if spec.teacher is None else _own_copy(spec.teacher, spec.engine.device, progress)
         scorer, selector = scoring_stage(teacher, model, spec.teacher_top_k, spec.ifd, spec.bos_token_id, spec.engine)
         version, step = -1, 0
 
@@ -204,6 +199,15 @@ def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: 
         pass
     except BaseException:
         errors.put(traceback.format_exc())
+
+
+def _own_copy(model: nn.Module, device: str, progress: GeneratorProgress) -> nn.Module:
+    """The generator's own copy of a shared model, on its device, beating after every layer; copying a large model
+    is itself progress to report."""
+    copied = copy.deepcopy(model).to(device)
+    beat_after_every_layer(copied, progress)
+    progress.beat()
+    return copied
 
 
 def beat_after_every_layer(model: nn.Module, progress: GeneratorProgress) -> None:
