@@ -30,7 +30,7 @@ from trl_npd.heads import (
 from trl_npd.losses import distillation_loss, topk_loss
 
 
-def topk_distill_sum(hidden, head, targets, ids, logprobs, ce_weight, chunk_size, transform=None, jsd_beta=None):
+def chunked_topk_sum(hidden, head, targets, ids, logprobs, ce_weight, chunk_size, transform=None, jsd_beta=None):
     """The chunked top-k objective, as distillation_loss's chunked path runs it."""
     loss = partial(topk_loss, ce_weight=ce_weight, jsd_beta=jsd_beta)
     return chunked_sum(loss, hidden, head, targets, ids, logprobs, transform=transform, chunk_size=chunk_size)
@@ -177,7 +177,7 @@ def test_chunked_topk_objective_equals_the_reference_loss_and_gradients(k, ce_we
     targets = torch.randint(0, vocab, (n,))
     ids, logprobs = _random_topk(n, vocab, k)
 
-    chunked = topk_distill_sum(hidden, head, targets, ids, logprobs, ce_weight, chunk_size=8)
+    chunked = chunked_topk_sum(hidden, head, targets, ids, logprobs, ce_weight, chunk_size=8)
     chunked_grads = torch.autograd.grad(chunked, [hidden, head.weight, head.bias])
     student = torch.log_softmax(head(hidden), -1)
     reference = topk_token_loss(student, targets, ids, logprobs, ce_weight).sum()
@@ -226,7 +226,7 @@ def test_chunked_topk_jsd_equals_the_reference_loss_and_gradients(beta):
     head = nn.Linear(hidden_size, vocab)
     targets = torch.randint(0, vocab, (n,))
     ids, logprobs = _random_topk(n, vocab, 5)
-    chunked = topk_distill_sum(hidden, head, targets, ids, logprobs, 0.1, chunk_size=8, jsd_beta=beta)
+    chunked = chunked_topk_sum(hidden, head, targets, ids, logprobs, 0.1, chunk_size=8, jsd_beta=beta)
     chunked_grads = torch.autograd.grad(chunked, [hidden, head.weight, head.bias])
     reference = topk_bucket_jsd(torch.log_softmax(head(hidden), -1), ids, logprobs, beta).sum()
     reference_grads = torch.autograd.grad(reference, [hidden, head.weight, head.bias])
@@ -375,7 +375,7 @@ def test_chunked_topk_and_logprobs_with_a_logit_transform_equal_the_reference(tr
     ids, logprobs = _random_topk(n, vocab, 5)
     params = [hidden, head.weight, head.bias]
 
-    chunked = topk_distill_sum(hidden, head, targets, ids, logprobs, 0.1, chunk_size=8, transform=transform)
+    chunked = chunked_topk_sum(hidden, head, targets, ids, logprobs, 0.1, chunk_size=8, transform=transform)
     chunked_grads = torch.autograd.grad(chunked, params)
     logits = transform(head(hidden))
     reference = topk_token_loss(torch.log_softmax(logits, -1), targets, ids, logprobs, 0.1).sum()
@@ -473,10 +473,10 @@ def test_chunked_losses_equal_the_reference_at_any_chunk_size(objective, chunk_s
         ids, logprobs = _random_topk(n, vocab, 5)
         student = torch.log_softmax(head(hidden), -1)
         if objective == "topk-jsd":
-            chunked = topk_distill_sum(hidden, head, targets, ids, logprobs, 0.1, chunk_size, jsd_beta=0.5)
+            chunked = chunked_topk_sum(hidden, head, targets, ids, logprobs, 0.1, chunk_size, jsd_beta=0.5)
             reference = topk_bucket_jsd(student, ids, logprobs, 0.5).sum()
         else:
-            chunked = topk_distill_sum(hidden, head, targets, ids, logprobs, 0.1, chunk_size)
+            chunked = chunked_topk_sum(hidden, head, targets, ids, logprobs, 0.1, chunk_size)
             reference = topk_token_loss(student, targets, ids, logprobs, 0.1).sum()
     chunked_grads = torch.autograd.grad(chunked, params)
     reference_grads = torch.autograd.grad(reference, params)
@@ -503,7 +503,7 @@ def test_chunked_paths_accept_no_rows():
     """A micro-batch with nothing to train on: a zero loss with zero gradients, and empty maps of the right shapes."""
     hidden, head = torch.zeros(0, 8, requires_grad=True), nn.Linear(8, 17)
     ids, logprobs = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3)
-    loss = topk_distill_sum(hidden, head, torch.zeros(0, dtype=torch.long), ids, logprobs, 0.1, None)
+    loss = chunked_topk_sum(hidden, head, torch.zeros(0, dtype=torch.long), ids, logprobs, 0.1, None)
     loss.backward()
     assert loss.item() == 0 and hidden.grad.shape == (0, 8) and not head.weight.grad.any()
     assert chunked_token_logprobs(hidden.detach(), head, torch.zeros(0, dtype=torch.long), 1.0).shape == (0,)
@@ -511,21 +511,29 @@ def test_chunked_paths_accept_no_rows():
     assert top_ids.shape == top_values.shape == (0, 3) and top_ids.dtype == torch.long
 
 
-def test_chunked_sum_computes_only_the_gradients_asked_for():
-    """A frozen head (an adapter-trained student) gets no gradient, and under no_grad (evaluation) there is only the
-    loss; the hidden states' gradient and the loss are unchanged."""
+def test_chunked_sum_computes_only_the_gradients_asked_for(monkeypatch):
+    """A frozen head (an adapter-trained student) gets no (V, H) gradient accumulator, and under no_grad (evaluation)
+    no chunk is differentiated at all; the hidden states' gradient and the loss are unchanged."""
     torch.manual_seed(5)
     hidden, head = torch.randn(20, 12, requires_grad=True), nn.Linear(12, 31).requires_grad_(False)
     targets = torch.randint(0, 31, (20,))
     ids, logprobs = _random_topk(20, 31, 5)
     reference = topk_token_loss(torch.log_softmax(head(hidden), -1), targets, ids, logprobs, 0.1).sum()
-    chunked = topk_distill_sum(hidden, head, targets, ids, logprobs, 0.1, 7)
+    chunked = chunked_topk_sum(hidden, head, targets, ids, logprobs, 0.1, 7)
+    grad_hidden, grad_weight, grad_bias = chunked.grad_fn.saved_tensors  # what the forward pass kept for backward
+    assert grad_hidden.shape == hidden.shape and grad_weight is None and grad_bias is None
     torch.testing.assert_close(torch.autograd.grad(chunked, hidden), torch.autograd.grad(reference, hidden))
-    assert head.weight.grad is None
+
+    differentiated = []
+    grad_and_value = torch.func.grad_and_value
+    monkeypatch.setattr(torch.func, "grad_and_value", lambda fn: differentiated.append(fn) or grad_and_value(fn))
+    head.requires_grad_(True)
     with torch.no_grad():
-        evaluated = topk_distill_sum(hidden, head, targets, ids, logprobs, 0.1, 7)
-    assert not evaluated.requires_grad
+        evaluated = chunked_topk_sum(hidden, head, targets, ids, logprobs, 0.1, 7)
+    assert not evaluated.requires_grad and differentiated == []
     torch.testing.assert_close(evaluated, reference.detach())
+    chunked_topk_sum(hidden, head, targets, ids, logprobs, 0.1, 7)  # with grad mode on, the same call differentiates
+    assert len(differentiated) == 3  # one per chunk of 7 rows out of 20
 
 
 @pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(softcap=1.5)], ids=["liger", "transformed"])

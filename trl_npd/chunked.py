@@ -104,7 +104,10 @@ def chunked_sum(
         return loss(raw if transform is None else transform(raw), *r)
 
     weight, bias = head.weight.float(), float_or_none(head.bias)
-    return _ChunkedSum.apply(hidden.float(), weight, bias, chunk_loss, chunk_size, compiled, *rows)
+    # inside `forward` grad mode is always off and `needs_input_grad` still says what the inputs require, so whether
+    # the caller wants gradients at all (not under evaluation's no_grad) is read here
+    grad_enabled = torch.is_grad_enabled()
+    return _ChunkedSum.apply(hidden.float(), weight, bias, chunk_loss, chunk_size, compiled, grad_enabled, *rows)
 
 
 class _ChunkedSum(torch.autograd.Function):
@@ -119,11 +122,12 @@ class _ChunkedSum(torch.autograd.Function):
         chunk_loss: Callable[..., torch.Tensor],
         chunk_size: int,
         compiled: bool,
+        grad_enabled: bool,
         *rows: torch.Tensor,
     ) -> torch.Tensor:
         # Only what needs a gradient gets one: a frozen head (an adapter-trained student) costs no (V, H) gradient,
         # and under no_grad (evaluation) only the loss is computed.
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]  # False for a missing bias
+        needs_hidden, needs_weight, needs_bias = (grad_enabled and needs for needs in ctx.needs_input_grad[:3])
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros_like(weight) if needs_weight else None
         grad_bias = torch.zeros_like(bias) if needs_bias else None
@@ -154,4 +158,4 @@ class _ChunkedSum(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # in place: the saved gradients have no other use, and a second backward through them fails on their version
         grads = tuple(None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors)
-        return grads + (None,) * (3 + ctx.num_rows)  # the settings and the rows have none
+        return grads + (None,) * (4 + ctx.num_rows)  # the settings and the rows have none

@@ -113,8 +113,10 @@ class NearPolicyDistillConfig(GKDConfig):
         Seconds the background generator may go without showing progress before training stops with a
         `GeneratorError` that says what it was last doing; a hung generator process is then killed. The embedded
         engine shows progress after every layer of every forward (sampling, and the teacher's scoring) and while it
-        waits (for room in the buffer, for the weight snapshot), so this bounds one layer's forward over a
-        generation batch, a weight load, and the generator's start-up (process start, copying the models); with
+        waits (for room in the buffer, for the weight snapshot), so on a CPU this bounds one layer's forward over a
+        generation batch (plus the LM head and the scorer's log-probs over it, which run after the last layer), a
+        weight load, and the generator's start-up (process start, copying the models); on a GPU the beats come as
+        each layer's kernels are launched, so a stuck kernel shows from the next synchronization on; with
         vLLM, one whole generation batch (vLLM's own start-up comes before the generator's and is not counted). The
         default is the heartbeat timeout of TRL's `AsyncDistillationTrainer`; raise it when one vLLM generation
         batch of long completions takes longer.
