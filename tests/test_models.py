@@ -301,6 +301,28 @@ def test_with_a_lowered_max_length_nothing_runs_past_the_learned_positions(tmp_p
         assert totals.truncated_prompts > 0 and totals.received_samples > 0  # sampled, from prompts cut to 32 tokens
 
 
+def test_off_policy_rows_from_a_callers_collator_are_cut_to_the_lowered_max_length(tmp_path, tokenizer, caplog):
+    """A collator the caller passed keeps its own (longer) limit; the trainer cuts what it hands over to the last
+    max_length tokens, with a warning, so no forward runs past the teacher's 40 positions."""
+    from trl.experimental.utils import DataCollatorForChatML
+
+    question = " ".join(f"{i}+{i}" for i in range(30))
+    rows = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "0 1"}]}] * 8
+    student, teacher = _gpt2_pair(tokenizer)
+    positions = []
+    for model in (student, teacher):
+        model.transformer.wpe.register_forward_hook(lambda module, args, output: positions.append(int(args[0].max())))
+    collator = DataCollatorForChatML(tokenizer, max_length=200)
+    args = npd_config(tmp_path, max_length=64, max_new_tokens=8, max_steps=2, per_device_train_batch_size=2, lmbda=0.0)
+    with caplog.at_level(logging.WARNING, logger="trl_npd.trainer"):
+        trainer = build_trainer(student, teacher, tokenizer, Dataset.from_list(rows), args, data_collator=collator)
+        assert trainer.data_collator is collator and collator.max_length == 200  # the caller's settings are kept
+        trainer.train()  # a position past a table is an IndexError on a CPU
+    assert max(positions) == 39
+    cut = [r.getMessage() for r in caplog.records if "off-policy samples of this batch" in r.getMessage()]
+    assert len(cut) == 1 and "longer than max_length=40 tokens" in cut[0]  # once per train()
+
+
 def test_gkds_migration_notice_is_not_shown_for_npd(tmp_path, student, teacher, tokenizer, dataset, caplog):
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 

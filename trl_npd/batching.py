@@ -49,6 +49,18 @@ def sequences_from_padded(batch: dict[str, torch.Tensor]) -> list[Sequence]:
     return [Sequence(input_ids=ids[mask].tolist(), labels=labels[mask].tolist()) for ids, mask, labels in rows]
 
 
+def keep_last_tokens(sequences: list[Sequence], max_tokens: int) -> tuple[list[Sequence], int]:
+    """Each sequence cut to its last `max_tokens` tokens (oldest prompt context first, as TRL's chat collator cuts),
+    and how many were cut. For off-policy rows only: they carry no per-token extras to cut alongside."""
+    kept = [
+        Sequence(input_ids=s.input_ids[-max_tokens:], labels=s.labels[-max_tokens:])
+        if len(s.input_ids) > max_tokens
+        else s
+        for s in sequences
+    ]
+    return kept, sum(len(s.input_ids) > max_tokens for s in sequences)
+
+
 def pad_sequences(sequences: list[Sequence], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded rows: `input_ids`, `attention_mask`, `labels`, and for generated sequences
     `behaviour_logprobs` (0 off the sampled tokens) and `policy_step` per row."""

@@ -65,7 +65,8 @@ def fit_max_length_to_positions(max_length: int | None, models: dict[str, nn.Mod
     logger.warning(
         "max_length=%s is longer than the %s learned position embeddings (%s: %d positions), past which no sequence "
         "can run: max_length is lowered to %d. As with any max_length, prompts are cut from the left to "
-        "max_length - max_new_tokens and off-policy samples to their last max_length tokens. Set max_length <= %d "
+        "max_length - max_new_tokens and off-policy samples (whichever collator made them) to their last max_length "
+        "tokens. Set max_length <= %d "
         "to choose this yourself.",
         "None (no limit)" if max_length is None else max_length,
         " and the ".join(f"{role}'s" for role in limiting),

@@ -37,7 +37,14 @@ from trl.distributed import DistributedBackend
 from trl.experimental.gkd import GKDTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
-from .batching import Sequence, count_trained_tokens, pad_sequences, sequences_from_padded, sequences_from_samples
+from .batching import (
+    Sequence,
+    count_trained_tokens,
+    keep_last_tokens,
+    pad_sequences,
+    sequences_from_padded,
+    sequences_from_samples,
+)
 from .buffer import Sample, TakeResult
 from .completion_log import CompletionLog
 from .config import NearPolicyDistillConfig
@@ -287,15 +294,17 @@ class NearPolicyDistillTrainer(GKDTrainer):
 
     def _fit_max_length_to_positions(self, own_collator: bool) -> None:
         """Lower `max_length` to a learned position table's size (see `guards.fit_max_length_to_positions`) where
-        the trainer reads it: `args` (prompt truncation for the generator, packing, vLLM's context) and the collator
-        made for it (off-policy samples; a collator the caller passed keeps its own settings)."""
+        the trainer reads it: `args` (prompt truncation for the generator, packing, vLLM's context, the cut of
+        off-policy rows) and the collator made for it (a collator the caller passed keeps its own settings, and
+        `_within_max_length` cuts what it hands over)."""
         models = {"student": self.model, "teacher": self.accelerator.unwrap_model(self.teacher_model)}
         fitted = fit_max_length_to_positions(self.args.max_length, models)
         if fitted == self.args.max_length:
             return
         self.args.max_length = fitted
         if own_collator and hasattr(self.data_collator, "max_length"):
-            self.data_collator.max_length = fitted
+            # lowered, never raised: GKD's collator may have chosen a shorter limit of its own
+            self.data_collator.max_length = min(self.data_collator.max_length or fitted, fitted)
 
     def _train_without_router_logits(self) -> None:
         """MoE students: the distillation objective has no router load-balancing term (GKD's has none either), so
@@ -557,7 +566,25 @@ class NearPolicyDistillTrainer(GKDTrainer):
                     teacher, batch, self.generation_config
                 )
             batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        return self._training_batch(sequences_from_padded(batch))
+        return self._training_batch(self._within_max_length(sequences_from_padded(batch)))
+
+    def _within_max_length(self, sequences: list[Sequence]) -> list[Sequence]:
+        """Off-policy rows cut to their last `max_length` tokens: a collator the caller passed (or pre-tokenized
+        rows) can hand over longer ones, which would outgrow a learned position table that `max_length` was fitted
+        to, or the packing budget."""
+        if self.args.max_length is None:
+            return sequences
+        sequences, cut = keep_last_tokens(sequences, self.args.max_length)
+        if cut and "off_policy_cut" not in self._warned:
+            self._warned.add("off_policy_cut")
+            logger.warning(
+                "%d off-policy samples of this batch were longer than max_length=%d tokens (the data collator let "
+                "them through) and were cut to their last max_length tokens. Raise max_length, or have the collator "
+                "cut them as you prefer. Shown once per train().",
+                cut,
+                self.args.max_length,
+            )
+        return sequences
 
     def _on_policy_batch(self) -> dict[str, torch.Tensor]:
         if not self._generating:  # a training loop that skipped on_train_begin
