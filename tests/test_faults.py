@@ -458,6 +458,8 @@ def test_one_long_forward_is_progress_not_a_hang(tokenizer, dataset):
         samples = pipeline.take(2, current_step=0).samples  # checks for a hang every 0.1 s while it waits
         assert time.monotonic() - start > 2 * 5 * layer_s  # at least the prefill and the teacher's scoring
         assert all(len(s.teacher_topk_ids) == len(s.completion_ids) for s in samples)  # the teacher scored them
+        # only the generator's own copies beat: the models the trainer runs carry no hooks
+        assert not any(module._forward_hooks for module in (*student.modules(), *teacher.modules()))
     finally:
         pipeline.stop()
 
