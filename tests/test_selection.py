@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from trl_npd.buffer import Sample
+from trl_npd.samples import Sample
 from trl_npd.scoring import SampleScorer
 from trl_npd.selection import MIN_TAILS_WINDOW, MIN_UNCONDITIONAL_NLL, DeltaIFDFilter, delta_ifd, ifd
 from trl_npd.toy import build_model

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .buffer import GeneratedBatch, Rejected, Sample, SampleBuffer
+from .buffer import SampleBuffer
 from .engine import EngineConfig, RemoteEngine, TransformersEngine
 from .progress import Activity, GeneratorProgress
 from .prompts import PromptStream
+from .samples import GeneratedBatch, Rejected, Sample
 from .scoring import SampleScorer
 from .selection import DeltaIFDFilter
 from .snapshot import PolicySnapshot, held_while_alive

@@ -43,7 +43,7 @@ from typing import Any
 
 from torch import nn
 
-from .buffer import Drained, GeneratedBatch, Rejected, SampleBuffer, TakeResult
+from .buffer import SampleBuffer
 from .config import GENERATOR_MODES
 from .engine import EngineConfig, RemoteEngine, TransformersEngine
 from .generator import (
@@ -56,6 +56,7 @@ from .generator import (
 )
 from .progress import Activity, GeneratorProgress
 from .prompts import PromptStream
+from .samples import Drained, GeneratedBatch, Rejected, TakeResult
 from .scoring import SampleScorer
 from .selection import DeltaIFDFilter
 from .snapshot import PolicySnapshot, held_while_alive, inference_copy

@@ -38,7 +38,6 @@ from trl.experimental.gkd import GKDTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from .batching import Sequence, count_trained_tokens, pad_sequences, sequences_from_padded, sequences_from_samples
-from .buffer import Sample, TakeResult
 from .completion_log import CompletionLog
 from .config import NearPolicyDistillConfig
 from .divergences import k3_policy_kl
@@ -61,6 +60,7 @@ from .packing import attends_per_sample, pack_sequences, packing_leaks, row_toke
 from .pipeline import GenerationPipeline, GeneratorError
 from .prompts import PromptOnlyCollator, PromptStream
 from .sample_log import SampleLog, sample_log_path
+from .samples import Sample, TakeResult
 
 logger = logging.getLogger(__name__)
 
