@@ -209,3 +209,36 @@ def test_delta_ifd_settings_warn_about_nothing_at_the_defaults_or_with_ifd_filte
         config(tmp_path, ifd_filter=False, ifd_quantiles=[0.1, 0.9], ifd_window=1024)  # explicit, but the defaults
         config(tmp_path, ifd_filter=True, ifd_band="quantile", ifd_window=256)
     assert not [w for w in caught if "ifd_filter" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_every_delta_ifd_setting_is_its_config_field_without_the_prefix(tmp_path):
+    """The Δ-IFD settings go by one name from the config to the filter: `ifd_<name>` in the config is `<name>` in
+    `DeltaIFDSettings`, which the filter reads. A field added on one side only would be silently ignored."""
+    from dataclasses import fields
+
+    from trl_npd.config import IFD_ONLY_FIELDS
+    from trl_npd.selection import CONFIG_PREFIX, DeltaIFDSettings
+
+    assert {CONFIG_PREFIX + f.name for f in fields(DeltaIFDSettings)} == set(IFD_ONLY_FIELDS)
+    assert DeltaIFDSettings.from_config(config(tmp_path)) is None  # Δ-IFD is off by default
+    changed = dict(
+        ifd_band="absolute",
+        ifd_tail_width=2.0,
+        ifd_max_drop_frac=0.1,
+        ifd_delta_min=-0.5,
+        ifd_delta_max=0.5,
+        ifd_quantiles=[0.2, 0.7],  # a list, as the command line parses it
+        ifd_window=64,
+        ifd_max_rejected_in_a_row=9,
+    )
+    settings = DeltaIFDSettings.from_config(config(tmp_path, ifd_filter=True, **changed))
+    assert settings == DeltaIFDSettings(
+        band="absolute",
+        delta_min=-0.5,
+        delta_max=0.5,
+        quantiles=(0.2, 0.7),
+        window=64,
+        max_rejected_in_a_row=9,
+        tail_width=2.0,
+        max_drop_frac=0.1,
+    )

@@ -24,7 +24,7 @@ from .progress import Activity, GeneratorProgress
 from .prompts import PromptStream
 from .samples import GeneratedBatch, Rejected, Sample
 from .scoring import SampleScorer
-from .selection import DeltaIFDFilter
+from .selection import DeltaIFDFilter, DeltaIFDSettings
 from .snapshot import PolicySnapshot, held_while_alive
 
 
@@ -92,46 +92,26 @@ def generate_batch(
     )
 
 
-@dataclass
-class IFDSettings:
-    """The Δ-IFD filter's settings (see `selection.DeltaIFDFilter`)."""
-
-    band: str
-    low: float
-    high: float
-    quantiles: tuple[float, float]
-    window: int
-    max_rejected_in_a_row: int
-    tail_width: float = 3.5
-    max_drop_frac: float = 0.05
-
-
 def scoring_stage(
     teacher: nn.Module | None,
     student: nn.Module,
     top_k: int | None,
-    ifd: IFDSettings | None,
+    delta_ifd: DeltaIFDSettings | None,
     bos_token_id: int | None,
     engine: EngineConfig,
 ) -> tuple[SampleScorer | None, DeltaIFDFilter | None]:
     """The scorer and selector a generator needs, or None for each it does not."""
-    if teacher is None or (top_k is None and ifd is None):
+    if teacher is None or (top_k is None and delta_ifd is None):
         return None, None
     scorer = SampleScorer(
-        teacher, top_k=top_k, student=student, ifd=ifd is not None, bos_token_id=bos_token_id, device=engine.device
+        teacher,
+        top_k=top_k,
+        student=student,
+        ifd=delta_ifd is not None,
+        bos_token_id=bos_token_id,
+        device=engine.device,
     )
-    selector = None
-    if ifd is not None:
-        selector = DeltaIFDFilter(
-            ifd.band,
-            ifd.low,
-            ifd.high,
-            ifd.quantiles,
-            ifd.window,
-            ifd.max_rejected_in_a_row,
-            ifd.tail_width,
-            ifd.max_drop_frac,
-        )
+    selector = None if delta_ifd is None else DeltaIFDFilter(delta_ifd)
     return scorer, selector
 
 
@@ -148,7 +128,7 @@ class GeneratorSpec:
     num_threads: int | None = None
     teacher: nn.Module | None = None  # an inference copy, for the scoring stage
     teacher_top_k: int | None = None
-    ifd: IFDSettings | None = None
+    delta_ifd: DeltaIFDSettings | None = None
     bos_token_id: int | None = None
 
 
@@ -174,9 +154,11 @@ def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: 
         if spec.num_threads is not None:
             torch.set_num_threads(spec.num_threads)
         model = _own_copy(spec.snapshot.model, spec.engine.device, progress)
-        engine = TransformersEngine(model, spec.engine, should_stop=should_stop, record_t1=spec.ifd is not None)
+        engine = TransformersEngine(model, spec.engine, should_stop=should_stop, record_t1=spec.delta_ifd is not None)
         teacher = None if spec.teacher is None else _own_copy(spec.teacher, spec.engine.device, progress)
-        scorer, selector = scoring_stage(teacher, model, spec.teacher_top_k, spec.ifd, spec.bos_token_id, spec.engine)
+        scorer, selector = scoring_stage(
+            teacher, model, spec.teacher_top_k, spec.delta_ifd, spec.bos_token_id, spec.engine
+        )
         version, step = -1, 0
 
         def wait_for_lock() -> None:  # a publish holds the lock: healthy, but stop if asked (the trainer may be gone)

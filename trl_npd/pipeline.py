@@ -48,7 +48,6 @@ from .config import GENERATOR_MODES
 from .engine import EngineConfig, RemoteEngine, TransformersEngine
 from .generator import (
     GeneratorSpec,
-    IFDSettings,
     generate_batch,
     run_generator,
     run_remote_generator,
@@ -58,7 +57,7 @@ from .progress import Activity, GeneratorProgress
 from .prompts import PromptStream
 from .samples import Drained, GeneratedBatch, Rejected, TakeResult
 from .scoring import SampleScorer
-from .selection import DeltaIFDFilter
+from .selection import DeltaIFDFilter, DeltaIFDSettings
 from .snapshot import PolicySnapshot, held_while_alive, inference_copy
 
 
@@ -121,9 +120,9 @@ class GenerationPipeline:
         num_threads: torch threads of a generator process.
         seed: seed of the generator process's sampling RNG.
         remote_engine: an engine that holds its own weights (vLLM), instead of a snapshot of `student`.
-        teacher, teacher_top_k, ifd, bos_token_id: the scoring and selection stages. With `teacher_top_k` the
-            generator stores the teacher's top-k with each sample; with `ifd` it keeps only samples in the Δ-IFD
-            band. Both run on the generator's own copy of the teacher.
+        teacher, teacher_top_k, delta_ifd, bos_token_id: the scoring and selection stages. With `teacher_top_k`
+            the generator stores the teacher's top-k with each sample; with `delta_ifd` it keeps only samples in the
+            Δ-IFD band. Both run on the generator's own copy of the teacher.
         generator_timeout_s: seconds without progress after which the generator counts as hung.
         bootstrap: with a generator process, sample inline with the live student until its first batch arrives.
     """
@@ -144,7 +143,7 @@ class GenerationPipeline:
         seed: int,
         teacher: nn.Module | None = None,
         teacher_top_k: int | None = None,
-        ifd: IFDSettings | None = None,
+        delta_ifd: DeltaIFDSettings | None = None,
         bos_token_id: int | None = None,
         remote_engine: RemoteEngine | None = None,
         generator_timeout_s: float = 300.0,
@@ -191,7 +190,8 @@ class GenerationPipeline:
         self._remote = remote_engine
         self._policy_lock = threading.Lock()  # a remote engine's weights change only between generation batches
         self._inline_engine: TransformersEngine | RemoteEngine | None = None
-        self._teacher, self._teacher_top_k, self._ifd, self._bos_token_id = teacher, teacher_top_k, ifd, bos_token_id
+        self._teacher, self._teacher_top_k, self._bos_token_id = teacher, teacher_top_k, bos_token_id
+        self._delta_ifd = delta_ifd
         self._inline_scorer: SampleScorer | None = None
         self._inline_selector: DeltaIFDFilter | None = None
         self._bootstrapping = bootstrap and mode == "process" and remote_engine is None
@@ -199,7 +199,7 @@ class GenerationPipeline:
         self._bootstrap_progress = GeneratorProgress(self._ctx)  # counts the trainer's own samples
         if mode != "inline" and remote_engine is None:
             teacher_copy = None
-            if teacher is not None and (teacher_top_k is not None or ifd is not None):
+            if teacher is not None and (teacher_top_k is not None or delta_ifd is not None):
                 teacher_copy = inference_copy(teacher)
                 teacher_copy.share_memory()
             self._snapshot = PolicySnapshot(student, self._ctx, version=version, step=step)
@@ -213,7 +213,7 @@ class GenerationPipeline:
                 num_threads=num_threads if mode == "process" else None,
                 teacher=teacher_copy,
                 teacher_top_k=teacher_top_k,
-                ifd=ifd,
+                delta_ifd=delta_ifd,
                 bos_token_id=bos_token_id,
             )
 
@@ -229,10 +229,12 @@ class GenerationPipeline:
             if self._remote is not None:
                 self._inline_engine = self._remote
             else:
-                self._inline_engine = TransformersEngine(self._student, inline_config, record_t1=self._ifd is not None)
+                self._inline_engine = TransformersEngine(
+                    self._student, inline_config, record_t1=self._delta_ifd is not None
+                )
             # a remote engine's scorer (teacher top-k) runs on the trainer's teacher, in this process
             self._inline_scorer, self._inline_selector = scoring_stage(
-                self._teacher, self._student, self._teacher_top_k, self._ifd, self._bos_token_id, inline_config
+                self._teacher, self._student, self._teacher_top_k, self._delta_ifd, self._bos_token_id, inline_config
             )
             if self.mode == "thread":
                 args = (

@@ -42,7 +42,6 @@ from .completion_log import CompletionLog
 from .config import NearPolicyDistillConfig
 from .divergences import k3_policy_kl
 from .engine import EngineConfig
-from .generator import IFDSettings
 from .guards import (
     check_context_fits,
     check_output_dir_writable,
@@ -61,6 +60,7 @@ from .pipeline import GenerationPipeline, GeneratorError
 from .prompts import PromptOnlyCollator, PromptStream
 from .sample_log import SampleLog, sample_log_path
 from .samples import Sample, TakeResult
+from .selection import DeltaIFDSettings
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             seed=args.seed + args.process_index,
             teacher=self.accelerator.unwrap_model(self.teacher_model),
             teacher_top_k=args.teacher_top_k,
-            ifd=self._ifd_settings(),
+            delta_ifd=DeltaIFDSettings.from_config(args),
             bos_token_id=self.processing_class.bos_token_id,
             generator_timeout_s=args.generator_timeout_s,
             # sampling with the live weights is a collective under ZeRO-3/FSDP, which one rank cannot do alone
@@ -421,21 +421,6 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 )
                 return True
         return False
-
-    def _ifd_settings(self) -> IFDSettings | None:
-        args = self.args
-        if not args.ifd_filter:
-            return None
-        return IFDSettings(
-            band=args.ifd_band,
-            low=args.ifd_delta_min,
-            high=args.ifd_delta_max,
-            quantiles=tuple(args.ifd_quantiles),
-            window=args.ifd_window,
-            max_rejected_in_a_row=args.ifd_max_rejected_in_a_row,
-            tail_width=args.ifd_tail_width,
-            max_drop_frac=args.ifd_max_drop_frac,
-        )
 
     def _resume_stream_position(self) -> int:
         """Where this rank's prompt stream resumes: its own position as the checkpoint recorded it."""
