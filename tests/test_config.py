@@ -242,3 +242,26 @@ def test_every_delta_ifd_setting_is_its_config_field_without_the_prefix(tmp_path
         tail_width=2.0,
         max_drop_frac=0.1,
     )
+
+
+def test_the_pipeline_settings_come_from_the_config_in_one_place(tmp_path):
+    from types import SimpleNamespace
+
+    from trl_npd.pipeline import PipelineSettings
+
+    args = config(tmp_path, generator_mode="thread", max_new_tokens=7, temperature=0.5, seed=3, teacher_top_k=5)
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    common = dict(tokenizer=tokenizer, device="cpu", num_threads=None, version=4, step=8)
+    settings = PipelineSettings.from_config(
+        args, generation_config=SimpleNamespace(eos_token_id=None), weights_sharded=False, **common
+    )
+    assert (settings.mode, settings.version, settings.step, settings.seed) == ("thread", 4, 8, 3)
+    assert (settings.generation_batch_size, settings.buffer_size) == args.generation_sizes(1)
+    assert (settings.engine.max_new_tokens, settings.engine.temperature) == (7, 0.5)
+    assert (settings.engine.pad_token_id, settings.engine.eos_token_id, settings.bos_token_id) == (0, 2, 1)
+    assert settings.teacher_top_k == 5 and settings.delta_ifd is None and settings.bootstrap is True
+    # the model's generation config names the EOS tokens; sharded weights cannot sample on one rank alone
+    sharded = PipelineSettings.from_config(
+        args, generation_config=SimpleNamespace(eos_token_id=[2, 9]), weights_sharded=True, **common
+    )
+    assert sharded.engine.eos_token_id == [2, 9] and sharded.bootstrap is False

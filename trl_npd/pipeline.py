@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -59,6 +59,9 @@ from .samples import Drained, GeneratedBatch, Rejected, TakeResult
 from .scoring import SampleScorer
 from .selection import DeltaIFDFilter, DeltaIFDSettings
 from .snapshot import PolicySnapshot, held_while_alive, inference_copy
+
+if TYPE_CHECKING:
+    from .config import NearPolicyDistillConfig
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -105,13 +108,12 @@ class StopReport:
     rejected_in_transport: list[Rejected] = field(default_factory=list)  # each of those drops, for the sample log
 
 
-class GenerationPipeline:
-    """Owns the generator, its snapshot of the student and the buffer between them.
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The pipeline's settings: everything but the live objects (models, prompts, a remote engine).
 
     Args:
         mode: `"process"`, `"thread"` or `"inline"`.
-        student: the trainer's (unwrapped) student. The background modes snapshot it; `inline` generates with it.
-        prompts: the prompt stream the generator consumes.
         engine: sampling settings and the generator's device.
         generation_batch_size: prompts per generation batch.
         buffer_size: most samples held between generator and trainer.
@@ -119,36 +121,100 @@ class GenerationPipeline:
         version, step: the first snapshot's policy version and the optimizer step its weights come from.
         num_threads: torch threads of a generator process.
         seed: seed of the generator process's sampling RNG.
-        remote_engine: an engine that holds its own weights (vLLM), instead of a snapshot of `student`.
-        teacher, teacher_top_k, delta_ifd, bos_token_id: the scoring and selection stages. With `teacher_top_k`
-            the generator stores the teacher's top-k with each sample; with `delta_ifd` it keeps only samples in the
+        teacher_top_k, delta_ifd, bos_token_id: the scoring and selection stages. With `teacher_top_k` the
+            generator stores the teacher's top-k with each sample; with `delta_ifd` it keeps only samples in the
             Δ-IFD band. Both run on the generator's own copy of the teacher.
         generator_timeout_s: seconds without progress after which the generator counts as hung.
         bootstrap: with a generator process, sample inline with the live student until its first batch arrives.
     """
 
-    def __init__(
-        self,
+    mode: str
+    engine: EngineConfig
+    generation_batch_size: int
+    buffer_size: int
+    max_staleness: int
+    version: int
+    step: int
+    num_threads: int | None
+    seed: int
+    teacher_top_k: int | None = None
+    delta_ifd: DeltaIFDSettings | None = None
+    bos_token_id: int | None = None
+    generator_timeout_s: float = 300.0
+    bootstrap: bool = False
+
+    @classmethod
+    def from_config(
+        cls,
+        args: NearPolicyDistillConfig,
         *,
-        mode: str,
-        student: nn.Module,
-        prompts: PromptStream,
-        engine: EngineConfig,
-        generation_batch_size: int,
-        buffer_size: int,
-        max_staleness: int,
+        tokenizer: Any,
+        generation_config: Any,
+        device: str,
+        num_threads: int | None,
         version: int,
         step: int,
-        num_threads: int | None,
-        seed: int,
+        weights_sharded: bool,
+    ) -> PipelineSettings:
+        """The settings of one rank's pipeline, from the config and what only the trainer knows.
+
+        Args:
+            tokenizer: gives the pad and BOS tokens, and the EOS token unless `generation_config` sets one.
+            device: the generator's device; num_threads: its torch threads (None but for a generator process).
+            version, step: the policy version the first snapshot carries and the optimizer step of its weights.
+            weights_sharded: the student is sharded (ZeRO-3, FSDP), so that sampling with the live weights is a
+                collective one rank cannot do alone: no bootstrap.
+        """
+        shared = args.uses_shared_generator
+        # a shared generator samples for every rank
+        generation_batch_size, buffer_size = args.generation_sizes(args.world_size if shared else 1)
+        eos = generation_config.eos_token_id
+        engine = EngineConfig(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id if eos is None else eos,
+            device=device,
+        )
+        return cls(
+            mode=args.generator_mode,
+            engine=engine,
+            generation_batch_size=generation_batch_size,
+            buffer_size=buffer_size,
+            max_staleness=args.max_staleness,
+            version=version,
+            step=step,
+            num_threads=num_threads,
+            seed=args.seed + args.process_index,
+            teacher_top_k=args.teacher_top_k,
+            delta_ifd=DeltaIFDSettings.from_config(args),
+            bos_token_id=tokenizer.bos_token_id,
+            generator_timeout_s=args.generator_timeout_s,
+            bootstrap=args.generator_bootstrap and not weights_sharded,
+        )
+
+
+class GenerationPipeline:
+    """Owns the generator, its snapshot of the student and the buffer between them.
+
+    Args:
+        settings: the scalar settings (`PipelineSettings.from_config` builds them from the trainer's config).
+        student: the trainer's (unwrapped) student. The background modes snapshot it; `inline` generates with it.
+        prompts: the prompt stream the generator consumes.
+        teacher: the teacher, for the scoring and selection stages (see `PipelineSettings`).
+        remote_engine: an engine that holds its own weights (vLLM), instead of a snapshot of `student`.
+    """
+
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        *,
+        student: nn.Module,
+        prompts: PromptStream,
         teacher: nn.Module | None = None,
-        teacher_top_k: int | None = None,
-        delta_ifd: DeltaIFDSettings | None = None,
-        bos_token_id: int | None = None,
         remote_engine: RemoteEngine | None = None,
-        generator_timeout_s: float = 300.0,
-        bootstrap: bool = False,
     ) -> None:
+        mode = settings.mode
         if mode not in GENERATOR_MODES:
             # the config maps old names; a mode set on it afterwards (or read from an older pickle) arrives unmapped
             raise ValueError(
@@ -161,14 +227,13 @@ class GenerationPipeline:
                 "mode='process' cannot drive a remote engine: its client lives in this process, where a thread "
                 "waits on it. Use mode='thread'."
             )
+        self.settings = settings
         self.mode = mode
-        self.max_staleness = max_staleness
-        self.generator_timeout_s = generator_timeout_s
-        self._student = student
+        self.max_staleness = settings.max_staleness
+        self.generator_timeout_s = settings.generator_timeout_s
+        self._student, self._teacher = student, teacher
         self._prompts = prompts
-        self._engine_config = engine
-        self._generation_batch_size = generation_batch_size
-        self._version, self._step = version, step
+        self._version, self._step = settings.version, settings.step
         self._worker: mp.process.BaseProcess | threading.Thread | None = None
         self._ctx = mp.get_context("spawn")
         self.progress = GeneratorProgress(self._ctx)
@@ -176,7 +241,7 @@ class GenerationPipeline:
         self._hang_lock = threading.Lock()
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
-        batches = max(1, buffer_size // generation_batch_size)
+        batches = max(1, settings.buffer_size // settings.generation_batch_size)
         if mode == "process":
             transport: Any = self._ctx.Queue(maxsize=batches)
             self._stop: Any = self._ctx.Event()
@@ -185,37 +250,43 @@ class GenerationPipeline:
             transport = queue.Queue(maxsize=batches)
             self._stop = threading.Event()
             self._errors = queue.Queue()
-        self.buffer = SampleBuffer(transport, generation_batch_size)
+        self.buffer = SampleBuffer(transport, settings.generation_batch_size)
         self._snapshot: PolicySnapshot | None = None
         self._remote = remote_engine
         self._policy_lock = threading.Lock()  # a remote engine's weights change only between generation batches
+        # the stages that run in this process, on the trainer's own models (built by `start` where needed)
         self._inline_engine: TransformersEngine | RemoteEngine | None = None
-        self._teacher, self._teacher_top_k, self._bos_token_id = teacher, teacher_top_k, bos_token_id
-        self._delta_ifd = delta_ifd
         self._inline_scorer: SampleScorer | None = None
         self._inline_selector: DeltaIFDFilter | None = None
-        self._bootstrapping = bootstrap and mode == "process" and remote_engine is None
-        self._bootstrap_prompts = prompts.side_stream(seed + BOOTSTRAP_SEED_OFFSET) if self._bootstrapping else None
+        self._bootstrapping = settings.bootstrap and mode == "process" and remote_engine is None
+        self._bootstrap_prompts = (
+            prompts.side_stream(settings.seed + BOOTSTRAP_SEED_OFFSET) if self._bootstrapping else None
+        )
         self._bootstrap_progress = GeneratorProgress(self._ctx)  # counts the trainer's own samples
         if mode != "inline" and remote_engine is None:
-            teacher_copy = None
-            if teacher is not None and (teacher_top_k is not None or delta_ifd is not None):
-                teacher_copy = inference_copy(teacher)
-                teacher_copy.share_memory()
-            self._snapshot = PolicySnapshot(student, self._ctx, version=version, step=step)
-            self._spec = GeneratorSpec(
-                snapshot=self._snapshot,
-                prompts=prompts,
-                engine=engine,
-                generation_batch_size=generation_batch_size,
-                seed=seed,
-                progress=self.progress,
-                num_threads=num_threads if mode == "process" else None,
-                teacher=teacher_copy,
-                teacher_top_k=teacher_top_k,
-                delta_ifd=delta_ifd,
-                bos_token_id=bos_token_id,
-            )
+            self._snapshot = PolicySnapshot(student, self._ctx, version=settings.version, step=settings.step)
+            self._spec = self._generator_spec()
+
+    def _generator_spec(self) -> GeneratorSpec:
+        """What a background generator fed by the snapshot receives (pickled, for a process)."""
+        settings = self.settings
+        teacher_copy = None
+        if self._teacher is not None and (settings.teacher_top_k is not None or settings.delta_ifd is not None):
+            teacher_copy = inference_copy(self._teacher)
+            teacher_copy.share_memory()
+        return GeneratorSpec(
+            snapshot=self._snapshot,
+            prompts=self._prompts,
+            engine=settings.engine,
+            generation_batch_size=settings.generation_batch_size,
+            seed=settings.seed,
+            progress=self.progress,
+            num_threads=settings.num_threads if self.mode == "process" else None,
+            teacher=teacher_copy,
+            teacher_top_k=settings.teacher_top_k,
+            delta_ifd=settings.delta_ifd,
+            bos_token_id=settings.bos_token_id,
+        )
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -225,16 +296,21 @@ class GenerationPipeline:
         if self.mode == "inline" or self._remote is not None or self._bootstrapping:
             # Sampling and scoring in this process use the trainer's own models, on the trainer's device, whatever
             # `generator_device` the background generator's copies go to.
-            inline_config = replace(self._engine_config, device=str(next(self._student.parameters()).device))
+            inline_config = replace(self.settings.engine, device=str(next(self._student.parameters()).device))
             if self._remote is not None:
                 self._inline_engine = self._remote
             else:
                 self._inline_engine = TransformersEngine(
-                    self._student, inline_config, record_t1=self._delta_ifd is not None
+                    self._student, inline_config, record_t1=self.settings.delta_ifd is not None
                 )
             # a remote engine's scorer (teacher top-k) runs on the trainer's teacher, in this process
             self._inline_scorer, self._inline_selector = scoring_stage(
-                self._teacher, self._student, self._teacher_top_k, self._delta_ifd, self._bos_token_id, inline_config
+                self._teacher,
+                self._student,
+                self.settings.teacher_top_k,
+                self.settings.delta_ifd,
+                self.settings.bos_token_id,
+                inline_config,
             )
             if self.mode == "thread":
                 args = (
@@ -242,7 +318,7 @@ class GenerationPipeline:
                     self._policy_lock,
                     lambda: (self._version, self._step),
                     self._prompts,
-                    self._generation_batch_size,
+                    self.settings.generation_batch_size,
                     self._inline_scorer,
                     self.buffer,
                     self._stop,
@@ -416,7 +492,7 @@ class GenerationPipeline:
         batch = generate_batch(
             self._inline_engine,
             self._bootstrap_prompts if bootstrap else self._prompts,
-            self._generation_batch_size,
+            self.settings.generation_batch_size,
             self.version,
             current_step if self._remote is None else self._step,
             self._inline_scorer,
