@@ -1,6 +1,6 @@
 """Lifecycle of the background generator: start it, feed the trainer from it, publish weights, stop it.
 
-Three hosts run the same generator loop (`generator.run_generator` / `generator.generate_batch`):
+Three hosts run the same generator code (`generator.generator_loop` / `generator.generate_batch`):
 
 - `process`: a spawned process. The only host with real overlap on a CPU machine (see docs/design.md): the
   generator gets its own interpreter and its own torch threads, so it neither holds the trainer's GIL nor competes
@@ -18,6 +18,10 @@ A remote engine (vLLM) replaces the snapshot: the engine holds its own copy of t
 student's into it. Its generator is a thread of the trainer process, which mostly waits on the engine (the config
 turns a requested `process` into `thread`, with a warning; here `process` is refused); the policy lock keeps every
 generation batch sampled by one version.
+
+`start` starts whichever host the mode and the engine call for: a snapshot-fed loop in a process or a thread, a
+remote engine's loop in a thread, or none (`inline`); the engine, scorer and selector that sample in this process
+(`inline` mode's, the bootstrap's, a remote engine's scorer) are built first where one is needed.
 
 Liveness is not enough: a generator can be alive and stuck (deadlocked, frozen by SIGSTOP). The generator reports
 progress (`progress.GeneratorProgress`), and `check_alive`, which the trainer calls wherever it can block on the
@@ -48,6 +52,7 @@ from .config import GENERATOR_MODES
 from .engine import EngineConfig, RemoteEngine, TransformersEngine
 from .generator import (
     GeneratorSpec,
+    RemoteHost,
     generate_batch,
     run_generator,
     run_remote_generator,
@@ -254,7 +259,7 @@ class GenerationPipeline:
         self._snapshot: PolicySnapshot | None = None
         self._remote = remote_engine
         self._policy_lock = threading.Lock()  # a remote engine's weights change only between generation batches
-        # the stages that run in this process, on the trainer's own models (built by `start` where needed)
+        # the stages that run in this process, on the trainer's own models (see `_build_inline_stage`)
         self._inline_engine: TransformersEngine | RemoteEngine | None = None
         self._inline_scorer: SampleScorer | None = None
         self._inline_selector: DeltaIFDFilter | None = None
@@ -294,60 +299,73 @@ class GenerationPipeline:
         # shared copy) are the trainer's work, and a large model's would otherwise count against its silence.
         self.progress.beat()
         if self.mode == "inline" or self._remote is not None or self._bootstrapping:
-            # Sampling and scoring in this process use the trainer's own models, on the trainer's device, whatever
-            # `generator_device` the background generator's copies go to.
-            inline_config = replace(self.settings.engine, device=str(next(self._student.parameters()).device))
-            if self._remote is not None:
-                self._inline_engine = self._remote
-            else:
-                self._inline_engine = TransformersEngine(
-                    self._student, inline_config, record_t1=self.settings.delta_ifd is not None
-                )
-            # a remote engine's scorer (teacher top-k) runs on the trainer's teacher, in this process
-            self._inline_scorer, self._inline_selector = scoring_stage(
-                self._teacher,
-                self._student,
-                self.settings.teacher_top_k,
-                self.settings.delta_ifd,
-                self.settings.bos_token_id,
-                inline_config,
-            )
-            if self.mode == "thread":
-                args = (
-                    self._remote,
-                    self._policy_lock,
-                    lambda: (self._version, self._step),
-                    self._prompts,
-                    self.settings.generation_batch_size,
-                    self._inline_scorer,
-                    self.buffer,
-                    self._stop,
-                    self._errors,
-                    self.progress,
-                )
-                self._worker = threading.Thread(
-                    target=run_remote_generator, args=args, name="npd-generator", daemon=True
-                )
-                self._worker.start()
-            if not self._bootstrapping:
-                return
-        args = (self._spec, self.buffer, self._stop, self._errors, self.mode == "process")
-        if self.mode == "process":
-            # daemon: if the trainer process dies without cleanup, the generator dies with it
-            process = self._ctx.Process(target=run_generator, args=args, name="npd-generator", daemon=True)
-            with _main_module_hidden():
-                process.start()  # pickles the spec: if that fails, there is no process for stop() to end
-            self._worker = process
-            # The queues' write ends now live in the generator. Closing this process's copies lets a read see the
-            # end of the pipe if the generator is killed halfway through writing a batch, instead of blocking for
-            # the rest of it forever (mp.Queue keeps both ends in the process that created it).
-            for q in (self.buffer.transport, self._errors):
-                q._writer.close()
-            self._watchdog = threading.Thread(target=self._watch, name="npd-generator-watchdog", daemon=True)
-            self._watchdog.start()
+            self._build_inline_stage()
+        if self.mode == "inline":
+            return
+        if self._remote is not None:
+            self._start_remote_thread()
+        elif self.mode == "process":
+            self._start_snapshot_process()
         else:
-            self._worker = threading.Thread(target=run_generator, args=args, name="npd-generator", daemon=True)
-            self._worker.start()
+            self._start_snapshot_thread()
+
+    def _build_inline_stage(self) -> None:
+        """The engine, scorer and selector that run in this process: inline mode's, the bootstrap's, and a remote
+        engine's (whose scorer, for teacher top-k, runs on the trainer's teacher here)."""
+        settings = self.settings
+        # Sampling and scoring in this process use the trainer's own models, on the trainer's device, whatever
+        # `generator_device` the background generator's copies go to.
+        inline_config = replace(settings.engine, device=str(next(self._student.parameters()).device))
+        if self._remote is not None:
+            self._inline_engine = self._remote
+        else:
+            self._inline_engine = TransformersEngine(
+                self._student, inline_config, record_t1=settings.delta_ifd is not None
+            )
+        self._inline_scorer, self._inline_selector = scoring_stage(
+            self._teacher,
+            self._student,
+            settings.teacher_top_k,
+            settings.delta_ifd,
+            settings.bos_token_id,
+            inline_config,
+        )
+
+    def _start_remote_thread(self) -> None:
+        """The generator loop on a remote engine, in a thread of this process, which mostly waits on the engine."""
+        host = RemoteHost(
+            self._remote,
+            self._inline_scorer,
+            self._policy_lock,
+            lambda: (self._version, self._step),
+            self._stop,
+            self.progress,
+        )
+        args = (host, self._prompts, self.settings.generation_batch_size, self.buffer, self._errors, self.progress)
+        self._worker = threading.Thread(target=run_remote_generator, args=args, name="npd-generator", daemon=True)
+        self._worker.start()
+
+    def _start_snapshot_process(self) -> None:
+        """The generator loop on a snapshot, in a spawned process, watched from a thread of this one."""
+        args = (self._spec, self.buffer, self._stop, self._errors, True)
+        # daemon: if the trainer process dies without cleanup, the generator dies with it
+        process = self._ctx.Process(target=run_generator, args=args, name="npd-generator", daemon=True)
+        with _main_module_hidden():
+            process.start()  # pickles the spec: if that fails, there is no process for stop() to end
+        self._worker = process
+        # The queues' write ends now live in the generator. Closing this process's copies lets a read see the
+        # end of the pipe if the generator is killed halfway through writing a batch, instead of blocking for
+        # the rest of it forever (mp.Queue keeps both ends in the process that created it).
+        for q in (self.buffer.transport, self._errors):
+            q._writer.close()
+        self._watchdog = threading.Thread(target=self._watch, name="npd-generator-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _start_snapshot_thread(self) -> None:
+        """The generator loop on a snapshot, in a thread of this process (no reseeding: the RNG is the trainer's)."""
+        args = (self._spec, self.buffer, self._stop, self._errors, False)
+        self._worker = threading.Thread(target=run_generator, args=args, name="npd-generator", daemon=True)
+        self._worker.start()
 
     def stop(self, timeout_s: float = 30.0) -> StopReport:
         """Stop the generator and release everything; reports what was left and any failure not yet raised.
