@@ -24,8 +24,9 @@ from common import write_json
 from trl.experimental.utils import DataCollatorForChatML
 
 from trl_npd.engine import EngineConfig, TransformersEngine
-from trl_npd.generator import IFDSettings, generate_batch, scoring_stage
+from trl_npd.generator import generate_batch, scoring_stage
 from trl_npd.prompts import PromptStream
+from trl_npd.selection import DeltaIFDSettings
 from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
 
 PRESETS = {
@@ -50,12 +51,12 @@ def main() -> None:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    ifd = IFDSettings("quantile", 0.0, 0.8, (0.1, 0.9), 1024, 256)
+    delta_ifd = DeltaIFDSettings("quantile", 0.0, 0.8, (0.1, 0.9), 1024, 256)
     variants = {
         "generate": (TransformersEngine(student, engine_config), (None, None)),
         "generate+ifd": (
             TransformersEngine(student, engine_config, record_t1=True),
-            scoring_stage(teacher, student, None, ifd, tokenizer.bos_token_id, engine_config),
+            scoring_stage(teacher, student, None, delta_ifd, tokenizer.bos_token_id, engine_config),
         ),
     }
     collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=256)

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from trl_npd.buffer import GeneratedBatch, Sample, SampleBuffer
+from trl_npd.buffer import SampleBuffer
+from trl_npd.samples import GeneratedBatch, Sample
 
 
 def batch_of(n, policy_step, start=0):

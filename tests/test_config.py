@@ -209,3 +209,59 @@ def test_delta_ifd_settings_warn_about_nothing_at_the_defaults_or_with_ifd_filte
         config(tmp_path, ifd_filter=False, ifd_quantiles=[0.1, 0.9], ifd_window=1024)  # explicit, but the defaults
         config(tmp_path, ifd_filter=True, ifd_band="quantile", ifd_window=256)
     assert not [w for w in caught if "ifd_filter" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_every_delta_ifd_setting_is_its_config_field_without_the_prefix(tmp_path):
+    """The Δ-IFD settings go by one name from the config to the filter: `ifd_<name>` in the config is `<name>` in
+    `DeltaIFDSettings`, which the filter reads. A field added on one side only would be silently ignored."""
+    from dataclasses import fields
+
+    from trl_npd.config import IFD_ONLY_FIELDS
+    from trl_npd.selection import CONFIG_PREFIX, DeltaIFDSettings
+
+    assert {CONFIG_PREFIX + f.name for f in fields(DeltaIFDSettings)} == set(IFD_ONLY_FIELDS)
+    assert DeltaIFDSettings.from_config(config(tmp_path)) is None  # Δ-IFD is off by default
+    changed = dict(
+        ifd_band="absolute",
+        ifd_tail_width=2.0,
+        ifd_max_drop_frac=0.1,
+        ifd_delta_min=-0.5,
+        ifd_delta_max=0.5,
+        ifd_quantiles=[0.2, 0.7],  # a list, as the command line parses it
+        ifd_window=64,
+        ifd_max_rejected_in_a_row=9,
+    )
+    settings = DeltaIFDSettings.from_config(config(tmp_path, ifd_filter=True, **changed))
+    assert settings == DeltaIFDSettings(
+        band="absolute",
+        delta_min=-0.5,
+        delta_max=0.5,
+        quantiles=(0.2, 0.7),
+        window=64,
+        max_rejected_in_a_row=9,
+        tail_width=2.0,
+        max_drop_frac=0.1,
+    )
+
+
+def test_the_pipeline_settings_come_from_the_config_in_one_place(tmp_path):
+    from types import SimpleNamespace
+
+    from trl_npd.pipeline import PipelineSettings
+
+    args = config(tmp_path, generator_mode="thread", max_new_tokens=7, temperature=0.5, seed=3, teacher_top_k=5)
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    common = dict(tokenizer=tokenizer, device="cpu", num_threads=None, version=4, step=8)
+    settings = PipelineSettings.from_config(
+        args, generation_config=SimpleNamespace(eos_token_id=None), weights_sharded=False, **common
+    )
+    assert (settings.mode, settings.version, settings.step, settings.seed) == ("thread", 4, 8, 3)
+    assert (settings.generation_batch_size, settings.buffer_size) == args.generation_sizes(1)
+    assert (settings.engine.max_new_tokens, settings.engine.temperature) == (7, 0.5)
+    assert (settings.engine.pad_token_id, settings.engine.eos_token_id, settings.bos_token_id) == (0, 2, 1)
+    assert settings.teacher_top_k == 5 and settings.delta_ifd is None and settings.bootstrap is True
+    # the model's generation config names the EOS tokens; sharded weights cannot sample on one rank alone
+    sharded = PipelineSettings.from_config(
+        args, generation_config=SimpleNamespace(eos_token_id=[2, 9]), weights_sharded=True, **common
+    )
+    assert sharded.engine.eos_token_id == [2, 9] and sharded.bootstrap is False

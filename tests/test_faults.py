@@ -302,11 +302,21 @@ def test_a_trainer_killed_mid_run_resumes_from_its_last_checkpoint_continuing_ve
     assert after == expected
 
 
-def _pipeline(tokenizer, dataset, timeout_s, mode="thread", student=None, max_new_tokens=4, **kwargs):
+def _pipeline(
+    tokenizer,
+    dataset,
+    timeout_s,
+    mode="thread",
+    student=None,
+    max_new_tokens=4,
+    teacher=None,
+    remote_engine=None,
+    **settings,
+):
     from trl.experimental.utils import DataCollatorForChatML
 
     from trl_npd.engine import EngineConfig
-    from trl_npd.pipeline import GenerationPipeline
+    from trl_npd.pipeline import GenerationPipeline, PipelineSettings
     from trl_npd.prompts import PromptStream
 
     engine = EngineConfig(
@@ -315,10 +325,8 @@ def _pipeline(tokenizer, dataset, timeout_s, mode="thread", student=None, max_ne
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return GenerationPipeline(
+    settings = PipelineSettings(
         mode=mode,
-        student=student or build_model(tokenizer, hidden_size=32, num_layers=2, seed=1),
-        prompts=PromptStream(dataset, DataCollatorForChatML(tokenizer=tokenizer, max_length=96), seed=0),
         engine=engine,
         generation_batch_size=2,
         buffer_size=2,
@@ -328,7 +336,14 @@ def _pipeline(tokenizer, dataset, timeout_s, mode="thread", student=None, max_ne
         num_threads=None,
         seed=0,
         generator_timeout_s=timeout_s,
-        **kwargs,
+        **settings,
+    )
+    return GenerationPipeline(
+        settings,
+        student=student or build_model(tokenizer, hidden_size=32, num_layers=2, seed=1),
+        prompts=PromptStream(dataset, DataCollatorForChatML(tokenizer=tokenizer, max_length=96), seed=0),
+        teacher=teacher,
+        remote_engine=remote_engine,
     )
 
 

@@ -7,7 +7,7 @@ import torch
 from trl.experimental.utils import DataCollatorForChatML
 
 from trl_npd.engine import EngineConfig, TransformersEngine
-from trl_npd.pipeline import GenerationPipeline
+from trl_npd.pipeline import GenerationPipeline, PipelineSettings
 from trl_npd.prompts import PromptStream
 from trl_npd.snapshot import PolicySnapshot
 from trl_npd.toy import build_model
@@ -67,10 +67,8 @@ def test_after_a_sync_samples_follow_the_new_weights_and_no_sample_mixes_version
     model_a = build_model(tokenizer, hidden_size=32, num_layers=2, seed=11)
     model_b = build_model(tokenizer, hidden_size=32, num_layers=2, seed=12)
     collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=96)
-    pipeline = GenerationPipeline(
+    settings = PipelineSettings(
         mode="thread",
-        student=model_a,
-        prompts=PromptStream(dataset, collator, seed=0),
         engine=engine_config(tokenizer, max_new_tokens=6, temperature=1.0),
         generation_batch_size=2,
         buffer_size=2,
@@ -80,6 +78,7 @@ def test_after_a_sync_samples_follow_the_new_weights_and_no_sample_mixes_version
         num_threads=None,
         seed=0,
     )
+    pipeline = GenerationPipeline(settings, student=model_a, prompts=PromptStream(dataset, collator, seed=0))
     weights = {0: model_a}
     stop_publishing = threading.Event()
 
@@ -131,12 +130,10 @@ def _hold_lock_and_die(lock):
     os._exit(0)
 
 
-def process_pipeline(tokenizer, student, dataset, **kwargs):
+def process_pipeline(tokenizer, student, dataset, remote_engine=None, **settings):
     collator = DataCollatorForChatML(tokenizer, max_length=64)
     values = dict(
         mode="process",
-        student=student,
-        prompts=PromptStream(dataset, collator, seed=0),
         engine=EngineConfig(max_new_tokens=4, temperature=1.0, pad_token_id=0, eos_token_id=2),
         generation_batch_size=4,
         buffer_size=4,
@@ -146,8 +143,13 @@ def process_pipeline(tokenizer, student, dataset, **kwargs):
         num_threads=1,
         seed=0,
     )
-    values.update(kwargs)
-    return GenerationPipeline(**values)
+    values.update(settings)
+    return GenerationPipeline(
+        PipelineSettings(**values),
+        student=student,
+        prompts=PromptStream(dataset, collator, seed=0),
+        remote_engine=remote_engine,
+    )
 
 
 def test_a_remote_engine_is_not_run_from_a_process_and_the_mode_is_not_changed_behind_the_callers_back(

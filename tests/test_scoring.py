@@ -3,9 +3,9 @@ import torch
 from tiny_models import build as build_tiny
 
 from trl_npd.batching import pad_sequences, sequences_from_samples
-from trl_npd.buffer import Sample
 from trl_npd.losses import distillation_loss
 from trl_npd.packing import pack_sequences
+from trl_npd.samples import Sample
 from trl_npd.scoring import SampleScorer
 from trl_npd.selection import delta_ifd
 from trl_npd.toy import build_model

@@ -4,21 +4,22 @@ import random
 import pytest
 import torch
 
-from trl_npd.buffer import Sample
+from trl_npd.samples import Sample
 from trl_npd.scoring import SampleScorer
-from trl_npd.selection import MIN_TAILS_WINDOW, MIN_UNCONDITIONAL_NLL, DeltaIFDFilter, delta_ifd, ifd
+from trl_npd.selection import MIN_TAILS_WINDOW, MIN_UNCONDITIONAL_NLL, DeltaIFDFilter, DeltaIFDSettings, delta_ifd, ifd
 from trl_npd.toy import build_model
 
 
 def test_band_edges_are_inclusive_and_drops_are_counted_by_side():
-    result = DeltaIFDFilter("absolute", 0.0, 0.8).select([-1e-9, 0.0, 0.4, 0.8, 0.8 + 1e-9, math.nan])
+    selector = DeltaIFDFilter(DeltaIFDSettings("absolute", 0.0, 0.8))
+    result = selector.select([-1e-9, 0.0, 0.4, 0.8, 0.8 + 1e-9, math.nan])
     assert result.kept == [1, 2, 3, 5]  # both edges kept; an undefined Δ is kept
     assert result.dropped == {"ifd_low": 1, "ifd_high": 1}
 
 
 def test_the_tails_band_drops_only_extreme_outliers_of_either_sign_and_never_cuts_by_sign():
     rng = random.Random(0)
-    selector = DeltaIFDFilter("tails", tail_width=3.5, max_drop_frac=0.05, window=1024)
+    selector = DeltaIFDFilter(DeltaIFDSettings("tails", tail_width=3.5, max_drop_frac=0.05, window=1024))
     # before the window can say what is extreme, nothing is dropped, however far out
     early = selector.select([rng.gauss(0, 0.1) for _ in range(MIN_TAILS_WINDOW - 2)] + [50.0])
     assert early.dropped == {}
@@ -34,7 +35,7 @@ def test_the_tails_band_drops_only_extreme_outliers_of_either_sign_and_never_cut
 
 def test_the_tails_band_never_drops_more_than_its_bound_of_heavy_tailed_deltas():
     rng = random.Random(1)
-    selector = DeltaIFDFilter("tails", tail_width=3.5, max_drop_frac=0.05, window=1024)
+    selector = DeltaIFDFilter(DeltaIFDSettings("tails", tail_width=3.5, max_drop_frac=0.05, window=1024))
     # a Cauchy-like Δ: its MAD is small against its tails, so the robust band alone would drop about 12%
     deltas = [math.tan(math.pi * (rng.random() - 0.5)) for _ in range(4000)]
     dropped = sum(sum(selector.select(deltas[i : i + 16]).dropped.values()) for i in range(0, 4000, 16))
@@ -48,14 +49,14 @@ def test_ifd_never_divides_by_zero():
 
 
 def test_quantile_band_keeps_the_middle_of_recent_deltas():
-    selector = DeltaIFDFilter("quantile", quantiles=(0.1, 0.9), window=100)
+    selector = DeltaIFDFilter(DeltaIFDSettings("quantile", quantiles=(0.1, 0.9), window=100))
     result = selector.select([float(i) for i in range(11)])  # quantiles of 0..10: [1, 9]
     assert result.kept == list(range(1, 10))
     assert result.dropped == {"ifd_low": 1, "ifd_high": 1}
 
 
 def test_rejecting_everything_warns_with_the_distribution_and_widens_to_the_quantile_band():
-    selector = DeltaIFDFilter("absolute", 0.0, 0.8, quantiles=(0.2, 0.8), max_rejected_in_a_row=5)
+    selector = DeltaIFDFilter(DeltaIFDSettings("absolute", 0.0, 0.8, quantiles=(0.2, 0.8), max_rejected_in_a_row=5))
     result = selector.select([5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0])
     assert len(result.warnings) == 1
     assert "[0.0, 0.8]" in result.warnings[0] and "p50=" in result.warnings[0]

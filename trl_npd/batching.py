@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .buffer import Sample
+from .samples import Sample
 
 IGNORE_INDEX = -100
 

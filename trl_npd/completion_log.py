@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from .buffer import Sample
+from .samples import Sample
 
 COLUMNS = ("step", "prompt", "completion", "Δ-IFD", "staleness")
 

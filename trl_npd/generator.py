@@ -1,29 +1,35 @@
 """The generator loop: prompts -> engine -> scoring -> selection -> buffer.
 
 `generate_batch` is one turn of it, shared by every host (a generator process, a thread, the trainer in `inline`
-mode). `run_generator` is the loop of a background generator that samples from a `PolicySnapshot`, and
-`run_remote_generator` the loop for an engine that holds its own weights (vLLM).
+mode). `generator_loop` is the loop of a background generator, written once; a host supplies what differs:
+
+- `SnapshotHost`: its own copy of the student, refreshed from a `PolicySnapshot` between batches (in a generator
+  process or a thread; `run_generator` starts it there);
+- `RemoteHost`: an engine that holds its own weights (vLLM), driven from a thread of the trainer process
+  (`run_remote_generator`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import multiprocessing as mp
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from .buffer import GeneratedBatch, Rejected, Sample, SampleBuffer
+from .buffer import SampleBuffer
 from .engine import EngineConfig, RemoteEngine, TransformersEngine
 from .progress import Activity, GeneratorProgress
 from .prompts import PromptStream
+from .samples import GeneratedBatch, Rejected, Sample
 from .scoring import SampleScorer
-from .selection import DeltaIFDFilter
+from .selection import DeltaIFDFilter, DeltaIFDSettings
 from .snapshot import PolicySnapshot, held_while_alive
 
 
@@ -91,46 +97,26 @@ def generate_batch(
     )
 
 
-@dataclass
-class IFDSettings:
-    """The Δ-IFD filter's settings (see `selection.DeltaIFDFilter`)."""
-
-    band: str
-    low: float
-    high: float
-    quantiles: tuple[float, float]
-    window: int
-    max_rejected_in_a_row: int
-    tail_width: float = 3.5
-    max_drop_frac: float = 0.05
-
-
 def scoring_stage(
     teacher: nn.Module | None,
     student: nn.Module,
     top_k: int | None,
-    ifd: IFDSettings | None,
+    delta_ifd: DeltaIFDSettings | None,
     bos_token_id: int | None,
     engine: EngineConfig,
 ) -> tuple[SampleScorer | None, DeltaIFDFilter | None]:
     """The scorer and selector a generator needs, or None for each it does not."""
-    if teacher is None or (top_k is None and ifd is None):
+    if teacher is None or (top_k is None and delta_ifd is None):
         return None, None
     scorer = SampleScorer(
-        teacher, top_k=top_k, student=student, ifd=ifd is not None, bos_token_id=bos_token_id, device=engine.device
+        teacher,
+        top_k=top_k,
+        student=student,
+        ifd=delta_ifd is not None,
+        bos_token_id=bos_token_id,
+        device=engine.device,
     )
-    selector = None
-    if ifd is not None:
-        selector = DeltaIFDFilter(
-            ifd.band,
-            ifd.low,
-            ifd.high,
-            ifd.quantiles,
-            ifd.window,
-            ifd.max_rejected_in_a_row,
-            ifd.tail_width,
-            ifd.max_drop_frac,
-        )
+    selector = None if delta_ifd is None else DeltaIFDFilter(delta_ifd)
     return scorer, selector
 
 
@@ -147,58 +133,115 @@ class GeneratorSpec:
     num_threads: int | None = None
     teacher: nn.Module | None = None  # an inference copy, for the scoring stage
     teacher_top_k: int | None = None
-    ifd: IFDSettings | None = None
+    delta_ifd: DeltaIFDSettings | None = None
     bos_token_id: int | None = None
+
+
+class GeneratorHost(Protocol):
+    """What the generator loop needs from where it runs: the stages, a stop check, and the policy to sample with."""
+
+    engine: TransformersEngine | RemoteEngine
+    scorer: SampleScorer | None
+    selector: DeltaIFDFilter | None
+    should_stop: Callable[[], bool]  # every call is also a heartbeat
+
+    def policy(self) -> contextlib.AbstractContextManager[tuple[int, int]]:
+        """The (version, step) to sample the next batch with, held for as long as the batch is sampled."""
+
+
+def generator_loop(
+    host: GeneratorHost,
+    prompts: PromptStream,
+    generation_batch_size: int,
+    buffer: SampleBuffer,
+    progress: GeneratorProgress,
+) -> None:
+    """The generator loop: take the policy (the host refreshes or locks it), sample a batch with it, hand the batch
+    to the buffer; until the host says stop. Every stop check is also a heartbeat: the engine checks at each
+    decoding step, the buffer at each poll while it is full."""
+    while not host.should_stop():
+        with host.policy() as (version, step):
+            batch = generate_batch(
+                host.engine, prompts, generation_batch_size, version, step, host.scorer, host.selector, progress
+            )
+        progress.doing(Activity.WAITING_FOR_ROOM)
+        if batch is None or not buffer.put(batch, host.should_stop):
+            progress.left_unfinished(generation_batch_size)
+            break
 
 
 class _Stopped(Exception):
     """Asked to stop while waiting for the snapshot's lock."""
 
 
-def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: Any, seed_rng: bool) -> None:
-    """The generator loop: refresh weights if a newer version exists, sample a batch, hand it to the buffer.
-
-    Runs until `stop` is set. Any exception is sent, with its traceback, through `errors` for the trainer to raise.
-    Every stop check is also a heartbeat (`spec.progress`): the engine checks at each decoding step, the buffer at
-    each poll while it is full.
-    """
-    progress = spec.progress
-    progress.beat()  # started: the process is up, its models are next
+def _serve(
+    make_host: Callable[[], GeneratorHost],
+    prompts: PromptStream,
+    generation_batch_size: int,
+    buffer: SampleBuffer,
+    errors: Any,
+    progress: GeneratorProgress,
+) -> None:
+    """Set the host up, then run the loop until stopped. Any exception is sent, with its traceback, through
+    `errors` for the trainer to raise."""
     try:
-        should_stop = stop.is_set
-        if seed_rng:  # only in a process of its own: a thread would reseed the trainer's RNG
-            torch.manual_seed(spec.seed)
-            should_stop = _or_orphaned(stop.is_set)
-        should_stop = _beating(should_stop, progress)
-        if spec.num_threads is not None:
-            torch.set_num_threads(spec.num_threads)
-        model = _own_copy(spec.snapshot.model, spec.engine.device, progress)
-        engine = TransformersEngine(model, spec.engine, should_stop=should_stop, record_t1=spec.ifd is not None)
-        teacher = None if spec.teacher is None else _own_copy(spec.teacher, spec.engine.device, progress)
-        scorer, selector = scoring_stage(teacher, model, spec.teacher_top_k, spec.ifd, spec.bos_token_id, spec.engine)
-        version, step = -1, 0
-
-        def wait_for_lock() -> None:  # a publish holds the lock: healthy, but stop if asked (the trainer may be gone)
-            progress.doing(Activity.WAITING_FOR_SNAPSHOT_LOCK)
-            if should_stop():
-                raise _Stopped
-
-        while not should_stop():
-            progress.doing(Activity.LOADING_WEIGHTS)
-            loaded = spec.snapshot.load_into(model, version, waiting=wait_for_lock)
-            if loaded is not None:
-                version, step = loaded
-            batch = generate_batch(
-                engine, spec.prompts, spec.generation_batch_size, version, step, scorer, selector, progress
-            )
-            progress.doing(Activity.WAITING_FOR_ROOM)
-            if batch is None or not buffer.put(batch, should_stop):
-                progress.left_unfinished(spec.generation_batch_size)
-                break
+        generator_loop(make_host(), prompts, generation_batch_size, buffer, progress)
     except _Stopped:
         pass
     except BaseException:
         errors.put(traceback.format_exc())
+
+
+class SnapshotHost:
+    """A generator with its own copy of the student (and of the teacher, for scoring), loaded from the snapshot
+    before each batch when a newer version exists. The snapshot's lock is held only while the weights are copied:
+    a batch is sampled by the version loaded before it, while the trainer may already publish the next."""
+
+    def __init__(self, spec: GeneratorSpec, should_stop: Callable[[], bool]) -> None:
+        progress = spec.progress
+        self.should_stop = should_stop
+        self._snapshot, self._progress = spec.snapshot, progress
+        self._model = _own_copy(spec.snapshot.model, spec.engine.device, progress)
+        self.engine = TransformersEngine(
+            self._model, spec.engine, should_stop=should_stop, record_t1=spec.delta_ifd is not None
+        )
+        teacher = None if spec.teacher is None else _own_copy(spec.teacher, spec.engine.device, progress)
+        self.scorer, self.selector = scoring_stage(
+            teacher, self._model, spec.teacher_top_k, spec.delta_ifd, spec.bos_token_id, spec.engine
+        )
+        self._version, self._step = -1, 0
+
+    @contextlib.contextmanager
+    def policy(self) -> Iterator[tuple[int, int]]:
+        self._progress.doing(Activity.LOADING_WEIGHTS)
+        loaded = self._snapshot.load_into(self._model, self._version, waiting=self._wait_for_lock)
+        if loaded is not None:
+            self._version, self._step = loaded
+        yield self._version, self._step
+
+    def _wait_for_lock(self) -> None:
+        # a publish holds the lock: healthy, but stop if asked (the trainer may be gone)
+        self._progress.doing(Activity.WAITING_FOR_SNAPSHOT_LOCK)
+        if self.should_stop():
+            raise _Stopped
+
+
+def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: Any, seed_rng: bool) -> None:
+    """A generator process's (or thread's) target: set up a `SnapshotHost` and run the generator loop until `stop`
+    is set. Any exception is sent, with its traceback, through `errors` for the trainer to raise."""
+    progress = spec.progress
+    progress.beat()  # started: the process is up, its models are next
+
+    def make_host() -> SnapshotHost:
+        should_stop = stop.is_set
+        if seed_rng:  # only in a process of its own: a thread would reseed the trainer's RNG
+            torch.manual_seed(spec.seed)
+            should_stop = _or_orphaned(stop.is_set)
+        if spec.num_threads is not None:
+            torch.set_num_threads(spec.num_threads)
+        return SnapshotHost(spec, _beating(should_stop, progress))
+
+    _serve(make_host, spec.prompts, spec.generation_batch_size, buffer, errors, progress)
 
 
 def _own_copy(model: nn.Module, device: str, progress: GeneratorProgress) -> nn.Module:
@@ -249,31 +292,40 @@ def _or_orphaned(stop_is_set: Callable[[], bool]) -> Callable[[], bool]:
     return lambda: stop_is_set() or not parent.is_alive()
 
 
+class RemoteHost:
+    """An engine that holds its own weights (vLLM), driven from a thread of the trainer process. Each batch is
+    tagged with the version the engine holds (`current_policy()` gives it, with its step). The policy lock is held
+    for the whole batch, so a weight sync waits for the batch in flight and no batch mixes two versions."""
+
+    selector = None  # Δ-IFD selection is refused with a remote engine (see the config)
+
+    def __init__(
+        self,
+        engine: RemoteEngine,
+        scorer: SampleScorer | None,
+        policy_lock: Any,
+        current_policy: Callable[[], tuple[int, int]],
+        stop: Any,
+        progress: GeneratorProgress,
+    ) -> None:
+        self.engine, self.scorer = engine, scorer
+        self._lock, self._current_policy, self._progress = policy_lock, current_policy, progress
+        self.should_stop = _beating(stop.is_set, progress)
+
+    @contextlib.contextmanager
+    def policy(self) -> Iterator[tuple[int, int]]:
+        self._progress.doing(Activity.WAITING_FOR_SNAPSHOT_LOCK)
+        with held_while_alive(self._lock, self._progress.beat):
+            yield self._current_policy()
+
+
 def run_remote_generator(
-    engine: RemoteEngine,
-    policy_lock: Any,
-    policy: Callable[[], tuple[int, int]],
+    host: RemoteHost,
     prompts: PromptStream,
     generation_batch_size: int,
-    scorer: SampleScorer | None,
     buffer: SampleBuffer,
-    stop: Any,
     errors: Any,
     progress: GeneratorProgress,
 ) -> None:
-    """The generator loop for an engine that holds its own weights: sample a batch, tag it with the version the
-    engine holds (`policy()` gives it, with its step), hand it to the buffer. The policy lock is held for the whole
-    batch, so a weight sync waits for the batch in flight and no batch mixes two versions."""
-    should_stop = _beating(stop.is_set, progress)
-    try:
-        while not should_stop():
-            progress.doing(Activity.WAITING_FOR_SNAPSHOT_LOCK)
-            with held_while_alive(policy_lock, progress.beat):
-                version, step = policy()
-                batch = generate_batch(engine, prompts, generation_batch_size, version, step, scorer, None, progress)
-            progress.doing(Activity.WAITING_FOR_ROOM)
-            if batch is None or not buffer.put(batch, should_stop):
-                progress.left_unfinished(generation_batch_size)
-                break
-    except BaseException:
-        errors.put(traceback.format_exc())
+    """A generator thread's target for a remote engine: the generator loop on `host` until it is stopped."""
+    _serve(lambda: host, prompts, generation_batch_size, buffer, errors, progress)

@@ -7,8 +7,8 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from .buffer import TakeResult
 from .packing import PackingStats
+from .samples import TakeResult
 
 SAMPLE_DRIFT_KEPT = 100_000
 

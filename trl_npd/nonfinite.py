@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .batching import IGNORE_INDEX, Sequence
-from .buffer import Sample
+from .samples import Sample
 
 
 class NonFiniteLossError(FloatingPointError):

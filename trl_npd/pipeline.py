@@ -1,6 +1,6 @@
 """Lifecycle of the background generator: start it, feed the trainer from it, publish weights, stop it.
 
-Three hosts run the same generator loop (`generator.run_generator` / `generator.generate_batch`):
+Three hosts run the same generator code (`generator.generator_loop` / `generator.generate_batch`):
 
 - `process`: a spawned process. The only host with real overlap on a CPU machine (see docs/design.md): the
   generator gets its own interpreter and its own torch threads, so it neither holds the trainer's GIL nor competes
@@ -18,6 +18,10 @@ A remote engine (vLLM) replaces the snapshot: the engine holds its own copy of t
 student's into it. Its generator is a thread of the trainer process, which mostly waits on the engine (the config
 turns a requested `process` into `thread`, with a warning; here `process` is refused); the policy lock keeps every
 generation batch sampled by one version.
+
+`start` starts whichever host the mode and the engine call for: a snapshot-fed loop in a process or a thread, a
+remote engine's loop in a thread, or none (`inline`); the engine, scorer and selector that sample in this process
+(`inline` mode's, the bootstrap's, a remote engine's scorer) are built first where one is needed.
 
 Liveness is not enough: a generator can be alive and stuck (deadlocked, frozen by SIGSTOP). The generator reports
 progress (`progress.GeneratorProgress`), and `check_alive`, which the trainer calls wherever it can block on the
@@ -39,16 +43,16 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .buffer import Drained, GeneratedBatch, Rejected, SampleBuffer, TakeResult
+from .buffer import SampleBuffer
 from .config import GENERATOR_MODES
 from .engine import EngineConfig, RemoteEngine, TransformersEngine
 from .generator import (
     GeneratorSpec,
-    IFDSettings,
+    RemoteHost,
     generate_batch,
     run_generator,
     run_remote_generator,
@@ -56,9 +60,13 @@ from .generator import (
 )
 from .progress import Activity, GeneratorProgress
 from .prompts import PromptStream
+from .samples import Drained, GeneratedBatch, Rejected, TakeResult
 from .scoring import SampleScorer
-from .selection import DeltaIFDFilter
+from .selection import DeltaIFDFilter, DeltaIFDSettings
 from .snapshot import PolicySnapshot, held_while_alive, inference_copy
+
+if TYPE_CHECKING:
+    from .config import NearPolicyDistillConfig
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -105,13 +113,12 @@ class StopReport:
     rejected_in_transport: list[Rejected] = field(default_factory=list)  # each of those drops, for the sample log
 
 
-class GenerationPipeline:
-    """Owns the generator, its snapshot of the student and the buffer between them.
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The pipeline's settings: everything but the live objects (models, prompts, a remote engine).
 
     Args:
         mode: `"process"`, `"thread"` or `"inline"`.
-        student: the trainer's (unwrapped) student. The background modes snapshot it; `inline` generates with it.
-        prompts: the prompt stream the generator consumes.
         engine: sampling settings and the generator's device.
         generation_batch_size: prompts per generation batch.
         buffer_size: most samples held between generator and trainer.
@@ -119,36 +126,100 @@ class GenerationPipeline:
         version, step: the first snapshot's policy version and the optimizer step its weights come from.
         num_threads: torch threads of a generator process.
         seed: seed of the generator process's sampling RNG.
-        remote_engine: an engine that holds its own weights (vLLM), instead of a snapshot of `student`.
-        teacher, teacher_top_k, ifd, bos_token_id: the scoring and selection stages. With `teacher_top_k` the
-            generator stores the teacher's top-k with each sample; with `ifd` it keeps only samples in the Δ-IFD
-            band. Both run on the generator's own copy of the teacher.
+        teacher_top_k, delta_ifd, bos_token_id: the scoring and selection stages. With `teacher_top_k` the
+            generator stores the teacher's top-k with each sample; with `delta_ifd` it keeps only samples in the
+            Δ-IFD band. Both run on the generator's own copy of the teacher.
         generator_timeout_s: seconds without progress after which the generator counts as hung.
         bootstrap: with a generator process, sample inline with the live student until its first batch arrives.
     """
 
-    def __init__(
-        self,
+    mode: str
+    engine: EngineConfig
+    generation_batch_size: int
+    buffer_size: int
+    max_staleness: int
+    version: int
+    step: int
+    num_threads: int | None
+    seed: int
+    teacher_top_k: int | None = None
+    delta_ifd: DeltaIFDSettings | None = None
+    bos_token_id: int | None = None
+    generator_timeout_s: float = 300.0
+    bootstrap: bool = False
+
+    @classmethod
+    def from_config(
+        cls,
+        args: NearPolicyDistillConfig,
         *,
-        mode: str,
-        student: nn.Module,
-        prompts: PromptStream,
-        engine: EngineConfig,
-        generation_batch_size: int,
-        buffer_size: int,
-        max_staleness: int,
+        tokenizer: Any,
+        generation_config: Any,
+        device: str,
+        num_threads: int | None,
         version: int,
         step: int,
-        num_threads: int | None,
-        seed: int,
+        weights_sharded: bool,
+    ) -> PipelineSettings:
+        """The settings of one rank's pipeline, from the config and what only the trainer knows.
+
+        Args:
+            tokenizer: gives the pad and BOS tokens, and the EOS token unless `generation_config` sets one.
+            device: the generator's device; num_threads: its torch threads (None but for a generator process).
+            version, step: the policy version the first snapshot carries and the optimizer step of its weights.
+            weights_sharded: the student is sharded (ZeRO-3, FSDP), so that sampling with the live weights is a
+                collective one rank cannot do alone: no bootstrap.
+        """
+        shared = args.uses_shared_generator
+        # a shared generator samples for every rank
+        generation_batch_size, buffer_size = args.generation_sizes(args.world_size if shared else 1)
+        eos = generation_config.eos_token_id
+        engine = EngineConfig(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id if eos is None else eos,
+            device=device,
+        )
+        return cls(
+            mode=args.generator_mode,
+            engine=engine,
+            generation_batch_size=generation_batch_size,
+            buffer_size=buffer_size,
+            max_staleness=args.max_staleness,
+            version=version,
+            step=step,
+            num_threads=num_threads,
+            seed=args.seed + args.process_index,
+            teacher_top_k=args.teacher_top_k,
+            delta_ifd=DeltaIFDSettings.from_config(args),
+            bos_token_id=tokenizer.bos_token_id,
+            generator_timeout_s=args.generator_timeout_s,
+            bootstrap=args.generator_bootstrap and not weights_sharded,
+        )
+
+
+class GenerationPipeline:
+    """Owns the generator, its snapshot of the student and the buffer between them.
+
+    Args:
+        settings: the scalar settings (`PipelineSettings.from_config` builds them from the trainer's config).
+        student: the trainer's (unwrapped) student. The background modes snapshot it; `inline` generates with it.
+        prompts: the prompt stream the generator consumes.
+        teacher: the teacher, for the scoring and selection stages (see `PipelineSettings`).
+        remote_engine: an engine that holds its own weights (vLLM), instead of a snapshot of `student`.
+    """
+
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        *,
+        student: nn.Module,
+        prompts: PromptStream,
         teacher: nn.Module | None = None,
-        teacher_top_k: int | None = None,
-        ifd: IFDSettings | None = None,
-        bos_token_id: int | None = None,
         remote_engine: RemoteEngine | None = None,
-        generator_timeout_s: float = 300.0,
-        bootstrap: bool = False,
     ) -> None:
+        mode = settings.mode
         if mode not in GENERATOR_MODES:
             # the config maps old names; a mode set on it afterwards (or read from an older pickle) arrives unmapped
             raise ValueError(
@@ -161,14 +232,13 @@ class GenerationPipeline:
                 "mode='process' cannot drive a remote engine: its client lives in this process, where a thread "
                 "waits on it. Use mode='thread'."
             )
+        self.settings = settings
         self.mode = mode
-        self.max_staleness = max_staleness
-        self.generator_timeout_s = generator_timeout_s
-        self._student = student
+        self.max_staleness = settings.max_staleness
+        self.generator_timeout_s = settings.generator_timeout_s
+        self._student, self._teacher = student, teacher
         self._prompts = prompts
-        self._engine_config = engine
-        self._generation_batch_size = generation_batch_size
-        self._version, self._step = version, step
+        self._version, self._step = settings.version, settings.step
         self._worker: mp.process.BaseProcess | threading.Thread | None = None
         self._ctx = mp.get_context("spawn")
         self.progress = GeneratorProgress(self._ctx)
@@ -176,7 +246,7 @@ class GenerationPipeline:
         self._hang_lock = threading.Lock()
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
-        batches = max(1, buffer_size // generation_batch_size)
+        batches = max(1, settings.buffer_size // settings.generation_batch_size)
         if mode == "process":
             transport: Any = self._ctx.Queue(maxsize=batches)
             self._stop: Any = self._ctx.Event()
@@ -185,36 +255,43 @@ class GenerationPipeline:
             transport = queue.Queue(maxsize=batches)
             self._stop = threading.Event()
             self._errors = queue.Queue()
-        self.buffer = SampleBuffer(transport, generation_batch_size)
+        self.buffer = SampleBuffer(transport, settings.generation_batch_size)
         self._snapshot: PolicySnapshot | None = None
         self._remote = remote_engine
         self._policy_lock = threading.Lock()  # a remote engine's weights change only between generation batches
+        # the stages that run in this process, on the trainer's own models (see `_build_inline_stage`)
         self._inline_engine: TransformersEngine | RemoteEngine | None = None
-        self._teacher, self._teacher_top_k, self._ifd, self._bos_token_id = teacher, teacher_top_k, ifd, bos_token_id
         self._inline_scorer: SampleScorer | None = None
         self._inline_selector: DeltaIFDFilter | None = None
-        self._bootstrapping = bootstrap and mode == "process" and remote_engine is None
-        self._bootstrap_prompts = prompts.side_stream(seed + BOOTSTRAP_SEED_OFFSET) if self._bootstrapping else None
+        self._bootstrapping = settings.bootstrap and mode == "process" and remote_engine is None
+        self._bootstrap_prompts = (
+            prompts.side_stream(settings.seed + BOOTSTRAP_SEED_OFFSET) if self._bootstrapping else None
+        )
         self._bootstrap_progress = GeneratorProgress(self._ctx)  # counts the trainer's own samples
         if mode != "inline" and remote_engine is None:
-            teacher_copy = None
-            if teacher is not None and (teacher_top_k is not None or ifd is not None):
-                teacher_copy = inference_copy(teacher)
-                teacher_copy.share_memory()
-            self._snapshot = PolicySnapshot(student, self._ctx, version=version, step=step)
-            self._spec = GeneratorSpec(
-                snapshot=self._snapshot,
-                prompts=prompts,
-                engine=engine,
-                generation_batch_size=generation_batch_size,
-                seed=seed,
-                progress=self.progress,
-                num_threads=num_threads if mode == "process" else None,
-                teacher=teacher_copy,
-                teacher_top_k=teacher_top_k,
-                ifd=ifd,
-                bos_token_id=bos_token_id,
-            )
+            self._snapshot = PolicySnapshot(student, self._ctx, version=settings.version, step=settings.step)
+            self._spec = self._generator_spec()
+
+    def _generator_spec(self) -> GeneratorSpec:
+        """What a background generator fed by the snapshot receives (pickled, for a process)."""
+        settings = self.settings
+        teacher_copy = None
+        if self._teacher is not None and (settings.teacher_top_k is not None or settings.delta_ifd is not None):
+            teacher_copy = inference_copy(self._teacher)
+            teacher_copy.share_memory()
+        return GeneratorSpec(
+            snapshot=self._snapshot,
+            prompts=self._prompts,
+            engine=settings.engine,
+            generation_batch_size=settings.generation_batch_size,
+            seed=settings.seed,
+            progress=self.progress,
+            num_threads=settings.num_threads if self.mode == "process" else None,
+            teacher=teacher_copy,
+            teacher_top_k=settings.teacher_top_k,
+            delta_ifd=settings.delta_ifd,
+            bos_token_id=settings.bos_token_id,
+        )
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -222,53 +299,73 @@ class GenerationPipeline:
         # shared copy) are the trainer's work, and a large model's would otherwise count against its silence.
         self.progress.beat()
         if self.mode == "inline" or self._remote is not None or self._bootstrapping:
-            # Sampling and scoring in this process use the trainer's own models, on the trainer's device, whatever
-            # `generator_device` the background generator's copies go to.
-            inline_config = replace(self._engine_config, device=str(next(self._student.parameters()).device))
-            if self._remote is not None:
-                self._inline_engine = self._remote
-            else:
-                self._inline_engine = TransformersEngine(self._student, inline_config, record_t1=self._ifd is not None)
-            # a remote engine's scorer (teacher top-k) runs on the trainer's teacher, in this process
-            self._inline_scorer, self._inline_selector = scoring_stage(
-                self._teacher, self._student, self._teacher_top_k, self._ifd, self._bos_token_id, inline_config
-            )
-            if self.mode == "thread":
-                args = (
-                    self._remote,
-                    self._policy_lock,
-                    lambda: (self._version, self._step),
-                    self._prompts,
-                    self._generation_batch_size,
-                    self._inline_scorer,
-                    self.buffer,
-                    self._stop,
-                    self._errors,
-                    self.progress,
-                )
-                self._worker = threading.Thread(
-                    target=run_remote_generator, args=args, name="npd-generator", daemon=True
-                )
-                self._worker.start()
-            if not self._bootstrapping:
-                return
-        args = (self._spec, self.buffer, self._stop, self._errors, self.mode == "process")
-        if self.mode == "process":
-            # daemon: if the trainer process dies without cleanup, the generator dies with it
-            process = self._ctx.Process(target=run_generator, args=args, name="npd-generator", daemon=True)
-            with _main_module_hidden():
-                process.start()  # pickles the spec: if that fails, there is no process for stop() to end
-            self._worker = process
-            # The queues' write ends now live in the generator. Closing this process's copies lets a read see the
-            # end of the pipe if the generator is killed halfway through writing a batch, instead of blocking for
-            # the rest of it forever (mp.Queue keeps both ends in the process that created it).
-            for q in (self.buffer.transport, self._errors):
-                q._writer.close()
-            self._watchdog = threading.Thread(target=self._watch, name="npd-generator-watchdog", daemon=True)
-            self._watchdog.start()
+            self._build_inline_stage()
+        if self.mode == "inline":
+            return
+        if self._remote is not None:
+            self._start_remote_thread()
+        elif self.mode == "process":
+            self._start_snapshot_process()
         else:
-            self._worker = threading.Thread(target=run_generator, args=args, name="npd-generator", daemon=True)
-            self._worker.start()
+            self._start_snapshot_thread()
+
+    def _build_inline_stage(self) -> None:
+        """The engine, scorer and selector that run in this process: inline mode's, the bootstrap's, and a remote
+        engine's (whose scorer, for teacher top-k, runs on the trainer's teacher here)."""
+        settings = self.settings
+        # Sampling and scoring in this process use the trainer's own models, on the trainer's device, whatever
+        # `generator_device` the background generator's copies go to.
+        inline_config = replace(settings.engine, device=str(next(self._student.parameters()).device))
+        if self._remote is not None:
+            self._inline_engine = self._remote
+        else:
+            self._inline_engine = TransformersEngine(
+                self._student, inline_config, record_t1=settings.delta_ifd is not None
+            )
+        self._inline_scorer, self._inline_selector = scoring_stage(
+            self._teacher,
+            self._student,
+            settings.teacher_top_k,
+            settings.delta_ifd,
+            settings.bos_token_id,
+            inline_config,
+        )
+
+    def _start_remote_thread(self) -> None:
+        """The generator loop on a remote engine, in a thread of this process, which mostly waits on the engine."""
+        host = RemoteHost(
+            self._remote,
+            self._inline_scorer,
+            self._policy_lock,
+            lambda: (self._version, self._step),
+            self._stop,
+            self.progress,
+        )
+        args = (host, self._prompts, self.settings.generation_batch_size, self.buffer, self._errors, self.progress)
+        self._worker = threading.Thread(target=run_remote_generator, args=args, name="npd-generator", daemon=True)
+        self._worker.start()
+
+    def _start_snapshot_process(self) -> None:
+        """The generator loop on a snapshot, in a spawned process, watched from a thread of this one."""
+        args = (self._spec, self.buffer, self._stop, self._errors, True)
+        # daemon: if the trainer process dies without cleanup, the generator dies with it
+        process = self._ctx.Process(target=run_generator, args=args, name="npd-generator", daemon=True)
+        with _main_module_hidden():
+            process.start()  # pickles the spec: if that fails, there is no process for stop() to end
+        self._worker = process
+        # The queues' write ends now live in the generator. Closing this process's copies lets a read see the
+        # end of the pipe if the generator is killed halfway through writing a batch, instead of blocking for
+        # the rest of it forever (mp.Queue keeps both ends in the process that created it).
+        for q in (self.buffer.transport, self._errors):
+            q._writer.close()
+        self._watchdog = threading.Thread(target=self._watch, name="npd-generator-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _start_snapshot_thread(self) -> None:
+        """The generator loop on a snapshot, in a thread of this process (no reseeding: the RNG is the trainer's)."""
+        args = (self._spec, self.buffer, self._stop, self._errors, False)
+        self._worker = threading.Thread(target=run_generator, args=args, name="npd-generator", daemon=True)
+        self._worker.start()
 
     def stop(self, timeout_s: float = 30.0) -> StopReport:
         """Stop the generator and release everything; reports what was left and any failure not yet raised.
@@ -413,7 +510,7 @@ class GenerationPipeline:
         batch = generate_batch(
             self._inline_engine,
             self._bootstrap_prompts if bootstrap else self._prompts,
-            self._generation_batch_size,
+            self.settings.generation_batch_size,
             self.version,
             current_step if self._remote is None else self._step,
             self._inline_scorer,

@@ -13,7 +13,7 @@ import math
 import os
 from typing import IO, Any
 
-from .buffer import Rejected, Sample, TakeResult
+from .samples import Rejected, Sample, TakeResult
 
 FILE_NAME = "npd_samples.jsonl"
 

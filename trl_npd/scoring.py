@@ -19,9 +19,9 @@ import math
 import torch
 from torch import nn
 
-from .buffer import Sample
 from .chunked import chunked_map
 from .heads import backbone, chunked_token_logprobs, lm_head, logit_transform
+from .samples import Sample
 from .selection import delta_ifd
 
 

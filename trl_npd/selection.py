@@ -12,7 +12,7 @@ bands here:
   robust standard deviations (1.4826 × the median absolute deviation) from its median, and never more than
   `max_drop_frac` of them: the band is widened to the window's outer quantiles when it would cut deeper. When
   teacher and student agree, Δ sits near 0 with both signs, and this band does not cut by sign;
-- `"absolute"`: `low <= Δ <= high`, a fixed band for models whose Δ scale is known;
+- `"absolute"`: `delta_min <= Δ <= delta_max`, a fixed band for models whose Δ scale is known;
 - `"quantile"`: keep Δ between two quantiles of the running window (always drops that share).
 """
 
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 # Unconditional NLLs below this are treated as this: a model certain of y without the prompt would otherwise
 # divide by zero.
@@ -52,13 +53,19 @@ class SelectionResult:
     warnings: list[str] = field(default_factory=list)
 
 
-class DeltaIFDFilter:
-    """Keeps samples whose Δ lies in the band; counts the rest by side; guards against starving the trainer.
+# A Δ-IFD setting's config field is its name here with this prefix (`delta_min` is `ifd_delta_min`).
+CONFIG_PREFIX = "ifd_"
+
+
+@dataclass(frozen=True)
+class DeltaIFDSettings:
+    """The Δ-IFD filter's settings, under one name from the config to the filter: each field is the config field
+    `ifd_<field>` (see `NearPolicyDistillConfig`).
 
     Args:
-        band: "tails" (outliers of the running window), "absolute" (`low`/`high` are Δ values) or "quantile"
-            (`quantiles` of the running window).
-        low, high: the absolute band.
+        band: "tails" (outliers of the running window), "absolute" (`delta_min`/`delta_max` are Δ values) or
+            "quantile" (`quantiles` of the running window).
+        delta_min, delta_max: the absolute band.
         quantiles: (lo, hi) in [0, 1] for the quantile band.
         window: how many recent Δ values the tails and quantile bands are computed over.
         max_rejected_in_a_row: after this many consecutive rejections, warn with the band and the observed Δ
@@ -68,39 +75,52 @@ class DeltaIFDFilter:
             `max_drop_frac / 2` and `1 - max_drop_frac / 2` quantiles when those lie outside it.
     """
 
-    def __init__(
-        self,
-        band: str = "tails",
-        low: float = 0.0,
-        high: float = 0.8,
-        quantiles: tuple[float, float] = (0.1, 0.9),
-        window: int = 1024,
-        max_rejected_in_a_row: int = 256,
-        tail_width: float = 3.5,
-        max_drop_frac: float = 0.05,
-    ) -> None:
-        if band not in BANDS:
-            raise ValueError(f"ifd_band must be one of {BANDS}, got {band!r}.")
-        self.band = band
-        self.low, self.high = low, high
-        self.quantiles = quantiles
-        self.recent: deque[float] = deque(maxlen=window)
-        self.max_rejected_in_a_row = max_rejected_in_a_row
+    band: str = "tails"
+    delta_min: float = 0.0
+    delta_max: float = 0.8
+    quantiles: tuple[float, float] = (0.1, 0.9)
+    window: int = 1024
+    max_rejected_in_a_row: int = 256
+    tail_width: float = 3.5
+    max_drop_frac: float = 0.05
+
+    @classmethod
+    def from_config(cls, args: Any) -> DeltaIFDSettings | None:
+        """The settings in `args`' `ifd_*` fields, or None when `args.ifd_filter` is off."""
+        if not args.ifd_filter:
+            return None
+        values = {f.name: getattr(args, CONFIG_PREFIX + f.name) for f in fields(cls)}
+        values["quantiles"] = tuple(values["quantiles"])  # a list when parsed from the command line
+        return cls(**values)
+
+
+class DeltaIFDFilter:
+    """Keeps samples whose Δ lies in the band; counts the rest by side; guards against starving the trainer.
+
+    `settings.band` is the band it starts with: a starving absolute band switches to the quantile band (`band`).
+    """
+
+    def __init__(self, settings: DeltaIFDSettings | None = None) -> None:
+        settings = DeltaIFDSettings() if settings is None else settings
+        if settings.band not in BANDS:
+            raise ValueError(f"ifd_band must be one of {BANDS}, got {settings.band!r}.")
+        self.settings = settings
+        self.band = settings.band
+        self.recent: deque[float] = deque(maxlen=settings.window)
         self.rejected_in_a_row = 0
-        self.tail_width = tail_width
-        self.max_drop_frac = max_drop_frac
 
     def current_band(self) -> tuple[float, float]:
+        settings = self.settings
         if self.band == "absolute":
-            return self.low, self.high
+            return settings.delta_min, settings.delta_max
         values = sorted(self.recent)
         if self.band == "quantile":
-            return _quantile(values, self.quantiles[0]), _quantile(values, self.quantiles[1])
+            return _quantile(values, settings.quantiles[0]), _quantile(values, settings.quantiles[1])
         if len(values) < MIN_TAILS_WINDOW:
             return -math.inf, math.inf
         median = _quantile(values, 0.5)
-        spread = self.tail_width * MAD_TO_STD * _quantile(sorted(abs(v - median) for v in values), 0.5)
-        half = self.max_drop_frac / 2
+        spread = settings.tail_width * MAD_TO_STD * _quantile(sorted(abs(v - median) for v in values), 0.5)
+        half = settings.max_drop_frac / 2
         return (
             min(median - spread, _quantile(values, half)),
             max(median + spread, _quantile(values, 1.0 - half)),
@@ -121,7 +141,7 @@ class DeltaIFDFilter:
             result.dropped[side] = result.dropped.get(side, 0) + 1
             result.rejected.append((i, side))
             self.rejected_in_a_row += 1
-            if self.rejected_in_a_row >= self.max_rejected_in_a_row and self.band == "absolute":
+            if self.rejected_in_a_row >= self.settings.max_rejected_in_a_row and self.band == "absolute":
                 result.warnings.append(self._starvation_warning())
                 self.band = "quantile"
                 self.rejected_in_a_row = 0
@@ -130,10 +150,11 @@ class DeltaIFDFilter:
     def _starvation_warning(self) -> str:
         values = sorted(self.recent)
         stats = ", ".join(f"p{int(q * 100)}={_quantile(values, q):.3f}" for q in (0.0, 0.1, 0.5, 0.9, 1.0))
-        lo, hi = self.quantiles
+        low, high = self.settings.delta_min, self.settings.delta_max
+        lo, hi = self.settings.quantiles
         return (
             f"Δ-IFD rejected {self.rejected_in_a_row} samples in a row: none of them fell in the band "
-            f"[{self.low}, {self.high}]. Observed Δ over the last {len(values)} samples: {stats}. Switching to the "
+            f"[{low}, {high}]. Observed Δ over the last {len(values)} samples: {stats}. Switching to the "
             f"quantile band [{lo}, {hi}] of recent Δ so training does not starve; set ifd_band='quantile' (or a band "
             "that fits these models) to choose this up front."
         )

@@ -45,12 +45,9 @@ from .batching import (
     sequences_from_padded,
     sequences_from_samples,
 )
-from .buffer import Sample, TakeResult
 from .completion_log import CompletionLog
 from .config import NearPolicyDistillConfig
 from .divergences import k3_policy_kl
-from .engine import EngineConfig
-from .generator import IFDSettings
 from .guards import (
     check_context_fits,
     check_output_dir_writable,
@@ -65,9 +62,10 @@ from .metrics import NPDMetrics, aggregate_across_ranks
 from .model_card import append_npd_section
 from .nonfinite import NonFiniteLossError, find_nonfinite_samples, nonfinite_loss_message
 from .packing import attends_per_sample, pack_sequences, packing_leaks, row_token_budget
-from .pipeline import GenerationPipeline, GeneratorError
+from .pipeline import GenerationPipeline, GeneratorError, PipelineSettings
 from .prompts import PromptOnlyCollator, PromptStream
 from .sample_log import SampleLog, sample_log_path
+from .samples import Sample, TakeResult
 
 logger = logging.getLogger(__name__)
 
@@ -376,41 +374,28 @@ class NearPolicyDistillTrainer(GKDTrainer):
             start_position=self._next_stream_position,
             max_prompt_tokens=None if args.max_length is None else args.max_length - args.max_new_tokens,
         )
-        generation_batch_size, buffer_size = args.generation_sizes(args.world_size if shared else 1)
-        eos = self.generation_config.eos_token_id
-        engine = EngineConfig(
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            pad_token_id=self.processing_class.pad_token_id,
-            eos_token_id=self.processing_class.eos_token_id if eos is None else eos,
+        settings = PipelineSettings.from_config(
+            args,
+            tokenizer=self.processing_class,
+            generation_config=self.generation_config,
             device=str(self._generator_device()),
+            num_threads=self._generator_threads(),
+            # a resumed run snapshots the restored weights: the next version after the checkpoint's
+            version=self._policy_version,
+            step=self._synced_step,
+            weights_sharded=backend.is_zero3 or backend.is_fsdp,
         )
         remote_engine = None
         if self._vllm is not None:
             from .vllm_engine import VLLMEngine
 
-            remote_engine = VLLMEngine(self._vllm, engine)
+            remote_engine = VLLMEngine(self._vllm, settings.engine)
         self._pipeline = GenerationPipeline(
-            mode=args.generator_mode,
-            remote_engine=remote_engine,
+            settings,
             student=self.accelerator.unwrap_model(self.model),
             prompts=prompts,
-            engine=engine,
-            generation_batch_size=generation_batch_size,
-            buffer_size=buffer_size,
-            max_staleness=args.max_staleness,
-            # a resumed run snapshots the restored weights: the next version after the checkpoint's
-            version=self._policy_version,
-            step=self._synced_step,
-            num_threads=self._generator_threads(),
-            seed=args.seed + args.process_index,
             teacher=self.accelerator.unwrap_model(self.teacher_model),
-            teacher_top_k=args.teacher_top_k,
-            ifd=self._ifd_settings(),
-            bos_token_id=self.processing_class.bos_token_id,
-            generator_timeout_s=args.generator_timeout_s,
-            # sampling with the live weights is a collective under ZeRO-3/FSDP, which one rank cannot do alone
-            bootstrap=args.generator_bootstrap and not (backend.is_zero3 or backend.is_fsdp),
+            remote_engine=remote_engine,
         )
         self._pipeline.start()
         if args.log_samples:
@@ -430,21 +415,6 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 )
                 return True
         return False
-
-    def _ifd_settings(self) -> IFDSettings | None:
-        args = self.args
-        if not args.ifd_filter:
-            return None
-        return IFDSettings(
-            band=args.ifd_band,
-            low=args.ifd_delta_min,
-            high=args.ifd_delta_max,
-            quantiles=tuple(args.ifd_quantiles),
-            window=args.ifd_window,
-            max_rejected_in_a_row=args.ifd_max_rejected_in_a_row,
-            tail_width=args.ifd_tail_width,
-            max_drop_frac=args.ifd_max_drop_frac,
-        )
 
     def _resume_stream_position(self) -> int:
         """Where this rank's prompt stream resumes: its own position as the checkpoint recorded it."""
