@@ -377,14 +377,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             max_prompt_tokens=None if args.max_length is None else args.max_length - args.max_new_tokens,
         )
         generation_batch_size, buffer_size = args.generation_sizes(args.world_size if shared else 1)
-        eos = self.generation_config.eos_token_id
-        engine = EngineConfig(
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            pad_token_id=self.processing_class.pad_token_id,
-            eos_token_id=self.processing_class.eos_token_id if eos is None else eos,
-            device=str(self._generator_device()),
-        )
+        engine = self._engine_config(device=str(self._generator_device()))
         remote_engine = None
         if self._vllm is not None:
             from .vllm_engine import VLLMEngine
@@ -416,6 +409,17 @@ class NearPolicyDistillTrainer(GKDTrainer):
         if args.log_samples:
             self._sample_log = SampleLog(sample_log_path(args.output_dir, args.process_index, args.world_size))
         return self._pipeline
+
+    def _engine_config(self, device: str) -> EngineConfig:
+        """How completions are sampled: `max_new_tokens` at `temperature`, ending at the generation config's EOS."""
+        eos = self.generation_config.eos_token_id
+        return EngineConfig(
+            max_new_tokens=self.args.max_new_tokens,
+            temperature=self.args.temperature,
+            pad_token_id=self.processing_class.pad_token_id,
+            eos_token_id=self.processing_class.eos_token_id if eos is None else eos,
+            device=device,
+        )
 
     def _packing_leaks(self) -> bool:
         """Probe both models once: packing is only used if it keeps samples apart in each of them."""
@@ -682,6 +686,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
         loss_kwargs = {
             "beta": self.beta,
             "fused": fused,
+            "temperature": self._divergence_temperature(),
             # drift is measured against the sampling distribution, i.e. at the sampling temperature
             "logprob_temperature": self.temperature if on_policy else None,
             "compiled": self._compile_fused_loss,
@@ -702,7 +707,6 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 raise NonFiniteLossError(
                     self._nonfinite_loss_report(model, float(result.loss_sum.detach()), micro_batch)
                 )
-        # temperature is GKD's sampling temperature; GKD takes the divergence at temperature 1, and so do we
         if num_items_in_batch is None:  # evaluation, or a direct call: mean over this batch's tokens
             loss = result.loss_sum / result.num_tokens.clamp_min(1)
         else:
@@ -716,6 +720,12 @@ class NearPolicyDistillTrainer(GKDTrainer):
             self._step_kl_tokens += k3.numel()
             self._record_sample_drift(inputs, k3, result.mask)
         return loss
+
+    def _divergence_temperature(self) -> float:
+        """The temperature both models' logits are divided by before the divergence. `temperature` is GKD's sampling
+        temperature, and GKD takes the divergence at temperature 1, as this trainer does; the `DistillationTrainer`
+        drop-in takes it at `temperature`, as TRL's `DistillationTrainer` does."""
+        return 1.0
 
     def _record_sample_drift(self, inputs: dict[str, Any], k3: torch.Tensor, mask: torch.Tensor) -> None:
         """Each sample's mean drift over its trained tokens, with its staleness: the distribution behind the step's
