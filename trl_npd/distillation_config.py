@@ -348,6 +348,12 @@ class NPDDistillationConfig(NearPolicyDistillConfig):
                     f"max_length={self.max_length} and vllm_max_model_length={self.vllm_max_model_length}: with "
                     "vLLM, the engine's context is max_length. Set one of them."
                 )
+            if self.vllm_max_model_length <= self.max_completion_length:
+                raise ValueError(
+                    f"vllm_max_model_length={self.vllm_max_model_length} leaves no room for a prompt next to "
+                    f"max_completion_length={self.max_completion_length}. Raise vllm_max_model_length or lower "
+                    "max_completion_length."
+                )
             self.max_length = self.vllm_max_model_length
 
     def _translate_backend(self) -> None:
