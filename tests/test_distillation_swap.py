@@ -215,7 +215,10 @@ def test_trls_own_config_or_the_gkd_drop_ins_is_refused_with_the_import_to_use(t
 # ---- the trainer: what it does --------------------------------------------------------------------------------------
 def test_a_distillation_trainer_script_runs_unchanged_with_models_given_by_path(tmp_path, paths):
     """TRL's train-with-eval scenario, as a user's script: models by path, conversational prompts to train on,
-    plain ones to evaluate on; then save, reload and train the reloaded student on plain prompts."""
+    plain ones to evaluate on (also before the first step); then save, reload, and train LoRA adapters on the reloaded
+    student with plain prompts, gradient accumulation and the JSD between the two KLs."""
+    from peft import LoraConfig
+
     from trl_npd import NPDDistillationConfig as DistillationConfig
     from trl_npd import NPDDistillationTrainer as DistillationTrainer
 
@@ -229,6 +232,7 @@ def test_a_distillation_trainer_script_runs_unchanged_with_models_given_by_path(
         logging_steps=2,
         eval_strategy="steps",
         eval_steps=2,
+        eval_on_start=True,
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
@@ -250,7 +254,7 @@ def test_a_distillation_trainer_script_runs_unchanged_with_models_given_by_path(
     logged = {key for entry in history for key in entry}
     assert {"npd/version", "npd/staleness_mean", "npd/policy_kl", "npd/dropped_stale"} <= logged
     evaluations = [entry for entry in history if "eval_loss" in entry]
-    assert [entry["step"] for entry in evaluations] == [2, 4]
+    assert [entry["step"] for entry in evaluations] == [0, 2, 4]
     assert all(entry["eval_loss"] > 0 and 0 < entry[EVAL_LENGTH_METRIC] <= 6 for entry in evaluations)
     assert all(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
@@ -266,16 +270,23 @@ def test_a_distillation_trainer_script_runs_unchanged_with_models_given_by_path(
         args=DistillationConfig(
             output_dir=str(tmp_path / "again"),
             per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
             max_completion_length=4,
             max_steps=2,
+            learning_rate=1e-2,
+            beta=0.5,
             report_to="none",
             save_strategy="no",
             disable_tqdm=True,
         ),
         train_dataset=PLAIN,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
     )
+    before = {n: p.detach().clone() for n, p in again.model.named_parameters()}
     again.train()
-    assert again.state.global_step == 2 and again.npd_metrics.totals.consumed_samples == 4
+    assert again.state.global_step == 2 and again.npd_metrics.totals.consumed_samples == 8
+    for name, param in again.model.named_parameters():
+        assert torch.equal(before[name], param) != ("lora_" in name), name  # only the adapters move
 
 
 def test_evaluation_is_the_divergence_on_completions_the_live_student_samples(tmp_path, paths):
