@@ -406,3 +406,43 @@ def test_neither_trainer_prints_gkds_notice_to_migrate_to_distillation_trainer(t
     with caplog.at_level(logging.WARNING):
         GKDTrainer(**student_and_teacher(), args=GKDConfig(**covered, bf16=False), train_dataset=PLAIN)
     assert [r for r in caplog.records if "Consider migrating" in r.getMessage()]
+
+
+def test_trl_npd_distillation_takes_the_flags_of_trls_distillation_script(tmp_path, paths):
+    from trl_npd.cli import main
+
+    PLAIN.save_to_disk(str(tmp_path / "data"))
+    output_dir = tmp_path / "cli"
+    main(
+        [
+            "distillation",
+            "--model_name_or_path", paths["student"],
+            "--teacher_model_name_or_path", paths["teacher"],
+            "--dataset_name", str(tmp_path / "data"),
+            "--output_dir", str(output_dir),
+            "--max_steps", "2",
+            "--per_device_train_batch_size", "2",
+            "--max_completion_length", "4",
+            "--learning_rate", "1e-2",
+            "--chat_template_kwargs", '{"enable_thinking": false}',
+            "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
+            "--report_to", "none",
+            "--save_strategy", "no",
+            "--disable_tqdm", "true",
+        ]
+    )  # fmt: skip
+    assert (output_dir / "adapter_model.safetensors").is_file()
+    card = (output_dir / "README.md").read_text()
+    assert "trl-npd" in card and "distillation" in card
+    with pytest.raises(ValueError, match=r"top_p=0\.9 is not supported"):
+        main(
+            [
+                "distillation",
+                "--model_name_or_path",
+                paths["student"],
+                "--output_dir",
+                str(output_dir),
+                "--top_p",
+                "0.9",
+            ]
+        )
