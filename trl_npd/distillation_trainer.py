@@ -102,7 +102,8 @@ class NPDDistillationTrainer(NearPolicyDistillTrainer):
         declared = self.accelerator.unwrap_model(self.model).generation_config.eos_token_id
         declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
         eos = self.processing_class.eos_token_id
-        self.generation_config.eos_token_id = declared if eos in declared or eos is None else [eos, *declared]
+        ids = declared if eos in declared or eos is None else [eos, *declared]
+        self.generation_config.eos_token_id = ids or None  # none at all: the engine falls back to the tokenizer's
 
     def _divergence_temperature(self) -> float:
         return self.temperature  # DistillationTrainer divides both models' logits by it before the divergence
