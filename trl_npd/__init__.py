@@ -1,4 +1,4 @@
-"""trl_npd: Near-Policy Distillation for TRL, a drop-in replacement for `GKDTrainer`."""
+"""trl_npd: Near-Policy Distillation for TRL, a drop-in replacement for `GKDTrainer` and `DistillationTrainer`."""
 
 import importlib
 import os
@@ -10,6 +10,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 if TYPE_CHECKING:
     from .buffer import EmptyCompletionsError
     from .config import NearPolicyDistillConfig
+    from .distillation_config import NPDDistillationConfig
+    from .distillation_trainer import NPDDistillationTrainer
     from .nonfinite import NonFiniteLossError
     from .pipeline import GeneratorError
     from .trainer import NearPolicyDistillTrainer
@@ -22,11 +24,15 @@ _EXPORTS = {
     "NearPolicyDistillConfig": ".config",
     "NearPolicyDistillTrainer": ".trainer",
     "NonFiniteLossError": ".nonfinite",
+    "NPDDistillationConfig": ".distillation_config",
+    "NPDDistillationTrainer": ".distillation_trainer",
 }
 
 __all__ = [
     "EmptyCompletionsError",
     "GeneratorError",
+    "NPDDistillationConfig",
+    "NPDDistillationTrainer",
     "NearPolicyDistillConfig",
     "NearPolicyDistillTrainer",
     "NonFiniteLossError",

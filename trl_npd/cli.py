@@ -1,4 +1,5 @@
-"""`trl-npd`: the command line, shaped like TRL's GKD and distillation scripts.
+"""`trl-npd`: the command line, shaped like TRL's GKD and distillation scripts (`trl-npd distillation ...`, in
+`distillation_cli`, takes the flags of TRL's `scripts/distillation.py`).
 
     trl-npd --model_name_or_path Qwen/Qwen3-0.6B --teacher_model_name_or_path Qwen/Qwen3-4B \\
         --dataset_name trl-lib/chatbot_arena_completions --output_dir Qwen3-0.6B-NPD
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,14 +116,22 @@ def run(script_args: Any, training_args: NearPolicyDistillConfig, model_args: An
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`trl-npd FLAGS` runs the GKD drop-in; `trl-npd distillation FLAGS` the `DistillationTrainer` drop-in, with
+    the flags of TRL's `scripts/distillation.py` (`distillation_cli`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser, runner = make_parser(), run
+    if argv[:1] == ["distillation"]:
+        from .distillation_cli import make_distillation_parser, run_distillation
+
+        parser, runner, argv = make_distillation_parser(), run_distillation, argv[1:]
     with _records_kept() as kept:  # the config logs its choices while parsing, before the log level is known
-        script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
-    with _package_logging(training_args.get_process_log_level()):
+        parsed = parser.parse_args_and_config(args=argv)
+    with _package_logging(parsed[1].get_process_log_level()):  # the config is the second dataclass of both
         package = logging.getLogger(PACKAGE_LOGGER)
         for record in kept:
             if package.isEnabledFor(record.levelno):
                 logging.getLogger(record.name).handle(record)
-        run(script_args, training_args, model_args)
+        runner(*parsed)
 
 
 PACKAGE_LOGGER = "trl_npd"

@@ -73,6 +73,19 @@ class EngineConfig:
     eos_token_id: int | list[int] | None
     device: str = "cpu"
 
+    @classmethod
+    def from_config(cls, args: Any, tokenizer: Any, generation_config: Any, device: str) -> EngineConfig:
+        """How a trainer's completions are sampled: `max_new_tokens` at `temperature`, ending at the generation
+        config's EOS (several, for chat models that end a turn with their own token) or else the tokenizer's."""
+        eos = generation_config.eos_token_id
+        return cls(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id if eos is None else eos,
+            device=device,
+        )
+
 
 @dataclass
 class Completion:

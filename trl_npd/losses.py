@@ -97,6 +97,7 @@ def distillation_loss(
     beta: float,
     *,
     fused: bool,
+    temperature: float = 1.0,
     logprob_temperature: float | None = None,
     chunk_size: int | None = None,
     compiled: bool = False,
@@ -111,10 +112,16 @@ def distillation_loss(
     top-k buckets (`topk_bucket_jsd`). The top-k objective uses the teacher top-k stored in the
     batch by the scoring stage (no teacher forward); a batch without them (dataset completions) gets them from a
     teacher forward here. `inputs` holds `input_ids`, `labels` and either `attention_mask` (padded rows) or
-    `position_ids` (packed rows). With `logprob_temperature`, also returns the student's log-probs of the trained
-    tokens at that temperature. `fused` takes the chunked path; `compiled` runs the fused JSD's chunks through
-    `torch.compile`.
+    `position_ids` (packed rows). `temperature` divides both models' logits before the JSD, as TRL's
+    `DistillationTrainer` does (GKD takes it at 1); the top-k objectives take it at 1 only. With
+    `logprob_temperature`, also returns the student's log-probs of the trained tokens at that temperature. `fused`
+    takes the chunked path; `compiled` runs the fused JSD's chunks through `torch.compile`.
     """
+    if teacher_top_k is not None and temperature != 1.0:
+        raise ValueError(
+            f"The top-k objectives take the divergence at temperature 1 (the scoring stage stores the teacher's "
+            f"top-k log-probs at temperature 1), not at {temperature}."
+        )
     forward = {"input_ids": inputs["input_ids"], "use_cache": False}  # a cache would drop the packed-sequence mask
     for key in ("attention_mask", "position_ids"):
         if inputs.get(key) is not None:
@@ -126,7 +133,7 @@ def distillation_loss(
     if teacher_top_k is None:
         with torch.no_grad():
             teacher_outputs = Outputs.of(teacher, forward, mask, chunked=fused)
-        loss_sum = _jsd_sum(student_outputs, teacher_outputs, targets, beta, chunk_size, compiled)
+        loss_sum = _jsd_sum(student_outputs, teacher_outputs, targets, beta, temperature, chunk_size, compiled)
     else:
         topk = _teacher_topk(teacher, inputs, forward, mask, teacher_top_k, chunk_size)
         objective = partial(topk_loss, ce_weight=ce_weight, jsd_beta=beta if topk_jsd else None)
@@ -142,11 +149,12 @@ def _jsd_sum(
     teacher: Outputs,
     targets: torch.Tensor,
     beta: float,
+    temperature: float,
     chunk_size: int | None,
     compiled: bool,
 ) -> torch.Tensor:
     if student.head is None:  # the reference, on the models' own logits
-        return generalized_jsd_sum(student.states, teacher.states, targets != IGNORE_INDEX, beta)
+        return generalized_jsd_sum(student.states, teacher.states, targets != IGNORE_INDEX, beta, temperature)
     return fused_jsd_sum(
         student.states,
         student.head,
@@ -154,6 +162,7 @@ def _jsd_sum(
         teacher.head,
         targets,
         beta,
+        temperature=temperature,
         chunk_size=chunk_size,
         compiled=compiled,
         student_transform=student.transform,

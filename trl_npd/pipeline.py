@@ -173,14 +173,7 @@ class PipelineSettings:
         shared = args.uses_shared_generator
         # a shared generator samples for every rank
         generation_batch_size, buffer_size = args.generation_sizes(args.world_size if shared else 1)
-        eos = generation_config.eos_token_id
-        engine = EngineConfig(
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id if eos is None else eos,
-            device=device,
-        )
+        engine = EngineConfig.from_config(args, tokenizer, generation_config, device)
         return cls(
             mode=args.generator_mode,
             engine=engine,

@@ -114,24 +114,38 @@ class PromptOnlyCollator:
     """Collator for datasets with a `prompt` column and no completions (pure on-policy training, `lmbda=1`).
 
     `prompt` may be plain text or a conversation (a list of `{"role", "content"}` messages), which is rendered with
-    the tokenizer's chat template and a generation prompt, as TRL does for conversational prompts.
+    the tokenizer's chat template and a generation prompt (with `chat_template_kwargs`), as TRL does for
+    conversational prompts. Plain text is tokenized with the tokenizer's special tokens when `add_special_tokens`
+    (TRL's `DistillationTrainer` adds them, e.g. a BOS token; the GKD drop-in does not).
     """
 
-    def __init__(self, tokenizer: Any, max_length: int | None = None, prompt_key: str = "prompt") -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int | None = None,
+        prompt_key: str = "prompt",
+        *,
+        add_special_tokens: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token. Set `tokenizer.pad_token` before training.")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.prompt_key = prompt_key
+        self.add_special_tokens = add_special_tokens
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = []
         for row in rows:
             prompt = row[self.prompt_key]
             if isinstance(prompt, str):
-                prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                prompt_ids = self.tokenizer(prompt, add_special_tokens=self.add_special_tokens)["input_ids"]
             else:
-                text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+                text = self.tokenizer.apply_chat_template(
+                    prompt, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
+                )
                 prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if self.max_length is not None:
                 prompt_ids = prompt_ids[-self.max_length :]

@@ -652,6 +652,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
         loss_kwargs = {
             "beta": self.beta,
             "fused": fused,
+            "temperature": self._divergence_temperature(),
             # drift is measured against the sampling distribution, i.e. at the sampling temperature
             "logprob_temperature": self.temperature if on_policy else None,
             "compiled": self._compile_fused_loss,
@@ -672,7 +673,6 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 raise NonFiniteLossError(
                     self._nonfinite_loss_report(model, float(result.loss_sum.detach()), micro_batch)
                 )
-        # temperature is GKD's sampling temperature; GKD takes the divergence at temperature 1, and so do we
         if num_items_in_batch is None:  # evaluation, or a direct call: mean over this batch's tokens
             loss = result.loss_sum / result.num_tokens.clamp_min(1)
         else:
@@ -686,6 +686,12 @@ class NearPolicyDistillTrainer(GKDTrainer):
             self._step_kl_tokens += k3.numel()
             self._record_sample_drift(inputs, k3, result.mask)
         return loss
+
+    def _divergence_temperature(self) -> float:
+        """The temperature both models' logits are divided by before the divergence. `temperature` is GKD's sampling
+        temperature, and GKD takes the divergence at temperature 1, as this trainer does; the `DistillationTrainer`
+        drop-in takes it at `temperature`, as TRL's `DistillationTrainer` does."""
+        return 1.0
 
     def _record_sample_drift(self, inputs: dict[str, Any], k3: torch.Tensor, mask: torch.Tensor) -> None:
         """Each sample's mean drift over its trained tokens, with its staleness: the distribution behind the step's
