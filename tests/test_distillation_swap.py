@@ -24,6 +24,7 @@ from trl import DistillationConfig, DistillationTrainer
 from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer, NPDDistillationConfig, NPDDistillationTrainer
 from trl_npd.batching import IGNORE_INDEX, Sequence, pad_sequences
 from trl_npd.distillation_trainer import EVAL_LENGTH_METRIC, _teacher_init_kwargs
+from trl_npd.engine import EngineConfig
 from trl_npd.prompts import extract_prompt_ids
 from trl_npd.toy import build_model
 
@@ -325,7 +326,8 @@ def test_a_completion_ends_at_every_eos_the_students_generation_config_declares(
         train_dataset=PLAIN,
         processing_class=tokenizer,
     )
-    assert trainer._engine_config("cpu").eos_token_id == [tokenizer.eos_token_id, end_of_text]
+    sampling = EngineConfig.from_config(trainer.args, trainer.processing_class, trainer.generation_config, "cpu")
+    assert sampling.eos_token_id == [tokenizer.eos_token_id, end_of_text]
 
 
 def test_prompts_and_the_loss_at_a_temperature_are_trls_own(tmp_path, tokenizer):
