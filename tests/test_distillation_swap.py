@@ -25,8 +25,8 @@ from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer, NPDDistil
 from trl_npd.batching import IGNORE_INDEX, Sequence, pad_sequences
 from trl_npd.distillation_trainer import EVAL_LENGTH_METRIC, _teacher_init_kwargs
 from trl_npd.engine import EngineConfig
-from trl_npd.prompts import extract_prompt_ids
-from trl_npd.toy import build_model
+from trl_npd.prompts import PromptOnlyCollator, extract_prompt_ids
+from trl_npd.toy import build_model, build_tokenizer
 
 CONVERSATIONAL = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i}+{i}?"}]} for i in range(16)])
 PLAIN = Dataset.from_list([{"prompt": f"What is {i}+{7 - i}?"} for i in range(8)])
@@ -127,6 +127,8 @@ REFUSED = [
     ({"use_vllm": True, "vllm_max_model_length": 256}, "vllm_max_model_length=256 leaves no room"),
     ({"ds3_gather_for_generation": False}, "ds3_gather_for_generation=False"),
     ({"shuffle_dataset": False}, "shuffle_dataset=False"),
+    ({"shuffle_dataset": None}, "shuffle_dataset=None"),
+    ({"teacher_top_k": 4, "temperature": 0.5}, "teacher_top_k=4 with temperature=0.5"),
     ({"pad_to_multiple_of": 8}, "pad_to_multiple_of=8"),
     ({"max_completion_length": None}, "max_completion_length=None"),
     ({"max_completion_length": 8, "max_new_tokens": 16}, "max_new_tokens=16 and max_completion_length=8"),
@@ -156,6 +158,27 @@ def test_the_neutral_values_of_the_sampling_knobs_are_accepted(tmp_path):
         max_new_tokens=512,
     )
     assert args.generation_kwargs["num_beams"] == 1 and args.max_new_tokens == 512
+    # keys that restate the config's own values change nothing either
+    args = NPDDistillationConfig(
+        output_dir=str(tmp_path), report_to="none", generation_kwargs={"max_new_tokens": 512, "temperature": 1.0}
+    )
+    assert args.generation_kwargs == {"max_new_tokens": 512, "temperature": 1.0}
+    with pytest.raises(ValueError, match=re.escape("generation_kwargs {'max_new_tokens': 64}")):
+        NPDDistillationConfig(output_dir=str(tmp_path), report_to="none", generation_kwargs={"max_new_tokens": 64})
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [
+        ({"use_vllm": True}, 1024),
+        ({"generation_backend": "vllm"}, 1024),  # NPD's own name for the same choice
+        ({"use_vllm": True, "vllm_mode": "server"}, None),  # TRL reads it for a colocated engine only
+        ({}, None),  # and not at all without vLLM
+    ],
+)
+def test_vllm_max_model_length_sets_max_length_for_a_colocated_engine(tmp_path, backend, expected):
+    args = NPDDistillationConfig(output_dir=str(tmp_path), report_to="none", vllm_max_model_length=1024, **backend)
+    assert args.max_length == expected
 
 
 def test_a_teacher_loaded_by_name_gets_its_revision_and_the_dtype_gkd_reads(tmp_path):
@@ -300,6 +323,8 @@ def test_evaluation_is_the_divergence_on_completions_the_live_student_samples(tm
     metrics = self_distilled.evaluate(eval_dataset=evals)
     assert metrics["eval_plain_loss"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["eval_chat_loss"] == pytest.approx(0.0, abs=1e-6)
+    lengths = [value for key, value in metrics.items() if key.endswith("completions/mean_length")]
+    assert lengths and all(length > 0 for length in lengths)  # zero because equal, not because nothing was sampled
     distilled = NPDDistillationTrainer(
         model=paths["student"], teacher_model=paths["teacher"], args=swap_config(tmp_path), train_dataset=PLAIN
     )
@@ -330,9 +355,26 @@ def test_a_completion_ends_at_every_eos_the_students_generation_config_declares(
     assert sampling.eos_token_id == [tokenizer.eos_token_id, end_of_text]
 
 
+def _tokenizer_with_bos_and_thinking_switch():
+    """A fresh toy tokenizer (the session's is shared), made to add a BOS to plain text and to render
+    `enable_thinking=False` differently, so that a collator that dropped `add_special_tokens` or
+    `chat_template_kwargs` would give other ids than TRL's."""
+    from tokenizers import processors
+
+    tokenizer = build_tokenizer()
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template += "{% if enable_thinking is defined and not enable_thinking %}<|im_end|>{% endif %}"
+    assert tokenizer("1+1")["input_ids"] != tokenizer("1+1", add_special_tokens=False)["input_ids"]
+    return tokenizer
+
+
 def test_prompts_and_the_loss_at_a_temperature_are_trls_own(tmp_path, tokenizer):
     """The same prompts tokenize to the same ids as in TRL's DistillationTrainer, plain and conversational with
     chat_template_kwargs; and on the same completions the loss at temperature 2 (beta 0.5) is TRL's."""
+    tokenizer = _tokenizer_with_bos_and_thinking_switch()
 
     def models():
         return build_model(tokenizer, hidden_size=32, num_layers=1, seed=1), build_model(
@@ -360,6 +402,11 @@ def test_prompts_and_the_loss_at_a_temperature_are_trls_own(tmp_path, tokenizer)
     for rows in (PLAIN.select(range(3)), CONVERSATIONAL.select(range(3))):
         prompts = [row["prompt"] for row in rows]
         assert extract_prompt_ids(ours.data_collator, list(rows)) == theirs._tokenize_prompts(prompts)[0]
+    # both options matter with this tokenizer: without them the ids differ
+    plain_ids = extract_prompt_ids(PromptOnlyCollator(tokenizer), [PLAIN[0]])
+    assert plain_ids != theirs._tokenize_prompts([PLAIN[0]["prompt"]])[0]
+    chat_ids = extract_prompt_ids(PromptOnlyCollator(tokenizer, add_special_tokens=True), [CONVERSATIONAL[0]])
+    assert chat_ids != theirs._tokenize_prompts([CONVERSATIONAL[0]["prompt"]])[0]
 
     prompt = extract_prompt_ids(ours.data_collator, [PLAIN[0]])[0]
     completions = [[20, 31, 42, tokenizer.eos_token_id], [55, 66]]
@@ -383,7 +430,20 @@ def test_prompts_and_the_loss_at_a_temperature_are_trls_own(tmp_path, tokenizer)
     torch.testing.assert_close(our_loss, their_loss, rtol=1e-4, atol=1e-6)
     ours.temperature = 1.0  # the divergence at temperature 1 (GKD's) is another number: the check can fail
     with torch.no_grad():
-        assert not torch.allclose(ours.compute_loss(ours.model, batch), their_loss, rtol=1e-3)
+        at_one = ours.compute_loss(ours.model, batch)
+    assert not torch.allclose(at_one, their_loss, rtol=1e-3)
+
+    # the GKD drop-in samples at its temperature and, as GKDTrainer, takes the divergence at 1
+    student, teacher = models()
+    gkd_args = NearPolicyDistillConfig(
+        output_dir=str(tmp_path), report_to="none", temperature=2.0, beta=0.5, max_new_tokens=6, lmbda=1.0, bf16=False
+    )
+    gkd_dropin = NearPolicyDistillTrainer(
+        model=student, teacher_model=teacher, args=gkd_args, train_dataset=PLAIN, processing_class=tokenizer
+    )
+    gkd_dropin.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gkd_dropin.compute_loss(gkd_dropin.model, batch), at_one, rtol=1e-4, atol=1e-6)
 
 
 def test_neither_trainer_prints_gkds_notice_to_migrate_to_distillation_trainer(tmp_path, tokenizer, caplog):

@@ -7,6 +7,7 @@ from tiny_models import build as build_tiny
 from torch import nn
 from trl.experimental.gkd import GKDTrainer
 
+from trl_npd import fused_jsd as fused_jsd_module
 from trl_npd.chunked import chunked_sum
 from trl_npd.divergences import (
     generalized_jsd_per_token,
@@ -115,8 +116,9 @@ def test_chunked_token_logprobs_equal_full_logits():
     torch.testing.assert_close(chunked_token_logprobs(hidden, head, tokens, 0.7, chunk_size=7), expected)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])  # the divergence's (DistillationTrainer's), on both paths
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
-def test_fused_path_through_models_equals_reference_including_tied_embeddings(tokenizer, tied):
+def test_fused_path_through_models_equals_reference_including_tied_embeddings(tokenizer, tied, temperature):
     from transformers import Qwen3ForCausalLM
 
     from trl_npd.toy import build_model
@@ -134,7 +136,9 @@ def test_fused_path_through_models_equals_reference_including_tied_embeddings(to
 
     def run(fused):
         student.zero_grad()
-        result = distillation_loss(student, teacher, batch, 0.5, fused=fused, logprob_temperature=0.9)
+        result = distillation_loss(
+            student, teacher, batch, 0.5, fused=fused, temperature=temperature, logprob_temperature=0.9
+        )
         result.loss_sum.backward()
         return result, {n: p.grad.clone() for n, p in student.named_parameters()}
 
@@ -509,6 +513,30 @@ def test_chunked_paths_accept_no_rows():
     assert chunked_token_logprobs(hidden.detach(), head, torch.zeros(0, dtype=torch.long), 1.0).shape == (0,)
     top_ids, top_values = teacher_topk(hidden.detach(), head, 3)
     assert top_ids.shape == top_values.shape == (0, 3) and top_ids.dtype == torch.long
+
+
+def test_the_fused_jsd_without_gradients_skips_liger_and_equals_the_reference(monkeypatch):
+    """Evaluation (no_grad) runs the chunking base, which computes no gradients, rather than Liger's kernel, which
+    computes them in its forward pass whatever the grad mode; the loss is the same."""
+    torch.manual_seed(9)
+    hidden, head = torch.randn(20, 12), nn.Linear(12, 31)
+    teacher_hidden, teacher_head = torch.randn(20, 16), nn.Linear(16, 31)
+    targets = torch.randint(0, 31, (20,))
+    targets[:3] = -100
+    with torch.no_grad():
+        reference = generalized_jsd_sum(
+            head(hidden)[None], teacher_head(teacher_hidden)[None], (targets != -100)[None], 0.5, 2.0
+        )
+
+    def liger_called(*args, **kwargs):
+        raise AssertionError("Liger's kernel ran without gradients")
+
+    monkeypatch.setattr(fused_jsd_module, "LigerFusedLinearJSDLoss", liger_called)
+    with torch.no_grad():
+        evaluated = fused_jsd_sum(hidden, head, teacher_hidden, teacher_head, targets, 0.5, 2.0, chunk_size=7)
+    torch.testing.assert_close(evaluated, reference, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError, match="ran without gradients"):  # with gradients, Liger's kernel runs
+        fused_jsd_sum(hidden.requires_grad_(), head, teacher_hidden, teacher_head, targets, 0.5, 2.0)
 
 
 def test_chunked_sum_computes_only_the_gradients_asked_for(monkeypatch):

@@ -610,6 +610,11 @@ class NearPolicyDistillConfig(GKDConfig):
         return mode
 
     @property
+    def max_prompt_tokens(self) -> int | None:
+        """The tokens a prompt may keep (cut from the left) so that its completion fits within `max_length`."""
+        return None if self.max_length is None else self.max_length - self.max_new_tokens
+
+    @property
     def uses_shared_generator(self) -> bool:
         """Whether one generator on the main process samples for every rank (vLLM's server mode always does)."""
         return self.shared_generator or (self.generation_backend == "vllm" and self.vllm_mode == "server")

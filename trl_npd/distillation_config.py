@@ -87,8 +87,8 @@ class NPDDistillationConfig(NearPolicyDistillConfig):
     max_length (`int` or `None`, *optional*, defaults to `None`):
         Longest prompt plus completion, in tokens; longer prompts are cut from the left and counted in
         `npd/truncated_prompts`. `None`, the default, cuts nothing, as `DistillationTrainer` does not (a model with
-        a learned position table still has `max_length` lowered to its table's size). With vLLM,
-        `vllm_max_model_length` sets it.
+        a learned position table still has `max_length` lowered to its table's size). With a colocated vLLM
+        engine, `vllm_max_model_length` sets it.
     ds3_gather_for_generation (`bool`, *optional*, defaults to `True`):
         Under DeepSpeed ZeRO-3, NPD always gathers the student's full weights to copy them into the generator, so
         only `True` is accepted.
@@ -136,8 +136,9 @@ class NPDDistillationConfig(NearPolicyDistillConfig):
     vllm_structured_outputs_regex (`str` or `None`, *optional*, defaults to `None`):
         Only `None`: structured outputs would sample from another distribution than the student's.
     vllm_max_model_length (`int` or `None`, *optional*, defaults to `None`):
-        Context of the colocated engine; with `use_vllm` it sets `max_length` (prompts are cut to fit it instead
-        of failing in vLLM). Without vLLM it does nothing, as in `DistillationTrainer`.
+        Context of the colocated engine; with `use_vllm` and `vllm_mode="colocate"` it sets `max_length` (prompts
+        are cut to fit it instead of failing in vLLM). Without vLLM, or with a server (whose context is its own), it
+        does nothing, as in `DistillationTrainer`.
     vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
         Only `1`: each rank drives a whole engine.
 
@@ -250,8 +251,9 @@ class NPDDistillationConfig(NearPolicyDistillConfig):
         self._refuse_sampling_knobs()
         self._refuse_vllm_settings()
         self._refuse_other_settings()
+        self._refuse_topk_temperature()
+        self._translate_backend()  # first: the lengths read which backend samples
         self._translate_lengths()
-        self._translate_backend()
         super().__post_init__()
         self._refuse_generation_kwargs()
         self._check_logging_backends()
@@ -290,13 +292,19 @@ class NPDDistillationConfig(NearPolicyDistillConfig):
 
     def _refuse_generation_kwargs(self) -> None:
         kwargs = self.generation_kwargs or {}
-        refused = {k: v for k, v in kwargs.items() if v not in NEUTRAL_GENERATION_KWARGS.get(k, ())}
+        # keys that restate the config's own values change nothing either
+        neutral = {
+            **NEUTRAL_GENERATION_KWARGS,
+            "max_new_tokens": (self.max_completion_length,),
+            "temperature": (self.temperature,),
+        }
+        refused = {k: v for k, v in kwargs.items() if v not in neutral.get(k, ())}
         if refused:
             raise ValueError(
                 f"generation_kwargs {refused!r} is not supported: NPD's generator samples from softmax(logits / "
                 "temperature) over the whole vocabulary, once per prompt, and records that distribution's "
                 "log-probs; these keys would change how it samples. Remove them (keys that restate its own sampling, "
-                f"{sorted(NEUTRAL_GENERATION_KWARGS)} at their neutral values, are accepted), and set the "
+                f"{sorted(neutral)} at their neutral values or the config's own, are accepted), and set the "
                 "completion length with max_completion_length and the temperature with temperature."
             )
 
@@ -313,10 +321,10 @@ class NPDDistillationConfig(NearPolicyDistillConfig):
                 "the student, which under DeepSpeed ZeRO-3 is made by gathering the weights at every weight sync. "
                 "Leave ds3_gather_for_generation unset (True)."
             )
-        if self.shuffle_dataset is False:
+        if not self.shuffle_dataset:  # None too: TRL's sampler takes it as "do not shuffle"
             raise ValueError(
-                "shuffle_dataset=False is not supported: NPD's generator walks the train prompts in a fresh seeded "
-                "permutation every pass (set seed to change it). Leave shuffle_dataset unset (True)."
+                f"shuffle_dataset={self.shuffle_dataset} is not supported: NPD's generator walks the train prompts "
+                "in a fresh seeded permutation every pass (set seed to change it). Leave shuffle_dataset unset (True)."
             )
         if self.max_tool_calling_iterations is not None:
             raise ValueError(
@@ -327,6 +335,15 @@ class NPDDistillationConfig(NearPolicyDistillConfig):
             raise ValueError(
                 "log_unique_prompts=True is not supported: the log_completions table shows the most recent trained "
                 "samples as they came. Leave log_unique_prompts unset (False)."
+            )
+
+    def _refuse_topk_temperature(self) -> None:
+        if self.teacher_top_k is not None and self.temperature != 1.0:
+            raise ValueError(
+                f"teacher_top_k={self.teacher_top_k} with temperature={self.temperature}: the top-k objective is "
+                "taken at temperature 1 (the teacher's recorded top-k log-probs are at 1), while "
+                "DistillationTrainer takes the divergence at `temperature`. Set temperature=1.0, or "
+                "teacher_top_k=None for the full-vocabulary divergence at this temperature."
             )
 
     def _translate_lengths(self) -> None:
@@ -342,7 +359,8 @@ class NPDDistillationConfig(NearPolicyDistillConfig):
                 "the same limit (max_new_tokens is GKD's name). Set max_completion_length only."
             )
         self.max_new_tokens = self.max_completion_length
-        if self.use_vllm and self.vllm_max_model_length is not None:
+        # TRL reads vllm_max_model_length for a colocated engine only; a server has its own context
+        if self.use_vllm and self.vllm_mode == "colocate" and self.vllm_max_model_length is not None:
             if self.max_length is not None and self.max_length != self.vllm_max_model_length:
                 raise ValueError(
                     f"max_length={self.max_length} and vllm_max_model_length={self.vllm_max_model_length}: with "

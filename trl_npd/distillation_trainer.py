@@ -31,7 +31,7 @@ from trl.trainer.utils import get_config_model_id
 from .batching import IGNORE_INDEX, Sequence, pad_sequences
 from .distillation_config import NPDDistillationConfig
 from .engine import EngineConfig, TransformersEngine
-from .prompts import PromptOnlyCollator
+from .prompts import PromptOnlyCollator, prompt_ids_of
 from .trainer import NearPolicyDistillTrainer
 
 logger = logging.getLogger(__name__)
@@ -127,14 +127,22 @@ class NPDDistillationTrainer(NearPolicyDistillTrainer):
     def _eval_completions(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The eval prompts with a completion each, as a padded batch trained on the completions."""
         args = self.args
-        mask = inputs["prompt_attention_mask"].bool()
-        prompts = [row[row_mask].tolist() for row, row_mask in zip(inputs["prompts"], mask, strict=True)]
-        if args.max_length is not None:  # cut as the generator cuts train prompts
-            prompts = [p[-(args.max_length - args.max_new_tokens) :] for p in prompts]
-        prompts = [p for p in prompts if p]  # generate() cannot start from zero tokens
+        prompts = prompt_ids_of(inputs)
+        if (keep := args.max_prompt_tokens) is not None:  # cut as the generator cuts train prompts
+            prompts = [p[-keep:] for p in prompts]
+        if empty := sum(not p for p in prompts):  # generate() cannot start from zero tokens
+            logger.warning("%d eval prompts have no token to condition on and are left out of eval_loss.", empty)
+            prompts = [p for p in prompts if p]
         if not prompts:
             raise ValueError("An evaluation batch has no prompt with a token to condition on: check its 'prompt's.")
-        with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
+        # as DistillationTrainer samples: ZeRO-3 weights gathered as configured, and gradient checkpointing restored
+        # afterwards with the run's own settings (unset, it would come back with the defaults, e.g. non-reentrant)
+        with unwrap_model_for_generation(
+            model,
+            self.accelerator,
+            gather_deepspeed3_params=args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+        ) as unwrapped:
             sampling = EngineConfig.from_config(args, self.processing_class, self.generation_config, str(args.device))
             engine = TransformersEngine(unwrapped, sampling)
             completions = engine.generate(prompts)

@@ -3,8 +3,9 @@ the loss, so the `(tokens x vocab)` logits are never materialized.
 
 Plain heads run Liger's fused-linear kernel, `LigerFusedLinearJSDLoss`. It cannot express a soft-cap, so a model that
 transforms its logits runs `transformed_jsd`, the same divergence with each side's transform applied, on the
-chunking base (`chunked.chunked_sum`). Both equal `divergences.generalized_jsd_sum` on full logits, loss and
-gradients (tests/test_losses.py).
+chunking base (`chunked.chunked_sum`). So does every call without gradients (evaluation): Liger's kernel computes
+the gradients in its forward pass whatever the grad mode, a float32 copy of the head's weight included. Both equal
+`divergences.generalized_jsd_sum` on full logits, loss and gradients (tests/test_losses.py).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def fused_jsd_sum(
     student_transform = IDENTITY if student_transform is None else student_transform
     teacher_transform = IDENTITY if teacher_transform is None else teacher_transform
     chunk_size = resolve_chunk_size(chunk_size, student_head.weight.shape[0])
-    if not (student_transform.is_identity and teacher_transform.is_identity):
+    if not (torch.is_grad_enabled() and student_transform.is_identity and teacher_transform.is_identity):
         loss = partial(
             transformed_jsd,
             teacher_weight=teacher_head.weight.float(),  # cast once, not per chunk

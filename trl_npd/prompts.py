@@ -106,6 +106,11 @@ def extract_prompt_ids(collator: Callable[[list[Any]], dict[str, torch.Tensor]],
             "The data collator must return `prompts` and `prompt_attention_mask` (as TRL's DataCollatorForChatML "
             f"does) so the generator knows what to complete; it returned {sorted(batch)}."
         )
+    return prompt_ids_of(batch)
+
+
+def prompt_ids_of(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """Each row's prompt tokens, read through `prompt_attention_mask` (either padding side)."""
     mask = batch["prompt_attention_mask"].bool()
     return [row[row_mask].tolist() for row, row_mask in zip(batch["prompts"], mask, strict=True)]
 

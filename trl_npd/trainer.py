@@ -372,7 +372,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
             rank=0 if shared else args.process_index,
             world_size=1 if shared else args.world_size,
             start_position=self._next_stream_position,
-            max_prompt_tokens=None if args.max_length is None else args.max_length - args.max_new_tokens,
+            max_prompt_tokens=args.max_prompt_tokens,
         )
         settings = PipelineSettings.from_config(
             args,
@@ -520,10 +520,9 @@ class NearPolicyDistillTrainer(GKDTrainer):
         if self._is_on_policy(micro_batch):
             return self._on_policy_batch()
         if self.seq_kd:
-            if self.args.max_length is not None:
+            if (keep := self.args.max_prompt_tokens) is not None:
                 # The teacher's prompts get room for max_new_tokens within max_length, cut from the left, as the
                 # generator's do (GKD would let prompt + completion outgrow max_length, and a learned position table)
-                keep = self.args.max_length - self.args.max_new_tokens
                 batch = {
                     **batch,
                     "prompts": batch["prompts"][:, -keep:],
@@ -604,7 +603,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
                 "from the left (oldest context first). Every cut prompt is counted in npd/truncated_prompts; raise "
                 "max_length or lower max_new_tokens to keep prompts whole.",
                 truncated,
-                self.args.max_length - self.args.max_new_tokens,
+                self.args.max_prompt_tokens,
             )
         if result.dropped_empty_completion and "empty_completion" not in self._warned:
             self._warned.add("empty_completion")
