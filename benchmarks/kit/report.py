@@ -1,0 +1,56 @@
+"""What a benchmark writes: its JSON report, stamped with its provenance, and its figures; and how it names the
+machine in them."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Any
+
+from .provenance import provenance
+
+
+def device_name() -> str:
+    """The GPU's name, or the CPU's architecture and core count, with the torch version."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def write_report(report: dict[str, Any], path: str) -> None:
+    """Write a benchmark's `report` to `path` with a `provenance` key added (the code, date, machine and versions
+    of the process writing it: `provenance.provenance`). Every benchmark's JSON goes through here."""
+    write_json({**report, "provenance": provenance()}, path)
+
+
+def write_json(data: dict[str, Any], path: str) -> None:
+    """Write `data` to `path`, creating its folder; through a temporary file, so that a run stopped while writing
+    leaves the previous file or none, never half of one (caches trust a file that exists). For caches and the
+    like; a benchmark's report goes through `write_report`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"  # one per process: ranks may write side by side
+    with open(temporary, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(temporary, path)
+
+
+def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """matplotlib's `subplots`, (figure, axes), on its file-only backend: benchmarks run without a screen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: str) -> None:
+    """Lay `fig` out, write it at the resolution the docs use, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
