@@ -57,17 +57,21 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
-from common import device_name, pyplot, save_figure, write_json
 from datasets import Dataset
+from kit.cli import preset_parser
+from kit.registry import presets
+from kit.report import device_name, save_figure, subplots, write_report
+from kit.training import TrainingClock, quiet_args, train_timed
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, TrainerCallback
+from transformers import PreTrainedTokenizerFast
 
 from trl_npd.toy import build_model
 
@@ -104,52 +108,39 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "npd-sync": {**NPD_DEFAULTS, "generator_mode": "inline"},
     "npd-topk": {**NPD_DEFAULTS, "teacher_top_k": 10},
 }
-PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(
-        digits=5,
-        teacher=dict(hidden=128, layers=3, steps=1500, batch=64, lr=2e-3, seed=0, label_smoothing=0.1),
-        teacher_min_acc=0.9,
-        student=dict(hidden=32, layers=2),
-        warmup=dict(target_acc=0.3, chunk_steps=100, max_steps=5000, batch=32, lr=2e-3, probe_prompts=256),
-        # cosine decay to zero, the usual schedule for a run whose end is the result: the curves flatten over the
-        # last quarter instead of stopping mid-climb (a constant rate kept GKD climbing past 2,400 steps)
-        distill=dict(steps=1600, batch=16, temperature=0.9, beta=0.5, lr_scheduler="cosine"),
-        # the best of lr_grid on the tuning seed, by final_acc_smoothed (docs/results/arena/tuning.json, and
-        # tuning-sft-truth.json for the diagnostic)
-        lr={
-            "sft": 0.01,
-            "sft-truth": 0.003,
-            "gkd": 0.003,
-            "npd": 0.003,
-            "npd-ifd": 0.003,
-            "npd-no-kl": 0.003,
-            "npd-sync": 0.003,
-            "npd-topk": 0.003,
-        },
-        lr_grid=[1e-3, 3e-3, 1e-2],
-        tuning_seed=0,
-        curve_points=16,
-        final_points=3,
-        eval_prompts=1024,
-        train_prompts=8192,
-    ),
-    # smoke test only
-    "micro": dict(
-        digits=2,
-        teacher=dict(hidden=32, layers=1, steps=30, batch=16, lr=2e-3, seed=0, label_smoothing=0.1),
-        teacher_min_acc=0.0,
-        student=dict(hidden=16, layers=1),
-        warmup=dict(target_acc=0.0, chunk_steps=5, max_steps=5, batch=8, lr=2e-3, probe_prompts=8),
-        distill=dict(steps=4, batch=4, temperature=0.9, beta=0.5, lr_scheduler="cosine"),
-        lr={method: 5e-4 for method in METHODS},
-        lr_grid=[5e-4, 1e-3],
-        tuning_seed=0,
-        curve_points=2,
-        final_points=2,
-        eval_prompts=16,
-        train_prompts=64,
-    ),
-}
+PRESETS = presets("arena", METHODS)  # kit/registry.py: teacher, warm start, distillation, evaluation
+
+
+# ---- what the arena's machinery asks of a task -------------------------------------------------------------------
+class ArenaTask(Protocol):
+    """A task the methods are compared on: the multiplication below and its variants (arena_pilots.py), or the
+    real model's healing (arena_real.py). `method_run` trains a method from a seed's start, evaluates its
+    checkpoints and records the run with nothing else from the task."""
+
+    preset: dict[str, Any]  # distill (steps, batch, temperature, beta, schedule), curve_points, final_points
+    tokenizer: Any
+    methods: dict[str, dict[str, Any] | None]  # each method's NPD settings; None: a TRL trainer
+    final_metrics: tuple[str, ...]  # besides acc and acc_sampled: averaged over the final checkpoints too
+
+    def new_tokens(self, pairs: list[tuple[str, str]]) -> int:
+        """Room for a completion of the prompts of `pairs`: the student's rollouts, the teacher's SFT samples."""
+        ...
+
+    def evaluate(self, model: Any, final: bool) -> dict[str, float]:
+        """A checkpoint's metrics, `acc` among them; `final`: one of the last `final_points`, whose `acc_sampled`
+        every task gives."""
+        ...
+
+
+@dataclass
+class Start:
+    """A seed's starting point, the same for every method: the warm-started student, the teacher, the pairs the
+    student trains on, and the student's metrics there (its curve's first point)."""
+
+    student: Any
+    teacher: Any
+    train: list[tuple[str, str]]
+    init: dict[str, float]
 
 
 # ---- the task ----------------------------------------------------------------------------------------------------
@@ -159,11 +150,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def task_name(preset: dict[str, Any]) -> str:
-    return f"{preset['digits']}-digit x 1-digit multiplication with a carry trace"
-
-
-def build_tokenizer(extra_chars: str = "") -> PreTrainedTokenizerFast:
+def character_tokenizer(extra_chars: str = "") -> PreTrainedTokenizerFast:
     """One token per character, so no token hides a digit pair; `<|im_end|>` ends the answer. `extra_chars` are
     characters a task variant adds (arena_pilots.py), after the others, so the arena's own ids do not move."""
     specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
@@ -202,29 +189,62 @@ def answer_of(completion: str) -> str:
     return completion.rsplit(":", 1)[-1].strip()
 
 
-def splits(preset: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Held-out evaluation problems and training problems, disjoint, the same for every seed."""
-    rng = random.Random(12345)
-    held_out: dict[str, str] = {}
-    while len(held_out) < preset["eval_prompts"]:
-        question, answer = problem(rng, preset["digits"])
-        held_out[question] = answer
-    train: dict[str, str] = {}
-    while len(train) < preset["train_prompts"]:
-        question, answer = problem(rng, preset["digits"])
-        if question not in held_out:
-            train[question] = answer
-    return list(held_out.items()), list(train.items())
+class Multiplication:
+    """The arena's task (the module docstring): its tokenizer, and its held-out and training problems, disjoint and
+    the same for every seed. The variants of arena_pilots.py subclass it: another `problem`, characters the
+    tokenizer adds (`extra_chars`), answer positions supervised training skips (`untrained`), another room for
+    completions (`new_tokens`), other pairs for the student (`student_pairs`)."""
+
+    methods = METHODS
+    final_metrics: tuple[str, ...] = ()
+    extra_chars = ""
+    untrained: Callable[[str], list[int]] | None = None
+
+    def __init__(self, preset: dict[str, Any]) -> None:
+        self.preset = preset
+        self.digits = preset["digits"]
+        self.tokenizer = character_tokenizer(self.extra_chars)
+        self.held_out, self.train = self.splits()
+
+    @property
+    def name(self) -> str:
+        return f"{self.digits}-digit x 1-digit multiplication with a carry trace"
+
+    def problem(self, rng: random.Random) -> tuple[str, str]:
+        return problem(rng, self.digits)
+
+    def splits(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """Held-out evaluation problems and training problems, disjoint, the same for every seed."""
+        rng = random.Random(12345)
+        held_out: dict[str, str] = {}
+        while len(held_out) < self.preset["eval_prompts"]:
+            question, answer = self.problem(rng)
+            held_out[question] = answer
+        train: dict[str, str] = {}
+        while len(train) < self.preset["train_prompts"]:
+            question, answer = self.problem(rng)
+            if question not in held_out:
+                train[question] = answer
+        return list(held_out.items()), list(train.items())
+
+    def student_pairs(self) -> list[tuple[str, str]]:
+        """What the student warms up on, and the methods train on: the teacher's own training problems."""
+        return self.train
+
+    def new_tokens(self, pairs: list[tuple[str, str]]) -> int:
+        return max(len(a) for _, a in pairs) + 2  # the answer, its end token, one spare
+
+    def evaluate(self, model: Any, final: bool) -> dict[str, float]:
+        point = {"acc": accuracy(model, self, self.held_out)}
+        if final:
+            point["acc_sampled"] = accuracy(model, self, self.held_out, self.preset["distill"]["temperature"])
+        return point
 
 
 def prompt_text(tokenizer: Any, question: str) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
     )
-
-
-def max_new_tokens(pairs: list[tuple[str, str]]) -> int:
-    return max(len(a) for _, a in pairs) + 2  # the answer, its end token, one spare
 
 
 def chat_ids(tokenizer: Any, question: str) -> list[int]:
@@ -278,10 +298,10 @@ def complete(
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def accuracy(model: Any, tokenizer: Any, held_out: list, temperature: float | None = None) -> float:
-    """Exact match of the answer: greedy, or sampled at `temperature`."""
-    completions = complete(model, tokenizer, [q for q, _ in held_out], max_new_tokens(held_out), temperature)
-    return sum(answer_of(c) == answer_of(a) for c, (_, a) in zip(completions, held_out, strict=True)) / len(held_out)
+def accuracy(model: Any, task: Multiplication, pairs: list, temperature: float | None = None) -> float:
+    """Exact match of the answer on `pairs`: greedy, or sampled at `temperature`."""
+    completions = complete(model, task.tokenizer, [q for q, _ in pairs], task.new_tokens(pairs), temperature)
+    return sum(answer_of(c) == answer_of(a) for c, (_, a) in zip(completions, pairs, strict=True)) / len(pairs)
 
 
 # ---- supervised training (teacher from scratch, student warm start) -------------------------------------------
@@ -340,12 +360,11 @@ def supervised(
     model.eval()
 
 
-def teacher_model(
-    preset: dict[str, Any], tokenizer: Any, train: list, held_out: list, cache_dir: str
-) -> tuple[Any, dict[str, float], bool]:
+def teacher_model(task: Multiplication, cache_dir: str) -> tuple[Any, dict[str, float], bool]:
     """The cached teacher for this config, trained first if there is none; returns (model, held-out acc, cached)."""
+    preset = task.preset
     config = {
-        "task": task_name(preset),
+        "task": task.name,
         "digits": preset["digits"],
         **preset["teacher"],
         "train_prompts": preset["train_prompts"],
@@ -358,13 +377,22 @@ def teacher_model(
         model, cached = AutoModelForCausalLM.from_pretrained(path), True
     else:
         spec = preset["teacher"]
-        model = build_model(tokenizer, hidden_size=spec["hidden"], num_layers=spec["layers"], seed=spec["seed"])
-        smoothing = spec["label_smoothing"]
-        supervised(model, tokenizer, train, spec["steps"], spec["batch"], spec["lr"], spec["seed"], smoothing)
+        model = build_model(task.tokenizer, hidden_size=spec["hidden"], num_layers=spec["layers"], seed=spec["seed"])
+        supervised(
+            model,
+            task.tokenizer,
+            task.train,
+            spec["steps"],
+            spec["batch"],
+            spec["lr"],
+            spec["seed"],
+            spec["label_smoothing"],
+            task.untrained,
+        )
         cached = False
     acc = {
-        "greedy": accuracy(model, tokenizer, held_out),
-        "sampled": accuracy(model, tokenizer, held_out, preset["distill"]["temperature"]),
+        "greedy": accuracy(model, task, task.held_out),
+        "sampled": accuracy(model, task, task.held_out, preset["distill"]["temperature"]),
     }
     if acc["greedy"] < preset["teacher_min_acc"]:
         raise SystemExit(f"the teacher reached {acc['greedy']:.1%} held-out, below {preset['teacher_min_acc']:.0%}")
@@ -378,69 +406,68 @@ def teacher_model(
 def student_params(preset: dict[str, Any]) -> int:
     """The preset's student's parameter count, without training it."""
     spec = preset["student"]
-    model = build_model(build_tokenizer(), hidden_size=spec["hidden"], num_layers=spec["layers"], seed=0)
+    model = build_model(character_tokenizer(), hidden_size=spec["hidden"], num_layers=spec["layers"], seed=0)
     return sum(p.numel() for p in model.parameters())
 
 
-def warm_student(preset: dict[str, Any], tokenizer: Any, train: list, held_out: list, seed: int) -> tuple[Any, int]:
+def warm_student(task: Multiplication, train: list, seed: int) -> tuple[Any, int]:
     """The seed's student, trained on clean ground truth until its greedy accuracy on a slice of the held-out
     prompts reaches the target: a learning curve of this task has sudden jumps, so a fixed number of steps would
     start the seeds at very different levels. Returns (model, warm-up steps)."""
-    spec, warm = preset["student"], preset["warmup"]
-    model = build_model(tokenizer, hidden_size=spec["hidden"], num_layers=spec["layers"], seed=seed)
-    probe = held_out[: warm["probe_prompts"]]
+    spec, warm = task.preset["student"], task.preset["warmup"]
+    model = build_model(task.tokenizer, hidden_size=spec["hidden"], num_layers=spec["layers"], seed=seed)
+    probe = task.held_out[: warm["probe_prompts"]]
     steps = 0
     while steps < warm["max_steps"]:
-        supervised(model, tokenizer, train, warm["chunk_steps"], warm["batch"], warm["lr"], seed * 100_003 + steps)
+        chunk_seed = seed * 100_003 + steps
+        supervised(
+            model,
+            task.tokenizer,
+            train,
+            warm["chunk_steps"],
+            warm["batch"],
+            warm["lr"],
+            chunk_seed,
+            0.0,
+            task.untrained,
+        )
         steps += warm["chunk_steps"]
-        if accuracy(model, tokenizer, probe) >= warm["target_acc"]:
+        if accuracy(model, task, probe) >= warm["target_acc"]:
             break
     return model, steps
 
 
 # ---- the compared methods ------------------------------------------------------------------------------------
-class Curve(TrainerCallback):
-    """Training wall time from `on_train_begin`, and a copy of the student's weights at the chosen steps.
+class Curve(TrainingClock):
+    """The training clock, and a copy of the student's weights at the chosen steps.
 
     Copying is kept off the clock, so that evaluating the copies after training costs no method any time.
     """
 
-    def __init__(self, steps: set[int], start_offset_s: float = 0.0) -> None:
+    def __init__(self, steps: set[int], offset_s: float = 0.0) -> None:
+        super().__init__(offset_s)
         self.steps = steps
-        self.start_offset_s = start_offset_s  # work done before train() that belongs to the method (sft's data)
         self.points: list[tuple[float, int, dict[str, torch.Tensor]]] = []
-        self._start = 0.0
-        self._paused_s = 0.0
-
-    def elapsed_s(self) -> float:
-        return time.perf_counter() - self._start - self._paused_s + self.start_offset_s
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self._start = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.global_step in self.steps:
             elapsed = self.elapsed_s()
-            copy_start = time.perf_counter()
-            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            self.points.append((elapsed, state.global_step, weights))
-            self._paused_s += time.perf_counter() - copy_start
+            with self.paused():
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                self.points.append((elapsed, state.global_step, weights))
 
 
 def training_args(cls: type, preset: dict[str, Any], output_dir: str, seed: int, lr: float, **extra: Any) -> Any:
     spec = preset["distill"]
-    return cls(
-        output_dir=output_dir,
+    return quiet_args(
+        cls,
+        output_dir,
         max_steps=spec["steps"],
         per_device_train_batch_size=spec["batch"],
         learning_rate=lr,
         lr_scheduler_type=spec["lr_scheduler"],
         warmup_steps=min(30, spec["steps"] // 10),
         gradient_checkpointing=False,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
         seed=seed,
         **extra,
     )
@@ -457,44 +484,33 @@ def sft_completions(
 
 
 def run_method(
-    method: str,
-    preset: dict[str, Any],
-    lr: float,
-    student_init: Any,
-    teacher: Any,
-    tokenizer: Any,
-    train: list,
-    seed: int,
-    samples_path: str | None,
-    new_tokens: int | None = None,
-    npd_overrides: dict[str, Any] | None = None,
+    task: ArenaTask, method: str, lr: float, start: Start, seed: int, samples_path: str | None
 ) -> tuple[Curve, dict[str, Any]]:
-    """Train a copy of the warm student with `method`; returns its curve and what the run reported. Another task
-    (arena_real.py) gives its completions' length, `new_tokens`, and its NPD method's settings, `npd_overrides`;
-    `method="distillation"` is TRL's DistillationTrainer on the prompts alone."""
+    """Train a copy of the warm student with `method` (one of `task.methods`); returns its curve and what the run
+    reported. `method="distillation"` is TRL's DistillationTrainer on the prompts alone."""
     from trl import DistillationConfig, DistillationTrainer, SFTConfig, SFTTrainer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
 
-    student = copy.deepcopy(student_init)
+    student, teacher, tokenizer, preset = copy.deepcopy(start.student), start.teacher, task.tokenizer, task.preset
     spec = preset["distill"]
     # every method gets the same prompts, steps x batch of them: seed-dependent shuffles of the training pool, one
     # after the other (a prompt repeats only once the pool is used up). Each trainer then draws them in its own
     # seeded order (TRL's dataloaders, NPD's prompt stream).
     rng, prompts = random.Random(seed), []
     while len(prompts) < spec["steps"] * spec["batch"]:
-        prompts += rng.sample(train, len(train))
+        prompts += rng.sample(start.train, len(start.train))
     prompts = prompts[: spec["steps"] * spec["batch"]]
-    new_tokens = new_tokens or max_new_tokens(train)
+    new_tokens = task.new_tokens(start.train)
     points = preset["curve_points"]
     curve_steps = {round(spec["steps"] * (i + 1) / points) for i in range(points)}
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as output_dir:
         if method in ("sft", "sft-truth"):
-            start = time.perf_counter()
+            began = time.perf_counter()
             completions = sft_completions(method, teacher, tokenizer, prompts, new_tokens, spec["temperature"], seed)
-            curve = Curve(curve_steps, start_offset_s=time.perf_counter() - start)
+            curve = Curve(curve_steps, offset_s=time.perf_counter() - began)
             dataset = Dataset.from_list(
                 [
                     {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": c}]}
@@ -538,7 +554,6 @@ def run_method(
                 args = training_args(GKDConfig, preset, output_dir, seed, lr, logging_steps=10**6, **common)
                 cls: type = GKDTrainer
             else:
-                overrides = dict(METHODS[method] if npd_overrides is None else npd_overrides)
                 args = training_args(
                     NearPolicyDistillConfig,
                     preset,
@@ -548,17 +563,13 @@ def run_method(
                     logging_steps=max(1, spec["steps"] // 50),  # the npd/ metrics, policy_kl among them
                     log_samples=samples_path is not None,
                     **common,
-                    **overrides,
+                    **task.methods[method],
                 )
                 cls = NearPolicyDistillTrainer
             trainer = cls(
                 model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
             )
-        # first, so that NPD's generator start-up (its own on_train_begin hook) is on the clock
-        trainer.callback_handler.callbacks.insert(0, curve)
-        trainer.train()
-        # after train() returns, not at on_train_end: NPD stops its generator process in between
-        curve.wall_s = curve.elapsed_s()
+        train_timed(trainer, curve)
         if hasattr(trainer, "npd_metrics"):
             totals = trainer.npd_metrics.totals
             report["npd"] = {
@@ -579,19 +590,14 @@ def run_method(
     return curve, report
 
 
-def evaluate_curve(
-    curve: Curve, preset: dict[str, Any], student_init: Any, tokenizer: Any, held_out: list, init: dict[str, float]
-) -> list[dict[str, float]]:
-    """Each checkpoint's greedy accuracy; the last `final_points` also sampled at the training temperature."""
-    points = [{"step": 0, "wall_s": 0.0, **init}]
-    model = copy.deepcopy(student_init)
-    final = {step for _, step, _ in curve.points[-preset["final_points"] :]}
+def evaluate_curve(task: ArenaTask, curve: Curve, start: Start) -> list[dict[str, float]]:
+    """The start's metrics, then each checkpoint's, the last `final_points` as final ones (`task.evaluate`)."""
+    points = [{"step": 0, "wall_s": 0.0, **start.init}]
+    model = copy.deepcopy(start.student)
+    final = {step for _, step, _ in curve.points[-task.preset["final_points"] :]}
     for elapsed, step, weights in curve.points:
         model.load_state_dict(weights)
-        point = {"step": step, "wall_s": elapsed, "acc": accuracy(model, tokenizer, held_out)}
-        if step in final:
-            point["acc_sampled"] = accuracy(model, tokenizer, held_out, preset["distill"]["temperature"])
-        points.append(point)
+        points.append({"step": step, "wall_s": elapsed, **task.evaluate(model, final=step in final)})
     return points
 
 
@@ -617,16 +623,26 @@ def time_to(curve: list[dict[str, float]], window: int, level: float) -> float |
 
 
 # ---- one seed ----------------------------------------------------------------------------------------------------
+def method_run(task: ArenaTask, method: str, lr: float, start: Start, seed: int, out: str | None) -> dict[str, Any]:
+    """One method's run from the seed's start: trained, its checkpoints evaluated, and recorded as a seed's JSON
+    holds it. An NPD method's per-sample records go next to `out` (none without it)."""
+    samples_path = None
+    if task.methods[method] is not None and out:
+        samples_path = f"{os.path.splitext(out)[0]}.{method}.samples.jsonl"
+    curve, reported = run_method(task, method, lr, start, seed, samples_path)
+    return run_record(task, method, lr, curve, evaluate_curve(task, curve, start), reported)
+
+
 def run_record(
-    method: str, lr: float, preset: dict[str, Any], curve: Curve, points: list[dict[str, float]], reported: dict
+    task: ArenaTask, method: str, lr: float, curve: Curve, points: list[dict[str, float]], reported: dict
 ) -> dict[str, Any]:
     """One method's run as a seed's JSON holds it: its curve, and its final accuracy averaged over the last
-    `final_points` checkpoints, greedy and sampled."""
-    final = points[-preset["final_points"] :]
-    return {
+    `final_points` checkpoints, greedy and sampled, and so each of the task's `final_metrics`."""
+    final = points[-task.preset["final_points"] :]
+    record = {
         "method": method,
         "lr": lr,
-        "steps": preset["distill"]["steps"],
+        "steps": task.preset["distill"]["steps"],
         "wall_s": curve.wall_s,
         "acc": points[-1]["acc"],
         "final_acc_smoothed": statistics.mean(p["acc"] for p in final),
@@ -634,6 +650,9 @@ def run_record(
         "curve": points,
         **reported,
     }
+    for metric in task.final_metrics:
+        record[f"final_{metric}_smoothed"] = statistics.mean(p[metric] for p in final)
+    return record
 
 
 def add_time_to_gkd_final(runs: list[dict[str, Any]], window: int) -> None:
@@ -647,43 +666,35 @@ def add_time_to_gkd_final(runs: list[dict[str, Any]], window: int) -> None:
 
 def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[str, float], args: Any) -> dict:
     started = time.perf_counter()
-    tokenizer = build_tokenizer()
-    held_out, train = splits(preset)
-    teacher, teacher_acc, cached = teacher_model(preset, tokenizer, train, held_out, args.cache_dir)
+    task = Multiplication(preset)
+    teacher, teacher_acc, cached = teacher_model(task, args.cache_dir)
     print(f"teacher: {teacher_acc['greedy']:.1%} greedy, {teacher_acc['sampled']:.1%} sampled", flush=True)
-    student_init, warm_steps = warm_student(preset, tokenizer, train, held_out, seed)
-    init = {"acc": accuracy(student_init, tokenizer, held_out)}
-    print(f"student after {warm_steps} warm-up steps: {init['acc']:.1%}", flush=True)
+    student_init, warm_steps = warm_student(task, task.train, seed)
+    start = Start(student_init, teacher, task.train, {"acc": accuracy(student_init, task, task.held_out)})
+    print(f"student after {warm_steps} warm-up steps: {start.init['acc']:.1%}", flush=True)
 
     runs = []
     for method in methods:
-        samples_path = None
-        if METHODS[method] is not None and args.out:
-            samples_path = f"{os.path.splitext(args.out)[0]}.{method}.samples.jsonl"
-        curve, reported = run_method(
-            method, preset, lrs[method], student_init, teacher, tokenizer, train, seed, samples_path
-        )
-        points = evaluate_curve(curve, preset, student_init, tokenizer, held_out, init)
-        run = run_record(method, lrs[method], preset, curve, points, reported)
+        run = method_run(task, method, lrs[method], start, seed, args.out)
         runs.append(run)
         print(
-            f"{method}: {run['final_acc_smoothed']:.1%} (last {points[-1]['acc']:.1%}) in {run['wall_s']:.1f} s",
+            f"{method}: {run['final_acc_smoothed']:.1%} (last {run['acc']:.1%}) in {run['wall_s']:.1f} s",
             flush=True,
         )
     add_time_to_gkd_final(runs, preset["final_points"])
     return {
-        "task": task_name(preset),
+        "task": task.name,
         "seed": seed,
         "device": device_name(),
         "date": datetime.date.today().isoformat(),
         "teacher_acc": teacher_acc["greedy"],
         "teacher_acc_sampled": teacher_acc["sampled"],
         "teacher_cached": cached,
-        "student_init_acc": init["acc"],
+        "student_init_acc": start.init["acc"],
         "student_warmup_steps": warm_steps,
         "student_params": sum(p.numel() for p in student_init.parameters()),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
-        "eval_prompts": len(held_out),
+        "eval_prompts": len(task.held_out),
         "distill": preset["distill"],
         "final_points": preset["final_points"],
         "runs": runs,
@@ -723,8 +734,7 @@ def print_seed(report: dict[str, Any]) -> None:
 
 
 def plot_seed(report: dict[str, Any], path: str) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = subplots(figsize=(6.5, 4))
     for run in report["runs"]:
         ax.plot(
             [p["wall_s"] for p in run["curve"]],
@@ -774,7 +784,7 @@ def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
         for run in report["runs"]:
             grid.setdefault(run["method"], {})[f"{lr:g}"] = run["final_acc_smoothed"]
     best = {method: float(max(rates, key=rates.get)) for method, rates in grid.items()}
-    write_json({"seed": seed, "grid": grid, "best_lr": best, "runs": reports}, args.out)
+    write_report({"seed": seed, "grid": grid, "best_lr": best, "runs": reports}, args.out)
     rates_run = sorted({float(lr) for rates in grid.values() for lr in rates})
     print(f"{'method':17} " + " ".join(f"{lr:>8g}" for lr in rates_run) + "   best")
     for method, rates in grid.items():
@@ -866,7 +876,7 @@ def summarize(paths: list[str], out: str, plot_path: str, only: list[str] | None
         "total_s": [report["total_s"] for report in reports],
         "methods": rows,
     }
-    write_json(summary, out)
+    write_report(summary, out)
     print_summary(summary)
     plot_summary(reports, plot_path)
     return summary
@@ -921,7 +931,7 @@ def summarize_records(paths: list[str], out: str) -> None:
                 sum(d < 0 for d in dropped_delta) / len(dropped_delta) if dropped_delta else None
             ),
         }
-    write_json({"seeds_files": paths, "methods": report}, out)
+    write_report({"seeds_files": paths, "methods": report}, out)
     print(
         f"{'method':17} {'records':>8} {'dropped':>8} {'stale mean':>10} {'max':>4} {'Δ trained p5/med/p95':>22} "
         f"{'dropped Δ<0':>11}  fates"
@@ -968,8 +978,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def plot_summary(reports: list[dict[str, Any]], path: str) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(reports), figsize=(3.6 * len(reports), 3.4), sharey=True, squeeze=False)
+    fig, axes = subplots(1, len(reports), figsize=(3.6 * len(reports), 3.4), sharey=True, squeeze=False)
     for ax, report in zip(axes[0], reports, strict=True):
         for run in report["runs"]:
             ax.plot([p["wall_s"] for p in run["curve"]], [100 * p["acc"] for p in run["curve"]], label=run["method"])
@@ -982,8 +991,7 @@ def plot_summary(reports: list[dict[str, Any]], path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser = preset_parser(__doc__, PRESETS, default="cpu")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="results/arena/seed-1.json")
@@ -1026,7 +1034,7 @@ def main() -> None:
     report = run_seed(preset, args.seed, methods, preset["lr"], args)
     if args.add_to:
         report = added_to(json.load(open(args.add_to)), report, preset)
-    write_json(report, args.out)
+    write_report(report, args.out)
     plot_seed(report, plot_path)
     print_seed(report)
 

@@ -28,8 +28,8 @@ The variants, each a lever the arena's issue named:
   should beat imitating samples. The student warms up, and `sft-truth` trains, on the clean worked answers.
 
 Greedy and sampled accuracy compare only the answer after `:`, so a repaired trace with the right answer is right.
-The variants replace the arena's task functions, and its generation room, for the rest of the process (`install`,
-`pilot`), so a process runs one pilot: arena.py keeps the one task its committed results were measured on.
+Each variant is a task object (`variant_task`): arena.py's `Multiplication` with another problem, tokenizer,
+generation room and training data, which the arena's machinery runs as it runs its own task.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import functools
 import os
 import random
 import re
@@ -46,7 +45,7 @@ from typing import Any
 
 import arena
 import torch
-from common import device_name, write_json
+from kit.report import device_name, write_report
 
 VARIANTS = ("reverse-kl", "repair", "dagger")
 REPAIR_ROOM_TOKENS = 9  # generation room beyond the longest repaired answer: three more repairs of 3 characters
@@ -77,43 +76,63 @@ def wrong_digits(answer: str) -> list[int]:
     return [position for mark in re.finditer("<", answer) for position in (mark.start() - 2, mark.start() - 1)]
 
 
-def install(variant: str, preset: dict[str, Any], repair_rate: float) -> str:
-    """Point arena's task at `variant` and adjust `preset` in place; returns the characters the variant adds to the
-    tokenizer. It replaces arena's functions for the rest of the process, so a process runs one variant."""
+class Repaired(arena.Multiplication):
+    """`repair`: the arena's task on traces with repairs (`repaired_problem`); `<` is a token of its own."""
+
+    extra_chars = "<"
+
+    def __init__(self, preset: dict[str, Any], repair_rate: float, variant: str = "repair") -> None:
+        self.repair_rate, self.variant = repair_rate, variant
+        super().__init__(preset)
+        # one room for every generation (the teacher's samples, the student's rollouts, evaluation), from the
+        # repaired data: the `dagger` student trains on clean answers, but its own traces may repair as often
+        self.room = super().new_tokens(self.held_out + self.train) + REPAIR_ROOM_TOKENS
+
+    @property
+    def name(self) -> str:
+        # the task's name keys the teacher's cache, so each variant and rate trains its own teacher
+        return f"{super().name}, {self.repair_rate:g} of steps repaired ({self.variant})"
+
+    def problem(self, rng: random.Random) -> tuple[str, str]:
+        return repaired_problem(rng, self.digits, self.repair_rate)
+
+    def new_tokens(self, pairs: list[tuple[str, str]]) -> int:
+        return self.room
+
+
+class Dagger(Repaired):
+    """`dagger`: the teacher is not trained on the wrong digits, and the student warms up and trains on the clean
+    answers (the teacher alone saw the repairs)."""
+
+    untrained = staticmethod(wrong_digits)
+
+    def __init__(self, preset: dict[str, Any], repair_rate: float) -> None:
+        super().__init__(preset, repair_rate, variant="dagger")
+
+    def student_pairs(self) -> list[tuple[str, str]]:
+        return [(q, clean(a)) for q, a in self.train]
+
+
+def variant_task(variant: str, preset: dict[str, Any], repair_rate: float) -> arena.Multiplication:
+    """The task of `variant` on a copy of `preset`, adjusted for it: the reverse KL for `reverse-kl`, a teacher
+    trained without label smoothing for the others."""
+    preset = copy.deepcopy(preset)
     if variant == "reverse-kl":
         preset["distill"]["beta"] = 1.0
-        return ""
+        return arena.Multiplication(preset)
     preset["teacher"]["label_smoothing"] = 0.0
-    # the task's name keys the teacher's cache, so each variant and rate trains its own teacher
-    preset["task"] = f"{arena.task_name(preset)}, {repair_rate:g} of steps repaired ({variant})"
-    arena.task_name = lambda preset: preset["task"]
-    arena.problem = functools.partial(repaired_problem, repair_rate=repair_rate)
-    if variant == "dagger":
-        arena.supervised = functools.partial(arena.supervised, untrained=wrong_digits)
-    return "<"
-
-
-def student_pairs(variant: str, train: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """What the student warms up on and `sft-truth` trains on: in `dagger` the clean answers (the teacher alone saw
-    the repairs), otherwise the teacher's own training data."""
-    return [(q, clean(a)) for q, a in train] if variant == "dagger" else train
+    return Dagger(preset, repair_rate) if variant == "dagger" else Repaired(preset, repair_rate)
 
 
 def pilot(
     preset_name: str, variant: str, runs: list[tuple[str, float]], seed: int, repair_rate: float, cache_dir: str
 ) -> dict:
     started = time.perf_counter()
-    preset = copy.deepcopy(arena.PRESETS[preset_name])
-    tokenizer = arena.build_tokenizer(install(variant, preset, repair_rate))
-    held_out, train = arena.splits(preset)
-    if variant != "reverse-kl":
-        # one room for every generation (the teacher's samples, the student's rollouts, evaluation), from the
-        # repaired data: the `dagger` student trains on clean answers, but its own traces may repair as often
-        room = arena.max_new_tokens(held_out + train) + REPAIR_ROOM_TOKENS
-        arena.max_new_tokens = lambda pairs: room
-    teacher, teacher_acc, cached = arena.teacher_model(preset, tokenizer, train, held_out, cache_dir)
+    task = variant_task(variant, arena.PRESETS[preset_name], repair_rate)
+    preset, held_out = task.preset, task.held_out
+    teacher, teacher_acc, cached = arena.teacher_model(task, cache_dir)
     samples = arena.complete(
-        teacher, tokenizer, [q for q, _ in held_out], arena.max_new_tokens(held_out), preset["distill"]["temperature"]
+        teacher, task.tokenizer, [q for q, _ in held_out], task.new_tokens(held_out), preset["distill"]["temperature"]
     )
     teacher_repairs = sum("<" in sample for sample in samples) / len(samples)
     print(
@@ -121,25 +140,22 @@ def pilot(
         f"{teacher_repairs:.1%} of its samples repair a step",
         flush=True,
     )
-    train = student_pairs(variant, train)
-    rollout_tokens = arena.max_new_tokens(train)  # what run_method gives the student's rollouts and SFT's samples
-    student_init, warm_steps = arena.warm_student(preset, tokenizer, train, held_out, seed)
-    init = {"acc": arena.accuracy(student_init, tokenizer, held_out)}
-    print(f"student after {warm_steps} warm-up steps: {init['acc']:.1%}", flush=True)
+    train = task.student_pairs()
+    student_init, warm_steps = arena.warm_student(task, train, seed)
+    start = arena.Start(student_init, teacher, train, {"acc": arena.accuracy(student_init, task, held_out)})
+    print(f"student after {warm_steps} warm-up steps: {start.init['acc']:.1%}", flush=True)
     results = []
     for method, lr in runs:
-        curve, reported = arena.run_method(method, preset, lr, student_init, teacher, tokenizer, train, seed, None)
-        points = arena.evaluate_curve(curve, preset, student_init, tokenizer, held_out, init)
-        run = arena.run_record(method, lr, preset, curve, points, reported)
-        run["half_acc_smoothed"] = arena.at_fraction(points, preset["final_points"], 0.5)
+        run = arena.method_run(task, method, lr, start, seed, out=None)
+        run["half_acc_smoothed"] = arena.at_fraction(run["curve"], preset["final_points"], 0.5)
         results.append(run)
-        print(f"{method} at {lr:g}: {run['final_acc_smoothed']:.1%} in {curve.wall_s:.0f} s", flush=True)
+        print(f"{method} at {lr:g}: {run['final_acc_smoothed']:.1%} in {run['wall_s']:.0f} s", flush=True)
     # as arena.py's seeds, so that `arena.py --summarize` pairs pilots of one variant over seeds
     arena.add_time_to_gkd_final(results, preset["final_points"])
     return {
         "preset": preset_name,
         "variant": variant,
-        "task": arena.task_name(preset),
+        "task": task.name,
         "repair_rate": None if variant == "reverse-kl" else repair_rate,
         "seed": seed,
         "device": device_name(),
@@ -148,10 +164,10 @@ def pilot(
         "teacher_acc_sampled": teacher_acc["sampled"],
         "teacher_samples_repairing": teacher_repairs,
         "teacher_cached": cached,
-        "student_init_acc": init["acc"],
+        "student_init_acc": start.init["acc"],
         "student_warmup_steps": warm_steps,
         "eval_prompts": len(held_out),
-        "max_new_tokens": rollout_tokens,
+        "max_new_tokens": task.new_tokens(train),  # what the student's rollouts and SFT's samples get
         "teacher": preset["teacher"],
         "distill": preset["distill"],
         "final_points": preset["final_points"],
@@ -200,7 +216,7 @@ def main() -> None:
     runs = parse_runs(args.runs)
     seed = arena.PRESETS[args.preset]["tuning_seed"] if args.seed is None else args.seed
     report = pilot(args.preset, args.variant, runs, seed, args.repair_rate, args.cache_dir)
-    write_json(report, args.out)
+    write_report(report, args.out)
     print_pilot(report)
 
 

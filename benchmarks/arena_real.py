@@ -53,7 +53,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import arena
 import smollm2
 import torch
-from common import device_name, git_commit, write_json
+from kit.cli import preset_parser
+from kit.provenance import LOADED_COMMIT
+from kit.registry import presets
+from kit.report import device_name, write_json, write_report
 
 # The NPD methods' settings. `npd` is the defaults of the code that ran (each run's JSON records the commit and the
 # resolved settings, `npd.config`); each other NPD method changes one thing. `npd-process` and `npd-process-no-kl`
@@ -70,62 +73,8 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "npd-process": {**NPD_DEFAULTS, "generator_mode": "process", "max_policy_kl": 0.01},
     "npd-process-no-kl": {**NPD_DEFAULTS, "generator_mode": "process", "max_policy_kl": None},
 }
-CPU_PRESET: dict[str, Any] = dict(
-    student=dict(layers=10),
-    # beta=0, the forward KL: a pruned student's distribution barely overlaps the teacher's, where JSD(0.5)
-    # saturates at ln 2 and its gradient vanishes (measured on the micro preset: loss 0.693, gradient norm 0.007)
-    distill=dict(steps=120, batch=4, temperature=0.9, beta=0.0, lr_scheduler="cosine"),
-    new_tokens=40,
-    # a short SFT on the teacher's greedy answers to 512 training prompts, off the clock and the same for every
-    # method: the evenly pruned student is garbage (KL 12.8 nats per token), and without it 120 steps of GKD
-    # at 1e-4 brought the KL to 3.2 but not one held-out answer to agreement
-    warmup=dict(prompts=512, steps=100, batch=16, lr=5e-4),
-    lr=dict.fromkeys(METHODS, 3e-4),
-    # every method did best at 3e-4, the grid's upper edge (docs/results/arena-real/tuning.json); 1e-3, the next
-    # rate to try, has not been run: each rate costs 45-60 minutes a seed here
-    lr_grid=[1e-4, 3e-4],
-    # the tuning seed is also one of the compared seeds (its best runs, `--grid`'s <out>-best.json): a seed of four
-    # methods costs 45-60 minutes here; picking each method's best rate flatters seed 1 for every method
-    tuning_seed=1,
-    curve_points=4,
-    final_points=2,
-    held_out_keys=40,
-    held_out_wrappers=7,
-    eval_batch=64,
-    sampled_prompts=64,
-)
-PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": CPU_PRESET,
-    # the GPU preset: a deeper student, more steps (benchmarks/gpu_suite.sh)
-    "gpu": {
-        **CPU_PRESET,
-        "student": dict(layers=15),
-        "distill": {**CPU_PRESET["distill"], "steps": 300, "batch": 16},
-        "new_tokens": 64,
-        "warmup": dict(prompts=1024, steps=200, batch=32, lr=5e-4),
-        "curve_points": 6,
-        "eval_batch": 256,
-        "sampled_prompts": 256,
-    },
-    # smoke test only: a 2-layer student, a few steps, a few questions
-    "micro": {
-        **CPU_PRESET,
-        "student": dict(layers=2),
-        "distill": {**CPU_PRESET["distill"], "steps": 2, "batch": 2},
-        "new_tokens": 6,
-        "warmup": dict(prompts=4, steps=2, batch=2, lr=1e-4),
-        "lr": dict.fromkeys(METHODS, 1e-4),
-        "lr_grid": [1e-4, 3e-4],
-        "curve_points": 2,
-        "held_out_keys": 3,
-        "held_out_wrappers": 1,
-        "eval_batch": 8,
-        "sampled_prompts": 2,
-        "train_keys": 4,
-    },
-}
+PRESETS = presets("arena_real", METHODS)  # kit/registry.py: student, distillation, warm start, evaluation
 START_CACHE_VERSION = 1  # bump when the evaluation or the warm start changes: cached starts are then recomputed
-COMMIT = git_commit()  # the code as it was loaded, not as it is when a report is written
 TASK = "heal SmolLM2-135M-Instruct pruned to {layers} of 30 layers, on short factual questions"
 
 
@@ -312,6 +261,24 @@ def start(
 
 
 # ---- one seed ----------------------------------------------------------------------------------------------------
+class Healing:
+    """This arena as the toy arena's machinery runs it (`arena.method_run`): SmolLM2's tokenizer, this arena's
+    methods, completions of the preset's length, and the held-out metrics of `Evaluator` at every checkpoint, the
+    sampled ones included."""
+
+    methods = METHODS
+    final_metrics = ("rouge_l", "kl_teacher", "reverse_kl")
+
+    def __init__(self, preset: dict[str, Any], tokenizer: Any, evaluator: Evaluator) -> None:
+        self.preset, self.tokenizer, self.evaluator = preset, tokenizer, evaluator
+
+    def new_tokens(self, pairs: list[tuple[str, str]]) -> int:
+        return self.preset["new_tokens"]
+
+    def evaluate(self, model: Any, final: bool) -> dict[str, float]:
+        return self.evaluator(model)
+
+
 def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[str, float], args: Any) -> dict:
     started = time.perf_counter()
     tokenizer, teacher = smollm2.load_teacher(args.cache_dir)
@@ -326,34 +293,16 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
         f"{teacher_point['acc_sampled']:.1%}\npruned student: {pruned}\nwarm-started student: {init}",
         flush=True,
     )
+    task = Healing(preset, tokenizer, evaluate)
     train = [(row["prompt"], row["expected"]) for row in refs["train"]]
+    begin = arena.Start(student_init, teacher, train, init)
     runs = earlier_runs(getattr(args, "add_to", None), seed, preset, init, methods)
+
+    def report() -> dict[str, Any]:
+        return report_of(preset, seed, refs, teacher_point, (pruned, init), student_init, teacher, runs, started)
+
     for method in methods:
-        samples_path = None
-        if METHODS[method] is not None and args.out:
-            samples_path = f"{os.path.splitext(args.out)[0]}.{method}.samples.jsonl"
-        curve, reported = arena.run_method(
-            method,
-            preset,
-            lrs[method],
-            student_init,
-            teacher,
-            tokenizer,
-            train,
-            seed,
-            samples_path,
-            new_tokens=preset["new_tokens"],
-            npd_overrides=METHODS[method],
-        )
-        points = [{"step": 0, "wall_s": 0.0, **init}]
-        model = smollm2.pruned_student(teacher, preset["student"]["layers"])
-        for elapsed, step, weights in curve.points:
-            model.load_state_dict(weights)
-            points.append({"step": step, "wall_s": elapsed, **evaluate(model)})
-        run = arena.run_record(method, lrs[method], preset, curve, points, reported)
-        final = points[-preset["final_points"] :]
-        for metric in ("rouge_l", "kl_teacher", "reverse_kl"):
-            run[f"final_{metric}_smoothed"] = statistics.mean(p[metric] for p in final)
+        run = arena.method_run(task, method, lrs[method], begin, seed, args.out)
         runs.append(run)
         print(
             f"{method}: agreement {run['final_acc_smoothed']:.1%}, ROUGE-L {run['final_rouge_l_smoothed']:.3f}, "
@@ -364,13 +313,10 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
         arena.add_time_to_gkd_final(runs, preset["final_points"])
         add_time_to_gkd_final_kl(runs, preset["final_points"])
         if args.out:  # after each method, so that a stopped session keeps what finished
-            write_json(
-                report_of(preset, seed, refs, teacher_point, (pruned, init), student_init, teacher, runs, started),
-                args.out,
-            )
+            write_report(report(), args.out)
     arena.add_time_to_gkd_final(runs, preset["final_points"])
     add_time_to_gkd_final_kl(runs, preset["final_points"])
-    return report_of(preset, seed, refs, teacher_point, (pruned, init), student_init, teacher, runs, started)
+    return report()
 
 
 def earlier_runs(path: str | None, seed: int, preset: dict, init: dict, methods: list[str]) -> list[dict[str, Any]]:
@@ -432,7 +378,7 @@ def report_of(
         "seed": seed,
         "device": device_name(),
         "date": datetime.date.today().isoformat(),
-        "commit": COMMIT,
+        "commit": LOADED_COMMIT,  # the code as it was loaded, not as it is when the report is written
         "teacher_acc": 1.0,  # the references are the teacher's greedy answers
         "teacher_acc_sampled": teacher_point["acc_sampled"],
         "teacher_reverse_kl": teacher_point["reverse_kl"],
@@ -461,7 +407,7 @@ def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
     for lr in preset["lr_grid"]:
         rate_args = argparse.Namespace(**{**vars(args), "out": f"{stem}-lr{lr:g}.json"})
         report = run_seed(preset, preset["tuning_seed"], methods, dict.fromkeys(methods, lr), rate_args)
-        write_json(report, rate_args.out)
+        write_report(report, rate_args.out)
         paths.append(rate_args.out)
     grid_from(paths, args.out)
 
@@ -523,8 +469,8 @@ def grid_from(sources: list[str], out: str) -> dict[str, Any]:
         "sources": sources,
         "commits": commits,
     }
-    write_json(result, out)
-    write_json(tuned, f"{os.path.splitext(out)[0]}-best.json")
+    write_report(result, out)
+    write_report(tuned, f"{os.path.splitext(out)[0]}-best.json")
     rates_run = sorted({float(rate) for by_rate in runs.values() for rate in by_rate})
     print(f"{'method':17} " + " ".join(f"{lr:>15g}" for lr in rates_run) + "   best")
     for method, by_rate in runs.items():
@@ -568,7 +514,7 @@ def summarize_real(paths: list[str], out: str) -> dict[str, Any]:
         {method: run.get("commit", report["commit"]) for method, run in by_method.items()}
         for report, by_method in zip(reports, runs, strict=True)
     ]
-    write_json(summary, out)
+    write_report(summary, out)
     print(
         f"\n{'paired with gkd':17} {'KL(t||s) - gkd':>22} {'ROUGE-L - gkd':>22} {'wall / gkd':>20} "
         f"{'to gkd KL / wall':>18}"
@@ -615,7 +561,7 @@ def drift_summary(paths: list[str], out: str) -> None:
             "policy_kl_logged": {"median": statistics.median(kl), "max": max(kl)} if kl else None,
             "by_staleness": by_staleness,
         }
-    write_json({"files": paths, "methods": report}, out)
+    write_report({"files": paths, "methods": report}, out)
     print(f"{'method':18} {'staleness':>9} {'samples':>8} {'drift median':>12} {'p90':>8}   syncs")
     for method, r in report.items():
         for staleness, s in r["by_staleness"].items():
@@ -626,8 +572,7 @@ def drift_summary(paths: list[str], out: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser = preset_parser(__doc__, PRESETS, default="cpu")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--methods", default="sft,gkd,npd,npd-topk")
     parser.add_argument("--out", default=None, help="the JSON to write (default: results/arena-real/seed-N.json)")
@@ -680,7 +625,7 @@ def main() -> None:
         method, rate = item.split("=")
         lrs[method] = float(rate)
     report = run_seed(preset, args.seed, methods, lrs, args)
-    write_json(report, args.out)
+    write_report(report, args.out)
     arena.plot_seed(report, args.plot or os.path.splitext(args.out)[0] + ".png")
     print_real(report)
 

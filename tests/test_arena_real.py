@@ -105,7 +105,9 @@ def test_a_seed_runs_every_method_and_records_the_real_arena_fields(tmp_path, mo
     npd = report["runs"][-1]["npd"]
     assert len(npd["sample_drift"]) == npd["trained_samples"] == 2 * 2
     # written after each method, so a stopped session keeps the finished ones
-    assert [run["method"] for run in json.load(open(args.out))["runs"]] == methods
+    written = json.load(open(args.out))
+    assert [run["method"] for run in written["runs"]] == methods
+    assert written["provenance"]["commit"] == report["commit"]  # the code as the benchmark loaded it
     # the references are cached in one file, keyed by the questions and the preset's settings; the seed's start
     # (the warm-started student and its evaluations) in another, which a second run on the seed starts from
     cached = sorted(os.listdir(tmp_path / "cache"))

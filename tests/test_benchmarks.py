@@ -1,6 +1,5 @@
 """The benchmark scripts are not run by CI, but each runs here on a micro preset so it cannot rot."""
 
-import functools
 import json
 import os
 import random
@@ -180,9 +179,9 @@ def test_arena_sft_methods_train_on_teacher_samples_or_the_worked_answers():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import arena
 
-    preset = arena.PRESETS["micro"]
-    tokenizer = arena.build_tokenizer()
-    prompts = arena.splits(preset)[1][:32]
+    task = arena.Multiplication(arena.PRESETS["micro"])
+    tokenizer = task.tokenizer
+    prompts = task.train[:32]
     answers = [answer for _, answer in prompts]
     # the worked answers themselves, with no teacher: nothing is sampled
     assert arena.sft_completions("sft-truth", None, tokenizer, prompts, 8, 0.9, seed=0) == answers
@@ -371,7 +370,7 @@ def test_arena_pilot_variants_keep_the_arithmetic_and_mask_only_the_wrong_digits
         "cross_entropy",
         lambda logits, labels, **kw: seen.append(labels) or cross_entropy(logits, labels, **kw),
     )
-    tokenizer = arena.build_tokenizer("<")
+    tokenizer = arena.character_tokenizer("<")
     model = arena.build_model(tokenizer, hidden_size=16, num_layers=1, seed=0)
     pair = next(p for p in pairs if "<" in p[1])
     for untrained, masked in ((arena_pilots.wrong_digits, arena_pilots.wrong_digits(pair[1])), (None, [])):
@@ -381,26 +380,33 @@ def test_arena_pilot_variants_keep_the_arithmetic_and_mask_only_the_wrong_digits
         trained = seen[0].reshape(1, -1)[0, prompt_len - 1 : len(ids) - 1].tolist()  # labels are shifted by one
         expected = [-100 if i in masked else token for i, token in enumerate(ids[prompt_len:])]
         assert trained == expected
-    # `dagger` (and only it) keeps the teacher off the wrong digits and the student on clean answers
-    for name in ("task_name", "problem", "supervised"):  # restored after the test: install() is for a whole process
-        monkeypatch.setattr(arena, name, getattr(arena, name))
-    plain = arena.supervised
-    preset = {"digits": 5, "teacher": {"label_smoothing": 0.1}, "distill": {"beta": 0.5}}
-    assert arena_pilots.install("repair", preset, 0.3) == "<" and arena.supervised is plain
-    assert arena_pilots.student_pairs("repair", pairs) == pairs
-    assert arena_pilots.install("dagger", preset, 0.3) == "<"
-    assert arena.supervised.func is plain and arena.supervised.keywords == {"untrained": arena_pilots.wrong_digits}
-    assert arena_pilots.student_pairs("dagger", pairs) == [(q, arena_pilots.clean(a)) for q, a in pairs]
-    assert preset["teacher"]["label_smoothing"] == 0 and "(dagger)" in arena.task_name(preset)
+    # `dagger` (and only it) keeps the teacher off the wrong digits and the student on clean answers; both repair
+    # variants train their teacher without label smoothing, on their own task (its name keys the teacher's cache)
+    preset = arena.PRESETS["micro"]
+    repair, dagger = (arena_pilots.variant_task(v, preset, 0.3) for v in ("repair", "dagger"))
+    assert repair.untrained is None and repair.student_pairs() == repair.train
+    assert dagger.untrained is arena_pilots.wrong_digits
+    assert dagger.student_pairs() == [(q, arena_pilots.clean(a)) for q, a in dagger.train]
+    assert any("<" in a for _, a in dagger.train) and not any("<" in a for _, a in dagger.student_pairs())
+    for task in (repair, dagger):
+        assert task.preset["teacher"]["label_smoothing"] == 0 and task.preset["distill"]["beta"] == 0.5
+        assert f"({task.variant})" in task.name and task.name.startswith(arena.Multiplication(preset).name)
+    assert preset["teacher"]["label_smoothing"] == 0.1  # the arena's own preset is left as it was
     draws = random.Random(1)
-    assert any("<" in arena.problem(draws, 5)[1] for _ in range(20))
+    assert any("<" in dagger.problem(draws)[1] for _ in range(20))
+    # one room for every generation, from the repaired data; `reverse-kl` keeps the arena's task, at beta 1
+    longest = max(len(answer) for _, answer in dagger.held_out + dagger.train)
+    assert dagger.new_tokens(dagger.student_pairs()) == longest + 2 + arena_pilots.REPAIR_ROOM_TOKENS
+    reverse = arena_pilots.variant_task("reverse-kl", preset, 0.3)
+    assert type(reverse) is arena.Multiplication and reverse.preset["distill"]["beta"] == 1.0
     # the arena's own ids do not move when a variant adds a character
     assert all(
-        arena.build_tokenizer("<").convert_tokens_to_ids(t) == i for t, i in arena.build_tokenizer().vocab.items()
+        arena.character_tokenizer("<").convert_tokens_to_ids(t) == i
+        for t, i in arena.character_tokenizer().vocab.items()
     )
 
 
-def test_arena_pilots_micro(tmp_path, monkeypatch):
+def test_arena_pilots_micro(tmp_path):
     out = tmp_path / "dagger.json"
     cache = tmp_path / "cache"
     pilot = ("arena_pilots.py", "--preset", "micro", "--cache-dir", str(cache))
@@ -413,9 +419,8 @@ def test_arena_pilots_micro(tmp_path, monkeypatch):
     import arena
     import arena_pilots
 
-    monkeypatch.setattr(arena, "problem", functools.partial(arena_pilots.repaired_problem, repair_rate=0.3))
-    held_out, train = arena.splits(arena.PRESETS["micro"])
-    longest = max(len(answer) for _, answer in held_out + train)
+    task = arena_pilots.variant_task("dagger", arena.PRESETS["micro"], 0.3)
+    longest = max(len(answer) for _, answer in task.held_out + task.train)
     assert report["max_new_tokens"] == longest + 2 + arena_pilots.REPAIR_ROOM_TOKENS
     assert [(r["method"], r["lr"]) for r in report["runs"]] == [("gkd", 1e-3), ("sft", 1e-3), ("sft-truth", 1e-3)]
     for r in report["runs"]:
