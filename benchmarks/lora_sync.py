@@ -16,7 +16,6 @@ milliseconds per sampled token with the LoRA-wrapped snapshot against the merged
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import multiprocessing as mp
 import os
@@ -26,22 +25,29 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import device_name, write_json
+from kit.cli import preset_parser
+from kit.registry import presets
+from kit.report import device_name, write_report
 from peft import LoraConfig, get_peft_model
 
-from trl_npd.snapshot import PolicySnapshot, _matching_tensors, inference_copy
-from trl_npd.toy import build_model, build_tokenizer
+from trl_npd.snapshot import PolicySnapshot, inference_copy
+from trl_npd.toy import build_tokenizer
 
-PRESETS = {
-    # Qwen3-shaped, ~120M parameters with the toy vocabulary; LoRA r=16 on every linear layer of the blocks
-    "cpu": dict(hidden=768, layers=12, heads=12, rank=16, batch=8, new_tokens=32, repeats=5),
-    "micro": dict(hidden=32, layers=1, heads=2, rank=2, batch=2, new_tokens=4, repeats=2),
-}
+PRESETS = presets("lora_sync")  # kit/registry.py: the model, LoRA's rank, the sampling batch, timed repeats
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def megabytes(tensors: list[torch.Tensor]) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def every_tensor(target: torch.nn.Module, source: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(target, source) pairs of every tensor, by state-dict name, a tied tensor once: what a full sync copies."""
+    target_state, source_state = target.state_dict(), source.state_dict()
+    storage: dict[int, str] = {}
+    for name, tensor in target_state.items():
+        storage.setdefault(tensor.data_ptr(), name)
+    return [(target_state[name], source_state[name]) for name in storage.values()]
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -55,13 +61,12 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser = preset_parser(__doc__, PRESETS, default="cpu")
     parser.add_argument("--out", default="results/lora_sync.json")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     tokenizer = build_tokenizer()
-    base = build_model(tokenizer, hidden_size=preset["hidden"], num_layers=preset["layers"], num_heads=preset["heads"])
+    base = preset["model"].build(tokenizer, seed=0)
     student = get_peft_model(base, LoraConfig(r=preset["rank"], lora_alpha=2 * preset["rank"], target_modules=TARGETS))
     with torch.no_grad():  # non-zero B, as after some training, so merging does real work
         for name, p in student.named_parameters():
@@ -69,8 +74,7 @@ def main() -> None:
                 p.normal_(std=0.01)
 
     snapshot = PolicySnapshot(student, mp.get_context("spawn"))
-    adapters = snapshot._changed_since_last_publish(student)  # what every publish copies: the base went at creation
-    everything = _matching_tensors(snapshot.model, student)
+    everything = every_tensor(snapshot.model, student)
 
     def sync_adapters() -> None:
         snapshot.publish(student, step=1)
@@ -91,15 +95,16 @@ def main() -> None:
             for name, module in adapted:
                 merged_modules[name].weight.copy_(module.base_layer.weight + module.get_delta_weight("default"))
 
+    # what each sync moves: a publish counts what it copied (the trainable tensors: the base went at creation)
     moved = {
-        "adapters": ([src for _, src in adapters], sync_adapters),
-        "merged": ([m.base_layer.weight for _, m in adapted], sync_merged),
-        "full": ([src for _, src in everything], sync_full),
+        "adapters": (lambda: snapshot.last_publish_bytes / 2**20, sync_adapters),
+        "merged": (lambda: megabytes([m.base_layer.weight for _, m in adapted]), sync_merged),
+        "full": (lambda: megabytes([src for _, src in everything]), sync_full),
     }
-    rows = [
-        {"variant": name, "mb": megabytes(tensors), "ms_per_sync": median_ms(sync, preset["repeats"])}
-        for name, (tensors, sync) in moved.items()
-    ]
+    rows = []
+    for name, (mb, sync) in moved.items():
+        ms_per_sync = median_ms(sync, preset["repeats"])
+        rows.append({"variant": name, "mb": mb(), "ms_per_sync": ms_per_sync})
 
     prompts = torch.randint(3, len(tokenizer), (preset["batch"], 16))
 
@@ -128,7 +133,7 @@ def main() -> None:
         "sync": rows,
         "generation": generation,
     }
-    write_json(report, args.out)
+    write_report(report, args.out)
     print(f"{report['params'] / 1e6:.1f}M parameters, {report['trainable_params'] / 1e6:.2f}M trainable (LoRA)")
     print(f"{'variant':9} {'MB moved':>9} {'ms/sync':>9}")
     for row in rows:

@@ -25,59 +25,69 @@ import datetime
 import os
 import time
 from collections import Counter
+from typing import Any
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import psutil
-from common import device_name, git_commit, pyplot, save_figure, write_json
+from kit.provenance import LOADED_COMMIT
+from kit.report import device_name, save_figure, subplots, write_report
+from kit.training import toy_npd_trainer
 from transformers import TrainerCallback
-
-from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
-from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
 
 MB = 2**20
 RSS_GROWTH_TARGET = 0.05
 
 
-class SoakTrainer(NearPolicyDistillTrainer):
-    """Records the staleness of every sample handed to training."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.trained_staleness: Counter = Counter()
-
-    def _take(self, n, step):
-        samples = super()._take(n, step)
-        self.trained_staleness.update(step - s.policy_step for s in samples)
-        return samples
-
-
 class Recorder(TrainerCallback):
-    """Every `every` optimizer steps: both processes' RSS and the buffer's length."""
+    """At every log (every `record_every` steps): both processes' RSS, and from the logged `npd/` metrics the
+    buffer's length, the policy version, and whether the generator process serves the buffer yet (the trainer
+    samples inline until its first batch arrives, and only the process's batches count generator time)."""
 
-    def __init__(self, trainer: SoakTrainer, every: int) -> None:
-        self.trainer, self.every, self.records = trainer, every, []
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.generator_serves = False
         self.start = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        step = state.global_step
-        pipeline = self.trainer._pipeline
-        if step % self.every or pipeline is None:
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        self.generator_serves |= "npd/gen_samples_per_s" in logs
+        # the buffer is logged while the generator runs; train()'s closing log (its runtime) is no record
+        if "npd/buffer_size" not in logs or "train_runtime" in logs:
             return
-        generator = psutil.Process(pipeline._worker.pid)
         self.records.append(
             {
-                "step": step,
+                "step": state.global_step,
                 "wall_s": time.perf_counter() - self.start,
                 "rss_trainer_mb": psutil.Process().memory_info().rss / MB,
-                "rss_generator_mb": generator.memory_info().rss / MB,
-                "buffer": len(pipeline.buffer),
-                "version": pipeline.version,
-                "bootstrapping": pipeline._bootstrapping,
+                "rss_generator_mb": generator_process().memory_info().rss / MB,
+                "buffer": int(logs["npd/buffer_size"]),
+                "version": int(logs["npd/version"]),
+                "bootstrapping": not self.generator_serves,
             }
         )
+
+
+def generator_process() -> psutil.Process:
+    """The trainer's generator process: its one child started by multiprocessing's spawn (Python's resource
+    tracker, its other child, is started otherwise)."""
+    spawned = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+    if len(spawned) != 1:
+        raise RuntimeError(f"expected one generator process among the trainer's children, found {spawned}")
+    return spawned[0]
+
+
+def trained_staleness(totals: Any) -> Counter:
+    """How many samples were trained on at each staleness: every trained sample's record in the totals
+    (`sample_drift`: staleness when trained, drift, tokens), which keeps the last `SAMPLE_DRIFT_KEPT` of them."""
+    if len(totals.sample_drift) != totals.consumed_samples:
+        raise SystemExit(
+            f"{totals.consumed_samples} samples trained, {len(totals.sample_drift)} with their staleness recorded: "
+            "a run this long outgrows the totals' per-sample record"
+        )
+    return Counter(staleness for staleness, _, _ in totals.sample_drift)
 
 
 def warmed_up(records: list[dict], warmup_steps: int) -> list[dict]:
@@ -103,27 +113,18 @@ def slope_per_1k_steps(after: list[dict], key: str) -> float:
 
 
 def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, output_dir: str) -> dict:
-    tokenizer = build_tokenizer()
-    args = NearPolicyDistillConfig(
-        output_dir=output_dir,
+    recorder = Recorder()
+    trainer = toy_npd_trainer(
+        "soak",
+        output_dir,
+        prompts=1024,
+        callbacks=[recorder],
         max_steps=steps,
         max_new_tokens=new_tokens,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
+        logging_steps=record_every,  # each log is a record: the npd/ metrics say what the pipeline holds
         generator_mode="process",  # the generator process's life over a long run is what a soak watches
     )
-    trainer = SoakTrainer(
-        model=build_model(tokenizer, hidden_size=32, num_layers=2, seed=1),
-        teacher_model=build_model(tokenizer, hidden_size=64, num_layers=2, seed=2),
-        args=args,
-        train_dataset=arithmetic_dataset(1024),
-        processing_class=tokenizer,
-    )
-    recorder = Recorder(trainer, record_every)
-    trainer.add_callback(recorder)
+    args = trainer.args
     start = time.perf_counter()
     trainer.train()
     wall_s = time.perf_counter() - start
@@ -132,7 +133,8 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
     after = warmed_up(records, warmup_steps)
     if not after:
         raise SystemExit(f"no record after warm-up (step {warmup_steps}, and the generator serving): run more steps")
-    stale_trained = sum(n for s, n in trainer.trained_staleness.items() if s > args.max_staleness)
+    staleness = trained_staleness(totals)
+    stale_trained = sum(n for s, n in staleness.items() if s > args.max_staleness)
     return {
         "steps": trainer.state.global_step,
         "wall_s": wall_s,
@@ -173,9 +175,9 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
         "weight_syncs_by_reason": dict(totals.weight_syncs),
         "sync_steps": {"first": totals.sync_steps[0], "last": totals.sync_steps[-1]} if totals.sync_steps else None,
         "staleness": {
-            "trained_samples": sum(trainer.trained_staleness.values()),
-            "histogram": {str(s): n for s, n in sorted(trainer.trained_staleness.items())},
-            "max": max(trainer.trained_staleness),
+            "trained_samples": sum(staleness.values()),
+            "histogram": {str(s): n for s, n in sorted(staleness.items())},
+            "max": max(staleness),
             "max_staleness": args.max_staleness,
         },
         "stale_trained": stale_trained,
@@ -195,10 +197,9 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
 
 
 def plot(report: dict, path: str) -> None:
-    plt = pyplot()
     records = report["records"]
     steps = [r["step"] for r in records]
-    fig, (memory, buffer, staleness) = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, (memory, buffer, staleness) = subplots(1, 3, figsize=(14, 3.8))
     for key, label in (("rss_trainer_mb", "trainer"), ("rss_generator_mb", "generator")):
         memory.plot(steps, [r[key] for r in records], marker=".", label=label)
     memory.axvline(report["warmup_end_step"], color="grey", linestyle=":", label="end of warm-up")
@@ -228,10 +229,10 @@ def main() -> None:
     report = {
         "device": device_name(),
         "date": datetime.date.today().isoformat(),
-        "commit": git_commit(),
+        "commit": LOADED_COMMIT,
         **run(args.steps, args.record_every, warmup_steps, args.new_tokens, os.path.join(folder, "soak-run")),
     }
-    write_json(report, args.out)
+    write_report(report, args.out)
     plot(report, os.path.splitext(args.out)[0] + ".png")
 
     first = next(r for r in report["records"] if r["step"] == report["warmup_end_step"])
