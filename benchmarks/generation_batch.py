@@ -30,7 +30,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import device_name, write_json
+from kit.report import device_name, write_report
 from throughput import PRESETS, build_models
 from transformers import DynamicCache
 
@@ -136,7 +136,7 @@ def main() -> None:
         "max_staleness": args.max_staleness,
         "runs": runs,
     }
-    write_json(report, args.out)
+    write_report(report, args.out)
     base = runs[0]["ms_per_sample"]
     print(
         f"{'batch':>5} {'ms/sample':>9} {'vs batch 4':>10} {'minimal loop':>12} {'overhead':>8} "

@@ -30,17 +30,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
-
-from common import device_name, write_json
-from throughput import PRESETS
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,40 +44,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # vLLM's CPU KV cache, in GiB; without it vLLM sizes it from this process's memory use
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from kit.child import child_result, hand_back
+from kit.cli import preset_parser
+from kit.registry import presets
+from kit.report import device_name, write_report
+
 ENGINES = ["transformers", "vllm"]
-# student: (hidden, layers, heads, kv heads, head_dim, intermediate), as in throughput.py; then the prompts per batch,
-# the timed batches per batch size, and the runs of each engine
-SETTINGS = {
-    "cpu-tiny": dict(
-        student=PRESETS["cpu-tiny"]["student"],
-        new_tokens=PRESETS["cpu-tiny"]["new_tokens"],
-        batch_sizes=[16, 64],
-        batches=4,
-        repeats=3,
-    ),
-    # smoke test only; head_dim 64, since vLLM's CPU attention refuses very small heads
-    "micro": dict(student=(64, 1, 1, 1, 64, 128), new_tokens=4, batch_sizes=[2], batches=1, repeats=1),
-}
+SETTINGS = presets("generation_engines")  # kit/registry.py: the student, new tokens, batch sizes, timed batches
 
 
 def _student_and_prompts(settings: dict[str, Any], folder: str, n_prompts: int) -> tuple[Any, Any, list[list[int]]]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
+    from trl_npd.toy import arithmetic_dataset, build_tokenizer
 
     tokenizer = build_tokenizer()
-    hidden, layers, heads, kv_heads, head_dim, intermediate = settings["student"]
-    build_model(
-        tokenizer,
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        intermediate_size=intermediate,
-        seed=1,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-    ).save_pretrained(folder)
+    settings["student"].build(tokenizer, seed=1).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     rows = arithmetic_dataset(n_prompts, seed=0)
@@ -105,15 +83,15 @@ def _engine(name: str, student: Any, tokenizer: Any, new_tokens: int, folder: st
     if name == "transformers":
         return TransformersEngine(student, config)
     from accelerate import Accelerator
+    from kit.training import quiet_args
 
     from trl_npd import NearPolicyDistillConfig
     from trl_npd.vllm_engine import VLLMEngine, connect_vllm
 
-    args = NearPolicyDistillConfig(
-        output_dir=folder,
+    args = quiet_args(
+        NearPolicyDistillConfig,
+        folder,
         use_cpu=True,
-        bf16=False,
-        report_to="none",
         generation_backend="vllm",
         vllm_mode="colocate",
         vllm_gpu_memory_utilization=0.1,
@@ -209,17 +187,16 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(SETTINGS), default="cpu-tiny")
+    parser = preset_parser(__doc__, SETTINGS, default="cpu-tiny")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + str(ENGINES))
     parser.add_argument("--repeats", type=int, default=None, help="runs of each engine, interleaved (preset's)")
     parser.add_argument("--out", default="results/generation-engines-cpu-tiny.json")
     parser.add_argument("--transformers-python", default=sys.executable, help="Python that runs the embedded engine")
     parser.add_argument("--vllm-python", default=sys.executable, help="Python that runs vLLM (its CPU build)")
-    parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: one engine, JSON to stdout
+    parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: one engine, in a child
     args = parser.parse_args()
     if args.run_one:
-        print("RESULT " + json.dumps(run_one(args.run_one, args.preset)))
+        hand_back(run_one(args.run_one, args.preset))
         return
 
     engines = args.engines.split(",")
@@ -233,13 +210,7 @@ def main() -> None:
     for repeat in range(repeats):
         for name in engines:
             python = args.vllm_python if name == "vllm" else args.transformers_python
-            done = subprocess.run(
-                [python, __file__, "--preset", args.preset, "--run-one", name], capture_output=True, text=True
-            )
-            if done.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{done.stderr[-4000:]}")
-            line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-            result = json.loads(line[len("RESULT ") :])
+            result = child_result([python, __file__, "--preset", args.preset, "--run-one", name], name)
             runs += [{**row, "repeat": repeat} for row in result["rows"]]
             environments[name] = {"python": result["python"], **result["versions"]}
             rates = ", ".join(f"{r['completion_tokens_per_s']:.0f}" for r in result["rows"])
@@ -257,7 +228,7 @@ def main() -> None:
         "summary": summarize(runs),
         "runs": runs,
     }
-    write_json(report, args.out)
+    write_report(report, args.out)
     print_table(report)
     print(f"1-minute load average: {load_before:.1f} before, {report['load_average_1m']['after']:.1f} after")
 

@@ -12,7 +12,6 @@ not as trainer time.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -20,31 +19,28 @@ import statistics
 import time
 
 import torch
-from common import write_json
+from kit.cli import preset_parser
+from kit.registry import PAIRS, presets
+from kit.report import write_report
 from trl.experimental.utils import DataCollatorForChatML
 
 from trl_npd.engine import EngineConfig, TransformersEngine
 from trl_npd.generator import generate_batch, scoring_stage
 from trl_npd.prompts import PromptStream
 from trl_npd.selection import DeltaIFDSettings
-from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
+from trl_npd.toy import arithmetic_dataset
 
-PRESETS = {
-    "cpu": dict(student=(128, 2), teacher=(256, 4), batch=16, new_tokens=48, repeats=6),
-    "micro": dict(student=(32, 1), teacher=(64, 1), batch=2, new_tokens=4, repeats=1),
-}
+PRESETS = presets("ifd_cost")  # kit/registry.py: the pair, generation batch, new tokens, timed rounds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser = preset_parser(__doc__, PRESETS, default="cpu")
     parser.add_argument("--out", default="results/ifd_cost.json")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    student = build_model(tokenizer, hidden_size=preset["student"][0], num_layers=preset["student"][1], seed=1).eval()
-    teacher = build_model(tokenizer, hidden_size=preset["teacher"][0], num_layers=preset["teacher"][1], seed=2).eval()
+    tokenizer, student, teacher = PAIRS[preset["pair"]].build()
+    student, teacher = student.eval(), teacher.eval()
     engine_config = EngineConfig(
         max_new_tokens=preset["new_tokens"],
         temperature=0.9,
@@ -80,7 +76,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "runs": runs,
     }
-    write_json(report, args.out)
+    write_report(report, args.out)
     print(f"{'variant':14} {'ms/sample':>10} {'vs generate':>12}")
     for run in runs:
         print(f"{run['variant']:14} {run['ms_per_sample']:10.2f} {run['vs_generate']:12.2f}")

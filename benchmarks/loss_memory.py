@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import resource
@@ -29,7 +28,8 @@ import subprocess
 import sys
 import time
 
-from common import device_name, write_json
+from kit.child import hand_back, run_child
+from kit.report import device_name, write_report
 
 IMPLEMENTATIONS = ("unfused", "fused", "fused-compiled")
 
@@ -105,12 +105,12 @@ def run_one(impl: str, tokens: int, args: argparse.Namespace) -> dict:
     ]
     row = {"impl": impl, "tokens": tokens, "peak_mb": None, "ms_per_call": None, "status": "ok"}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
+        done = run_child(command, timeout_s=args.child_timeout)
     except subprocess.TimeoutExpired:
         row["status"] = f"timed out (over --child-timeout {args.child_timeout:g} s)"
         return row
     if done.returncode == 0:
-        row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+        row.update(done.result)
     elif args.device.startswith("cuda") and "out of memory" in done.stderr:
         row["status"] = "oom (CUDA out of memory)"
     elif "can't allocate memory" in done.stderr or "MemoryError" in done.stderr or "out of memory" in done.stderr:
@@ -140,7 +140,7 @@ def main() -> None:
         if args.device == "cpu":
             cap = int(args.mem_cap_gb * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-        print(json.dumps(child(args.child, int(args.tokens), args.vocab, args.hidden, args.repeats, args.device)))
+        hand_back(child(args.child, int(args.tokens), args.vocab, args.hidden, args.repeats, args.device))
         return
 
     if args.device.startswith("cuda"):
@@ -160,7 +160,7 @@ def main() -> None:
         "hidden": args.hidden,
         "runs": rows,
     }
-    write_json(report, args.out)
+    write_report(report, args.out)
     print(f"{'impl':15} {'tokens':>6} {'peak_mb':>9} {'ms_per_call':>11} {'vs unfused':>10}  status")
     unfused = {r["tokens"]: r["peak_mb"] for r in rows if r["impl"] == "unfused"}
     for r in rows:

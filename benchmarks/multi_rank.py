@@ -19,42 +19,37 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import device_name, pyplot, save_figure, write_json
+from kit.child import child_result, hand_back
+from kit.cli import preset_parser
+from kit.registry import PAIRS, presets
+from kit.report import device_name, save_figure, subplots, write_report
 
-PRESETS = {
-    "cpu": dict(student_hidden=128, teacher_hidden=256, layers=2, batch=4, new_tokens=32, steps=32),
-    "micro": dict(student_hidden=32, teacher_hidden=32, layers=1, batch=2, new_tokens=4, steps=3),
-}
+PRESETS = presets("multi_rank")  # kit/registry.py: the pair, batch per rank, new tokens, steps
 PLACEMENTS = ("per_rank", "shared")
 
 
-def worker(preset: dict[str, Any], placement: str, out: str) -> None:
-    """One rank of a launched run; rank 0 writes the measurement to `out`."""
-    from transformers import TrainerCallback
+def worker(preset: dict[str, Any], placement: str) -> None:
+    """One rank of a launched run; rank 0 hands the measurement back."""
+    from kit.training import TrainingClock, toy_npd_trainer
 
-    from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
-    from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    student = build_model(tokenizer, hidden_size=preset["student_hidden"], num_layers=preset["layers"], seed=1)
-    teacher = build_model(tokenizer, hidden_size=preset["teacher_hidden"], num_layers=preset["layers"], seed=2)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = NearPolicyDistillConfig(
-            output_dir=output_dir,
+        clock = TrainingClock()
+        trainer = toy_npd_trainer(
+            preset["pair"],
+            output_dir,
+            prompts=512,
+            callbacks=[clock],
             max_steps=preset["steps"],
             per_device_train_batch_size=preset["batch"],
             max_new_tokens=preset["new_tokens"],
@@ -65,63 +60,47 @@ def worker(preset: dict[str, Any], placement: str, out: str) -> None:
             generator_mode="process",  # where the generator processes sit is what is compared
             generator_num_threads=1,
             learning_rate=1e-4,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10**6,
-            bf16=False,
             use_cpu=True,
-            disable_tqdm=True,
-            seed=0,
-        )
-        clock: dict[str, float] = {}
-
-        class StartClock(TrainerCallback):
-            def on_train_begin(self, *_: Any, **__: Any) -> None:
-                clock["start"] = time.perf_counter()
-
-        trainer = NearPolicyDistillTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=args,
-            train_dataset=arithmetic_dataset(512),
-            processing_class=tokenizer,
-            callbacks=[StartClock()],
         )
         trainer.train()
-        wall_s = time.perf_counter() - clock["start"]
+        wall_s = clock.stop()
         trainer.end()  # destroys the process group, as a script should (left to exit, gloo's teardown can abort)
     if trainer.accelerator.is_main_process:
         totals = trainer.npd_metrics.totals
-        samples = preset["steps"] * preset["batch"] * args.world_size
+        samples = preset["steps"] * preset["batch"] * trainer.args.world_size
         steady_s = wall_s - totals.first_sample_wait_s
         result = {
             "placement": placement,
-            "world_size": args.world_size,
+            "world_size": trainer.args.world_size,
             "samples": samples,
             "wall_s": wall_s,
             "samples_per_s": samples / wall_s,
             "steady_samples_per_s": samples / steady_s,
             "wait_frac": (totals.wait_s - totals.first_sample_idle_s) / steady_s,  # bootstrap sampling is work
         }
-        with open(out, "w") as f:
-            json.dump(result, f)
+        hand_back(result)
 
 
 def launch(preset_name: str, placement: str) -> dict[str, Any]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-        command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-        command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
-        command += [os.path.abspath(__file__), "--preset", preset_name, "--worker", placement, "--worker-out", out]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if done.returncode != 0:
-            raise RuntimeError(f"the {placement} launch failed:\n{done.stderr[-4000:]}")
-        with open(out) as f:
-            return json.load(f)
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    command += [os.path.abspath(__file__), "--preset", preset_name, "--worker", placement]
+    return child_result(command, f"the {placement} launch", env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def settings(preset: dict[str, Any]) -> dict[str, Any]:
+    """The preset as the JSON records it: the pair's widths and depth, then the work."""
+    pair = PAIRS[preset["pair"]]
+    shape = {
+        "student_hidden": pair.student.hidden,
+        "teacher_hidden": pair.teacher.hidden,
+        "layers": pair.student.layers,
+    }
+    return {**shape, **{key: value for key, value in preset.items() if key != "pair"}}
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -141,10 +120,8 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"{'placement':<10} {'samples/s':>10} {'steady samples/s':>17} {'wait_frac':>10}")
     for placement in PLACEMENTS:
         row = summary[placement]
-        print(
-            f"{placement:<10} {row['samples_per_s']:>10.2f} {row['steady_samples_per_s']:>17.2f} "
-            f"{row['wait_frac']:>10.3f}"
-        )
+        rates = f"{row['samples_per_s']:>10.2f} {row['steady_samples_per_s']:>17.2f} {row['wait_frac']:>10.3f}"
+        print(f"{placement:<10} {rates}")
     print(
         f"shared / per-rank: {summary['shared_vs_per_rank_samples_per_s']:.2f}x overall, "
         f"{summary['shared_vs_per_rank_steady_samples_per_s']:.2f}x steady"
@@ -153,9 +130,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 def plot(report: dict[str, Any], path: str) -> None:
     """samples/s of every run, round by round, one line per placement."""
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = subplots(figsize=(6, 3.2))
     for placement, color in zip(PLACEMENTS, ("tab:blue", "tab:orange"), strict=True):
         runs = [r for r in report["runs"] if r["placement"] == placement]
         ax.plot([r["round"] for r in runs], [r["samples_per_s"] for r in runs], "o-", color=color, label=placement)
@@ -169,16 +144,14 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser = preset_parser(__doc__, PRESETS, default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="results/multi_rank.json")
     parser.add_argument("--plot", default=None, help="PNG path of the plot (default: next to --out)")
     parser.add_argument("--worker", choices=PLACEMENTS, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.worker is not None:
-        worker(PRESETS[cli.preset], cli.worker, cli.worker_out)
+        worker(PRESETS[cli.preset], cli.worker)
         return
     runs = []
     for round_index in range(cli.repeats):
@@ -191,12 +164,12 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "device": device_name(),
         "preset": cli.preset,
-        "settings": PRESETS[cli.preset],
+        "settings": settings(PRESETS[cli.preset]),
         "repeats": cli.repeats,
         "runs": runs,
         "summary": summarize(runs),
     }
-    write_json(report, cli.out)
+    write_report(report, cli.out)
     plot(report, cli.plot or os.path.splitext(cli.out)[0] + ".png")
     print_table(report)
 

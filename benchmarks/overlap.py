@@ -13,7 +13,6 @@ reports, after the first sample arrived (so process start-up is reported apart):
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import time
@@ -22,25 +21,19 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+from kit.cli import preset_parser
+from kit.registry import presets
+from kit.report import device_name, write_report
+from kit.training import toy_npd_trainer
 
-from common import device_name, write_json
-
-from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
-from trl_npd.toy import arithmetic_dataset, build_model, build_tokenizer
-
-PRESETS = {
-    # student ~0.3M params, teacher ~4x; generation and training of comparable cost on 2 CPU cores
-    "cpu": dict(student=(128, 2), teacher=(256, 2), steps=64, batch=8, new_tokens=48),
-    "micro": dict(student=(32, 1), teacher=(64, 1), steps=3, batch=2, new_tokens=4),
-}
+PRESETS = presets("overlap")  # kit/registry.py: the pair, steps, batch, new tokens
 
 
 def run(mode: str, preset: dict, output_dir: str, generator_threads: int | None = None, ifd: bool = True) -> dict:
-    tokenizer = build_tokenizer()
-    student = build_model(tokenizer, hidden_size=preset["student"][0], num_layers=preset["student"][1], seed=1)
-    teacher = build_model(tokenizer, hidden_size=preset["teacher"][0], num_layers=preset["teacher"][1], seed=2)
-    args = NearPolicyDistillConfig(
-        output_dir=output_dir,
+    trainer = toy_npd_trainer(
+        preset["pair"],
+        output_dir,
+        prompts=512,
         max_steps=preset["steps"],
         per_device_train_batch_size=preset["batch"],
         learning_rate=1e-4,
@@ -50,19 +43,6 @@ def run(mode: str, preset: dict, output_dir: str, generator_threads: int | None 
         generator_mode=mode,
         generator_num_threads=generator_threads,
         ifd_filter=ifd,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10**6,
-        disable_tqdm=True,
-        bf16=False,
-        seed=0,
-    )
-    trainer = NearPolicyDistillTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=arithmetic_dataset(512),
-        processing_class=tokenizer,
     )
     start = time.perf_counter()
     trainer.train()
@@ -91,8 +71,7 @@ def run(mode: str, preset: dict, output_dir: str, generator_threads: int | None 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser = preset_parser(__doc__, PRESETS, default="cpu")
     parser.add_argument("--modes", default="process,thread,inline")
     parser.add_argument("--out", default="results/overlap.json")
     parser.add_argument("--generator-threads", type=int, default=None, help="generator_num_threads (process mode)")
@@ -116,7 +95,7 @@ def main() -> None:
         "generator_threads": args.generator_threads,
         "runs": runs,
     }
-    write_json(report, args.out)
+    write_report(report, args.out)
     print(
         f"{'mode':8} {'steady_wall_s':>13} {'gen_busy_s':>10} {'train_busy_s':>12} {'wait_s':>7} {'overlap':>7} "
         f"{'samples/s':>9} {'startup_s':>9}"

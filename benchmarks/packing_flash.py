@@ -47,7 +47,7 @@ import random
 import sys
 from typing import Any
 
-from common import device_name, write_json
+from kit.report import device_name, write_report
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -375,7 +375,7 @@ def main() -> None:
     report |= {"attn_implementation": name, "attn_failures": failures}
     if name is None:
         reason = "; ".join(f"{f['attn_implementation']}: {f['error']}" for f in failures)
-        write_json({**report, "status": "unavailable", "reason": reason}, args.out)
+        write_report({**report, "status": "unavailable", "reason": reason}, args.out)
         print(f"UNAVAILABLE: no attention implementation of {candidates(args.attn, args.device)} loads: {reason}")
         sys.exit(UNAVAILABLE_EXIT)
     tolerance = {k: v * args.tol_scale for k, v in TOLERANCES[dtype_name].items()}
@@ -395,7 +395,7 @@ def main() -> None:
     report |= {"findings": findings, "status": status}
     if args.device == "cuda":
         report["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    write_json(report, args.out)
+    write_report(report, args.out)
     print_table(report)
     sys.exit(0 if status == "pass" else 1)
 

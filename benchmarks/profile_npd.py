@@ -18,12 +18,12 @@ import datetime
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from typing import Any
 
-from common import device_name, write_json
+from kit.child import run_child
+from kit.report import device_name, write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -118,7 +118,7 @@ def main() -> None:
         command += ["--steps", str(args.steps)] if args.steps is not None else []
         spy = [py_spy, "record", "--subprocesses", "--idle", "--threads", "--rate", str(args.rate)]
         spy += ["--format", "raw", "--output", raw, "--"]
-        done = subprocess.run(spy + command, capture_output=True, text=True)
+        done = run_child(spy + command)  # the trainer's own result is not used: the profile is the measurement
         if done.returncode != 0:
             raise SystemExit(f"the profiled run failed:\n{done.stderr[-4000:]}")
         trainer, generator = parse(raw)
@@ -135,7 +135,7 @@ def main() -> None:
             "generator": classify(generator, GENERATOR_STAGES),
         },
     }
-    write_json(report, args.out)
+    write_report(report, args.out)
     for process, stages in report["processes"].items():
         total = sum(stages.values())
         print(f"\n{process}: {total / args.rate:.1f} s sampled")

@@ -13,6 +13,7 @@ machine path; loading stays the ordinary `from_pretrained`, and the dequantized 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 from typing import Any
@@ -87,87 +88,18 @@ def pruned_student(teacher: Any, student_layers: int) -> Any:
 
 # ---- prompts the teacher answers well ------------------------------------------------------------------------------
 # Each family: a question template, its fillers with the expected answer word, so that "answers well" is checked
-# (the teacher's greedy answer must contain it) rather than assumed.
-CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "China": "Beijing",
-    "Russia": "Moscow", "Egypt": "Cairo", "Canada": "Ottawa", "Greece": "Athens", "Portugal": "Lisbon",
-    "Ireland": "Dublin", "Austria": "Vienna", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki",
-    "Denmark": "Copenhagen", "Poland": "Warsaw", "Hungary": "Budapest", "Thailand": "Bangkok", "Kenya": "Nairobi",
-    "Argentina": "Buenos Aires", "Peru": "Lima", "Chile": "Santiago", "Cuba": "Havana", "Mexico": "Mexico City",
-    "India": "New Delhi", "England": "London", "Belgium": "Brussels", "the Netherlands": "Amsterdam",
-    "Switzerland": "Bern", "Turkey": "Ankara", "Iran": "Tehran", "Iraq": "Baghdad", "South Korea": "Seoul",
-    "Vietnam": "Hanoi", "Indonesia": "Jakarta", "the Philippines": "Manila", "Australia": "Canberra",
-    "New Zealand": "Wellington", "Brazil": "Brasília", "Colombia": "Bogotá", "Venezuela": "Caracas",
-    "Ukraine": "Kyiv", "Romania": "Bucharest", "the Czech Republic": "Prague", "Scotland": "Edinburgh",
-    "Israel": "Jerusalem", "Saudi Arabia": "Riyadh", "Nigeria": "Abuja", "Ethiopia": "Addis Ababa",
-    "Pakistan": "Islamabad", "Bangladesh": "Dhaka", "Malaysia": "Kuala Lumpur", "Singapore": "Singapore",
-    "Morocco": "Rabat", "Algeria": "Algiers", "Tunisia": "Tunis", "Ghana": "Accra", "Senegal": "Dakar",
-    "Uganda": "Kampala", "Tanzania": "Dodoma", "Zimbabwe": "Harare", "Jamaica": "Kingston", "Iceland": "Reykjavik",
-    "Croatia": "Zagreb", "Serbia": "Belgrade", "Bulgaria": "Sofia", "Slovakia": "Bratislava", "Lithuania": "Vilnius",
-    "Latvia": "Riga", "Estonia": "Tallinn", "Belarus": "Minsk", "Georgia": "Tbilisi", "Armenia": "Yerevan",
-    "Mongolia": "Ulaanbaatar", "Nepal": "Kathmandu", "Afghanistan": "Kabul", "Syria": "Damascus",
-    "Lebanon": "Beirut", "Jordan": "Amman", "Qatar": "Doha", "Ecuador": "Quito", "Uruguay": "Montevideo",
-    "Paraguay": "Asunción", "Bolivia": "La Paz", "Panama": "Panama City", "Costa Rica": "San José",
-    "Wales": "Cardiff", "Luxembourg": "Luxembourg", "Cambodia": "Phnom Penh", "Sri Lanka": "Colombo",
-}  # fmt: skip
-OPPOSITES = {
-    "hot": "cold", "big": "small", "up": "down", "fast": "slow", "happy": "sad", "light": "dark", "old": "new",
-    "tall": "short", "hard": "soft", "wet": "dry", "early": "late", "full": "empty", "open": "closed",
-    "rich": "poor", "strong": "weak", "loud": "quiet", "thick": "thin", "high": "low", "left": "right",
-    "day": "night", "win": "lose", "love": "hate", "push": "pull", "good": "bad", "true": "false", "in": "out",
-    "black": "white", "begin": "end", "buy": "sell", "clean": "dirty", "deep": "shallow", "heavy": "light",
-    "long": "short", "near": "far", "friend": "enemy", "inside": "outside", "above": "below", "wide": "narrow",
-    "sweet": "sour", "cheap": "expensive", "young": "old", "brave": "cowardly", "question": "answer",
-    "beautiful": "ugly", "first": "last", "asleep": "awake", "safe": "dangerous", "remember": "forget",
-    "north": "south", "east": "west", "morning": "evening", "summer": "winter", "alive": "dead", "laugh": "cry",
-    "arrive": "leave", "accept": "reject", "increase": "decrease", "maximum": "minimum", "positive": "negative",
-    "success": "failure", "victory": "defeat", "front": "back", "top": "bottom", "yes": "no", "always": "never",
-    "everything": "nothing", "smooth": "rough", "sharp": "dull", "give": "take", "enter": "exit", "boy": "girl",
-    "king": "queen", "husband": "wife", "father": "mother", "brother": "sister", "noisy": "quiet", "wise": "foolish",
-    "hungry": "full", "sunny": "cloudy", "visible": "invisible", "possible": "impossible", "honest": "dishonest",
-}  # fmt: skip
-LEGS = {
-    "dog": "four", "cat": "four", "spider": "eight", "chicken": "two", "horse": "four", "ant": "six", "cow": "four",
-    "duck": "two", "bee": "six", "human": "two", "elephant": "four", "beetle": "six", "ostrich": "two",
-    "octopus": "eight", "lion": "four", "goat": "four", "penguin": "two", "fly": "six", "sheep": "four",
-    "tiger": "four", "bird": "two", "butterfly": "six", "zebra": "four", "kangaroo": "two", "pig": "four",
-    "mouse": "four", "rabbit": "four", "frog": "four", "giraffe": "four", "bear": "four",
-}  # fmt: skip
-PLURALS = {
-    "mouse": "mice", "child": "children", "man": "men", "woman": "women", "tooth": "teeth", "foot": "feet",
-    "goose": "geese", "person": "people", "box": "boxes", "city": "cities", "leaf": "leaves", "knife": "knives",
-    "wolf": "wolves", "baby": "babies", "bus": "buses", "potato": "potatoes", "hero": "heroes", "ox": "oxen",
-    "cactus": "cacti", "fish": "fish", "sheep": "sheep", "life": "lives", "wife": "wives", "church": "churches",
-    "story": "stories", "glass": "glasses", "dish": "dishes", "party": "parties", "half": "halves", "shelf": "shelves",
-}  # fmt: skip
-COLOURS = {
-    "the sky on a clear day": "blue", "grass": "green", "snow": "white", "a banana": "yellow", "coal": "black",
-    "a ripe tomato": "red", "an orange": "orange", "milk": "white", "a lemon": "yellow", "blood": "red",
-    "chocolate": "brown", "a carrot": "orange", "the sun": "yellow", "a strawberry": "red", "an emerald": "green",
-    "a polar bear": "white", "a crow": "black", "a fire truck": "red", "a pumpkin": "orange", "the ocean": "blue",
-}  # fmt: skip
-PAST_TENSES = {
-    "go": "went", "eat": "ate", "run": "ran", "see": "saw", "write": "wrote", "swim": "swam", "drink": "drank",
-    "sing": "sang", "take": "took", "give": "gave", "buy": "bought", "think": "thought", "bring": "brought",
-    "catch": "caught", "teach": "taught", "fly": "flew", "know": "knew", "grow": "grew", "speak": "spoke",
-    "break": "broke", "choose": "chose", "drive": "drove", "ride": "rode", "sleep": "slept", "keep": "kept",
-    "feel": "felt", "leave": "left", "make": "made", "sell": "sold", "tell": "told", "find": "found",
-    "begin": "began", "forget": "forgot", "wear": "wore", "stand": "stood", "sit": "sat", "win": "won",
-}  # fmt: skip
-SOUNDS = {
-    "dog": "bark", "cat": "meow", "cow": "moo", "duck": "quack", "lion": "roar", "sheep": "baa", "pig": "oink",
-    "horse": "neigh", "owl": "hoot", "snake": "hiss", "bee": "buzz", "frog": "croak", "rooster": "crow",
-    "mouse": "squeak", "wolf": "howl", "donkey": "bray", "crow": "caw", "goat": "bleat", "turkey": "gobble",
-}  # fmt: skip
-FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
-    "capital": ("What is the capital of {}?", CAPITALS),
-    "opposite": ("What is the opposite of '{}'?", OPPOSITES),
-    "legs": ("How many legs does a {} have?", LEGS),
-    "plural": ("What is the plural of '{}'?", PLURALS),
-    "colour": ("What colour is {}?", COLOURS),
-    "past": ("What is the past tense of '{}'?", PAST_TENSES),
-    "sound": ("What sound does a {} make?", SOUNDS),
-}
+# (the teacher's greedy answer must contain it) rather than assumed. The families are data, kept next to this file.
+QUESTIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "smollm2_questions.json")
+
+
+def _families() -> dict[str, tuple[str, dict[str, str]]]:
+    """family: (question template, {filler: expected answer word}), in the file's order."""
+    with open(QUESTIONS_FILE, encoding="utf-8") as f:
+        return {family: (row["question"], row["answers"]) for family, row in json.load(f).items()}
+
+
+FAMILIES = _families()
+
 # how a question is put: each (family, filler) is asked in every one of these ways
 WRAPPERS = [
     "{}",

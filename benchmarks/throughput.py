@@ -49,24 +49,26 @@ trainer:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import importlib.util
 import inspect
-import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-from common import device_name, git_commit, pyplot, save_figure, write_json
-
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from kit.child import child_result, hand_back
+from kit.cli import preset_parser
+from kit.provenance import LOADED_COMMIT
+from kit.registry import PAIRS, PrunedSmolLM2, presets
+from kit.report import device_name, save_figure, subplots, write_report
+from kit.training import TrainingClock, quiet_args, train_timed
 
 TRAINERS = [
     "gkd",
@@ -84,34 +86,7 @@ TRAINERS = [
 VLLM_TRAINERS = ("npd-vllm",)
 DEFAULT_TRAINERS = [name for name in TRAINERS if name not in VLLM_TRAINERS]
 
-# Model shapes: (hidden, layers, heads, kv heads, head_dim, intermediate); the GPU presets use Qwen3's own.
-QWEN3_0_6B = (1024, 28, 16, 8, 128, 3072)
-QWEN3_1_7B = (2048, 28, 16, 8, 128, 6144)
-QWEN3_4B = (2560, 36, 32, 8, 128, 9728)
-PRESETS: dict[str, dict[str, Any]] = {
-    # ~3.4M-parameter student, ~13M teacher (3.9x); 64 new tokens, effective batch 8. Under 10 minutes on 2 cores.
-    "cpu-tiny": dict(
-        student=(256, 3, 4, 2, 64, 1024),
-        teacher=(512, 3, 8, 4, 64, 2048),
-        vocab=None,
-        new_tokens=64,
-        batch=8,
-        steps=48,
-    ),
-    "gpu-small": dict(
-        student=QWEN3_0_6B, teacher=QWEN3_1_7B, vocab=151_936, new_tokens=256, batch=32, steps=24, bf16=True
-    ),
-    "gpu-medium": dict(
-        student=QWEN3_0_6B, teacher=QWEN3_4B, vocab=151_936, new_tokens=256, batch=32, steps=24, bf16=True
-    ),
-    # the real pretrained pair of the real-model arena: SmolLM2-135M-Instruct teaching itself pruned to 10 of its
-    # 30 layers (benchmarks/smollm2.py), on the arena's short questions, whose answers end at EOS at varied lengths
-    "cpu-smollm2": dict(pair="smollm2", student_layers=10, new_tokens=40, batch=4, steps=24),
-    # smoke test only: a few steps of tiny models
-    "micro": dict(
-        student=(32, 1, 2, 1, 16, 64), teacher=(64, 1, 2, 1, 32, 128), vocab=None, new_tokens=8, batch=2, steps=3
-    ),
-}
+PRESETS = presets("throughput")  # kit/registry.py: the pair, new tokens, effective batch, steps
 
 
 # ---- one trainer, in its own process -----------------------------------------------------------------------------
@@ -120,42 +95,18 @@ def build_models(preset: dict[str, Any], device: str | None = None) -> tuple[Any
     random initialization of GPU-sized models costs seconds of CPU time per process)."""
     import torch
 
-    if preset.get("pair") == "smollm2":
-        import smollm2
-
-        tokenizer, teacher = smollm2.load_teacher(smollm2.CACHE_DIR)
-        return tokenizer, smollm2.pruned_student(teacher, preset["student_layers"]), teacher
-
-    from trl_npd.toy import build_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-
-    def model(shape: tuple[int, ...], seed: int) -> Any:
-        hidden, layers, heads, kv_heads, head_dim, intermediate = shape
-        return build_model(
-            tokenizer,
-            hidden_size=hidden,
-            num_layers=layers,
-            num_heads=heads,
-            intermediate_size=intermediate,
-            seed=seed,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            # the GPU presets keep Qwen3's vocabulary, so the head costs what it costs there
-            vocab_size=preset["vocab"],
-        )
-
     device = device or ("cuda" if torch.cuda.is_available() else None)
-    with torch.device(device) if device else contextlib.nullcontext():
-        student, teacher = model(preset["student"], seed=1), model(preset["teacher"], seed=2)
+    tokenizer, student, teacher = PAIRS[preset["pair"]].build(device)
     if preset.get("bf16"):
         teacher = teacher.to(torch.bfloat16)  # the teacher only runs forward: keep it in bf16, as users would
     return tokenizer, student, teacher
 
 
-def common_args(preset: dict[str, Any], output_dir: str) -> dict[str, Any]:
-    return dict(
-        output_dir=output_dir,
+def common_args(preset: dict[str, Any], output_dir: str, config_cls: type, **settings: Any) -> Any:
+    """`config_cls` with what every trainer shares: the same steps, batch, divergence and sampling temperature."""
+    return quiet_args(
+        config_cls,
+        output_dir,
         max_steps=preset["steps"],
         per_device_train_batch_size=preset["batch"],
         gradient_accumulation_steps=1,
@@ -164,11 +115,7 @@ def common_args(preset: dict[str, Any], output_dir: str) -> dict[str, Any]:
         temperature=1.0,
         gradient_checkpointing=False,
         bf16=bool(preset.get("bf16")),
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10**6,
-        disable_tqdm=True,
-        seed=0,
+        **settings,
     )
 
 
@@ -254,7 +201,7 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
 
     tokenizer, student, teacher = models
     # enough distinct prompts that nobody repeats one
-    if preset.get("pair") == "smollm2":
+    if isinstance(PAIRS[preset["pair"]], PrunedSmolLM2):
         import smollm2
 
         dataset = smollm2.question_dataset(4 * preset["steps"] * preset["batch"], seed=0)
@@ -264,7 +211,7 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
     if name == "gkd":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-        args = GKDConfig(**common_args(preset, output_dir), lmbda=1.0, max_new_tokens=preset["new_tokens"])
+        args = common_args(preset, output_dir, GKDConfig, lmbda=1.0, max_new_tokens=preset["new_tokens"])
         return counting(GKDTrainer, labels_count)(
             model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
         )
@@ -272,7 +219,7 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
         from trl import DistillationConfig, DistillationTrainer
 
         prompts = dataset.map(lambda row: {"prompt": row["messages"][:1]}, remove_columns=["messages"])
-        args = DistillationConfig(**common_args(preset, output_dir), max_completion_length=preset["new_tokens"])
+        args = common_args(preset, output_dir, DistillationConfig, max_completion_length=preset["new_tokens"])
         return counting(DistillationTrainer, lambda inputs: inputs["completion_mask"].sum())(
             model=student, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tokenizer
         )
@@ -288,8 +235,10 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
         "ceiling": {"generator_mode": "inline", "ifd_filter": False},
         "npd-vllm": {"generation_backend": "vllm", "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3},
     }[name]
-    args = NearPolicyDistillConfig(
-        **common_args(preset, output_dir),
+    args = common_args(
+        preset,
+        output_dir,
+        NearPolicyDistillConfig,
         lmbda=1.0,
         max_new_tokens=preset["new_tokens"],
         generator_bootstrap=preset.get("bootstrap", True),
@@ -322,30 +271,23 @@ def _ceiling_trainer_cls() -> type:
     return CeilingTrainer
 
 
-class _Clock:
-    """A `TrainerCallback` that starts the clock at `on_train_begin` and notes, at the end of the first optimizer
-    step, the time, the completion tokens trained so far and NPD's wait so far; the caller stops the clock when
-    `train()` returns."""
+class FirstStepClock(TrainingClock):
+    """The training clock, which also notes, at the end of the first optimizer step, the time, the completion tokens
+    trained so far and NPD's wait so far: what start-up cost, apart from the steady rate."""
 
-    def __new__(cls, trainer: Any) -> Any:
-        from transformers import TrainerCallback
+    def __init__(self, trainer: Any) -> None:
+        super().__init__()
+        self.trainer = trainer
+        self.first_step_end: float | None = None
+        self.first_step_tokens = 0
+        self.first_step_wait_s = 0.0
 
-        class Clock(TrainerCallback):
-            start = end = first_step_end = None
-            first_step_tokens = 0
-            first_step_wait_s = 0.0
-
-            def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-                self.start = time.perf_counter()
-
-            def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-                if self.first_step_end is None:
-                    self.first_step_end = time.perf_counter()
-                    self.first_step_tokens = type(trainer).bench_tokens
-                    metrics = getattr(trainer, "npd_metrics", None)
-                    self.first_step_wait_s = 0.0 if metrics is None else metrics.totals.wait_s
-
-        return Clock()
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.first_step_end is None:
+            self.first_step_end = time.perf_counter()
+            self.first_step_tokens = type(self.trainer).bench_tokens
+            metrics = getattr(self.trainer, "npd_metrics", None)
+            self.first_step_wait_s = 0.0 if metrics is None else metrics.totals.wait_s
 
 
 def peak_mem_mb(device: str) -> float:
@@ -400,19 +342,14 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
         build_start = time.perf_counter()
         trainer = make_trainer(name, preset, output_dir, models)
         setup_s = time.perf_counter() - build_start
-        clock = _Clock(trainer)
-        # first in the list, so NPD's generator start-up (in its own on_train_begin hook) is on the clock
-        trainer.callback_handler.callbacks.insert(0, clock)
         if name == "ceiling":
             trainer.prefill()
-        trainer.train()
-        # after train() returns, not at on_train_end: NPD stops its generator process in between
-        clock.end = time.perf_counter()
-    wall_s = clock.end - clock.start
+        clock = FirstStepClock(trainer)
+        wall_s = train_timed(trainer, clock)
     steps = trainer.state.global_step
     samples = steps * preset["batch"]
     # after the first optimizer step: start-up (a generator process, the first generation) is behind every trainer
-    steady_s = clock.end - clock.first_step_end
+    steady_s = clock.end_s - clock.first_step_end
     wait_frac = steady_wait_frac = startup_wait_s = None
     cls = type(trainer)
     wait_s = bootstrap_s = 0.0
@@ -519,10 +456,8 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def plot(report: dict[str, Any], path: str) -> None:
-    plt = pyplot()
-
     runs = report["runs"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = subplots(figsize=(7, 3.5))
     bars = ax.bar([r["trainer"] for r in runs], [r["samples_per_s"] for r in runs], color="tab:blue")
     for bar, r in zip(bars, runs, strict=True):
         ax.annotate(f"{r['samples_per_s']:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center")
@@ -531,9 +466,15 @@ def plot(report: dict[str, Any], path: str) -> None:
     save_figure(fig, path)
 
 
+def one_trainer_command(name: str, args: argparse.Namespace) -> list[str]:
+    """This script, training `name` alone in a fresh process (its `--run-one` mode), at the same settings."""
+    command = [sys.executable, __file__, "--preset", args.preset, "--run-one", name]
+    command += ["--no-bootstrap"] if args.no_bootstrap else []
+    return command + (["--steps", str(args.steps)] if args.steps is not None else [])
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
+    parser = preset_parser(__doc__, PRESETS, default="cpu-tiny")
     parser.add_argument(
         "--trainers",
         default=",".join(DEFAULT_TRAINERS),
@@ -547,13 +488,13 @@ def main() -> None:
         help="NPD trainers wait for the generator process to start instead of sampling inline meanwhile",
     )
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per trainer (default: the preset's)")
-    parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: one trainer, JSON to stdout
+    parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: one trainer, in a child
     args = parser.parse_args()
     preset = {**PRESETS[args.preset], "bootstrap": not args.no_bootstrap}
     if args.steps is not None:
         preset["steps"] = args.steps
     if args.run_one:
-        print("RESULT " + json.dumps(run_one(args.run_one, preset)))
+        hand_back(run_one(args.run_one, preset))
         return
 
     names = args.trainers.split(",")
@@ -568,7 +509,7 @@ def main() -> None:
         "preset": args.preset,
         "device": device_name(),
         "date": datetime.date.today().isoformat(),
-        "commit": git_commit(),
+        "commit": LOADED_COMMIT,
         **parameter_counts(preset),
         "new_tokens": preset["new_tokens"],
         "effective_batch": preset["batch"],
@@ -577,23 +518,13 @@ def main() -> None:
     }
     runs: list[dict[str, Any]] = []
     for name in names:
-        done = subprocess.run(
-            [sys.executable, __file__, "--preset", args.preset, "--run-one", name]
-            + (["--no-bootstrap"] if args.no_bootstrap else [])
-            + (["--steps", str(args.steps)] if args.steps is not None else []),
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{done.stderr[-4000:]}")
-        line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-        runs.append(json.loads(line[len("RESULT ") :]))
+        runs.append(child_result(one_trainer_command(name, args), name))
         print(f"{name}: {runs[-1]['samples_per_s']:.2f} samples/s", flush=True)
         # after every trainer: a run stopped part-way (a time limit) keeps what it finished
-        write_json({**header, "runs": runs, "complete": len(runs) == len(names)}, args.out)
+        write_report({**header, "runs": runs, "complete": len(runs) == len(names)}, args.out)
     ceiling = next((r["samples_per_s"] for r in runs if r["trainer"] == "ceiling"), None)
     report = {**header, "runs": runs, "complete": True, "ceiling_samples_per_s": ceiling}
-    write_json(report, args.out)
+    write_report(report, args.out)
     plot(report, args.plot or os.path.splitext(args.out)[0] + ".png")
     print_table(report)
 

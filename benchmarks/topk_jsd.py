@@ -28,21 +28,18 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import device_name, write_json
+from kit.registry import PAIRS
+from kit.report import device_name, write_report
 
 from trl_npd.divergences import generalized_jsd_per_token, topk_bucket_jsd
-from trl_npd.toy import arithmetic_example, build_model, build_tokenizer
+from trl_npd.toy import arithmetic_example, build_tokenizer
 
-# the throughput benchmark's cpu-tiny shapes for the random pair; smaller ones for the pair trained here
-SHAPES = {
-    "random": {"student": dict(hidden_size=256, num_layers=3), "teacher": dict(hidden_size=512, num_layers=3)},
-    "trained": {"student": dict(hidden_size=64, num_layers=2), "teacher": dict(hidden_size=128, num_layers=2)},
-}
+PAIR_OF = {"random": "topk-random", "trained": "topk-trained"}  # kit/registry.py's pairs
 KS = (1, 2, 5, 10, 20, 50, 100)
 BETAS = (0.0, 0.5, 1.0)
 
 
-def supervised(model: Any, tokenizer: Any, steps: int, seed: int) -> None:
+def sharpen(model: Any, tokenizer: Any, steps: int, seed: int) -> None:
     """A short next-token training on the toy task's conversations, so the model's distributions are peaked."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -122,14 +119,13 @@ def main() -> None:
         "pairs": {},
     }
     for pair in ("random", "trained"):
-        student = build_model(tokenizer, seed=1, **SHAPES[pair]["student"])
-        teacher = build_model(tokenizer, seed=2, **SHAPES[pair]["teacher"])
+        student, teacher = PAIRS[PAIR_OF[pair]].models(tokenizer)
         if pair == "trained":
-            supervised(teacher, tokenizer, args.train_steps, seed=2)
-            supervised(student, tokenizer, args.train_steps // 3, seed=1)  # a weaker student than the teacher
+            sharpen(teacher, tokenizer, args.train_steps, seed=2)
+            sharpen(student, tokenizer, args.train_steps // 3, seed=1)  # a weaker student than the teacher
         sequences, mask = student_samples(student, tokenizer, args.samples, args.new_tokens)
         report["pairs"][pair] = {"tokens": int(mask.sum()), "rows": compare(student, teacher, sequences, mask)}
-    write_json(report, args.out)
+    write_report(report, args.out)
     print(f"{'pair':8} {'beta':>4} {'k':>4} {'tail mass':>9} {'loss err':>9} {'grad err':>9} {'grad cos':>8}")
     for pair, result in report["pairs"].items():
         for r in result["rows"]:

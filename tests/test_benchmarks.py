@@ -24,6 +24,18 @@ def run(script, *args):
     return done.stdout
 
 
+PROVENANCE = {"commit", "date", "machine", "platform", "cpu_count", "python", "torch", "transformers", "trl"}
+
+
+def written(path):
+    """A benchmark's JSON report, which says where its numbers come from (kit/provenance.py)."""
+    report = json.loads(path.read_text())
+    provenance = report["provenance"]
+    assert set(provenance) == PROVENANCE, provenance
+    assert provenance["torch"] == torch.__version__ and provenance["cpu_count"] == os.cpu_count()
+    return report
+
+
 def refused(script, *args):
     """The error output of a run that must fail."""
     done = launch(script, *args)
@@ -34,7 +46,7 @@ def refused(script, *args):
 def test_overlap_benchmark_micro(tmp_path):
     out = tmp_path / "overlap.json"
     table = run("overlap.py", "--preset", "micro", "--modes", "thread,inline", "--out", str(out))
-    report = json.loads(out.read_text())
+    report = written(out)
     assert [r["mode"] for r in report["runs"]] == ["thread", "inline"]
     assert all(r["samples_per_s"] > 0 for r in report["runs"])
     assert "overlap" in table
@@ -55,7 +67,7 @@ def test_loss_memory_benchmark_micro(tmp_path):
         "--out",
         str(out),
     )
-    rows = json.loads(out.read_text())["runs"]
+    rows = written(out)["runs"]
     assert {(r["impl"], r["tokens"]) for r in rows} == {("unfused", 64), ("fused", 64)}
     assert all(r["status"] == "ok" and r["peak_mb"] > 0 and r["ms_per_call"] > 0 for r in rows)
 
@@ -63,7 +75,7 @@ def test_loss_memory_benchmark_micro(tmp_path):
 def test_ifd_cost_benchmark_micro(tmp_path):
     out = tmp_path / "ifd.json"
     run("ifd_cost.py", "--preset", "micro", "--out", str(out))
-    runs = json.loads(out.read_text())["runs"]
+    runs = written(out)["runs"]
     assert [r["variant"] for r in runs] == ["generate", "generate+ifd"]
     assert all(r["ms_per_sample"] > 0 for r in runs)
 
@@ -72,7 +84,7 @@ def test_throughput_benchmark_micro(tmp_path):
     out = tmp_path / "throughput.json"
     trainers = "gkd,distillation,npd,npd-topk,ceiling"
     table = run("throughput.py", "--preset", "micro", "--trainers", trainers, "--out", str(out))
-    report = json.loads(out.read_text())
+    report = written(out)
     assert {"preset", "device", "date", "runs", "ceiling_samples_per_s"} <= set(report)
     assert [r["trainer"] for r in report["runs"]] == trainers.split(",")
     for r in report["runs"]:
@@ -101,7 +113,7 @@ def test_arena_benchmark_micro(tmp_path):
     methods = "sft,gkd,npd,npd-topk"
     arena = ("arena.py", "--preset", "micro", "--methods", methods, "--cache-dir", str(cache))
     table = run(*arena, "--seed", "3", "--out", str(out))
-    report = json.loads(out.read_text())
+    report = written(out)
     assert {"task", "teacher_acc", "student_init_acc", "eval_prompts", "runs"} <= set(report)
     assert report["eval_prompts"] == 16
     assert [r["method"] for r in report["runs"]] == methods.split(",")
@@ -129,7 +141,7 @@ def test_arena_benchmark_micro(tmp_path):
     # another method added to the same seed: same warm start, time to quality against that seed's GKD run
     added = tmp_path / "seed-3-added.json"
     run(*arena, "--seed", "3", "--methods", "npd-ifd,sft-truth", "--add-to", str(out), "--out", str(added))
-    merged = json.loads(added.read_text())
+    merged = written(added)
     assert [r["method"] for r in merged["runs"]] == [*methods.split(","), "npd-ifd", "sft-truth"]
     new_run, truth_run = merged["runs"][-2:]
     assert new_run["npd"]["trained_samples"] == 4 * 4 and "added" in new_run
@@ -141,15 +153,15 @@ def test_arena_benchmark_micro(tmp_path):
     # a second seed takes the cached teacher
     out2 = tmp_path / "seed-4.json"
     run(*arena, "--seed", "4", "--out", str(out2))
-    assert json.loads(out2.read_text())["teacher_cached"]
+    assert written(out2)["teacher_cached"]
     assert "final (smoothed)" in table
     # the seeds combine into paired differences to GKD with a 95% interval, and time to GKD's final accuracy
     summary_path = tmp_path / "summary.json"
     summary_table = run("arena.py", "--summarize", str(out), str(out2), "--out", str(summary_path))
-    summary = json.loads(summary_path.read_text())
+    summary = written(summary_path)
     assert summary["seeds"] == [3, 4]
     rows = {row["method"]: row for row in summary["methods"]}
-    per_seed = [{r["method"]: r for r in json.loads(p.read_text())["runs"]} for p in (out, out2)]
+    per_seed = [{r["method"]: r for r in written(p)["runs"]} for p in (out, out2)]
     diffs = [s["npd"]["final_acc_smoothed"] - s["gkd"]["final_acc_smoothed"] for s in per_seed]
     assert rows["npd"]["minus_gkd"]["mean"] == pytest.approx(sum(diffs) / 2)
     assert rows["npd"]["minus_gkd"]["lo"] <= rows["npd"]["minus_gkd"]["mean"] <= rows["npd"]["minus_gkd"]["hi"]
@@ -167,7 +179,7 @@ def test_arena_benchmark_micro(tmp_path):
     # the NPD runs' per-sample records, summarized over the seeds
     records_path = tmp_path / "records.json"
     records_table = run("arena.py", "--records", str(out), str(out2), "--out", str(records_path))
-    records = json.loads(records_path.read_text())["methods"]
+    records = written(records_path)["methods"]
     assert set(records) == {"npd", "npd-topk"}  # the methods that wrote records; sft and gkd have none
     for method in records:
         assert records[method]["seeds"] == 2
@@ -195,7 +207,7 @@ def test_arena_learning_rate_grid_micro(tmp_path):
     out = tmp_path / "tuning.json"
     args = ("--preset", "micro", "--methods", "sft,gkd", "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
     table = run("arena.py", "--tune", *args)
-    tuning = json.loads(out.read_text())
+    tuning = written(out)
     assert tuning["seed"] == 0 and set(tuning["grid"]) == {"sft", "gkd"}
     for method, rates in tuning["grid"].items():
         assert set(rates) == {"0.0005", "0.001"}
@@ -206,7 +218,7 @@ def test_arena_learning_rate_grid_micro(tmp_path):
     more = ("--lr-grid", "0.002", "--add-to", str(out), "--out", str(extended))
     extended_table = run("arena.py", "--tune", *args[:-2], *more)
     assert "0.002" in extended_table.splitlines()[-3]  # the table's header has all three rates
-    merged = json.loads(extended.read_text())
+    merged = written(extended)
     assert len(merged["runs"]) == len(tuning["runs"]) + 1
     for method, rates in merged["grid"].items():
         assert set(rates) == {"0.0005", "0.001", "0.002"}
@@ -216,13 +228,13 @@ def test_arena_learning_rate_grid_micro(tmp_path):
     edge = tmp_path / "tuning-edge.json"
     only_sft = ("--preset", "micro", "--methods", "sft", "--cache-dir", str(tmp_path / "cache"))
     run("arena.py", "--tune", *only_sft, "--lr-grid", "0.004", "--add-to", str(extended), "--out", str(edge))
-    edged = json.loads(edge.read_text())
+    edged = written(edge)
     assert set(edged["grid"]["sft"]) == {"0.0005", "0.001", "0.002", "0.004"}
     assert edged["grid"]["gkd"] == merged["grid"]["gkd"] and edged["best_lr"]["gkd"] == merged["best_lr"]["gkd"]
     assert edged["grid"]["sft"][f"{edged['best_lr']['sft']:g}"] == max(edged["grid"]["sft"].values())
     # refused: a rate the grid already has, a method the grid does not have, a grid of another student
     other_student = tmp_path / "tuning-other-student.json"
-    other = json.loads(out.read_text())
+    other = written(out)
     for report in other["runs"]:
         report["student_params"] += 1
     other_student.write_text(json.dumps(other))
@@ -239,7 +251,7 @@ def test_arena_learning_rate_grid_micro(tmp_path):
 def test_lora_sync_benchmark_micro(tmp_path):
     out = tmp_path / "lora.json"
     table = run("lora_sync.py", "--preset", "micro", "--out", str(out))
-    report = json.loads(out.read_text())
+    report = written(out)
     rows = {r["variant"]: r for r in report["sync"]}
     assert set(rows) == {"adapters", "merged", "full"}
     # adapters are what training changes: fewer bytes than the merged modules, which are fewer than everything
@@ -252,7 +264,7 @@ def test_lora_sync_benchmark_micro(tmp_path):
 def test_multi_rank_benchmark_micro(tmp_path):
     out = tmp_path / "multi_rank.json"
     table = run("multi_rank.py", "--preset", "micro", "--repeats", "1", "--out", str(out))
-    report = json.loads(out.read_text())
+    report = written(out)
     assert sorted(r["placement"] for r in report["runs"]) == ["per_rank", "shared"]
     assert all(r["world_size"] == 2 and r["samples_per_s"] > 0 for r in report["runs"])
     assert "shared / per-rank" in table
@@ -263,7 +275,7 @@ def test_soak_benchmark_100_steps(tmp_path):
     with weight syncs throughout; RSS is recorded for both processes (its 5% target is the 1,000-step run's)."""
     out = tmp_path / "soak.json"
     table = run("soak.py", "--steps", "100", "--record-every", "10", "--warmup-steps", "20", "--out", str(out))
-    report = json.loads(out.read_text())
+    report = written(out)
     assert report["steps"] == 100
     # every scheduled sync (and any early refresh, had max_policy_kl been set)
     assert report["weight_syncs"] >= 100 // report["settings"]["weight_sync_steps"]
@@ -284,7 +296,7 @@ def test_soak_benchmark_100_steps(tmp_path):
 def test_generation_batch_benchmark_micro(tmp_path):
     out = tmp_path / "generation_batch.json"
     table = run("generation_batch.py", "--samples", "8", "--rounds", "1", "--out", str(out))
-    report = json.loads(out.read_text())
+    report = written(out)
     # only the batch sizes that 8 samples fill
     assert [r["generation_batch_size"] for r in report["runs"]] == [4, 8]
     assert all(r["ms_per_sample"] > 0 for r in report["runs"])
@@ -300,7 +312,7 @@ def test_generation_batch_benchmark_micro(tmp_path):
 def test_topk_jsd_benchmark_micro(tmp_path):
     out = tmp_path / "topk_jsd.json"
     table = run("topk_jsd.py", "--train-steps", "3", "--samples", "2", "--new-tokens", "4", "--out", str(out))
-    report = json.loads(out.read_text())
+    report = written(out)
     assert set(report["pairs"]) == {"random", "trained"}
     for pair in report["pairs"].values():
         by_k = {}
@@ -334,7 +346,7 @@ def test_profile_benchmark_sorts_both_processes_samples_into_stages(tmp_path):
         "--out",
         str(out),
     )
-    report = json.loads(out.read_text())
+    report = written(out)
     trainer, generator = report["processes"]["trainer"], report["processes"]["generator"]
     assert sum(trainer.values()) > 0 and sum(generator.values()) > 0  # both processes were sampled
     assert trainer["student forward"] + trainer["backward"] > 0  # the training step was seen and classified
@@ -411,7 +423,7 @@ def test_arena_pilots_micro(tmp_path):
     cache = tmp_path / "cache"
     pilot = ("arena_pilots.py", "--preset", "micro", "--cache-dir", str(cache))
     table = run(*pilot, "--variant", "dagger", "--runs", "gkd@1e-3,sft@1e-3,sft-truth@1e-3", "--out", str(out))
-    report = json.loads(out.read_text())
+    report = written(out)
     assert report["variant"] == "dagger" and report["repair_rate"] == 0.3 and report["teacher"]["label_smoothing"] == 0
     assert "repaired (dagger)" in report["task"] and "teacher_samples_repairing" in report
     # the student trains on clean answers, but its rollouts get the room of the repaired data, as evaluation does
@@ -441,20 +453,20 @@ def test_arena_pilots_micro(tmp_path):
     )
     summary_path = tmp_path / "summary.json"
     run("arena.py", "--summarize", str(out), str(seed_2), "--out", str(summary_path))
-    summary = json.loads(summary_path.read_text())
+    summary = written(summary_path)
     rows = {row["method"]: row for row in summary["methods"]}
-    per_seed = [{r["method"]: r for r in json.loads(p.read_text())["runs"]} for p in (out, seed_2)]
+    per_seed = [{r["method"]: r for r in written(p)["runs"]} for p in (out, seed_2)]
     diffs = [s["sft"]["final_acc_smoothed"] - s["gkd"]["final_acc_smoothed"] for s in per_seed]
     assert summary["seeds"] == [0, 2] and rows["sft"]["minus_gkd"]["mean"] == pytest.approx(sum(diffs) / 2)
     # a seed that ran a method twice (a pilot of two rates) has nothing to pair: refused, not silently overwritten
-    twice = json.loads(seed_2.read_text())
+    twice = written(seed_2)
     twice["runs"].append(twice["runs"][0])
     (tmp_path / "twice.json").write_text(json.dumps(twice))
     stderr = refused("arena.py", "--summarize", str(out), str(tmp_path / "twice.json"), "--out", str(tmp_path / "x"))
     assert "ran a method more than once" in stderr
     reverse = tmp_path / "reverse-kl.json"
     run(*pilot, "--variant", "reverse-kl", "--runs", "gkd@1e-3", "--out", str(reverse))
-    reverse_report = json.loads(reverse.read_text())
+    reverse_report = written(reverse)
     assert reverse_report["distill"]["beta"] == 1.0 and reverse_report["repair_rate"] is None
     assert len(list(cache.iterdir())) == 2  # a teacher per task: the variant's data are not the arena's
     for bad in ("gkd", "gkd@fast", "nope@1e-3", "gkd@0", "gkd@nan"):
