@@ -487,11 +487,17 @@ def run_method(
     task: ArenaTask, method: str, lr: float, start: Start, seed: int, samples_path: str | None
 ) -> tuple[Curve, dict[str, Any]]:
     """Train a copy of the warm student with `method` (one of `task.methods`); returns its curve and what the run
-    reported. `method="distillation"` is TRL's DistillationTrainer on the prompts alone."""
+    reported. `method="distillation"` is TRL's DistillationTrainer on the prompts alone, `"npd-distillation"` the
+    same script after the one-line swap to NPD's drop-in for it."""
     from trl import DistillationConfig, DistillationTrainer, SFTConfig, SFTTrainer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
+    from trl_npd import (
+        NearPolicyDistillConfig,
+        NearPolicyDistillTrainer,
+        NPDDistillationConfig,
+        NPDDistillationTrainer,
+    )
 
     student, teacher, tokenizer, preset = copy.deepcopy(start.student), start.teacher, task.tokenizer, task.preset
     spec = preset["distill"]
@@ -523,22 +529,25 @@ def run_method(
             trainer = SFTTrainer(model=student, args=args, train_dataset=dataset, processing_class=tokenizer)
         # GKD's settings in DistillationConfig's names (lmbda=1: prompts only). Unlike GKD, DistillationTrainer also
         # applies the temperature to the divergence, not only to the sampling: that is its objective, kept as is
-        elif method == "distillation":
+        elif method in ("distillation", "npd-distillation"):
             curve = Curve(curve_steps)
             dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q, _ in prompts])
+            swapped = method == "npd-distillation"
             args = training_args(
-                DistillationConfig,
+                NPDDistillationConfig if swapped else DistillationConfig,
                 preset,
                 output_dir,
                 seed,
                 lr,
-                logging_steps=10**6,
+                # the npd/ metrics, policy_kl among them, as for the other NPD methods
+                logging_steps=max(1, spec["steps"] // 50) if swapped else 10**6,
                 max_completion_length=new_tokens,
                 temperature=spec["temperature"],
                 beta=spec["beta"],
                 disable_dropout=True,
+                **({"log_samples": samples_path is not None} if swapped else {}),
             )
-            trainer = DistillationTrainer(
+            trainer = (NPDDistillationTrainer if swapped else DistillationTrainer)(
                 model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
             )
         else:

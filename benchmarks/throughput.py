@@ -8,6 +8,8 @@ trains on each generated sample once:
 
 - `gkd`: TRL's `GKDTrainer` with `lmbda=1` (samples with the student before every step);
 - `distillation`: `trl.DistillationTrainer` with transformers' `generate` (no vLLM);
+- `npd-distillation`: `NPDDistillationTrainer`, the one-line swap for `DistillationTrainer`, at its defaults and
+  the same settings as `distillation`;
 - `npd`: `NearPolicyDistillTrainer` with its defaults (background process, the start-up bootstrap, Δ-IFD off, the
   KL-bounded refresh);
 - `npd-ifd`: the same with Δ-IFD selection on, to show what selection costs;
@@ -73,6 +75,7 @@ from kit.training import TrainingClock, quiet_args, train_timed
 TRAINERS = [
     "gkd",
     "distillation",
+    "npd-distillation",
     "npd",
     "npd-process",
     "npd-padded",
@@ -221,6 +224,14 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
         prompts = dataset.map(lambda row: {"prompt": row["messages"][:1]}, remove_columns=["messages"])
         args = common_args(preset, output_dir, DistillationConfig, max_completion_length=preset["new_tokens"])
         return counting(DistillationTrainer, lambda inputs: inputs["completion_mask"].sum())(
+            model=student, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tokenizer
+        )
+    if name == "npd-distillation":  # the same script as `distillation`, after the one-line swap
+        from trl_npd import NPDDistillationConfig, NPDDistillationTrainer
+
+        prompts = dataset.map(lambda row: {"prompt": row["messages"][:1]}, remove_columns=["messages"])
+        args = common_args(preset, output_dir, NPDDistillationConfig, max_completion_length=preset["new_tokens"])
+        return counting(NPDDistillationTrainer, labels_count)(
             model=student, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tokenizer
         )
     overrides = {
@@ -449,7 +460,7 @@ def print_table(report: dict[str, Any]) -> None:
     if npd and report.get("ceiling_samples_per_s"):
         print(f"npd at {npd['samples_per_s'] / report['ceiling_samples_per_s']:.0%} of the ceiling")
     if "distillation" in by_name:
-        for name in ("npd", "npd-topk"):
+        for name in ("npd-distillation", "npd", "npd-topk"):
             if name in by_name:
                 ratio = by_name[name]["steady_samples_per_s"] / by_name["distillation"]["steady_samples_per_s"]
                 print(f"{name} vs DistillationTrainer, steady state: {ratio:.2f}x")

@@ -81,7 +81,7 @@ def test_a_seed_runs_every_method_and_records_the_real_arena_fields(tmp_path, mo
     monkeypatch.setattr(smollm2, "questions", lambda: [{**row, "expected": ""} for row in questions()])
     preset = arena_real.PRESETS["micro"]
     args = argparse.Namespace(cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "seed-1.json"))
-    methods = ["sft", "gkd", "distillation", "npd"]
+    methods = ["sft", "gkd", "distillation", "npd", "npd-distillation"]
     report = arena_real.run_seed(preset, 1, methods, dict(preset["lr"]), args)
 
     assert [run["method"] for run in report["runs"]] == methods

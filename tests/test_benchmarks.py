@@ -82,7 +82,7 @@ def test_ifd_cost_benchmark_micro(tmp_path):
 
 def test_throughput_benchmark_micro(tmp_path):
     out = tmp_path / "throughput.json"
-    trainers = "gkd,distillation,npd,npd-topk,ceiling"
+    trainers = "gkd,distillation,npd-distillation,npd,npd-topk,ceiling"
     table = run("throughput.py", "--preset", "micro", "--trainers", trainers, "--out", str(out))
     report = written(out)
     assert {"preset", "device", "date", "runs", "ceiling_samples_per_s"} <= set(report)
