@@ -49,6 +49,19 @@ def load_datasets(name_or_path: str, config: str | None = None, streaming: bool 
     return load_dataset(name_or_path, name=config, streaming=streaming)
 
 
+def model_loading_kwargs(model_args: Any, training_args: Any) -> dict[str, Any]:
+    """What loading the student and the teacher by name shares, from the model flags; both must be named."""
+    if model_args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required: the student to distil into.")
+    if training_args.teacher_model_name_or_path is None:
+        raise ValueError("--teacher_model_name_or_path is required: the teacher to distil from.")
+    return dict(
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+
+
 def make_parser() -> Any:
     from trl import ModelConfig, ScriptArguments, TrlParser
 
@@ -64,16 +77,7 @@ def run(script_args: Any, training_args: NearPolicyDistillConfig, model_args: An
 
     if script_args.dataset_name is None:
         raise ValueError("--dataset_name is required: a Hub dataset, a save_to_disk folder or a data file.")
-    if model_args.model_name_or_path is None:
-        raise ValueError("--model_name_or_path is required: the student to distil into.")
-    if training_args.teacher_model_name_or_path is None:
-        raise ValueError("--teacher_model_name_or_path is required: the teacher to distil from.")
-
-    common = dict(
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
+    common = model_loading_kwargs(model_args, training_args)
     # --model_revision names a revision of the student's repository only; the teacher's, if any, goes in
     # --teacher_model_init_kwargs '{"revision": ...}'
     student_kwargs = {**common, "revision": model_args.model_revision}
@@ -106,10 +110,15 @@ def run(script_args: Any, training_args: NearPolicyDistillConfig, model_args: An
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    return train_and_save(trainer, training_args, script_args.dataset_name)
+
+
+def train_and_save(trainer: Any, training_args: Any, dataset_name: str | None) -> Any:
+    """Train, save and (with `--push_to_hub`) push, as TRL's scripts do; returns the trainer."""
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.push_to_hub(dataset_name=dataset_name)
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and the process group
         trainer.end()
     return trainer

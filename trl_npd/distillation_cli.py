@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cli import load_datasets
+from .cli import load_datasets, model_loading_kwargs, train_and_save
 from .distillation_config import NPDDistillationConfig
 
 
@@ -34,15 +34,7 @@ def run_distillation(
 
     from .distillation_trainer import NPDDistillationTrainer
 
-    if model_args.model_name_or_path is None:
-        raise ValueError("--model_name_or_path is required: the student to distil into.")
-    if training_args.teacher_model_name_or_path is None:
-        raise ValueError("--teacher_model_name_or_path is required: the teacher to distil from.")
-    common = dict(
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
+    common = model_loading_kwargs(model_args, training_args)
     # as TRL's script: the student's revision and quantization come from the model flags (the trainer refuses the
     # quantization, with the reason); the teacher is never quantized by the student's flags
     training_args.model_init_kwargs = {
@@ -70,10 +62,4 @@ def run_distillation(
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and the process group
-        trainer.end()
-    return trainer
+    return train_and_save(trainer, training_args, script_args.dataset_name)

@@ -544,9 +544,9 @@ class NearPolicyDistillTrainer(GKDTrainer):
         if self.args.max_length is None:
             return sequences
         sequences, cut = keep_last_tokens(sequences, self.args.max_length)
-        if cut and "off_policy_cut" not in self._warned:
-            self._warned.add("off_policy_cut")
-            logger.warning(
+        if cut:
+            self._warn_once(
+                "off_policy_cut",
                 "%d off-policy samples of this batch were longer than max_length=%d tokens (the data collator let "
                 "them through) and were cut to their last max_length tokens. Raise max_length, or have the collator "
                 "cut them as you prefer. Shown once per train().",
@@ -596,23 +596,29 @@ class NearPolicyDistillTrainer(GKDTrainer):
     def _warn_about_inputs(self, result: TakeResult) -> None:
         """Say once per `train()` that prompts were cut or completions came back empty; both are counted always."""
         truncated = sum(batch.truncated_prompts for batch in result.received)
-        if truncated and "truncated" not in self._warned:
-            self._warned.add("truncated")
-            logger.warning(
+        if truncated:
+            self._warn_once(
+                "truncated",
                 "%d prompts of this generation were longer than max_length - max_new_tokens = %d tokens and were cut "
                 "from the left (oldest context first). Every cut prompt is counted in npd/truncated_prompts; raise "
                 "max_length or lower max_new_tokens to keep prompts whole.",
                 truncated,
                 self.args.max_prompt_tokens,
             )
-        if result.dropped_empty_completion and "empty_completion" not in self._warned:
-            self._warned.add("empty_completion")
-            logger.warning(
+        if result.dropped_empty_completion:
+            self._warn_once(
+                "empty_completion",
                 "The generator returned %d completions without a single token; they are dropped and counted in "
                 "npd/dropped_empty_completion. An engine returns an empty completion when a prompt fills its "
                 "context or its token limit is 0: check max_length, max_new_tokens and the engine's own limits.",
                 result.dropped_empty_completion,
             )
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        """A warning given once per `train()` call: what it reports is counted in the metrics every time."""
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
 
     def _training_batch(
         self, sequences: list[Sequence], samples: list[Sample] | None = None
