@@ -66,7 +66,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "sft": None,
     "gkd": None,
     "distillation": None,
-    "npd-distillation": None,  # DistillationTrainer's script after the one-line swap (its own defaults)
+    "npd-distillation": {},  # DistillationTrainer's script after the one-line swap (its own defaults)
     "npd": NPD_DEFAULTS,
     "npd-topk": {**NPD_DEFAULTS, "teacher_top_k": 10},
     "npd-ifd": {**NPD_DEFAULTS, "ifd_filter": True, "ifd_band": "tails"},

@@ -109,8 +109,10 @@ def run_one(impl: str, tokens: int, args: argparse.Namespace) -> dict:
     except subprocess.TimeoutExpired:
         row["status"] = f"timed out (over --child-timeout {args.child_timeout:g} s)"
         return row
-    if done.returncode == 0:
+    if done.returncode == 0 and done.result is not None:
         row.update(done.result)
+    elif done.returncode == 0:
+        row["status"] = f"failed (the child handed nothing back): {done.stderr[-300:]}"
     elif args.device.startswith("cuda") and "out of memory" in done.stderr:
         row["status"] = "oom (CUDA out of memory)"
     elif "can't allocate memory" in done.stderr or "MemoryError" in done.stderr or "out of memory" in done.stderr:

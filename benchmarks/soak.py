@@ -37,6 +37,8 @@ from kit.report import device_name, save_figure, subplots, write_report
 from kit.training import toy_npd_trainer
 from transformers import TrainerCallback
 
+from trl_npd.metrics import SAMPLE_DRIFT_KEPT
+
 MB = 2**20
 RSS_GROWTH_TARGET = 0.05
 
@@ -50,6 +52,9 @@ class Recorder(TrainerCallback):
         self.records: list[dict] = []
         self.generator_serves = False
         self.start = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()  # records time training, not building the models and the trainer
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -125,6 +130,11 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
         generator_mode="process",  # the generator process's life over a long run is what a soak watches
     )
     args = trainer.args
+    if steps * args.per_device_train_batch_size > SAMPLE_DRIFT_KEPT:  # checked before hours of training, not after
+        raise SystemExit(
+            f"{steps} steps of {args.per_device_train_batch_size} samples would outgrow the {SAMPLE_DRIFT_KEPT:,} "
+            "samples whose staleness the totals keep: run fewer steps"
+        )
     start = time.perf_counter()
     trainer.train()
     wall_s = time.perf_counter() - start

@@ -230,7 +230,13 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
         from trl_npd import NPDDistillationConfig, NPDDistillationTrainer
 
         prompts = dataset.map(lambda row: {"prompt": row["messages"][:1]}, remove_columns=["messages"])
-        args = common_args(preset, output_dir, NPDDistillationConfig, max_completion_length=preset["new_tokens"])
+        args = common_args(
+            preset,
+            output_dir,
+            NPDDistillationConfig,
+            max_completion_length=preset["new_tokens"],
+            generator_bootstrap=preset.get("bootstrap", True),
+        )
         return counting(NPDDistillationTrainer, labels_count)(
             model=student, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tokenizer
         )

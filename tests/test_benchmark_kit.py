@@ -30,6 +30,20 @@ def test_a_report_carries_its_provenance_and_a_cache_does_not(tmp_path):
     report.write_json(data, str(tmp_path / "cache.json"))
     assert json.loads((tmp_path / "cache.json").read_text()) == data
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]  # written whole, then renamed
+    # a report that merges one written by another process keeps that process's provenance, and adds its own
+    earlier = {**stamp, "commit": "0000000", "date": "2026-01-01T00:00:00+00:00"}
+    report.write_report({"runs": [1, 2, 3], "provenance": earlier}, str(tmp_path / "merged.json"))
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["provenance"] == earlier and merged["provenance_added"] == [provenance()]
+
+
+def test_a_child_runs_no_git_of_its_own():
+    """A child handing its result back takes no commit (the parent's report has it): git run as the child's child
+    would count in its peak memory."""
+    command = _python(
+        "from kit.provenance import LOADED_COMMIT; from kit.child import hand_back; hand_back(LOADED_COMMIT)"
+    )
+    assert child.run_child(command).result is None
 
 
 def _python(code: str) -> list[str]:
@@ -80,7 +94,8 @@ def test_presets_are_copies_and_spread_one_rate_over_the_methods():
     assert arena["micro"]["lr"] == {"sft": 5e-4, "gkd": 5e-4}
     assert arena["cpu"]["lr"]["sft"] == 0.01  # a table stays the table
     arena["micro"]["digits"] = 9
-    assert registry.presets("arena")["micro"]["digits"] == 2
+    arena["cpu"]["lr"]["sft"] = 1.0  # nested settings are copies too
+    assert registry.presets("arena")["micro"]["digits"] == 2 and registry.presets("arena")["cpu"]["lr"]["sft"] == 0.01
     # every named pair is in the registry
     for benchmark in ("throughput", "overlap", "ifd_cost", "multi_rank"):
         for preset in registry.presets(benchmark).values():

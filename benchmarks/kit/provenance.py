@@ -33,8 +33,10 @@ def git_commit() -> str | None:
 
 
 # Taken when the benchmark starts, not when a report is written: a long run outlives edits to the tree, and a report
-# rewritten after every trainer or method must name the code that ran.
-LOADED_COMMIT = git_commit()
+# rewritten after every trainer or method must name the code that ran. Not in a child that hands its result back to
+# the benchmark (kit.child): the parent writes the report, and git run as the child's own child would count in the
+# child's peak memory (RUSAGE_CHILDREN).
+LOADED_COMMIT = None if os.environ.get("NPD_BENCHMARK_RESULT_FILE") else git_commit()
 STARTED_AT = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 

@@ -9,6 +9,7 @@ A preset is the benchmark's own settings, as its JSON records them; where it nam
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -264,7 +265,7 @@ def presets(benchmark: str, methods: Iterable[str] = ()) -> dict[str, dict[str, 
     methods = list(methods)
     out = {}
     for name, preset in PRESETS[benchmark].items():
-        preset = dict(preset)
+        preset = copy.deepcopy(preset)  # nested settings too: a caller's edit must not reach the registry
         if isinstance(preset.get("lr"), float):
             preset["lr"] = dict.fromkeys(methods, preset["lr"])
         out[name] = preset

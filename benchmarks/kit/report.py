@@ -22,8 +22,16 @@ def device_name() -> str:
 
 def write_report(report: dict[str, Any], path: str) -> None:
     """Write a benchmark's `report` to `path` with a `provenance` key added (the code, date, machine and versions
-    of the process writing it: `provenance.provenance`). Every benchmark's JSON goes through here."""
-    write_json({**report, "provenance": provenance()}, path)
+    of the process writing it: `provenance.provenance`). Every benchmark's JSON goes through here. A report that
+    merges an earlier one (more methods added to a seed's report) keeps the earlier `provenance`, and this
+    process's goes under `provenance_added` (one entry per process that added to it)."""
+    own = provenance()
+    earlier = report.get("provenance")
+    if earlier is None or earlier == own:
+        write_json({**report, "provenance": own}, path)
+        return
+    added = [p for p in report.get("provenance_added", []) if p != own]
+    write_json({**report, "provenance": earlier, "provenance_added": [*added, own]}, path)
 
 
 def write_json(data: dict[str, Any], path: str) -> None:
