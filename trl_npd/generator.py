@@ -6,7 +6,7 @@ mode). `generator_loop` is the loop of a background generator, written once; a h
 - `SnapshotHost`: its own copy of the student, refreshed from a `PolicySnapshot` between batches (in a generator
   process or a thread; `run_generator` starts it there);
 - `RemoteHost`: an engine that holds its own weights (vLLM), driven from a thread of the trainer process
-  (`run_remote_generator`).
+  (`serve` runs the loop on it there).
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ class _Stopped(Exception):
     """Asked to stop while waiting for the snapshot's lock."""
 
 
-def _serve(
+def serve(
     make_host: Callable[[], GeneratorHost],
     prompts: PromptStream,
     generation_batch_size: int,
@@ -241,7 +241,7 @@ def run_generator(spec: GeneratorSpec, buffer: SampleBuffer, stop: Any, errors: 
             torch.set_num_threads(spec.num_threads)
         return SnapshotHost(spec, _beating(should_stop, progress))
 
-    _serve(make_host, spec.prompts, spec.generation_batch_size, buffer, errors, progress)
+    serve(make_host, spec.prompts, spec.generation_batch_size, buffer, errors, progress)
 
 
 def _own_copy(model: nn.Module, device: str, progress: GeneratorProgress) -> nn.Module:
@@ -317,15 +317,3 @@ class RemoteHost:
         self._progress.doing(Activity.WAITING_FOR_SNAPSHOT_LOCK)
         with held_while_alive(self._lock, self._progress.beat):
             yield self._current_policy()
-
-
-def run_remote_generator(
-    host: RemoteHost,
-    prompts: PromptStream,
-    generation_batch_size: int,
-    buffer: SampleBuffer,
-    errors: Any,
-    progress: GeneratorProgress,
-) -> None:
-    """A generator thread's target for a remote engine: the generator loop on `host` until it is stopped."""
-    _serve(lambda: host, prompts, generation_batch_size, buffer, errors, progress)

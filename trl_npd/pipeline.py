@@ -55,8 +55,8 @@ from .generator import (
     RemoteHost,
     generate_batch,
     run_generator,
-    run_remote_generator,
     scoring_stage,
+    serve,
 )
 from .progress import Activity, GeneratorProgress
 from .prompts import PromptStream
@@ -334,8 +334,15 @@ class GenerationPipeline:
             self._stop,
             self.progress,
         )
-        args = (host, self._prompts, self.settings.generation_batch_size, self.buffer, self._errors, self.progress)
-        self._worker = threading.Thread(target=run_remote_generator, args=args, name="npd-generator", daemon=True)
+        args = (
+            lambda: host,
+            self._prompts,
+            self.settings.generation_batch_size,
+            self.buffer,
+            self._errors,
+            self.progress,
+        )
+        self._worker = threading.Thread(target=serve, args=args, name="npd-generator", daemon=True)
         self._worker.start()
 
     def _start_snapshot_process(self) -> None:
