@@ -218,26 +218,20 @@ def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tup
         return counting(GKDTrainer, labels_count)(
             model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
         )
-    if name == "distillation":
+    if name in ("distillation", "npd-distillation"):  # the same script, before and after the one-line swap
         from trl import DistillationConfig, DistillationTrainer
 
-        prompts = dataset.map(lambda row: {"prompt": row["messages"][:1]}, remove_columns=["messages"])
-        args = common_args(preset, output_dir, DistillationConfig, max_completion_length=preset["new_tokens"])
-        return counting(DistillationTrainer, lambda inputs: inputs["completion_mask"].sum())(
-            model=student, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tokenizer
-        )
-    if name == "npd-distillation":  # the same script as `distillation`, after the one-line swap
         from trl_npd import NPDDistillationConfig, NPDDistillationTrainer
 
         prompts = dataset.map(lambda row: {"prompt": row["messages"][:1]}, remove_columns=["messages"])
-        args = common_args(
-            preset,
-            output_dir,
-            NPDDistillationConfig,
-            max_completion_length=preset["new_tokens"],
-            generator_bootstrap=preset.get("bootstrap", True),
-        )
-        return counting(NPDDistillationTrainer, labels_count)(
+        if name == "distillation":
+            config_cls, trainer_cls, settings = DistillationConfig, DistillationTrainer, {}
+            count = lambda inputs: inputs["completion_mask"].sum()  # noqa: E731
+        else:
+            config_cls, trainer_cls, count = NPDDistillationConfig, NPDDistillationTrainer, labels_count
+            settings = {"generator_bootstrap": preset.get("bootstrap", True)}
+        args = common_args(preset, output_dir, config_cls, max_completion_length=preset["new_tokens"], **settings)
+        return counting(trainer_cls, count)(
             model=student, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tokenizer
         )
     overrides = {
