@@ -22,7 +22,6 @@ from typing import Any, ClassVar
 
 import torch
 from accelerate.utils import gather_object, set_seed
-from datasets import IterableDataset
 from torch import nn
 from transformers import AutoProcessor, PreTrainedTokenizerBase, TrainerCallback
 from trl.models.utils import unwrap_model_for_generation
@@ -199,13 +198,7 @@ def _check_quantization(model: Any, quantization_config: Any) -> None:
 
 
 def _check_prompt_datasets(train_dataset: Any, eval_dataset: Any) -> None:
-    """Every dataset needs a `prompt` column; the train set must be map-style, which the generator indexes."""
-    if isinstance(train_dataset, IterableDataset):
-        raise ValueError(
-            "The train dataset is an IterableDataset (streamed): NPD's generator indexes its prompts, in a fresh "
-            "seeded permutation every pass, so it needs a map-style dataset with a length. Load it without "
-            "streaming=True (or materialize it with Dataset.from_list / Dataset.from_generator)."
-        )
+    """Every dataset needs a `prompt` column (that the train set is map-style, the base class checks)."""
     evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
     for name, dataset in {"train": train_dataset, **evals}.items():
         columns = getattr(dataset, "column_names", None)

@@ -860,7 +860,10 @@ def _check_train_dataset(dataset: Any) -> None:
     if dataset is None:
         raise ValueError("NearPolicyDistillTrainer needs a train_dataset: the generator samples its prompts.")
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-        raise ValueError("The train dataset must be map-style (with a length): the generator indexes its prompts.")
+        raise ValueError(
+            "The train dataset must be map-style (with a length), not an IterableDataset (streamed): the generator "
+            "indexes its prompts, in a fresh seeded permutation every pass. Load it without streaming=True."
+        )
     if len(dataset) == 0:
         raise ValueError("The train dataset is empty: there are no prompts to distil on.")
 
