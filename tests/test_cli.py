@@ -9,9 +9,9 @@ import pytest
 import torch
 from datasets import DatasetDict
 from safetensors.torch import load_file
+from tiny_models import save_student_and_teacher
 
 from trl_npd.cli import load_datasets, main, make_parser
-from trl_npd.toy import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,12 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def saved(tmp_path, tokenizer, dataset):
     """A student, a teacher (each with the tokenizer) and the dataset, on disk."""
-    paths = {}
-    for role, (hidden, seed) in {"student": (32, 1), "teacher": (64, 2)}.items():
-        path = tmp_path / role
-        build_model(tokenizer, hidden_size=hidden, num_layers=1, seed=seed).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths[role] = str(path)
+    paths = save_student_and_teacher(tmp_path, tokenizer)
     dataset.save_to_disk(str(tmp_path / "data"))
     paths["data"] = str(tmp_path / "data")
     paths["out"] = str(tmp_path / "out")

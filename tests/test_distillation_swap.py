@@ -18,6 +18,7 @@ import pytest
 import torch
 from accelerate.utils import ParallelismConfig
 from datasets import Dataset, IterableDataset
+from tiny_models import save_student_and_teacher
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DistillationConfig, DistillationTrainer
 
@@ -35,13 +36,7 @@ PLAIN = Dataset.from_list([{"prompt": f"What is {i}+{7 - i}?"} for i in range(8)
 @pytest.fixture
 def paths(tmp_path, tokenizer):
     """A student and a teacher saved with the tokenizer, as a script would name them."""
-    found = {}
-    for role, (hidden, seed) in {"student": (32, 1), "teacher": (64, 2)}.items():
-        path = tmp_path / role
-        build_model(tokenizer, hidden_size=hidden, num_layers=1, seed=seed).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        found[role] = str(path)
-    return found
+    return save_student_and_teacher(tmp_path, tokenizer)
 
 
 def swap_config(tmp_path, **overrides):

@@ -119,3 +119,17 @@ def build(name: str, tokenizer: Any, seed: int = 0, **overrides: Any) -> transfo
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def save_student_and_teacher(folder: Any, tokenizer: Any) -> dict[str, str]:
+    """The toy one-layer student (hidden 32) and teacher (hidden 64), each saved with the tokenizer under `folder`,
+    as a script would name them: {"student": path, "teacher": path}."""
+    from trl_npd.toy import build_model
+
+    paths = {}
+    for role, (hidden, seed) in {"student": (32, 1), "teacher": (64, 2)}.items():
+        path = folder / role
+        build_model(tokenizer, hidden_size=hidden, num_layers=1, seed=seed).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths[role] = str(path)
+    return paths
