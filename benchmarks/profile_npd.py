@@ -32,13 +32,13 @@ TRAINER_STAGES = [
     # first: inline sampling also runs under _next_batch, and it is work, not waiting
     ("sample inline (start-up)", r"_generate_inline \("),
     ("wait for samples", r"_next_batch \(.*buffer\.py"),
-    ("weight sync", r"_publish \("),
+    ("weight sync", r"publish \([^)]*generation_session\.py"),
     ("teacher forward", r"TEACHER_FORWARD"),
     ("loss (divergence)", r"fused_jsd_sum \(|chunked_sum \(|generalized_jsd_sum \(|topk_loss \(|token_logprobs \("),
     ("student forward", r"distillation_loss \("),
     ("backward", r"backward \(|run_backward"),
     ("optimizer step", r"optimizer_step|_fused_adamw|adamw|clip_grad_norm"),
-    ("batches (packing, collation)", r"get_batch_samples \(|_training_batch \(|collat"),
+    ("batches (packing, collation)", r"get_batch_samples \(|build \([^)]*step_batches\.py|collat"),
     ("other", r""),
 ]
 GENERATOR_STAGES = [

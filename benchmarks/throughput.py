@@ -270,14 +270,15 @@ def _ceiling_trainer_cls() -> type:
 
         def prefill(self) -> None:
             needed = self.args.max_steps * self.args.per_device_train_batch_size
-            self._prefilled = list(self._ensure_pipeline().take(needed, current_step=0).samples)
+            self._start_generation()
+            self._prefilled = list(self._generation.pipeline.take(needed, current_step=0).samples)
 
         def _on_policy_batch(self) -> dict[str, Any]:
             samples = [self._prefilled.pop() for _ in range(self.args.per_device_train_batch_size)]
             for sample in samples:  # generated "just now": the staleness bound never evicts a prefilled sample
                 sample.policy_step = self.state.global_step
             self.npd_metrics.totals.consumed_samples += len(samples)
-            return self._training_batch(sequences_from_samples(samples))
+            return self._batches.build(sequences_from_samples(samples))
 
     return CeilingTrainer
 

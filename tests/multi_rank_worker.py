@@ -185,7 +185,7 @@ def run_resume(out: str) -> dict:
             processing_class=tokenizer,
         )
         trainer.train(resume_from_checkpoint=resumed or None)
-        positions[max_steps] = trainer._next_stream_position
+        positions[max_steps] = trainer._generation.next_stream_position
     finish(trainer)
     return {
         "position_at": positions,

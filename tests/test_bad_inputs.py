@@ -153,7 +153,7 @@ def _(env):
 def _(env):
     other = build_tokenizer()
     other.chat_template = other.chat_template.replace("\n", "\n\n")
-    return env.warned(lambda: env.trainer(teacher=env.teacher_dir(other)), "trl_npd.guards")
+    return env.warned(lambda: env.trainer(teacher=env.teacher_dir(other)), "trl_npd.checks")
 
 
 @case("quantized-student")
@@ -182,7 +182,7 @@ def _(env):
 def _(env):
     gpt2 = [build_tiny("GPT-2", env.tokenizer, seed=seed, n_positions=48) for seed in (1, 2)]
     return env.warned(
-        lambda: env.trainer(student=gpt2[0], teacher=gpt2[1], args=env.make_config(max_length=64)), "trl_npd.guards"
+        lambda: env.trainer(student=gpt2[0], teacher=gpt2[1], args=env.make_config(max_length=64)), "trl_npd.checks"
     )
 
 
@@ -225,7 +225,7 @@ def _(env):
     rows = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "0"}]}] * 8
     args = env.make_config(max_steps=2, max_length=40, max_new_tokens=8, generator_mode="inline")
     trainer = env.trainer(dataset=Dataset.from_list(rows), args=args)
-    found = env.warned(trainer.train, "trl_npd.trainer")
+    found = env.warned(trainer.train, "trl_npd.step_batches")
     assert trainer.npd_metrics.totals.truncated_prompts == 8  # counted, every one
     return found
 
@@ -245,7 +245,7 @@ def _empty_completions(env, every: int) -> None:
 def _(env):
     _empty_completions(env, every=2)
     trainer = env.trainer(args=env.make_config(max_steps=3, generator_mode="inline"))
-    found = env.warned(trainer.train, "trl_npd.trainer")
+    found = env.warned(trainer.train, "trl_npd.step_batches")
     totals = trainer.npd_metrics.totals
     assert totals.dropped["empty_completion"] >= 12 and totals.consumed_samples == 12
     assert totals.generated_samples == totals.accounted()

@@ -325,7 +325,7 @@ def test_evaluation_is_the_divergence_on_completions_the_live_student_samples(tm
     )
     metrics = distilled.evaluate(eval_dataset=evals["plain"])
     assert metrics["eval_loss"] > 1e-3 and 0 < metrics[EVAL_LENGTH_METRIC] <= 6
-    assert not distilled._generating  # the background generator is not involved
+    assert not distilled._generation.active  # the background generator is not involved
 
 
 def test_the_minimal_call_takes_the_student_teacher_and_dataset_only(tmp_path, paths, monkeypatch):

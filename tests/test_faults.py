@@ -57,7 +57,7 @@ def test_a_generator_killed_with_sigkill_stops_training_at_once(student, teacher
     before = live_workers()
     fault = AtStep(3)
     trainer = trainer_for(student, teacher, tokenizer, dataset, make_config(max_steps=200), callbacks=[fault])
-    fault.action = lambda: os.kill(trainer._pipeline._worker.pid, signal.SIGKILL)
+    fault.action = lambda: os.kill(trainer._generation.pipeline._worker.pid, signal.SIGKILL)
     with pytest.raises(GeneratorError, match=r"exited unexpectedly \(exit code -9\)"):
         trainer.train()
     elapsed = time.monotonic() - fault.at
@@ -85,7 +85,7 @@ def test_a_frozen_generator_is_reported_as_hung_with_its_last_activity_and_kille
     trainer = trainer_for(student, teacher, tokenizer, dataset, args, callbacks=[SlowFirstSteps(), fault])
 
     def freeze():
-        pipeline = trainer._pipeline
+        pipeline = trainer._generation.pipeline
         assert pipeline.generator_timeout_s == args.generator_timeout_s == 300  # the default reaches the pipeline
         # Lowered only now: on a loaded 2-core machine the generator's start-up alone can outlast 2 s.
         pipeline.generator_timeout_s = timeout_s
@@ -287,7 +287,7 @@ def test_a_trainer_killed_mid_run_resumes_from_its_last_checkpoint_continuing_ve
         args,
         cls=Recording,
     )
-    with caplog.at_level("WARNING", logger="trl_npd.guards"):
+    with caplog.at_level("WARNING", logger="trl_npd.checks"):
         resumed.train(resume_from_checkpoint=True)
     assert any("checkpoint-6 is incomplete" in r.message for r in caplog.records)
     assert resumed.state.global_step == 8

@@ -79,7 +79,7 @@ def test_log_completions_prints_prompt_completion_delta_ifd_and_staleness(
     out = capsys.readouterr().out
     for column in ("prompt", "completion", "Δ-IFD", "staleness"):
         assert column in out, column
-    rows = trainer._completion_log.rows(tokenizer)
+    rows = trainer._generation.completion_log.rows(tokenizer)
     assert len(rows) == 3
     assert all("What is" in prompt for _, prompt, _, _, _ in rows)  # decoded prompts of the arithmetic data
     assert all(delta != "-" for *_, delta, _ in rows)  # Δ-IFD was scored
@@ -88,4 +88,4 @@ def test_log_completions_prints_prompt_completion_delta_ifd_and_staleness(
 
 def test_completions_are_not_kept_unless_asked(student, teacher, tokenizer, dataset, make_config):
     trainer = train(student, teacher, tokenizer, dataset, make_config(generator_mode="inline", max_steps=1))
-    assert trainer._completion_log is None
+    assert trainer._generation.completion_log is None

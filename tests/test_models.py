@@ -251,20 +251,20 @@ def _gpt2_pair(tokenizer):
 def test_a_max_length_past_learned_positions_is_lowered_to_them_with_a_warning(
     tmp_path, tokenizer, dataset, caplog, max_length
 ):
-    with caplog.at_level(logging.WARNING, logger="trl_npd.guards"):
+    with caplog.at_level(logging.WARNING, logger="trl_npd.checks"):
         args = npd_config(tmp_path, max_length=max_length)
         trainer = build_trainer(*_gpt2_pair(tokenizer), tokenizer, dataset, args)
     assert trainer.args.max_length == 40
     assert trainer.data_collator.max_length == 40  # GKD's collator, made from the value asked for
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "trl_npd.guards"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "trl_npd.checks"]
     assert "the teacher's learned position embeddings (GPT2LMHeadModel: 40 positions)" in warning
     assert "max_length is lowered to 40" in warning
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trl_npd.guards"):
+    with caplog.at_level(logging.WARNING, logger="trl_npd.checks"):
         trainer = build_trainer(*_gpt2_pair(tokenizer), tokenizer, dataset, npd_config(tmp_path, max_length=40))
     assert trainer.args.max_length == 40  # a max_length that fits is kept, silently
-    assert not [r for r in caplog.records if r.name == "trl_npd.guards"]
+    assert not [r for r in caplog.records if r.name == "trl_npd.checks"]
 
     # max_new_tokens that leaves no room for a prompt in the teacher's table is still refused
     args = npd_config(tmp_path, max_length=max_length, max_new_tokens=40)
@@ -314,7 +314,7 @@ def test_off_policy_rows_from_a_callers_collator_are_cut_to_the_lowered_max_leng
         model.transformer.wpe.register_forward_hook(lambda module, args, output: positions.append(int(args[0].max())))
     collator = DataCollatorForChatML(tokenizer, max_length=200)
     args = npd_config(tmp_path, max_length=64, max_new_tokens=8, max_steps=2, per_device_train_batch_size=2, lmbda=0.0)
-    with caplog.at_level(logging.WARNING, logger="trl_npd.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_npd.step_batches"):
         trainer = build_trainer(student, teacher, tokenizer, Dataset.from_list(rows), args, data_collator=collator)
         assert trainer.data_collator is collator and collator.max_length == 200  # the caller's settings are kept
         trainer.train()  # a position past a table is an IndexError on a CPU

@@ -120,7 +120,7 @@ def test_models_that_ignore_position_ids_are_detected_and_trained_on_padded_rows
     trainer = NearPolicyDistillTrainer(
         model=student, teacher_model=teacher, args=make_config(), train_dataset=dataset, processing_class=tokenizer
     )
-    assert trainer.args.padding_free and not trainer._pack
+    assert trainer.args.padding_free and not trainer._batches.pack
 
 
 def test_dense_attention_caps_rows_at_the_longest_sequence_and_still_drops_padding():
@@ -154,8 +154,8 @@ def test_the_trainer_packs_rows_no_wider_than_the_longest_sample_under_sdpa(toke
     trainer = NearPolicyDistillTrainer(
         model=student, teacher_model=teacher, args=make_config(), train_dataset=dataset, processing_class=tokenizer
     )
-    assert trainer._pack and not trainer._per_sample_attention  # toy models run SDPA on CPU
-    batch = trainer._training_batch(random_sequences([12, 5, 4, 7, 4]))
+    assert trainer._batches.pack and not trainer._batches.per_sample_attention  # toy models run SDPA on CPU
+    batch = trainer._batches.build(random_sequences([12, 5, 4, 7, 4]))
     assert batch["input_ids"].shape == (3, 12)  # [12], [7, 5], [4, 4]
 
 

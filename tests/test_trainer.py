@@ -169,7 +169,7 @@ def test_interrupt_or_error_mid_training_stops_the_generator(
     )
     with pytest.raises(type(exception)):
         trainer.train()
-    assert trainer._pipeline is None
+    assert trainer._generation.pipeline is None
     assert live_workers() == (threads_before, children_before)
 
 
@@ -338,7 +338,7 @@ def test_a_snapshot_older_than_the_bound_is_refreshed_instead_of_starving(
         assert set(batch["policy_step"].tolist()) == {50}
         assert trainer.npd_metrics.totals.weight_syncs == {"stale_snapshot": 1}
     finally:
-        trainer._stop_pipeline(raise_failure=True)
+        trainer._generation.stop(raise_failure=True)
 
 
 @pytest.mark.parametrize("max_staleness", [8, 12])
@@ -392,16 +392,25 @@ def test_peft_config_trains_only_the_adapters_and_the_generator_follows(
 
         published = 0
 
-        def _publish(self, step, reason):
-            super()._publish(step, reason)
-            snapshot = self._pipeline._snapshot.model.state_dict()
+        def _start_generation(self):
+            super()._start_generation()
+            publish = self._generation.publish
+
+            def checked(student, step, reason):  # each publish of the session, then the check
+                publish(student, step, reason)
+                self.check_snapshot()
+
+            self._generation.publish = checked
+
+        def check_snapshot(self):
+            snapshot = self._generation.pipeline._snapshot.model.state_dict()
             live = self.accelerator.unwrap_model(self.model).state_dict()
             assert snapshot.keys() == live.keys() and any("lora_" in k for k in live)
             assert all(torch.equal(snapshot[k], live[k].detach().cpu()) for k in live)
             # and the generator's log-probs are the adapted student's on the same input
             ids = torch.tensor([[3, 17, 42, 8, 99, 5]])
             with torch.no_grad():
-                generator_lps = self._pipeline._snapshot.model(input_ids=ids).logits.log_softmax(-1)
+                generator_lps = self._generation.pipeline._snapshot.model(input_ids=ids).logits.log_softmax(-1)
                 trainer_lps = self.accelerator.unwrap_model(self.model)(input_ids=ids).logits.log_softmax(-1)
             torch.testing.assert_close(generator_lps, trainer_lps, rtol=0, atol=1e-6)
             self.published += 1
@@ -505,8 +514,9 @@ def test_samples_outside_the_ifd_band_never_reach_compute_loss(student, teacher,
             super().__init__(*args, **kwargs)
             self.handed_over = []
 
-        def _ensure_pipeline(self):
-            pipeline = super()._ensure_pipeline()
+        def _start_generation(self):
+            super()._start_generation()
+            pipeline = self._generation.pipeline
             if not hasattr(pipeline, "_traced"):
                 take = pipeline.take
 
@@ -516,7 +526,6 @@ def test_samples_outside_the_ifd_band_never_reach_compute_loss(student, teacher,
                     return result
 
                 pipeline.take, pipeline._traced = traced, True
-            return pipeline
 
     # a quantile band always rejects some samples; padded rows make each sample one row of compute_loss input
     args = make_config(
@@ -565,7 +574,7 @@ def test_an_ifd_band_that_rejects_everything_warns_and_widens_instead_of_starvin
         ifd_max_rejected_in_a_row=8,
     )
     trainer = trainer_for(student, teacher, tokenizer, dataset, args)
-    with caplog.at_level(logging.WARNING, logger="trl_npd.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_npd.generation_session"):
         trainer.train()
     assert trainer.state.global_step == 6
     assert any("[1000000.0, 2000000.0]" in r.message and "quantile" in r.message for r in caplog.records)

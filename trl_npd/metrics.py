@@ -62,6 +62,10 @@ class NPDMetrics:
     """Collects what the pipeline and the loss observe; `flush` returns one log window's `npd/` values."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: the run totals and the window (a new `train()` call)."""
         self.totals = NPDTotals()
         self._reset_window()
 

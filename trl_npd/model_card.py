@@ -90,3 +90,13 @@ def append_npd_section(output_dir: str, args: Any, teacher: Any) -> None:
         return
     with open(path, "w") as f:
         f.write(card.rstrip() + "\n" + npd_section(args, teacher))
+
+
+def document_save(trainer: Any, target: str) -> None:
+    """After a final save to `target`: in the output folder, TRL's card (as a push would write it) with the NPD
+    section; elsewhere, the NPD section added to the card the save wrote there (PEFT's, with its metadata), or a new
+    one."""
+    if os.path.abspath(target) == os.path.abspath(trainer.args.output_dir):
+        trainer.create_model_card()
+    else:
+        append_npd_section(target, trainer.args, trainer.accelerator.unwrap_model(trainer.teacher_model))
