@@ -1,10 +1,11 @@
-"""docs/configuration.md and `NearPolicyDistillConfig`'s docstring describe the same fields, with the same defaults.
+"""docs/configuration.md cannot drift from the configs: its tables of NPD's fields are generated from the docstrings.
 
-The docstring (TRL's style: `> Parameters that control ...` sections, one `name (`type`, *optional*, defaults to
-`value`):` entry per field) is the source of each field's text; docs/configuration.md repeats it in tables, one
-`| `field` | default | meaning |` row per field, under the same section headings. These tests fail when the two
-drift apart: a field of the config without a docstring entry, a docstring entry missing from the page, a row for a
-field that does not exist, a field filed under another section, or a default that is not the dataclass's.
+The docstrings (TRL's style: `> Parameters that control ...` sections, one `name (`type`, *optional*, defaults to
+`value`):` entry per field) are the one source of each field's text; `python -m trl_npd.config_doc` renders them into
+the page's generated blocks. These tests fail when a field has no docstring entry, when an entry documents a field
+that does not exist or shows another default than the dataclass's, when the page's blocks are not what the
+docstrings render now (field text included), or when the hand-written table of GKD's fields names a field that does
+not exist, that NPD redefines, or a default that is not the dataclass's.
 """
 
 from __future__ import annotations
@@ -12,31 +13,23 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
-import os
 import re
 
 import pytest
 
-from trl_npd import NearPolicyDistillConfig
+from trl_npd import NearPolicyDistillConfig, NPDDistillationConfig
+from trl_npd.config_doc import CONFIGURATION_PAGE, Entry, docstring_entries, marker, regenerate
 
-DOCS_CONFIGURATION = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "configuration.md"
-)
-SECTION = re.compile(r"^> (Parameters that control .+?)\s*$")
-# `name (`type` [or `type`], *optional*, defaults to `value`)`; an entry may list several fields, comma-separated
-ENTRY_FIELD_PATTERN = r"(\w+) \(`[^`]+`(?: or `[^`]+`)*, \*optional\*, defaults to `([^`]*)`\)"
-ENTRY_FIELD = re.compile(ENTRY_FIELD_PATTERN)
-ENTRY_LINE = re.compile(rf"{ENTRY_FIELD_PATTERN}(?:, {ENTRY_FIELD_PATTERN})*:")
-GKD_SECTION = "GKD fields"  # the page's table of inherited fields, as NPD reads them
+CONFIGS = [NearPolicyDistillConfig, NPDDistillationConfig]
+GKD_TABLE = "## GKD fields"  # the page's hand-written table of inherited fields, as NPD reads them
 
 
-def npd_fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(NearPolicyDistillConfig)}
+def page() -> str:
+    return CONFIGURATION_PAGE.read_text(encoding="utf-8")
 
 
-def own_field_names() -> set[str]:
-    """Fields `NearPolicyDistillConfig` declares itself: new ones, and GKD's that it redefines (`bf16`, ...)."""
-    return set(inspect.get_annotations(NearPolicyDistillConfig))
+def fields_of(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def default_of(f: dataclasses.Field) -> object:
@@ -51,103 +44,85 @@ def literal(text: str, where: str) -> object:
         pytest.fail(f"{where}: the default {text!r} is not a Python literal")
 
 
-def docstring_entries() -> dict[str, tuple[str, str]]:
-    """{field: (section, default as written)} from the docstring's `> Parameters that control ...` sections."""
-    entries: dict[str, tuple[str, str]] = {}
-    section = None
-    for line in inspect.getdoc(NearPolicyDistillConfig).splitlines():
-        if match := SECTION.match(line):
-            section = match.group(1)
-            continue
-        if section is None or not line.strip() or line.startswith(" "):  # before the sections, blank, or text
-            continue
-        assert ENTRY_LINE.fullmatch(line.rstrip()), f"docstring line under '{section}' is no field entry: {line!r}"
-        for name, default in ENTRY_FIELD.findall(line):
-            assert name not in entries, f"{name} has two docstring entries"
-            entries[name] = (section, default)
-    return entries
-
-
-def page_table_rows() -> list[tuple[list[str], str, str]]:
-    """(fields, section, default cell) for every table row of docs/configuration.md; a row may name several fields,
-    whose defaults its cell then shows in the same order, comma-separated."""
-    rows = []
-    section = None
-    with open(DOCS_CONFIGURATION, encoding="utf-8") as f:
-        for line in f:
-            if match := SECTION.match(line):
-                section = match.group(1)
-            elif line.startswith("## "):
-                section = GKD_SECTION if line.startswith(f"## {GKD_SECTION}") else None
-            elif line.startswith("| `") and section is not None:
-                cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-                assert re.fullmatch(r"`\w+`(, `\w+`)*", cells[0]), f"unreadable field cell: {line!r}"
-                rows.append((re.findall(r"`(\w+)`", cells[0]), section, cells[1]))
-    return rows
-
-
-def page_rows() -> dict[str, tuple[str, str]]:
-    """{field: (section, default cell)}; a field in two rows fails."""
-    rows: dict[str, tuple[str, str]] = {}
-    for names, section, cell in page_table_rows():
-        for name in names:
-            assert name not in rows, f"{name} has two rows in docs/configuration.md"
-            rows[name] = (section, cell)
-    return rows
-
-
-def page_defaults() -> dict[str, object]:
-    """Each field's default as the page shows it: the cell up to any `→ explanation`, backticks dropped."""
-    defaults: dict[str, object] = {}
-    for names, _, cell in page_table_rows():
-        value = literal(cell.split("→")[0].replace("`", "").strip(), f"docs/configuration.md, {', '.join(names)}")
-        values = value if len(names) > 1 else (value,)
-        assert isinstance(values, tuple) and len(values) == len(names), (
-            f"docs/configuration.md: the row of {names} shows {cell!r}, not one default per field"
-        )
-        defaults.update(zip(names, values, strict=True))
+def documented(cls: type) -> dict[str, str]:
+    """{field: default as written} of `cls`'s docstring; a field with two entries fails."""
+    defaults: dict[str, str] = {}
+    entry: Entry
+    for entry in docstring_entries(cls):
+        for name, default in zip(entry.names, entry.defaults, strict=True):
+            assert name not in defaults, f"{cls.__name__}: {name} has two docstring entries"
+            defaults[name] = default
     return defaults
 
 
-def test_every_field_the_npd_config_declares_has_one_docstring_entry():
-    missing = own_field_names() - set(docstring_entries())
-    assert not missing, f"fields of NearPolicyDistillConfig without a docstring entry: {sorted(missing)}"
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_field_the_config_declares_has_one_docstring_entry(cls):
+    declared = set(inspect.get_annotations(cls)) & set(fields_of(cls))  # dataclass fields, not ClassVars
+    missing = declared - set(documented(cls))
+    assert not missing, f"fields of {cls.__name__} without a docstring entry: {sorted(missing)}"
 
 
-def test_the_docstring_documents_only_fields_that_exist_with_their_real_defaults():
-    fields = npd_fields()
-    for name, (_, default) in docstring_entries().items():
-        assert name in fields, f"the docstring documents {name}, which NearPolicyDistillConfig does not have"
-        shown = literal(default, f"docstring, {name}")
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_the_docstring_documents_only_fields_that_exist_with_their_real_defaults(cls):
+    fields = fields_of(cls)
+    for name, default in documented(cls).items():
+        assert name in fields, f"the docstring documents {name}, which {cls.__name__} does not have"
+        shown = literal(default, f"{cls.__name__} docstring, {name}")
         assert shown == default_of(fields[name]), (
-            f"docstring: {name} defaults to {shown!r}, the dataclass to {default_of(fields[name])!r}"
+            f"{cls.__name__} docstring: {name} defaults to {shown!r}, the dataclass to {default_of(fields[name])!r}"
         )
 
 
-def test_docs_configuration_lists_every_docstring_field_under_its_section():
-    documented, rows = docstring_entries(), page_rows()
-    missing = set(documented) - set(rows)
-    assert not missing, f"docstring fields missing from docs/configuration.md: {sorted(missing)}"
-    moved = {name: (section, rows[name][0]) for name, (section, _) in documented.items() if rows[name][0] != section}
-    assert not moved, f"fields in another section of docs/configuration.md than in the docstring: {moved}"
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_entry_has_a_description(cls):
+    empty = [entry.names for entry in docstring_entries(cls) if not entry.text]
+    assert not empty, f"{cls.__name__} docstring entries without text: {empty}"
 
 
-def test_docs_configuration_lists_no_field_that_does_not_exist():
-    fields, rows, documented = npd_fields(), page_rows(), docstring_entries()
-    unknown = set(rows) - set(fields)
-    assert not unknown, f"docs/configuration.md lists fields NearPolicyDistillConfig does not have: {sorted(unknown)}"
-    # NPD's own fields are described from the docstring; the GKD table is for inherited fields only
-    undocumented = {name for name, (section, _) in rows.items() if section != GKD_SECTION} - set(documented)
-    assert not undocumented, f"docs/configuration.md describes fields without a docstring entry: {undocumented}"
-    redefined = {name for name, (section, _) in rows.items() if section == GKD_SECTION} & own_field_names()
-    assert not redefined, f"fields NPD redefines belong in its own sections, not the GKD table: {redefined}"
+def test_docs_configuration_is_what_the_docstrings_generate():
+    current = page()
+    for cls in CONFIGS:
+        assert marker(cls.__name__, "start") in current, f"docs/configuration.md has no block for {cls.__name__}"
+    assert regenerate(current) == current, (
+        "docs/configuration.md differs from the configs' docstrings: edit the docstring, then run "
+        "`python -m trl_npd.config_doc` to regenerate the page"
+    )
 
 
-def test_docs_configuration_shows_the_dataclass_defaults():
-    fields = npd_fields()
-    wrong = {
-        name: (shown, default_of(fields[name]))
-        for name, shown in page_defaults().items()
-        if name in fields and shown != default_of(fields[name])
-    }
-    assert not wrong, f"docs/configuration.md defaults that are not the dataclass's, as (shown, real): {wrong}"
+def test_a_changed_docstring_makes_the_page_stale(monkeypatch):
+    """The comparison above sees a field's text, not only its name and default."""
+    original = docstring_entries
+
+    def edited(cls: type) -> list[Entry]:
+        entries = original(cls)
+        first = entries[0]
+        return [Entry(first.section, first.names, first.types, first.defaults, first.text + " Edited."), *entries[1:]]
+
+    monkeypatch.setattr("trl_npd.config_doc.docstring_entries", edited)
+    assert regenerate(page()) != page()
+
+
+def gkd_table_rows() -> list[tuple[list[str], str]]:
+    """(fields, default cell) of every row of the hand-written GKD table."""
+    text = page()
+    table = text[text.index(GKD_TABLE) :]
+    table = table[: table.index("\n## ", 1)]
+    rows = []
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            assert re.fullmatch(r"`\w+`(, `\w+`)*", cells[0]), f"unreadable field cell: {line!r}"
+            rows.append((re.findall(r"`(\w+)`", cells[0]), cells[1]))
+    assert rows, "docs/configuration.md has no GKD table"
+    return rows
+
+
+def test_the_gkd_table_names_inherited_fields_with_their_defaults():
+    fields, own = fields_of(NearPolicyDistillConfig), set(inspect.get_annotations(NearPolicyDistillConfig))
+    for names, cell in gkd_table_rows():
+        value = literal(cell.split("→")[0].replace("`", "").strip(), f"GKD table, {names}")
+        values = value if len(names) > 1 else (value,)
+        for name, shown in zip(names, values, strict=True):
+            assert name in fields, f"the GKD table lists {name}, which NearPolicyDistillConfig does not have"
+            assert name not in own, f"{name} is redefined by NPD: its text belongs in the docstring, not the table"
+            assert shown == default_of(fields[name]), f"GKD table: {name} shows {shown!r}, not its default"

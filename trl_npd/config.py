@@ -72,22 +72,30 @@ class NearPolicyDistillConfig(GKDConfig):
         Number of prompts the generator samples completions for at a time. `None` sizes it when training starts:
         the largest batch whose samples can all be trained on within `max_staleness`, i.e. `(max_staleness -
         weight_sync_steps + 2) / 3` optimizer steps' worth of on-policy samples, rounded down (at least one step's
-        worth, and one micro-batch). A larger batch costs less per sample but waits longer in the buffer; see
-        `docs/design.md`. With `lmbda < 1` the on-policy draws are random, so the bound then holds on average.
+        worth, and one micro-batch), counting every rank's micro-batches when one generator feeds them all
+        (`shared_generator`). A larger batch costs less per sample but waits longer in the buffer (`docs/design.md`
+        §23; the cost per batch size is in `docs/benchmarks.md`). With `lmbda < 1` the on-policy draws are random,
+        so the bound then holds on average.
     generator_mode (`str` or `None`, *optional*, defaults to `None`):
         Where the generator runs. `"process"`: a spawned process that generates while the optimizer trains (the
-        only mode with real overlap on CPU, see `docs/design.md`). `"thread"`: a thread in the trainer process, for
+        only mode with real overlap on CPU, `docs/design.md` §1). `"thread"`: a thread in the trainer process, for
         debugging or for models that cannot be pickled. `"inline"`: no background work; the trainer generates with
         its live weights when it needs samples, a generation batch at a time (`"sync"`, its old name, still works
         and warns that it is deprecated). `None` chooses from the hardware, and logs the choice: `"inline"` when the
         trainer and the generator would both run on the CPU, where a process would only split the same cores
         between them (on a 2-core CPU, inline generation was about as fast as the process or faster with
-        `benchmarks/throughput.py`'s `cpu-tiny` and `cpu-smollm2` presets, see `docs/design.md` §30); `"process"`
-        when the trainer or the generator has an accelerator; `"thread"` with `generation_backend="vllm"`, whose
+        `benchmarks/throughput.py`'s `cpu-tiny` and `cpu-smollm2` presets, `docs/design.md` §30); `"process"`
+        when the trainer or the generator has an accelerator, and under FSDP and DeepSpeed, which refuse sampling
+        with the sharded live weights; `"thread"` with `generation_backend="vllm"`, whose
         client lives in the trainer process, where a thread waits on it while the optimizer trains. An explicit
         `"process"` with vLLM becomes `"thread"` for the same reason, with a warning.
     generator_device (`str` or `None`, *optional*, defaults to `None`):
-        Device of the generator's copy of the student, e.g. `"cpu"` or `"cuda:1"`. `None` uses the trainer's device.
+        Device of the background generator's copy of the student, e.g. `"cpu"` or `"cuda:1"`. `None` uses the
+        trainer's device. A background generator (`"process"` or `"thread"`, with `generation_backend="transformers"`)
+        samples from a copy of the student of its own on this device, and also holds a copy of the teacher there when
+        it scores samples (`teacher_top_k` or `ifd_filter`); weight syncs go through one more copy of each in CPU
+        shared memory. So on one GPU the generator's copies take that GPU's memory beside training; a second GPU
+        (`"cuda:1"`) keeps them off it. `"inline"` makes no copy: it samples with the trainer's own models.
     generator_num_threads (`int` or `None`, *optional*, defaults to `None`):
         CPU threads of the generator process when it runs on CPU. `None` gives it half of the cores and leaves the
         trainer the rest for the duration of `train()`, so the two do not oversubscribe the machine.
@@ -118,8 +126,10 @@ class NearPolicyDistillConfig(GKDConfig):
         weight load, and the generator's start-up (process start, copying the models); on a GPU the beats come as
         each layer's kernels are launched, so a stuck kernel shows from the next synchronization on; with
         vLLM, one whole generation batch (vLLM's own start-up comes before the generator's and is not counted). The
-        default is the heartbeat timeout of TRL's `AsyncDistillationTrainer`; raise it when one vLLM generation
-        batch of long completions takes longer.
+        default, 300 s, is the heartbeat timeout of TRL's `AsyncDistillationTrainer`: a hang surfaces within five
+        minutes, and nothing the embedded engine does goes that long without a beat (`docs/design.md` §22). Raise it
+        when one vLLM generation batch of long completions takes longer; lower it (20 s surfaces a hang in 20 s) to
+        fail fast in a test.
 
     > Parameters that control the vLLM backend (`generation_backend="vllm"`)
 
@@ -162,8 +172,8 @@ class NearPolicyDistillConfig(GKDConfig):
         `max_staleness`). `None`, the default, only measures the drift (`npd/policy_kl`, and per sample
         `npd/policy_kl_sample_max`) and keeps weight syncs sparse: on the real-model arena
         (`benchmarks/arena_real.py`: SmolLM2-135M-Instruct distilled into a 10-layer pruned copy of itself, 120
-        steps, one seed) a bound of 0.01 forced a sync at 64 of the 120 steps and did not change the result
-        (`docs/design.md` §31); each sync is a full weight transfer with vLLM.
+        steps, seed 1, commit eafed7d, generator process) a bound of 0.01 forced a sync at 64 of the 120 steps and
+        did not change the result (`docs/design.md` §31); each sync is a full weight transfer with vLLM.
 
     > Parameters that control batching and the loss
 
@@ -193,9 +203,9 @@ class NearPolicyDistillConfig(GKDConfig):
         What `teacher_top_k` trains on. `"npd"`: the paper's objective above. `"jsd"`: GKD's generalized JSD(`beta`)
         over the k + 1 buckets, so the fast path keeps GKD's objective. It is exact when the teacher's mass
         outside its top-k is spread as the student's is, and otherwise never above the full-vocabulary JSD; its
-        error grows with that mass (`benchmarks/topk_jsd.py`: on a small trained pair with a 512-token vocabulary,
-        13% in the loss and 30% in the gradient at k=10, 3% and 8% at k=50). Use a k that leaves the teacher
-        little mass outside it.
+        error grows with that mass (`benchmarks/topk_jsd.py`, commit f409a6e: on a small trained pair with a
+        512-token vocabulary, 13% in the loss and 30% in the gradient at k=10, 3% and 8% at k=50). Use a k that
+        leaves the teacher little mass outside it.
 
     > Parameters that control Δ-IFD selection
 
@@ -206,12 +216,13 @@ class NearPolicyDistillConfig(GKDConfig):
         completion alone (the student's NLL with the prompt comes from the sampler). With `teacher_top_k` set, the
         first is the teacher forward that scores the top-k anyway, so Δ-IFD adds two. They run in the generator,
         off the training critical path, but on CPU they make the generator the bottleneck (`benchmarks/ifd_cost.py`,
-        a teacher of about 8x the student's compute: 2.0x the generator's time per sample). `True` is refused with
+        commit 1728f88, toy Qwen3-shaped models, a teacher of about 8x the student's compute: 2.0x the generator's
+        time per sample). `True` is refused with
         `generation_backend="vllm"`, which cannot score it: the generating weights live in the vLLM engine. `None`,
         the old way to leave it unset, is read as `False` and warns that it is deprecated. Off by default because
-        on the toy arithmetic arena (`benchmarks/arena.py`, 5 seeds) its effect on final accuracy was within noise
-        (every 95% interval includes zero) at about twice the generator's time per sample. The other `ifd_*`
-        fields have no effect while it is off: setting one then warns.
+        on the toy arithmetic arena (`benchmarks/arena.py`, 5 seeds, commit 388af0b) its effect on final accuracy
+        was within noise (−0.9 points [−6.4, +4.5] against NPD without it) while it took the runs from 51.7 s of
+        training to 92.5 s. The other `ifd_*` fields have no effect while it is off: setting one then warns.
     ifd_band (`str`, *optional*, defaults to `"tails"`):
         `"tails"`: drop only the extreme outliers of the last `ifd_window` scored samples, those more than
         `ifd_tail_width` robust standard deviations from their median, and never more than `ifd_max_drop_frac` of
