@@ -274,7 +274,7 @@ def test_a_distillation_trainer_script_after_the_swap_trains_with_a_colocated_vl
     In this process, next to the `colocated` fixture's engine when the whole file runs: a second colocated engine
     (TRL's "external_launcher") reuses the process group and model-parallel state the first one set up, as its
     sizes are the same (one rank, no tensor parallelism), and each `LLM` keeps its own weights and KV cache. This
-    test passes alone and after the fixture's run, so it needs no process of its own.
+    test passes alone, after the fixture's run and before it, so it needs no process of its own.
     """
     from trl_npd import NPDDistillationConfig as DistillationConfig
     from trl_npd import NPDDistillationTrainer as DistillationTrainer
