@@ -287,7 +287,7 @@ def test_a_trainer_killed_mid_run_resumes_from_its_last_checkpoint_continuing_ve
         args,
         cls=Recording,
     )
-    with caplog.at_level("WARNING", logger="trl_npd.checks"):
+    with caplog.at_level("WARNING", logger="trl_npd.checkpoint"):
         resumed.train(resume_from_checkpoint=True)
     assert any("checkpoint-6 is incomplete" in r.message for r in caplog.records)
     assert resumed.state.global_step == 8

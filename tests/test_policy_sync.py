@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +16,27 @@ from trl_npd.checkpoint import NPD_STATE_NAME, NPDState, read_npd_state, write_n
 from trl_npd.policy_sync import PolicySync, drift_of_samples
 
 
+def config(**fields) -> SimpleNamespace:
+    return SimpleNamespace(**fields)
+
+
+def test_the_decisions_follow_the_config_as_it_is_now():
+    args = config(weight_sync_steps=4, max_policy_kl=None, max_staleness=8)
+    policy = PolicySync(args)
+    args.weight_sync_steps, args.max_policy_kl = 3, 0.5  # as a hyperparameter search sets them, in place
+    assert policy.reason_to_publish(3, 0.0) == "schedule" and policy.reason_to_publish(4, 0.6) == "drift"
+
+
+def test_a_file_with_both_position_keys_resumes_each_stream_at_its_own(tmp_path):
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / NPD_STATE_NAME).write_text(json.dumps({"stream_position": 9, "stream_positions": [4, 6]}))
+    state = read_npd_state(str(folder), str(tmp_path))
+    assert [state.stream_position(rank, 2) for rank in (0, 1)] == [4, 6]
+
+
 def test_a_fresh_run_starts_at_version_0_and_a_resumed_one_after_its_checkpoint():
-    policy = PolicySync(weight_sync_steps=4, max_policy_kl=None, max_staleness=8)
+    policy = PolicySync(config(weight_sync_steps=4, max_policy_kl=None, max_staleness=8))
     assert policy.version == -1  # nothing published yet
     policy.begin(last_version=-1, step=0)
     assert (policy.version, policy.synced_step) == (0, 0)
@@ -37,19 +57,19 @@ def test_a_fresh_run_starts_at_version_0_and_a_resumed_one_after_its_checkpoint(
     ],
 )
 def test_after_a_step_the_schedule_then_the_drift_decide_whether_to_publish(step, kl, max_policy_kl, reason):
-    policy = PolicySync(weight_sync_steps=4, max_policy_kl=max_policy_kl, max_staleness=8)
+    policy = PolicySync(config(weight_sync_steps=4, max_policy_kl=max_policy_kl, max_staleness=8))
     assert policy.reason_to_publish(step, kl) == reason
 
 
 def test_a_snapshot_is_too_stale_only_past_the_bound():
-    policy = PolicySync(weight_sync_steps=4, max_policy_kl=None, max_staleness=3)
+    policy = PolicySync(config(weight_sync_steps=4, max_policy_kl=None, max_staleness=3))
     policy.begin(last_version=-1, step=10)
     assert not policy.snapshot_too_stale(13)  # a sample made now is 3 steps old: still within the bound
     assert policy.snapshot_too_stale(14)
 
 
 def test_the_step_drift_sums_the_micro_batches_and_starts_again_at_each_step():
-    policy = PolicySync(weight_sync_steps=4, max_policy_kl=None, max_staleness=8)
+    policy = PolicySync(config(weight_sync_steps=4, max_policy_kl=None, max_staleness=8))
     policy.add_drift(torch.tensor([0.5, 1.5]))
     policy.add_drift(torch.tensor([1.0]))
     assert policy.take_step_drift() == (3.0, 3)

@@ -35,10 +35,8 @@ class NPDState:
     def stream_position(self, stream: int, streams: int) -> int:
         """Where prompt stream `stream` of `streams` resumes: its own recorded position, or 0 when the checkpoint
         was written by another number of streams (another number of processes, or `shared_generator` changed)."""
-        if self.single_stream_position is not None:
-            return self.single_stream_position
-        if not self.stream_positions:
-            return 0
+        if not self.stream_positions:  # a fresh run, or an older checkpoint's one position
+            return self.single_stream_position or 0
         if len(self.stream_positions) != streams:
             logger.warning(
                 "The checkpoint has %d prompt streams and this run %d (another number of processes, or "

@@ -79,16 +79,16 @@ def fit_max_length_to_positions(max_length: int | None, models: dict[str, nn.Mod
     return fitted
 
 
-def fit_max_length(args: Any, models: dict[str, nn.Module], own_collator: Any) -> None:
+def fit_max_length(args: Any, models: dict[str, nn.Module], own_collator: Any | None) -> None:
     """Lower `args.max_length` to a learned position table's size (`fit_max_length_to_positions`) where the trainer
     reads it: `args` (prompt truncation for the generator, packing, vLLM's context, the cut of off-policy rows) and
-    `own_collator`, the collator made for it (falsy for a collator the caller passed, which keeps its own settings;
+    `own_collator`, the collator made for it (None for a collator the caller passed, which keeps its own settings;
     `StepBatches.within_max_length` cuts what it hands over)."""
     fitted = fit_max_length_to_positions(args.max_length, models)
     if fitted == args.max_length:
         return
     args.max_length = fitted
-    if own_collator and hasattr(own_collator, "max_length"):
+    if own_collator is not None and hasattr(own_collator, "max_length"):
         # lowered, never raised: GKD's collator may have chosen a shorter limit of its own
         own_collator.max_length = min(own_collator.max_length or fitted, fitted)
 

@@ -22,10 +22,9 @@ import torch
 
 
 class PolicySync:
-    def __init__(self, weight_sync_steps: int, max_policy_kl: float | None, max_staleness: int) -> None:
-        self.weight_sync_steps = weight_sync_steps
-        self.max_policy_kl = max_policy_kl
-        self.max_staleness = max_staleness
+    def __init__(self, args: Any) -> None:
+        # the config is read at each decision, not copied: a hyperparameter search or a caller may change it in place
+        self.args = args
         self.version = -1  # the policy version of the weights last published; -1 before the first
         self.synced_step = 0  # the optimizer step they were published at
         self._kl_sum = torch.zeros((), dtype=torch.float64)
@@ -43,14 +42,14 @@ class PolicySync:
 
     def snapshot_too_stale(self, step: int) -> bool:
         """Whether every sample the current snapshot could make would exceed the staleness bound at `step`."""
-        return self.lag(step) > self.max_staleness
+        return self.lag(step) > self.args.max_staleness
 
     def add_drift(self, k3: torch.Tensor) -> None:
         """This micro-batch's per-token drift estimates, added to the optimizer step's."""
         self._kl_sum = self._kl_sum.to(k3.device) + k3.sum().double()
         self._kl_tokens += k3.numel()
 
-    def take_step_drift(self, accelerator: Any = None) -> tuple[float, int]:
+    def take_step_drift(self, accelerator: Any | None = None) -> tuple[float, int]:
         """The optimizer step's drift sum and token count, reset for the next step: summed over the ranks through
         `accelerator` when given (every rank must take the same sync decision), this rank's own otherwise."""
         kl_sum, kl_tokens = self._kl_sum, self._kl_tokens
@@ -64,9 +63,9 @@ class PolicySync:
 
     def reason_to_publish(self, step: int, kl: float) -> str | None:
         """After optimizer step `step`, whose mean drift per token was `kl`: why to publish now, or None."""
-        if step % self.weight_sync_steps == 0:
+        if step % self.args.weight_sync_steps == 0:
             return "schedule"
-        if self.max_policy_kl is not None and kl > self.max_policy_kl:
+        if (bound := self.args.max_policy_kl) is not None and kl > bound:
             return "drift"
         return None
 

@@ -37,8 +37,8 @@ class StepBatches:
     """Builds the step's micro-batches and remembers them until the next step begins.
 
     Args:
-        max_length: off-policy rows longer than this are cut to their last `max_length` tokens (None: no cut); also
-            the packing budget.
+        args: the config, whose `max_length` (read at each batch: a caller may change it in place) cuts off-policy
+            rows longer than it to their last `max_length` tokens (None: no cut), and bounds the packing budget.
         pad_token_id: fills padded rows.
         pack: pack the samples of a micro-batch into rows (padding-free) instead of padding one sample per row.
         per_sample_attention: both models attend per sample in a packed row (flash-attention's varlen path), so that
@@ -47,14 +47,14 @@ class StepBatches:
 
     def __init__(
         self,
-        max_length: int | None,
+        args: Any,
         pad_token_id: int,
         pack: bool,
         per_sample_attention: bool,
         metrics: NPDMetrics,
         warn_once: OnceWarnings,
     ) -> None:
-        self.max_length = max_length
+        self.args = args
         self.pad_token_id = pad_token_id
         self.pack = pack
         self.per_sample_attention = per_sample_attention
@@ -73,7 +73,9 @@ class StepBatches:
         self.built.append((sequences, samples))
         if not self.pack:
             return pad_sequences(sequences, self.pad_token_id)
-        budget = row_token_budget([len(s.input_ids) for s in sequences], self.max_length, self.per_sample_attention)
+        budget = row_token_budget(
+            [len(s.input_ids) for s in sequences], self.args.max_length, self.per_sample_attention
+        )
         batch, stats = pack_sequences(sequences, budget, self.pad_token_id)
         self.metrics.record_packing(stats)
         return batch
@@ -82,9 +84,9 @@ class StepBatches:
         """Off-policy rows cut to their last `max_length` tokens: a collator the caller passed (or pre-tokenized
         rows) can hand over longer ones, which would outgrow a learned position table that `max_length` was fitted
         to, or the packing budget."""
-        if self.max_length is None:
+        if self.args.max_length is None:
             return sequences
-        sequences, cut = keep_last_tokens(sequences, self.max_length)
+        sequences, cut = keep_last_tokens(sequences, self.args.max_length)
         if cut:
             self.warn_once(
                 "off_policy_cut",
@@ -92,7 +94,7 @@ class StepBatches:
                 "them through) and were cut to their last max_length tokens. Raise max_length, or have the collator "
                 "cut them as you prefer. Shown once per train().",
                 cut,
-                self.max_length,
+                self.args.max_length,
             )
         return sequences
 

@@ -18,7 +18,6 @@ their own modules (`checks`, `generation_session` with the pipeline factory, `po
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -63,8 +62,6 @@ from .policy_sync import PolicySync, drift_of_samples
 from .prompts import PromptOnlyCollator
 from .samples import Sample
 from .step_batches import OnceWarnings, StepBatches, warn_about_inputs
-
-logger = logging.getLogger(__name__)
 
 
 class NearPolicyDistillTrainer(GKDTrainer):
@@ -126,7 +123,7 @@ class NearPolicyDistillTrainer(GKDTrainer):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         check_models(args, self.model, teacher, self.processing_class, self.accelerator, teacher_given=teacher_model)
         models = {"student": self.model, "teacher": teacher}
-        fit_max_length(args, models, own_collator and self.data_collator)
+        fit_max_length(args, models, self.data_collator if own_collator else None)
         if train_without_router_logits(self.model, args):
             self.aux_loss_enabled = False
         check_chunked_projections(args, self.model, teacher, len(self.processing_class))
@@ -137,14 +134,14 @@ class NearPolicyDistillTrainer(GKDTrainer):
         self.npd_metrics = NPDMetrics()
         self._warn_once = OnceWarnings()
         self._batches = StepBatches(
-            args.max_length,
+            args,
             self.processing_class.pad_token_id,
             pack=args.padding_free and packs_safely(models, len(self.processing_class)),
             per_sample_attention=all(attends_per_sample(m) for m in models.values()),
             metrics=self.npd_metrics,
             warn_once=self._warn_once,
         )
-        self._policy = PolicySync(args.weight_sync_steps, args.max_policy_kl, args.max_staleness)
+        self._policy = PolicySync(args)
         self._generation = GenerationSession(args, self.accelerator, self.npd_metrics, self._policy)
         self._forward_redirection = _ForwardRedirection()
         self.add_callback(_PipelineHooks(self))
