@@ -222,6 +222,19 @@ class Evaluator:
         return point
 
 
+def start_paths(preset: dict[str, Any], seed: int, refs: dict[str, Any], cache_dir: str) -> tuple[str, str]:
+    """Where `start` caches a seed's start (`<path>.pt`, the student's weights, and `<path>.json`, its evaluations)
+    and the seed-independent evaluations (`points_path`): (path, points_path)."""
+    # what the cached evaluations depend on besides the seed: the student, the evaluation's settings and device, and
+    # the code (START_CACHE_VERSION: bump it when the evaluation or the warm start changes)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    evaluation = [preset["student"], preset["sampled_prompts"], preset["distill"]["temperature"], preset["new_tokens"]]
+    evaluation += [preset["eval_batch"], device, START_CACHE_VERSION]
+    common = hashlib.sha256(json.dumps([evaluation, refs["held_out"]]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([common, seed, preset["warmup"], refs["warmup_pairs"]]).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"start-{key}"), os.path.join(cache_dir, f"points-{common}.json")
+
+
 def start(
     preset: dict, seed: int, tokenizer: Any, teacher: Any, refs: dict, evaluate: Evaluator, args: Any
 ) -> tuple[Any, tuple[dict, dict, dict]]:  # fmt: skip
@@ -230,15 +243,7 @@ def start(
     as another learning rate of the grid, starts from the same student without the warm start's ten minutes. The
     teacher's and the pruned student's evaluations do not depend on the seed (evaluation samples with a seed of its
     own) and are cached across seeds: about five minutes of the teacher generating."""
-    # what the cached evaluations depend on besides the seed: the student, the evaluation's settings and device, and
-    # the code (START_CACHE_VERSION: bump it when the evaluation or the warm start changes)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    evaluation = [preset["student"], preset["sampled_prompts"], preset["distill"]["temperature"], preset["new_tokens"]]
-    evaluation += [preset["eval_batch"], device, START_CACHE_VERSION]
-    common = hashlib.sha256(json.dumps([evaluation, refs["held_out"]]).encode()).hexdigest()[:16]
-    key = hashlib.sha256(json.dumps([common, seed, preset["warmup"], refs["warmup_pairs"]]).encode()).hexdigest()[:16]
-    path = os.path.join(args.cache_dir, f"start-{key}")
-    points_path = os.path.join(args.cache_dir, f"points-{common}.json")
+    path, points_path = start_paths(preset, seed, refs, args.cache_dir)
     student = smollm2.pruned_student(teacher, preset["student"]["layers"])
     if os.path.isfile(f"{path}.json") and os.path.isfile(f"{path}.pt"):
         student.load_state_dict(torch.load(f"{path}.pt", map_location="cpu"))
@@ -259,6 +264,24 @@ def start(
     os.replace(f"{path}.pt.tmp", f"{path}.pt")
     write_json({"teacher": teacher_point, "pruned": pruned, "warm": init}, f"{path}.json")  # last: marks it whole
     return student, (teacher_point, pruned, init)
+
+
+def warm_started_student(preset: dict[str, Any], seed: int, tokenizer: Any, teacher: Any, cache_dir: str) -> Any:
+    """The warm-started student a run of `seed` starts from, for other benchmarks to train (throughput.py's
+    `cpu-smollm2-warm`): `start`'s, from its cache when the seed's start is there, else warm-started and evaluated
+    as a run of the seed would, and cached for it. The cache is keyed by device (`start_paths`): a start cached on
+    a CPU-only machine is not found on one with CUDA."""
+    refs = references(preset, tokenizer, teacher, cache_dir)
+    evaluator: list[Evaluator] = []
+
+    def evaluate(model: Any, sampled: bool = True) -> dict[str, float]:
+        # built on a cache miss only: it runs the teacher on every held-out prompt, which a cached start never needs
+        if not evaluator:
+            evaluator.append(Evaluator(preset, tokenizer, teacher, refs))
+        return evaluator[0](model, sampled)
+
+    student, _ = start(preset, seed, tokenizer, teacher, refs, evaluate, argparse.Namespace(cache_dir=cache_dir))
+    return student
 
 
 # ---- one seed ----------------------------------------------------------------------------------------------------

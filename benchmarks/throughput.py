@@ -39,6 +39,9 @@ trainer:
 - `startup_wait_s` (NPD): seconds the optimizer sat idle waiting for its first samples (with the start-up bootstrap
   it samples them itself instead, which is work: `bootstrap_s`, counted as inline generation); `steady_wait_frac`:
   the share of the wall time after the first optimizer step it spent waiting for samples;
+- `pad_frac`: the share of the training forward's positions that were padding, in each trainer's own layout
+  (right-padded rows, NPD's packed rows); `mean_completion_tokens`: completion tokens trained on per sample. What
+  packing saves is `npd` against `npd-padded`, the same trainer on right-padded rows;
 - `setup_s`: seconds to construct the trainer (model loading excluded), reported apart since NPD runs its
   construction-time probes there;
 - `peak_mem_mb`: CPU: peak resident memory of the trainer process plus that of its largest child (the generator);
@@ -391,6 +394,8 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
         "steps": steps,
         "samples": samples,
         "completion_tokens": type(trainer).bench_tokens,
+        # completions that end at EOS early make it short of new_tokens, and leave the padding pad_frac counts
+        "mean_completion_tokens": type(trainer).bench_tokens / samples,
         "samples_per_s": samples / wall_s,
         "completion_tokens_per_s": type(trainer).bench_tokens / wall_s,
         "wall_s": wall_s,
@@ -438,18 +443,20 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"{'trainer':13} {'samples/s':>9} {'vs gkd':>7} {'tokens/s':>9} {'vs gkd':>7} {'steady/s':>8} {'vs gkd':>7} "
         f"{'steady tok/s':>12} {'vs gkd':>7} {'wall_s':>7} {'setup_s':>7} {'peak_mb':>8} {'wait':>5} "
-        f"{'steady wait':>11} {'startup wait_s':>14} {'pad':>5}"
+        f"{'steady wait':>11} {'startup wait_s':>14} {'pad':>5} {'mean len':>8}"
     )
     for r in report["runs"]:
         startup = "-" if r["startup_wait_s"] is None else f"{r['startup_wait_s']:.2f}"
         pad = "-" if r.get("pad_frac") is None else f"{r['pad_frac']:.0%}"
+        # reports written before the field have no mean length
+        mean_length = "-" if r.get("mean_completion_tokens") is None else f"{r['mean_completion_tokens']:.1f}"
         print(
             f"{r['trainer']:13} {r['samples_per_s']:9.2f} {vs_gkd(r, 'samples_per_s'):>7} "
             f"{r['completion_tokens_per_s']:9.1f} {vs_gkd(r, 'completion_tokens_per_s'):>7} "
             f"{r['steady_samples_per_s']:8.2f} {vs_gkd(r, 'steady_samples_per_s'):>7} "
             f"{r['steady_completion_tokens_per_s']:12.1f} {vs_gkd(r, 'steady_completion_tokens_per_s'):>7} "
             f"{r['wall_s']:7.1f} {r['setup_s']:7.1f} {r['peak_mem_mb']:8.0f} {share(r['wait_frac']):>5} "
-            f"{share(r['steady_wait_frac']):>11} {startup:>14} {pad:>5}"
+            f"{share(r['steady_wait_frac']):>11} {startup:>14} {pad:>5} {mean_length:>8}"
         )
     print(f"\n{'where the time goes':19} {'generate':>8} {'wait':>8} {'fwd+bwd':>8} {'other':>8}  (share of wall)")
     for r in report["runs"]:
@@ -460,6 +467,13 @@ def print_table(report: dict[str, Any]) -> None:
     npd = by_name.get("npd")
     if npd and report.get("ceiling_samples_per_s"):
         print(f"npd at {npd['samples_per_s'] / report['ceiling_samples_per_s']:.0%} of the ceiling")
+    if "npd" in by_name and "npd-padded" in by_name:
+        packed, padded = by_name["npd"], by_name["npd-padded"]
+        print(
+            f"what packing saves: npd {packed['steady_samples_per_s'] / padded['steady_samples_per_s']:.2f}x "
+            f"npd-padded in steady state, padding {share(packed['pad_frac'])} of positions against "
+            f"{share(padded['pad_frac'])}"
+        )
     if "distillation" in by_name:
         for name in ("npd-distillation", "npd", "npd-topk"):
             if name in by_name:

@@ -100,3 +100,43 @@ def test_presets_are_copies_and_spread_one_rate_over_the_methods():
     for benchmark in ("throughput", "overlap", "ifd_cost", "multi_rank"):
         for preset in registry.presets(benchmark).values():
             assert preset["pair"] in registry.PAIRS
+
+
+def test_the_warm_smollm2_preset_trains_the_real_arenas_seed_1_student(tmp_path, monkeypatch):
+    """`cpu-smollm2-warm` is `cpu-smollm2` with the student the real-model arena's seed 1 starts from, read from the
+    arena's own cache. A tiny teacher stands in for SmolLM2 (no gguf here); the cache holds starts of seeds 1 and 2,
+    and a start computed again (a cache miss: another seed or arena preset) fails the test."""
+    import arena_real
+    import smollm2
+    import torch
+
+    from trl_npd.toy import build_model, build_tokenizer
+
+    throughput = registry.presets("throughput")
+    warm = throughput["cpu-smollm2-warm"]
+    assert warm["pair"] != "smollm2-10-layers"
+    assert {**warm, "pair": None} == {**throughput["cpu-smollm2"], "pair": None}  # the same work otherwise
+    tokenizer = build_tokenizer()
+    teacher = build_model(tokenizer, hidden_size=16, num_layers=12, num_heads=2, seed=0)
+    monkeypatch.setattr(smollm2, "load_teacher", lambda cache_dir: (tokenizer, teacher))
+    monkeypatch.setattr(smollm2, "CACHE_DIR", str(tmp_path))
+    # the arena's references stand in for the teacher's answers, which key the cached starts
+    refs = {"held_out": [{"prompt": "What is 2+2?"}], "warmup_pairs": [["What is 2+2?", "4"]]}
+    monkeypatch.setattr(arena_real, "references", lambda preset, tokenizer, teacher, cache_dir: refs)
+    for seed in (1, 2):  # each seed's start with weights all equal to its seed
+        cached = smollm2.pruned_student(teacher, 10)
+        for parameter in cached.parameters():
+            parameter.data.fill_(float(seed))
+        path, _ = arena_real.start_paths(arena_real.PRESETS["cpu"], seed, refs, str(tmp_path))
+        torch.save(cached.state_dict(), f"{path}.pt")
+        (tmp_path / f"{os.path.basename(path)}.json").write_text(json.dumps({"teacher": {}, "pruned": {}, "warm": {}}))
+    monkeypatch.setattr(arena_real.arena, "supervised", lambda *a, **k: pytest.fail("the warm start ran again"))
+    monkeypatch.setattr(arena_real, "Evaluator", lambda *a, **k: pytest.fail("a start was evaluated again"))
+
+    built_tokenizer, student, built_teacher = registry.PAIRS[warm["pair"]].build()
+    assert built_tokenizer is tokenizer and built_teacher is teacher
+    assert student.config.num_hidden_layers == len(student.model.layers) == 10
+    assert all(bool((parameter == 1.0).all()) for parameter in student.parameters())  # seed 1's, not seed 2's
+    # cpu-smollm2 keeps the pruned copy as cut: the teacher's own weights in its kept layers
+    _, cold, _ = registry.PAIRS[throughput["cpu-smollm2"]["pair"]].build()
+    assert torch.equal(cold.model.layers[-1].mlp.up_proj.weight, teacher.model.layers[-1].mlp.up_proj.weight)

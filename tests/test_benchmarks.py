@@ -93,6 +93,7 @@ def test_throughput_benchmark_micro(tmp_path):
         # the same work: every trainer trained the same number of samples, on completion tokens it generated
         assert r["samples"] == report["steps"] * report["effective_batch"]
         assert 0 < r["completion_tokens"] <= r["samples"] * report["new_tokens"]
+        assert r["mean_completion_tokens"] == r["completion_tokens"] / r["samples"] and 0 <= r["pad_frac"] < 1
         assert r["samples_per_s"] > 0 and r["peak_mem_mb"] > 0
     by_name = {r["trainer"]: r for r in report["runs"]}
     assert by_name["gkd"]["wait_frac"] is None and 0 <= by_name["npd"]["wait_frac"] <= 1

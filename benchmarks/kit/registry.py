@@ -64,19 +64,42 @@ class ToyPair:
             return (tokenizer, *self.models(tokenizer))
 
 
+class ArenaStart(NamedTuple):
+    """The real-model arena's warm-started student of one seed (benchmarks/arena_real.py, `start`): the arena preset
+    whose warm start it is, and the seed."""
+
+    preset: str
+    seed: int
+
+
 @dataclass(frozen=True)
 class PrunedSmolLM2:
     """The real pretrained pair (benchmarks/smollm2.py): SmolLM2-135M-Instruct teaching itself pruned to
-    `student_layers` of its 30 layers."""
+    `student_layers` of its 30 layers; with `warm_start`, the student is the real-model arena's warm-started one of
+    that preset and seed instead of the pruned copy as cut."""
 
     student_layers: int
+    warm_start: ArenaStart | None = None
 
     def build(self, device: str | None = None) -> tuple[Any, Any, Any]:
-        """(tokenizer, student, teacher), loaded on the CPU whatever `device` says."""
+        """(tokenizer, student, teacher), loaded on the CPU whatever `device` says. A warm start comes from the
+        arena's cache (`.cache/arena-real`, as the arena's own runs leave it), or is computed and cached there as
+        the arena computes it: minutes, once."""
         import smollm2
 
         tokenizer, teacher = smollm2.load_teacher(smollm2.CACHE_DIR)
-        return tokenizer, smollm2.pruned_student(teacher, self.student_layers), teacher
+        if self.warm_start is None:
+            return tokenizer, smollm2.pruned_student(teacher, self.student_layers), teacher
+        import arena_real
+
+        arena = arena_real.PRESETS[self.warm_start.preset]
+        if arena["student"]["layers"] != self.student_layers:
+            raise ValueError(
+                f"arena_real's {self.warm_start.preset!r} warm start is of a {arena['student']['layers']}-layer "
+                f"student, not {self.student_layers}"
+            )
+        student = arena_real.warm_started_student(arena, self.warm_start.seed, tokenizer, teacher, smollm2.CACHE_DIR)
+        return tokenizer, student, teacher
 
 
 # Qwen3's own shapes, for the GPU presets (with Qwen3's vocabulary)
@@ -93,6 +116,9 @@ PAIRS: dict[str, ToyPair | PrunedSmolLM2] = {
     "qwen3-0.6b-4b": ToyPair(QWEN3_0_6B, QWEN3_4B, vocab=QWEN3_VOCAB),
     # the real pretrained pair of the real-model arena, its student at the CPU arena's 10 layers
     "smollm2-10-layers": PrunedSmolLM2(student_layers=10),
+    # the same student warm-started as the real-model arena's seed 1 starts (the arena's tuning seed): its answers
+    # end at EOS at varied lengths, where the pruned copy as cut runs every answer to the token limit
+    "smollm2-10-layers-warm": PrunedSmolLM2(student_layers=10, warm_start=ArenaStart("cpu", seed=1)),
     # ~0.3M-parameter student, teacher ~4x: generation and training of comparable cost on 2 CPU cores
     "small": ToyPair(Shape(128, 2, 4, 2, 32, 512), Shape(256, 2, 4, 2, 64, 1024)),
     "small-deep-teacher": ToyPair(Shape(128, 2, 4, 2, 32, 512), Shape(256, 4, 4, 2, 64, 1024)),
@@ -223,6 +249,9 @@ THROUGHPUT: dict[str, dict[str, Any]] = {
     # smoke test only: a few steps of tiny models
     "micro": dict(pair="micro", new_tokens=8, batch=2, steps=3),
 }
+# cpu-smollm2 with the real-model arena's warm-started student (seed 1), whose answers end early at varied lengths:
+# the padding each trainer pays, and what packing saves (npd against npd-padded), on real completions
+THROUGHPUT["cpu-smollm2-warm"] = {**THROUGHPUT["cpu-smollm2"], "pair": "smollm2-10-layers-warm"}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "arena": ARENA,
