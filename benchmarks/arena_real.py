@@ -71,6 +71,8 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "npd-topk": {**NPD_DEFAULTS, "teacher_top_k": 10},
     "npd-ifd": {**NPD_DEFAULTS, "ifd_filter": True, "ifd_band": "tails"},
     "npd-sync": {**NPD_DEFAULTS, "generator_mode": "inline"},
+    # inline, sampling 8 steps' worth at once: the last sample of a batch is 7 steps old when trained
+    "npd-inline-32": {**NPD_DEFAULTS, "generator_mode": "inline", "generation_batch_size": 32},
     "npd-process": {**NPD_DEFAULTS, "generator_mode": "process", "max_policy_kl": 0.01},
     "npd-process-no-kl": {**NPD_DEFAULTS, "generator_mode": "process", "max_policy_kl": None},
 }
