@@ -381,7 +381,7 @@ class NearPolicyDistillConfig(GKDConfig):
         self._warn_about_unused_ifd_settings()
 
     def _resolve_generator_mode(self) -> None:
-        """The mode the generator will run in. Left unset, it is chosen from the hardware and logged; a mode that
+        """The mode the generator will run in. Left unset, it is chosen from the backend and logged; a mode that
         was asked for is never changed silently: an old name, or a mode the backend runs otherwise, warns."""
         if self.generator_mode is None:
             self.generator_mode = self._default_generator_mode()
@@ -585,7 +585,7 @@ class NearPolicyDistillConfig(GKDConfig):
         The process is the default on a CPU-only machine too: inline generation was as fast or faster in
         `throughput.py`'s short runs on 2 cores, but in the real-model arena, 120 steps of a pretrained pair, the
         process ended at a lower KL to the teacher on all three seeds in as much wall-clock or less, and it matched
-        or beat inline generation in the toy arena as well (docs/design.md §30).
+        inline generation's quality in the toy arena (docs/design.md §30).
         """
         if self.generation_backend == "vllm":
             mode, reason = "thread", "the vLLM client lives in the trainer process, where a thread only waits on it"
