@@ -59,8 +59,9 @@ from kit.registry import presets
 from kit.report import device_name, write_json, write_report
 
 # The NPD methods' settings. `npd` is the defaults of the code that ran (each run's JSON records the commit and the
-# resolved settings, `npd.config`); each other NPD method changes one thing. `npd-process` and `npd-process-no-kl`
-# put the generator in its own process, with and without the refresh on drift: what a stale sample costs.
+# resolved settings, `npd.config`): inline on a CPU until the generator process became the default everywhere, and
+# then the same as `npd-process-no-kl`. Each other NPD method changes one thing. `npd-process` and
+# `npd-process-no-kl` put the generator in its own process, with and without the refresh on drift.
 NPD_DEFAULTS: dict[str, Any] = {}
 METHODS: dict[str, dict[str, Any] | None] = {
     "sft": None,

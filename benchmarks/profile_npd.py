@@ -96,7 +96,7 @@ def parse(raw_path: str) -> tuple[collections.Counter, collections.Counter]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # npd-process: on a CPU-only machine NPD's default generates inline, and there would be no generator to profile
+    # npd-process: the generator process by name, whatever the default is
     parser.add_argument("--trainer", default="npd-process", help="one of throughput.py's trainers (an NPD one)")
     parser.add_argument("--preset", default="cpu-tiny")
     parser.add_argument("--rate", type=int, default=100, help="samples per second")

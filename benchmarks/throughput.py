@@ -15,8 +15,8 @@ trains on each generated sample once:
 - `npd-ifd`: the same with Δ-IFD selection on, to show what selection costs;
 - `npd-topk`: the defaults with the NPD paper's objective (`teacher_top_k=10`): the generator scores each sample's
   teacher top-k, so the training step runs no teacher forward;
-- `npd-process`: the defaults with the generator in its own process (`generator_mode="process"`), which is the
-  default where trainer or generator has an accelerator; on a CPU-only machine the default is `"inline"`;
+- `npd-process`: the generator in its own process (`generator_mode="process"`), by name: today the same as `npd`,
+  but a CPU-only machine's default was inline until after commit 57fb8aa, and reports of both periods compare;
 - `npd-padded`: the defaults on right-padded rows (`padding_free=False`): with `pad_frac`, what packing saves;
 - `npd-sync`: the generator forced inline (`generator_mode="inline"`): what asynchrony alone buys;
 - `npd-vllm` (CUDA and vLLM only, so not in the default list): the defaults with a colocated vLLM engine generating

@@ -5,8 +5,7 @@
 It builds a byte-level BPE tokenizer, a teacher and a student (random Qwen3-shaped models) and an arithmetic chat
 dataset locally, runs near-policy distillation for a few dozen steps with the generator in its own process, and
 prints the loss and the `npd/` metrics. A real run loads models with `from_pretrained` instead; the rest is the same.
-On a CPU-only machine NPD's default generates inline (`generator_mode=None` chooses from the hardware); this
-example asks for the process to show the background generator at work.
+The generator process is the default (`generator_mode=None`); the example sets it to show where it is chosen.
 """
 
 import os
@@ -25,7 +24,7 @@ def main() -> None:
     args = NearPolicyDistillConfig(
         output_dir="outputs/quickstart",
         max_steps=120,  # long enough for the generator process to take over from the trainer's own sampling
-        generator_mode="process",  # the CPU default is inline; the point here is the background generator
+        generator_mode="process",  # the default: a background generator that samples while the optimizer trains
         per_device_train_batch_size=8,
         learning_rate=5e-4,
         lmbda=1.0,  # every batch is answered by the student (pure on-policy)

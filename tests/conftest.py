@@ -58,7 +58,7 @@ def make_config(tmp_path):
             # the tests of the generator process test the process: no inline sampling while it starts (it has
             # tests of its own)
             generator_bootstrap=False,
-            generator_mode="process",  # on a CPU the default is inline; the process is what these tests test
+            generator_mode="process",  # the default, pinned: these tests test the process whatever the default is
         )
         if overrides.get("generation_backend") == "vllm":
             values["generator_mode"] = "thread"  # vLLM's generator is a thread waiting on the engine, never a process

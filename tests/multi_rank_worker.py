@@ -61,7 +61,7 @@ def config(out: str, **overrides) -> NearPolicyDistillConfig:
         # generator processes whose streams, syncs and failures are under test have started
         generator_bootstrap=False,
         max_policy_kl=None,  # syncs at the scheduled steps only, which the tests compare across ranks
-        generator_mode="process",  # the generator processes are under test (inline is the CPU's default)
+        generator_mode="process",  # the generator processes are under test (pinned, whatever the default)
         dataloader_num_workers=0,
         use_cpu=True,  # with torchrun's variables set, this makes accelerate take the multi-CPU (gloo) path
     )

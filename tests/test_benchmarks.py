@@ -338,7 +338,7 @@ def test_profile_benchmark_sorts_both_processes_samples_into_stages(tmp_path):
         "--preset",
         "micro",
         "--trainer",
-        "npd-process",  # on a CPU NPD's default generates inline: no generator process to profile
+        "npd-process",  # the generator process, named whatever the default is
         "--no-bootstrap",
         "--steps",
         "60",

@@ -97,18 +97,17 @@ def test_an_explicit_bf16_on_a_cpu_only_machine_is_a_clear_error(tmp_path):
     assert NearPolicyDistillConfig(output_dir=str(tmp_path), report_to="none", bf16=True, use_cpu=True).bf16
 
 
-def test_generator_mode_left_unset_follows_the_hardware_and_says_so(tmp_path, monkeypatch, caplog):
+def test_generator_mode_left_unset_is_a_process_and_says_so(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level(logging.INFO, logger="trl_npd.config"):
-        assert config(tmp_path).generator_mode == "inline"  # trainer and generator would share the CPU's cores
-    assert "generator_mode was not set: 'inline'" in caplog.text
-    assert config(tmp_path, use_cpu=True, generator_device="cpu").generator_mode == "inline"
-    # an accelerator on either side: the generator process overlaps real work
+        # a CPU-only machine too: the real-model arena decided it (docs/design.md)
+        assert config(tmp_path).generator_mode == "process"
+    assert "generator_mode was not set: 'process'" in caplog.text
+    assert config(tmp_path, use_cpu=True, generator_device="cpu").generator_mode == "process"
     assert config(tmp_path, generator_device="cuda:1").generator_mode == "process"
-    # FSDP refuses inline sampling with the sharded live weights, so the default does not choose it
     assert config(tmp_path, fsdp="full_shard").generator_mode == "process"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert config(tmp_path, use_cpu=True).generator_mode == "inline"  # use_cpu: the trainer is on the CPU all the same
+    assert config(tmp_path, use_cpu=True).generator_mode == "process"
 
 
 def one_warning(caught, text):

@@ -281,7 +281,7 @@ def test_with_a_lowered_max_length_nothing_runs_past_the_learned_positions(tmp_p
     question = " ".join(f"{i}+{i}" for i in range(30))
     rows = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "0"}]}] * 16
     student, teacher = _gpt2_pair(tokenizer)
-    positions = []  # the default generator on a CPU samples inline, with the student itself: hooks and all
+    positions = []  # inline sampling uses the student itself, so the hooks see sampling's positions too
     for model in (student, teacher):
         model.transformer.wpe.register_forward_hook(lambda module, args, output: positions.append(int(args[0].max())))
     args = npd_config(
@@ -292,6 +292,7 @@ def test_with_a_lowered_max_length_nothing_runs_past_the_learned_positions(tmp_p
         per_device_train_batch_size=2,
         lmbda=lmbda,
         seq_kd=seq_kd,
+        generator_mode="inline",
     )
     trainer = build_trainer(student, teacher, tokenizer, Dataset.from_list(rows), args)
     trainer.train()  # a position past a table is an IndexError on a CPU
