@@ -70,6 +70,8 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "npd-distillation": {},  # DistillationTrainer's script after the one-line swap (its own defaults)
     "npd": NPD_DEFAULTS,
     "npd-topk": {**NPD_DEFAULTS, "teacher_top_k": 10},
+    # the top-k objective with inline generation, as `npd-topk` ran on the tuning seed when inline was the CPU default
+    "npd-topk-inline": {**NPD_DEFAULTS, "teacher_top_k": 10, "generator_mode": "inline"},
     "npd-ifd": {**NPD_DEFAULTS, "ifd_filter": True, "ifd_band": "tails"},
     "npd-sync": {**NPD_DEFAULTS, "generator_mode": "inline"},
     # inline, sampling 8 steps' worth at once: the last sample of a batch is 7 steps old when trained
