@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -277,13 +278,11 @@ def warm_started_student(preset: dict[str, Any], seed: int, tokenizer: Any, teac
     as a run of the seed would, and cached for it. The cache is keyed by device (`start_paths`): a start cached on
     a CPU-only machine is not found on one with CUDA."""
     refs = references(preset, tokenizer, teacher, cache_dir)
-    evaluator: list[Evaluator] = []
+    # built on a cache miss only: it runs the teacher on every held-out prompt, which a cached start never needs
+    evaluator = functools.cache(lambda: Evaluator(preset, tokenizer, teacher, refs))
 
     def evaluate(model: Any, sampled: bool = True) -> dict[str, float]:
-        # built on a cache miss only: it runs the teacher on every held-out prompt, which a cached start never needs
-        if not evaluator:
-            evaluator.append(Evaluator(preset, tokenizer, teacher, refs))
-        return evaluator[0](model, sampled)
+        return evaluator()(model, sampled)
 
     student, _ = start(preset, seed, tokenizer, teacher, refs, evaluate, argparse.Namespace(cache_dir=cache_dir))
     return student
