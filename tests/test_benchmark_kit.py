@@ -140,3 +140,14 @@ def test_the_warm_smollm2_preset_trains_the_real_arenas_seed_1_student(tmp_path,
     # cpu-smollm2 keeps the pruned copy as cut: the teacher's own weights in its kept layers
     _, cold, _ = registry.PAIRS[throughput["cpu-smollm2"]["pair"]].build()
     assert torch.equal(cold.model.layers[-1].mlp.up_proj.weight, teacher.model.layers[-1].mlp.up_proj.weight)
+
+
+def test_a_table_aligns_its_columns_and_marks_missing_values(capsys):
+    rows = [{"name": "npd", "rate": 1.5, "ratio": None}, {"name": "gkd-long-name", "rate": 12.25, "ratio": 0.5}]
+    report.print_table(rows, [("trainer", "name", ""), ("samples/s", "rate", ".2f"), ("vs gkd", "ratio", ".2f")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "      trainer  samples/s    vs gkd",
+        "          npd       1.50         -",
+        "gkd-long-name      12.25      0.50",
+    ]

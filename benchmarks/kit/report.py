@@ -62,3 +62,20 @@ def save_figure(fig: Any, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    """Print `rows` as an aligned table. Each column is `(header, key, format)`: `format` is a format spec such as
+    `".2f"` (empty for plain text); a missing or None value prints as `-`. Every benchmark's table goes through
+    here, so that their tables read alike."""
+    widths = [max(len(header), 8) for header, _, _ in columns]
+    cells = [[_cell(row.get(key), fmt) for _, key, fmt in columns] for row in rows]
+    for line in cells:
+        widths = [max(width, len(cell)) for width, cell in zip(widths, line, strict=True)]
+    print("  ".join(header.rjust(width) for (header, _, _), width in zip(columns, widths, strict=True)))
+    for line in cells:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
