@@ -20,7 +20,6 @@ the others still run and are written.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import resource
@@ -29,9 +28,17 @@ import sys
 import time
 
 from kit.child import hand_back, run_child
-from kit.report import device_name, write_report
+from kit.report import device_name, print_table, write_report
 
 IMPLEMENTATIONS = ("unfused", "fused", "fused-compiled")
+COLUMNS = [
+    ("impl", "impl", ""),
+    ("tokens", "tokens", "d"),
+    ("peak_mb", "peak_mb", ".0f"),
+    ("ms_per_call", "ms_per_call", ".0f"),
+    ("vs unfused", "vs_unfused", ".3f"),
+    ("status", "status", ""),
+]
 
 
 def child(impl: str, tokens: int, vocab: int, hidden: int, repeats: int, device: str) -> dict:
@@ -40,6 +47,7 @@ def child(impl: str, tokens: int, vocab: int, hidden: int, repeats: int, device:
     from trl_npd.divergences import generalized_jsd_sum
     from trl_npd.fused_jsd import fused_jsd_sum
 
+    cuda = device.startswith("cuda")
     torch.manual_seed(0)
     student_head = torch.nn.Linear(hidden, vocab, bias=False, device=device)
     teacher_head = torch.nn.Linear(hidden, vocab, bias=False, device=device).requires_grad_(False)
@@ -47,62 +55,39 @@ def child(impl: str, tokens: int, vocab: int, hidden: int, repeats: int, device:
     teacher_hidden = torch.randn(tokens, hidden, device=device)
     targets = torch.randint(0, vocab, (tokens,), device=device)
 
+    def loss() -> torch.Tensor:
+        if impl == "unfused":
+            student_logits, teacher_logits = student_head(student_hidden)[None], teacher_head(teacher_hidden)[None]
+            return generalized_jsd_sum(student_logits, teacher_logits, (targets >= 0)[None], 0.5)
+        compiled = impl == "fused-compiled"
+        return fused_jsd_sum(
+            student_hidden, student_head, teacher_hidden, teacher_head, targets, 0.5, compiled=compiled
+        )
+
     def call() -> None:
         student_head.zero_grad(set_to_none=True)
         student_hidden.grad = None
-        if impl == "unfused":
-            loss = generalized_jsd_sum(
-                student_head(student_hidden)[None], teacher_head(teacher_hidden)[None], (targets >= 0)[None], 0.5
-            )
-        else:
-            loss = fused_jsd_sum(
-                student_hidden,
-                student_head,
-                teacher_hidden,
-                teacher_head,
-                targets,
-                0.5,
-                compiled=impl == "fused-compiled",
-            )
-        loss.backward()
-        if device.startswith("cuda"):
+        loss().backward()
+        if cuda:
             torch.cuda.synchronize()
 
     if impl == "fused-compiled":
         call()  # compilation, not timed
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     for _ in range(repeats):
         call()
     ms_per_call = (time.perf_counter() - start) / repeats * 1000
-    if device.startswith("cuda"):
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb
     return {"peak_mb": peak_mb, "baseline_mb": baseline_mb, "ms_per_call": ms_per_call}
 
 
 def run_one(impl: str, tokens: int, args: argparse.Namespace) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        impl,
-        "--tokens",
-        str(tokens),
-        "--vocab",
-        str(args.vocab),
-        "--hidden",
-        str(args.hidden),
-        "--repeats",
-        str(args.repeats),
-        "--device",
-        args.device,
-        "--mem-cap-gb",
-        str(args.mem_cap_gb),
-    ]
+    # the child parses this run's own flags, then its implementation and token count (argparse keeps the last)
+    command = [sys.executable, __file__, *sys.argv[1:], "--child", impl, "--tokens", str(tokens)]
     row = {"impl": impl, "tokens": tokens, "peak_mb": None, "ms_per_call": None, "status": "ok"}
     try:
         done = run_child(command, timeout_s=args.child_timeout)
@@ -132,9 +117,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--mem-cap-gb", type=float, default=20.0, help="address-space cap of a CPU child")
-    parser.add_argument(
-        "--child-timeout", type=float, default=None, help="seconds each child may run (default: no limit)"
-    )
+    parser.add_argument("--child-timeout", type=float, help="seconds each child may run (default: no limit)")
     parser.add_argument("--child", choices=IMPLEMENTATIONS)
     args = parser.parse_args()
 
@@ -157,19 +140,15 @@ def main() -> None:
     report = {
         "benchmark": "loss_memory",
         "device": device_name() if args.device != "cpu" else f"cpu: {platform.machine()}, {os.cpu_count()} cores",
-        "date": datetime.date.today().isoformat(),
         "vocab": args.vocab,
         "hidden": args.hidden,
         "runs": rows,
     }
     write_report(report, args.out)
-    print(f"{'impl':15} {'tokens':>6} {'peak_mb':>9} {'ms_per_call':>11} {'vs unfused':>10}  status")
     unfused = {r["tokens"]: r["peak_mb"] for r in rows if r["impl"] == "unfused"}
     for r in rows:
-        ratio = f"{r['peak_mb'] / unfused[r['tokens']]:.3f}" if r["peak_mb"] and unfused.get(r["tokens"]) else "-"
-        peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] else "-"
-        ms = f"{r['ms_per_call']:.0f}" if r["ms_per_call"] else "-"
-        print(f"{r['impl']:15} {r['tokens']:>6} {peak:>9} {ms:>11} {ratio:>10}  {r['status']}")
+        r["vs_unfused"] = r["peak_mb"] / unfused[r["tokens"]] if r["peak_mb"] and unfused.get(r["tokens"]) else None
+    print_table(rows, COLUMNS)
 
 
 if __name__ == "__main__":
