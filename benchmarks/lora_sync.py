@@ -16,7 +16,6 @@ milliseconds per sampled token with the LoRA-wrapped snapshot against the merged
 
 from __future__ import annotations
 
-import datetime
 import multiprocessing as mp
 import os
 import statistics
@@ -27,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from kit.cli import preset_parser
 from kit.registry import presets
-from kit.report import device_name, write_report
+from kit.report import device_name, print_table, write_report
 from peft import LoraConfig, get_peft_model
 
 from trl_npd.snapshot import PolicySnapshot, inference_copy
@@ -75,29 +74,23 @@ def main() -> None:
 
     snapshot = PolicySnapshot(student, mp.get_context("spawn"))
     everything = every_tensor(snapshot.model, student)
-
-    def sync_adapters() -> None:
-        snapshot.publish(student, step=1)
-
-    def sync_full() -> None:
-        with torch.no_grad():
-            for dst, src in everything:
-                dst.copy_(src)
-
     merged_target = inference_copy(student).merge_and_unload()  # a plain model the generator would sample with
     merged_modules = dict(merged_target.named_modules())
-    adapted = [
-        (name, module) for name, module in student.base_model.model.named_modules() if hasattr(module, "lora_A")
-    ]
+    adapted = [(name, m) for name, m in student.base_model.model.named_modules() if hasattr(m, "lora_A")]
 
+    @torch.no_grad()
     def sync_merged() -> None:
-        with torch.no_grad():
-            for name, module in adapted:
-                merged_modules[name].weight.copy_(module.base_layer.weight + module.get_delta_weight("default"))
+        for name, module in adapted:
+            merged_modules[name].weight.copy_(module.base_layer.weight + module.get_delta_weight("default"))
+
+    @torch.no_grad()
+    def sync_full() -> None:
+        for dst, src in everything:
+            dst.copy_(src)
 
     # what each sync moves: a publish counts what it copied (the trainable tensors: the base went at creation)
     moved = {
-        "adapters": (lambda: snapshot.last_publish_bytes / 2**20, sync_adapters),
+        "adapters": (lambda: snapshot.last_publish_bytes / 2**20, lambda: snapshot.publish(student, step=1)),
         "merged": (lambda: megabytes([m.base_layer.weight for _, m in adapted]), sync_merged),
         "full": (lambda: megabytes([src for _, src in everything]), sync_full),
     }
@@ -108,16 +101,16 @@ def main() -> None:
 
     prompts = torch.randint(3, len(tokenizer), (preset["batch"], 16))
 
+    @torch.no_grad()
     def sample_with(model) -> None:
-        with torch.no_grad():
-            model.generate(
-                input_ids=prompts,
-                attention_mask=torch.ones_like(prompts),
-                max_new_tokens=preset["new_tokens"],
-                min_new_tokens=preset["new_tokens"],
-                do_sample=True,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+        model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=preset["new_tokens"],
+            min_new_tokens=preset["new_tokens"],
+            do_sample=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
 
     tokens = preset["batch"] * preset["new_tokens"]
     generation = {
@@ -127,7 +120,6 @@ def main() -> None:
     report = {
         "preset": args.preset,
         "device": device_name(),
-        "date": datetime.date.today().isoformat(),
         "params": sum(p.numel() for p in student.parameters()),
         "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
         "sync": rows,
@@ -135,9 +127,7 @@ def main() -> None:
     }
     write_report(report, args.out)
     print(f"{report['params'] / 1e6:.1f}M parameters, {report['trainable_params'] / 1e6:.2f}M trainable (LoRA)")
-    print(f"{'variant':9} {'MB moved':>9} {'ms/sync':>9}")
-    for row in rows:
-        print(f"{row['variant']:9} {row['mb']:9.1f} {row['ms_per_sync']:9.2f}")
+    print_table(rows, [("variant", "variant", ""), ("MB moved", "mb", ".1f"), ("ms/sync", "ms_per_sync", ".2f")])
     print(
         f"generator, ms per sampled token: LoRA snapshot {generation['lora_snapshot_ms_per_token']:.3f}, "
         f"merged {generation['merged_ms_per_token']:.3f}"
