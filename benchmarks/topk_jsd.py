@@ -20,7 +20,6 @@ cosine, and the mean mass of the teacher outside its top-k.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import random
 from typing import Any
@@ -29,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from kit.registry import PAIRS
-from kit.report import device_name, write_report
+from kit.report import device_name, print_table, write_report
 
 from trl_npd.divergences import generalized_jsd_per_token, topk_bucket_jsd
 from trl_npd.toy import arithmetic_example, build_tokenizer
@@ -37,6 +36,15 @@ from trl_npd.toy import arithmetic_example, build_tokenizer
 PAIR_OF = {"random": "topk-random", "trained": "topk-trained"}  # kit/registry.py's pairs
 KS = (1, 2, 5, 10, 20, 50, 100)
 BETAS = (0.0, 0.5, 1.0)
+COLUMNS = [
+    ("pair", "pair", ""),
+    ("beta", "beta", ".1f"),
+    ("k", "k", "d"),
+    ("tail mass", "teacher_tail_mass", ".4f"),
+    ("loss err", "loss_rel_error", ".2%"),
+    ("grad err", "grad_rel_error", ".2%"),
+    ("grad cos", "grad_cosine", ".4f"),
+]
 
 
 def sharpen(model: Any, tokenizer: Any, steps: int, seed: int) -> None:
@@ -111,28 +119,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     tokenizer = build_tokenizer()
-    report: dict[str, Any] = {
-        "device": device_name(),
-        "date": datetime.date.today().isoformat(),
-        "vocab": len(tokenizer),
-        "train_steps": args.train_steps,
-        "pairs": {},
-    }
+    pairs = {}
     for pair in ("random", "trained"):
         student, teacher = PAIRS[PAIR_OF[pair]].models(tokenizer)
         if pair == "trained":
             sharpen(teacher, tokenizer, args.train_steps, seed=2)
             sharpen(student, tokenizer, args.train_steps // 3, seed=1)  # a weaker student than the teacher
         sequences, mask = student_samples(student, tokenizer, args.samples, args.new_tokens)
-        report["pairs"][pair] = {"tokens": int(mask.sum()), "rows": compare(student, teacher, sequences, mask)}
+        pairs[pair] = {"tokens": int(mask.sum()), "rows": compare(student, teacher, sequences, mask)}
+    report = {"device": device_name(), "vocab": len(tokenizer), "train_steps": args.train_steps, "pairs": pairs}
     write_report(report, args.out)
-    print(f"{'pair':8} {'beta':>4} {'k':>4} {'tail mass':>9} {'loss err':>9} {'grad err':>9} {'grad cos':>8}")
-    for pair, result in report["pairs"].items():
-        for r in result["rows"]:
-            print(
-                f"{pair:8} {r['beta']:4.1f} {r['k']:4d} {r['teacher_tail_mass']:9.4f} {r['loss_rel_error']:9.2%} "
-                f"{r['grad_rel_error']:9.2%} {r['grad_cosine']:8.4f}"
-            )
+    print_table([{"pair": pair, **row} for pair, result in pairs.items() for row in result["rows"]], COLUMNS)
 
 
 if __name__ == "__main__":
