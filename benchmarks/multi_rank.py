@@ -18,7 +18,6 @@ and the ratio shared / per-rank of each.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import socket
 import statistics
@@ -33,23 +32,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from kit.child import child_result, hand_back
 from kit.cli import preset_parser
 from kit.registry import PAIRS, presets
-from kit.report import device_name, save_figure, subplots, write_report
+from kit.report import device_name, print_table, save_figure, subplots, write_report
 
 PRESETS = presets("multi_rank")  # kit/registry.py: the pair, batch per rank, new tokens, steps
 PLACEMENTS = ("per_rank", "shared")
+COLUMNS = [
+    ("placement", "placement", ""),
+    ("samples/s", "samples_per_s", ".2f"),
+    ("steady samples/s", "steady_samples_per_s", ".2f"),
+    ("wait_frac", "wait_frac", ".3f"),
+]
 
 
 def worker(preset: dict[str, Any], placement: str) -> None:
     """One rank of a launched run; rank 0 hands the measurement back."""
-    from kit.training import TrainingClock, toy_npd_trainer
+    from kit.training import TrainingClock, toy_npd_trainer, train_timed
 
     with tempfile.TemporaryDirectory() as output_dir:
-        clock = TrainingClock()
         trainer = toy_npd_trainer(
             preset["pair"],
             output_dir,
             prompts=512,
-            callbacks=[clock],
             max_steps=preset["steps"],
             per_device_train_batch_size=preset["batch"],
             max_new_tokens=preset["new_tokens"],
@@ -62,8 +65,7 @@ def worker(preset: dict[str, Any], placement: str) -> None:
             learning_rate=1e-4,
             use_cpu=True,
         )
-        trainer.train()
-        wall_s = clock.stop()
+        wall_s = train_timed(trainer, TrainingClock())
         trainer.end()  # destroys the process group, as a script should (left to exit, gloo's teardown can abort)
     if trainer.accelerator.is_main_process:
         totals = trainer.npd_metrics.totals
@@ -95,11 +97,7 @@ def launch(preset_name: str, placement: str) -> dict[str, Any]:
 def settings(preset: dict[str, Any]) -> dict[str, Any]:
     """The preset as the JSON records it: the pair's widths and depth, then the work."""
     pair = PAIRS[preset["pair"]]
-    shape = {
-        "student_hidden": pair.student.hidden,
-        "teacher_hidden": pair.teacher.hidden,
-        "layers": pair.student.layers,
-    }
+    shape = dict(student_hidden=pair.student.hidden, teacher_hidden=pair.teacher.hidden, layers=pair.student.layers)
     return {**shape, **{key: value for key, value in preset.items() if key != "pair"}}
 
 
@@ -114,14 +112,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def print_table(report: dict[str, Any]) -> None:
+def print_summary(report: dict[str, Any]) -> None:
     summary = report["summary"]
     print(f"\n{report['device']}, 2 processes, preset {report['preset']}, {report['repeats']} rounds (medians)")
-    print(f"{'placement':<10} {'samples/s':>10} {'steady samples/s':>17} {'wait_frac':>10}")
-    for placement in PLACEMENTS:
-        row = summary[placement]
-        rates = f"{row['samples_per_s']:>10.2f} {row['steady_samples_per_s']:>17.2f} {row['wait_frac']:>10.3f}"
-        print(f"{placement:<10} {rates}")
+    print_table([{"placement": placement, **summary[placement]} for placement in PLACEMENTS], COLUMNS)
     print(
         f"shared / per-rank: {summary['shared_vs_per_rank_samples_per_s']:.2f}x overall, "
         f"{summary['shared_vs_per_rank_steady_samples_per_s']:.2f}x steady"
@@ -147,7 +141,6 @@ def main() -> None:
     parser = preset_parser(__doc__, PRESETS, default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="results/multi_rank.json")
-    parser.add_argument("--plot", default=None, help="PNG path of the plot (default: next to --out)")
     parser.add_argument("--worker", choices=PLACEMENTS, default=None, help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.worker is not None:
@@ -161,7 +154,6 @@ def main() -> None:
             print(f"round {round_index} {placement}: {runs[-1]['samples_per_s']:.2f} samples/s", flush=True)
     report = {
         "benchmark": "multi_rank",
-        "date": datetime.date.today().isoformat(),
         "device": device_name(),
         "preset": cli.preset,
         "settings": settings(PRESETS[cli.preset]),
@@ -170,8 +162,8 @@ def main() -> None:
         "summary": summarize(runs),
     }
     write_report(report, cli.out)
-    plot(report, cli.plot or os.path.splitext(cli.out)[0] + ".png")
-    print_table(report)
+    plot(report, os.path.splitext(cli.out)[0] + ".png")
+    print_summary(report)
 
 
 if __name__ == "__main__":
