@@ -156,15 +156,14 @@ def run_one(name: str, preset_name: str) -> dict[str, Any]:
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per engine and batch size: the median over repeats of each rate, with the range of tokens/s."""
     summary = []
-    for engine in dict.fromkeys(r["engine"] for r in runs):
-        for batch_size in dict.fromkeys(r["batch_size"] for r in runs if r["engine"] == engine):
-            same = [r for r in runs if (r["engine"], r["batch_size"]) == (engine, batch_size)]
-            row = {"engine": engine, "batch_size": batch_size, "repeats": len(same)}
-            for key in ("completion_tokens_per_s", "samples_per_s", "ms_per_batch", "startup_s", "first_batch_s"):
-                row[key] = statistics.median(r[key] for r in same)
-            tokens = [r["completion_tokens_per_s"] for r in same]
-            row["completion_tokens_per_s_range"] = [min(tokens), max(tokens)]
-            summary.append(row)
+    for engine, batch_size in dict.fromkeys((r["engine"], r["batch_size"]) for r in runs):  # in the runs' order
+        same = [r for r in runs if (r["engine"], r["batch_size"]) == (engine, batch_size)]
+        row = {"engine": engine, "batch_size": batch_size, "repeats": len(same)}
+        for key in ("completion_tokens_per_s", "samples_per_s", "ms_per_batch", "startup_s", "first_batch_s"):
+            row[key] = statistics.median(r[key] for r in same)
+        tokens = [r["completion_tokens_per_s"] for r in same]
+        row["completion_tokens_per_s_range"] = [min(tokens), max(tokens)]
+        summary.append(row)
     return summary
 
 
