@@ -21,7 +21,6 @@ and the engine add per token.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import time
@@ -30,7 +29,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from kit.report import device_name, write_report
+from kit.measure import stamp
+from kit.report import print_table, write_report
 from throughput import PRESETS, build_models
 from transformers import DynamicCache
 
@@ -38,6 +38,15 @@ from trl_npd.engine import EngineConfig, TransformersEngine
 from trl_npd.toy import arithmetic_dataset
 
 BATCHES = (4, 8, 16, 32, 64, 128)
+COLUMNS = [  # the table's: (header, report key, format)
+    ("batch", "generation_batch_size", ""),
+    ("ms/sample", "ms_per_sample", ".1f"),
+    (f"vs batch {BATCHES[0]}", "vs_smallest", ".2f"),
+    ("minimal loop", "minimal_loop_ms_per_sample", ".1f"),
+    ("overhead", "sampler_overhead_frac", ".0%"),
+    ("worst staleness", "worst_staleness_steps", ".1f"),
+    ("fits the default bound", "fits_max_staleness", ""),
+]
 
 
 @torch.no_grad()
@@ -127,8 +136,7 @@ def main() -> None:
             }
         )
     report = {
-        "device": device_name(),
-        "date": datetime.date.today().isoformat(),
+        **stamp(),
         "threads": 1,
         "new_tokens": preset["new_tokens"],
         "per_step": args.per_step,
@@ -137,17 +145,7 @@ def main() -> None:
         "runs": runs,
     }
     write_report(report, args.out)
-    base = runs[0]["ms_per_sample"]
-    print(
-        f"{'batch':>5} {'ms/sample':>9} {'vs batch 4':>10} {'minimal loop':>12} {'overhead':>8} "
-        f"{'worst staleness':>15} {'fits the default bound':>22}"
-    )
-    for r in runs:
-        print(
-            f"{r['generation_batch_size']:5d} {r['ms_per_sample']:9.1f} {r['ms_per_sample'] / base:10.2f} "
-            f"{r['minimal_loop_ms_per_sample']:12.1f} {r['sampler_overhead_frac']:8.0%} "
-            f"{r['worst_staleness_steps']:15.1f} {'yes' if r['fits_max_staleness'] else 'no':>22}"
-        )
+    print_table([{**r, "vs_smallest": r["ms_per_sample"] / runs[0]["ms_per_sample"]} for r in runs], COLUMNS)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 import torch
 from kit.cli import preset_parser
 from kit.registry import PAIRS, presets
-from kit.report import write_report
+from kit.report import print_table, write_report
 from trl.experimental.utils import DataCollatorForChatML
 
 from trl_npd.engine import EngineConfig, TransformersEngine
@@ -31,6 +31,7 @@ from trl_npd.selection import DeltaIFDSettings
 from trl_npd.toy import arithmetic_dataset
 
 PRESETS = presets("ifd_cost")  # kit/registry.py: the pair, generation batch, new tokens, timed rounds
+COLUMNS = [("variant", "variant", ""), ("ms/sample", "ms_per_sample", ".2f"), ("vs generate", "vs_generate", ".2f")]
 
 
 def main() -> None:
@@ -65,10 +66,8 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             if repeat > 0:  # the first round warms up
                 seconds[name].append(elapsed / (len(batch.samples) + sum(batch.dropped.values())))
-    runs = [{"variant": name, "ms_per_sample": statistics.median(s) * 1000} for name, s in seconds.items()]
-    base = runs[0]["ms_per_sample"]
-    for run in runs:
-        run["vs_generate"] = run["ms_per_sample"] / base
+    ms = {name: statistics.median(s) * 1000 for name, s in seconds.items()}
+    runs = [{"variant": name, "ms_per_sample": m, "vs_generate": m / ms["generate"]} for name, m in ms.items()]
     report = {
         "benchmark": "ifd_cost",
         "preset": args.preset,
@@ -77,9 +76,7 @@ def main() -> None:
         "runs": runs,
     }
     write_report(report, args.out)
-    print(f"{'variant':14} {'ms/sample':>10} {'vs generate':>12}")
-    for run in runs:
-        print(f"{run['variant']:14} {run['ms_per_sample']:10.2f} {run['vs_generate']:12.2f}")
+    print_table(runs, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,16 @@ reports, after the first sample arrived (so process start-up is reported apart):
 
 from __future__ import annotations
 
-import datetime
 import os
 import time
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline, huggingface_hub sends no telemetry either
 
 from kit.cli import preset_parser
+from kit.measure import keyed, stamp
 from kit.registry import presets
-from kit.report import device_name, write_report
+from kit.report import print_table, write_report
 from kit.training import toy_npd_trainer
 
 PRESETS = presets("overlap")  # kit/registry.py: the pair, steps, batch, new tokens
@@ -50,10 +49,9 @@ def run(mode: str, preset: dict, output_dir: str, generator_threads: int | None 
     totals = trainer.npd_metrics.totals
     steady_wall_s = trainer.state.log_history[-1]["train_runtime"] - totals.first_sample_wait_s
     steady_wait_s = totals.wait_s - totals.first_sample_idle_s  # waiting only: bootstrap sampling is work
-    gen_busy_s = totals.generator_busy_s if mode != "inline" else 0.0  # inline generation is the trainer's own wait
     train_busy_s = steady_wall_s - steady_wait_s
-    if mode == "inline":
-        gen_busy_s = steady_wait_s
+    # inline, the trainer's wait is its own generation
+    gen_busy_s = steady_wait_s if mode == "inline" else totals.generator_busy_s
     return {
         "mode": mode,
         "wall_s": wall_s,
@@ -89,22 +87,15 @@ def main() -> None:
     ]
     report = {
         "preset": args.preset,
-        "device": device_name(),
-        "date": datetime.date.today().isoformat(),
+        **stamp(),
         "ifd_filter": not args.no_ifd,
         "generator_threads": args.generator_threads,
         "runs": runs,
     }
     write_report(report, args.out)
-    print(
-        f"{'mode':8} {'steady_wall_s':>13} {'gen_busy_s':>10} {'train_busy_s':>12} {'wait_s':>7} {'overlap':>7} "
-        f"{'samples/s':>9} {'startup_s':>9}"
-    )
-    for r in runs:
-        print(
-            f"{r['mode']:8} {r['steady_wall_s']:13.2f} {r['gen_busy_s']:10.2f} {r['train_busy_s']:12.2f} "
-            f"{r['wait_s']:7.2f} {r['overlap']:7.2f} {r['samples_per_s']:9.2f} {r['first_sample_wait_s']:9.2f}"
-        )
+    steady = keyed(".2f", "steady_wall_s", "gen_busy_s", "train_busy_s", "wait_s", "overlap")
+    rates = [("samples/s", "samples_per_s", ".2f"), ("startup_s", "first_sample_wait_s", ".2f")]
+    print_table(runs, [("mode", "mode", ""), *steady, *rates])
 
 
 if __name__ == "__main__":

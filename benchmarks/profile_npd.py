@@ -12,9 +12,7 @@ process's wall time. py-spy reads the processes from outside, so nothing in trl_
 
 from __future__ import annotations
 
-import argparse
 import collections
-import datetime
 import os
 import re
 import shutil
@@ -23,7 +21,10 @@ import tempfile
 from typing import Any
 
 from kit.child import run_child
-from kit.report import device_name, write_report
+from kit.cli import preset_parser
+from kit.measure import stamp
+from kit.report import print_table, write_report
+from throughput import PRESETS, one_trainer_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,8 +61,7 @@ def teacher_forward_lines() -> set[int]:
 
 
 def classify(stacks: collections.Counter, rules: list[tuple[str, str]]) -> dict[str, int]:
-    counts: dict[str, int] = dict.fromkeys(name for name, _ in rules)
-    counts = {name: 0 for name in counts}
+    counts = dict.fromkeys((name for name, _ in rules), 0)
     compiled = [(name, re.compile(pattern)) for name, pattern in rules]
     for stack, n in stacks.items():
         for name, pattern in compiled:
@@ -95,10 +95,9 @@ def parse(raw_path: str) -> tuple[collections.Counter, collections.Counter]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = preset_parser(__doc__, PRESETS, default="cpu-tiny")
     # npd-process: the generator process by name, whatever the default is
     parser.add_argument("--trainer", default="npd-process", help="one of throughput.py's trainers (an NPD one)")
-    parser.add_argument("--preset", default="cpu-tiny")
     parser.add_argument("--rate", type=int, default=100, help="samples per second")
     parser.add_argument(
         "--no-bootstrap",
@@ -113,12 +112,10 @@ def main() -> None:
         raise SystemExit("py-spy is not installed: pip install py-spy")
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "profile.txt")
-        command = [sys.executable, os.path.join(HERE, "throughput.py"), "--preset", args.preset]
-        command += ["--run-one", args.trainer] + (["--no-bootstrap"] if args.no_bootstrap else [])
-        command += ["--steps", str(args.steps)] if args.steps is not None else []
         spy = [py_spy, "record", "--subprocesses", "--idle", "--threads", "--rate", str(args.rate)]
         spy += ["--format", "raw", "--output", raw, "--"]
-        done = run_child(spy + command)  # the trainer's own result is not used: the profile is the measurement
+        # throughput.py's own result is not used: the profile is the measurement
+        done = run_child(spy + one_trainer_command(args.trainer, args))
         if done.returncode != 0:
             raise SystemExit(f"the profiled run failed:\n{done.stderr[-4000:]}")
         trainer, generator = parse(raw)
@@ -126,8 +123,7 @@ def main() -> None:
         "trainer": args.trainer,
         "preset": args.preset,
         "steps": args.steps,
-        "device": device_name(),
-        "date": datetime.date.today().isoformat(),
+        **stamp(),
         "rate_per_s": args.rate,
         "bootstrap": not args.no_bootstrap,
         "processes": {
@@ -139,8 +135,8 @@ def main() -> None:
     for process, stages in report["processes"].items():
         total = sum(stages.values())
         print(f"\n{process}: {total / args.rate:.1f} s sampled")
-        for stage, n in stages.items():
-            print(f"  {stage:36} {n / max(total, 1):6.1%} {n / args.rate:7.1f} s")
+        shares = [{"stage": stage, "share": n / max(total, 1), "s": n / args.rate} for stage, n in stages.items()]
+        print_table(shares, [("stage", "stage", ""), ("share", "share", ".1%"), ("s", "s", ".1f")])
 
 
 if __name__ == "__main__":

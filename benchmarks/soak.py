@@ -21,19 +21,18 @@ It writes the JSON report, a plot next to it (`.png`), and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import time
 from collections import Counter
 from typing import Any
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline, huggingface_hub sends no telemetry either
 
 import psutil
+from kit.measure import stamp
 from kit.provenance import LOADED_COMMIT
-from kit.report import device_name, save_figure, subplots, write_report
+from kit.report import save_figure, subplots, write_report
 from kit.training import toy_npd_trainer
 from transformers import TrainerCallback
 
@@ -41,6 +40,7 @@ from trl_npd.metrics import SAMPLE_DRIFT_KEPT
 
 MB = 2**20
 RSS_GROWTH_TARGET = 0.05
+PROCESSES = ("trainer", "generator")  # whose RSS is recorded, as `rss_<process>_mb`
 
 
 class Recorder(TrainerCallback):
@@ -172,14 +172,8 @@ def run(steps: int, record_every: int, warmup_steps: int, new_tokens: int, outpu
         "warmup_steps": warmup_steps,
         "warmup_end_step": after[0]["step"],
         "records": records,
-        "rss_growth_frac": {
-            "trainer": growth(after, "rss_trainer_mb"),
-            "generator": growth(after, "rss_generator_mb"),
-        },
-        "rss_slope_mb_per_1k_steps": {
-            "trainer": slope_per_1k_steps(after, "rss_trainer_mb"),
-            "generator": slope_per_1k_steps(after, "rss_generator_mb"),
-        },
+        "rss_growth_frac": {name: growth(after, f"rss_{name}_mb") for name in PROCESSES},
+        "rss_slope_mb_per_1k_steps": {name: slope_per_1k_steps(after, f"rss_{name}_mb") for name in PROCESSES},
         "buffer": {"mean": sum(r["buffer"] for r in records) / len(records), "max": max(r["buffer"] for r in records)},
         "weight_syncs": len(totals.sync_steps),
         "weight_syncs_by_reason": dict(totals.weight_syncs),
@@ -210,8 +204,8 @@ def plot(report: dict, path: str) -> None:
     records = report["records"]
     steps = [r["step"] for r in records]
     fig, (memory, buffer, staleness) = subplots(1, 3, figsize=(14, 3.8))
-    for key, label in (("rss_trainer_mb", "trainer"), ("rss_generator_mb", "generator")):
-        memory.plot(steps, [r[key] for r in records], marker=".", label=label)
+    for name in PROCESSES:
+        memory.plot(steps, [r[f"rss_{name}_mb"] for r in records], marker=".", label=name)
     memory.axvline(report["warmup_end_step"], color="grey", linestyle=":", label="end of warm-up")
     memory.set(xlabel="optimizer step", ylabel="RSS (MiB)", title="resident memory")
     memory.legend()
@@ -236,12 +230,8 @@ def main() -> None:
     args = parser.parse_args()
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else args.steps // 5
     folder = os.path.dirname(args.out) or "."
-    report = {
-        "device": device_name(),
-        "date": datetime.date.today().isoformat(),
-        "commit": LOADED_COMMIT,
-        **run(args.steps, args.record_every, warmup_steps, args.new_tokens, os.path.join(folder, "soak-run")),
-    }
+    soak = run(args.steps, args.record_every, warmup_steps, args.new_tokens, os.path.join(folder, "soak-run"))
+    report = {**stamp(), "commit": LOADED_COMMIT, **soak}
     write_report(report, args.out)
     plot(report, os.path.splitext(args.out)[0] + ".png")
 
@@ -253,7 +243,7 @@ def main() -> None:
         f"{'process':10} {'RSS start MiB':>13} {'after warm-up':>13} {'end':>8} {'growth':>8} {'target':>8} "
         f"{'slope MiB/1k steps':>19}"
     )
-    for name in ("trainer", "generator"):
+    for name in PROCESSES:
         key = f"rss_{name}_mb"
         verdict = "ok" if growth_frac[name] < RSS_GROWTH_TARGET else "MISSED"
         print(

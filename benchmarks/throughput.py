@@ -54,7 +54,6 @@ trainer:
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import inspect
 import os
@@ -65,29 +64,29 @@ import time
 from typing import Any
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline, huggingface_hub sends no telemetry either
 
 from kit.child import child_result, hand_back
 from kit.cli import preset_parser
+from kit.measure import keyed, stamp
 from kit.provenance import LOADED_COMMIT
 from kit.registry import PAIRS, PrunedSmolLM2, presets
-from kit.report import device_name, save_figure, subplots, write_report
+from kit.report import print_table, save_figure, subplots, write_report
 from kit.training import TrainingClock, quiet_args, train_timed
 
-TRAINERS = [
-    "gkd",
-    "distillation",
-    "npd-distillation",
-    "npd",
-    "npd-process",
-    "npd-padded",
-    "npd-ifd",
-    "npd-topk",
-    "npd-sync",
-    "ceiling",
-    "npd-vllm",
-]
+# NPD's variants, each with the settings it changes from the defaults (`NearPolicyDistillConfig`'s)
+NPD_VARIANTS: dict[str, dict[str, Any]] = {
+    "npd": {},
+    "npd-process": {"generator_mode": "process"},
+    "npd-padded": {"padding_free": False},  # what packing saves: the same trainer on right-padded rows
+    "npd-ifd": {"ifd_filter": True},
+    "npd-topk": {"teacher_top_k": 10},
+    "npd-sync": {"generator_mode": "inline"},
+    # generation is done before the clock starts, so nothing in it should be selected or timed
+    "ceiling": {"generator_mode": "inline", "ifd_filter": False},
+    "npd-vllm": {"generation_backend": "vllm", "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3},
+}
+TRAINERS = ["gkd", "distillation", "npd-distillation", *NPD_VARIANTS]
 # trainers that generate with a colocated vLLM engine: they need a CUDA device and vLLM, and a student on disk
 VLLM_TRAINERS = ("npd-vllm",)
 DEFAULT_TRAINERS = [name for name in TRAINERS if name not in VLLM_TRAINERS]
@@ -129,7 +128,7 @@ def common_args(preset: dict[str, Any], output_dir: str, config_cls: type, **set
 INLINE_GENERATION = ("generate_on_policy_outputs", "_generate_and_score_completions")
 
 
-def counting(trainer_cls: type, count: Any) -> type:
+def counting(trainer_cls: type) -> type:
     """`trainer_cls` that counts the completion tokens it trains on and times its training steps.
 
     `step_s` is the time inside `training_step` (forward, backward and, for TRL's trainers, inline generation);
@@ -145,7 +144,7 @@ def counting(trainer_cls: type, count: Any) -> type:
 
         def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             if model.training:
-                type(self).bench_tokens += int(count(inputs))
+                type(self).bench_tokens += completion_tokens(inputs)
                 positions, padding = padded_positions(inputs, self.processing_class.pad_token_id)
                 type(self).bench_positions += positions
                 type(self).bench_padding += padding
@@ -159,13 +158,19 @@ def counting(trainer_cls: type, count: Any) -> type:
                 type(self).step_s += time.perf_counter() - start
 
     for name in INLINE_GENERATION:
-        if hasattr(trainer_cls, name):
-            raw = inspect.getattr_static(trainer_cls, name)
-            if isinstance(raw, staticmethod):  # GKD's generate_on_policy_outputs
-                setattr(Counting, name, staticmethod(_timed(raw.__func__, Counting)))
-            else:
-                setattr(Counting, name, _timed(raw, Counting))
+        raw = inspect.getattr_static(trainer_cls, name, None)
+        if isinstance(raw, staticmethod):  # GKD's generate_on_policy_outputs
+            setattr(Counting, name, staticmethod(_timed(raw.__func__, Counting)))
+        elif raw is not None:
+            setattr(Counting, name, _timed(raw, Counting))
     return Counting
+
+
+def completion_tokens(inputs: dict[str, Any]) -> int:
+    """Completion tokens in one training batch: DistillationTrainer's completion mask, the others' labelled tokens."""
+    if "completion_mask" in inputs:
+        return int(inputs["completion_mask"].sum())
+    return int((inputs["labels"] != -100).sum())
 
 
 def padded_positions(inputs: dict[str, Any], pad_token_id: int) -> tuple[int, int]:
@@ -202,64 +207,42 @@ def _timed(function: Any, owner: type) -> Any:
 
 
 def make_trainer(name: str, preset: dict[str, Any], output_dir: str, models: tuple[Any, Any, Any]) -> Any:
-    from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
     from trl_npd.toy import arithmetic_dataset
 
     tokenizer, student, teacher = models
-    # enough distinct prompts that nobody repeats one
+    prompts = 4 * preset["steps"] * preset["batch"]  # enough distinct prompts that nobody repeats one
     if isinstance(PAIRS[preset["pair"]], PrunedSmolLM2):
         import smollm2
 
-        dataset = smollm2.question_dataset(4 * preset["steps"] * preset["batch"], seed=0)
+        dataset = smollm2.question_dataset(prompts, seed=0)
     else:
-        dataset = arithmetic_dataset(4 * preset["steps"] * preset["batch"], seed=0)
-    labels_count = lambda inputs: (inputs["labels"] != -100).sum()  # noqa: E731
+        dataset = arithmetic_dataset(prompts, seed=0)
+    bootstrap = {"generator_bootstrap": preset.get("bootstrap", True)}
     if name == "gkd":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-        args = common_args(preset, output_dir, GKDConfig, lmbda=1.0, max_new_tokens=preset["new_tokens"])
-        return counting(GKDTrainer, labels_count)(
-            model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
-        )
-    if name in ("distillation", "npd-distillation"):  # the same script, before and after the one-line swap
+        config_cls, trainer_cls = GKDConfig, GKDTrainer
+        settings = {"lmbda": 1.0, "max_new_tokens": preset["new_tokens"]}
+    elif name == "distillation":
         from trl import DistillationConfig, DistillationTrainer
 
+        config_cls, trainer_cls = DistillationConfig, DistillationTrainer
+        settings = {"max_completion_length": preset["new_tokens"]}
+    elif name == "npd-distillation":  # distillation's script after the one-line swap
         from trl_npd import NPDDistillationConfig, NPDDistillationTrainer
 
-        prompts = dataset.map(lambda row: {"prompt": row["messages"][:1]}, remove_columns=["messages"])
-        if name == "distillation":
-            config_cls, trainer_cls, settings = DistillationConfig, DistillationTrainer, {}
-            count = lambda inputs: inputs["completion_mask"].sum()  # noqa: E731
-        else:
-            config_cls, trainer_cls, count = NPDDistillationConfig, NPDDistillationTrainer, labels_count
-            settings = {"generator_bootstrap": preset.get("bootstrap", True)}
-        args = common_args(preset, output_dir, config_cls, max_completion_length=preset["new_tokens"], **settings)
-        return counting(trainer_cls, count)(
-            model=student, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tokenizer
-        )
-    overrides = {
-        "npd": {},
-        "npd-ifd": {"ifd_filter": True},
-        "npd-topk": {"teacher_top_k": 10},
-        "npd-process": {"generator_mode": "process"},
-        # what packing saves: the same trainer on right-padded rows
-        "npd-padded": {"padding_free": False},
-        "npd-sync": {"generator_mode": "inline"},
-        # generation is done before the clock starts, so nothing in it should be selected or timed
-        "ceiling": {"generator_mode": "inline", "ifd_filter": False},
-        "npd-vllm": {"generation_backend": "vllm", "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3},
-    }[name]
-    args = common_args(
-        preset,
-        output_dir,
-        NearPolicyDistillConfig,
-        lmbda=1.0,
-        max_new_tokens=preset["new_tokens"],
-        generator_bootstrap=preset.get("bootstrap", True),
-        **overrides,
-    )
-    trainer_cls = _ceiling_trainer_cls() if name == "ceiling" else NearPolicyDistillTrainer
-    return counting(trainer_cls, labels_count)(
+        config_cls, trainer_cls = NPDDistillationConfig, NPDDistillationTrainer
+        settings = {"max_completion_length": preset["new_tokens"], **bootstrap}
+    else:
+        from trl_npd import NearPolicyDistillConfig, NearPolicyDistillTrainer
+
+        config_cls = NearPolicyDistillConfig
+        trainer_cls = _ceiling_trainer_cls() if name == "ceiling" else NearPolicyDistillTrainer
+        settings = {"lmbda": 1.0, "max_new_tokens": preset["new_tokens"], **bootstrap, **NPD_VARIANTS[name]}
+    if name in ("distillation", "npd-distillation"):  # DistillationTrainer's dataset: prompts alone
+        dataset = dataset.map(lambda row: {"prompt": row["messages"][:1]}, remove_columns=["messages"])
+    args = common_args(preset, output_dir, config_cls, **settings)
+    return counting(trainer_cls)(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
     )
 
@@ -305,10 +288,10 @@ class FirstStepClock(TrainingClock):
             self.first_step_wait_s = 0.0 if metrics is None else metrics.totals.wait_s
 
 
-def peak_mem_mb(device: str) -> float:
+def peak_mem_mb() -> float:
     import torch
 
-    if device == "cuda":
+    if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN holds the largest child that has been waited for
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -345,8 +328,6 @@ def student_on_disk(models: tuple[Any, Any, Any], folder: str) -> tuple[Any, Any
 
 
 def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
     refusal = vllm_refusal([name])
     if refusal:
         raise SystemExit(refusal)
@@ -363,23 +344,15 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
         wall_s = train_timed(trainer, clock)
     steps = trainer.state.global_step
     samples = steps * preset["batch"]
+    cls = type(trainer)
     # after the first optimizer step: start-up (a generator process, the first generation) is behind every trainer
     steady_s = clock.end_s - clock.first_step_end
     wait_frac = steady_wait_frac = startup_wait_s = None
-    cls = type(trainer)
     wait_s = bootstrap_s = 0.0
-    npd = getattr(trainer, "npd_metrics", None)
-    if npd is not None and name != "ceiling":
-        wait_s, bootstrap_s = npd.totals.wait_s, npd.totals.bootstrap_s
-        wait_frac = wait_s / wall_s
-        steady_wait_frac = (wait_s - clock.first_step_wait_s) / steady_s
-        startup_wait_s = npd.totals.first_sample_idle_s  # idle; the bootstrap's inline sampling is work
-        assert npd.totals.consumed_samples == samples, (npd.totals.consumed_samples, samples)
-    if npd is not None and name == "ceiling":
-        assert npd.totals.consumed_samples == samples
     extras = {}
-    if npd is not None:
-        totals = npd.totals
+    totals = getattr(getattr(trainer, "npd_metrics", None), "totals", None)  # None: one of TRL's trainers
+    if totals is not None:
+        assert totals.consumed_samples == samples, (totals.consumed_samples, samples)
         extras = {
             "generated_samples": totals.generated_samples,
             "dropped": dict(totals.dropped),
@@ -388,25 +361,29 @@ def run_one(name: str, preset: dict[str, Any]) -> dict[str, Any]:
             "bootstrap_samples": totals.bootstrap_samples,
             "weight_syncs": sum(totals.weight_syncs.values()),
         }
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if totals is not None and name != "ceiling":
+        wait_s, bootstrap_s = totals.wait_s, totals.bootstrap_s
+        wait_frac = wait_s / wall_s
+        steady_wait_frac = (wait_s - clock.first_step_wait_s) / steady_s
+        startup_wait_s = totals.first_sample_idle_s  # idle; the bootstrap's inline sampling is work
     return {
         "trainer": name,
         "steps": steps,
         "samples": samples,
-        "completion_tokens": type(trainer).bench_tokens,
+        "completion_tokens": cls.bench_tokens,
         # completions that end at EOS early make it short of new_tokens, and leave the padding pad_frac counts
-        "mean_completion_tokens": type(trainer).bench_tokens / samples,
+        "mean_completion_tokens": cls.bench_tokens / samples,
         "samples_per_s": samples / wall_s,
-        "completion_tokens_per_s": type(trainer).bench_tokens / wall_s,
+        "completion_tokens_per_s": cls.bench_tokens / wall_s,
         "wall_s": wall_s,
         "steady_samples_per_s": (samples - preset["batch"]) / steady_s,
-        "steady_completion_tokens_per_s": (type(trainer).bench_tokens - clock.first_step_tokens) / steady_s,
+        "steady_completion_tokens_per_s": (cls.bench_tokens - clock.first_step_tokens) / steady_s,
         # share of the training forward's positions that were padding: what packing saves
         "pad_frac": cls.bench_padding / cls.bench_positions if cls.bench_positions else None,
         "setup_s": setup_s,
         "startup_wait_s": startup_wait_s,
         "steady_wait_frac": steady_wait_frac,
-        "peak_mem_mb": peak_mem_mb(device),
+        "peak_mem_mb": peak_mem_mb(),
         "wait_frac": wait_frac,
         # where the wall time went: generation inside the training step (TRL's trainers; NPD's inline sampling while
         # its generator process starts), waiting for the buffer (NPD; inline generation for npd-sync), forward and
@@ -430,40 +407,42 @@ def parameter_counts(preset: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def print_table(report: dict[str, Any]) -> None:
+# the rates the table compares with GKD's (as `<rate>_vs_gkd`)
+RATES = ("samples_per_s", "completion_tokens_per_s", "steady_samples_per_s", "steady_completion_tokens_per_s")
+COLUMNS = [
+    ("trainer", "trainer", ""),
+    ("samples/s", "samples_per_s", ".2f"),
+    ("vs gkd", "samples_per_s_vs_gkd", ".2f"),
+    ("tokens/s", "completion_tokens_per_s", ".1f"),
+    ("vs gkd", "completion_tokens_per_s_vs_gkd", ".2f"),
+    ("steady/s", "steady_samples_per_s", ".2f"),
+    ("vs gkd", "steady_samples_per_s_vs_gkd", ".2f"),
+    ("steady tok/s", "steady_completion_tokens_per_s", ".1f"),
+    ("vs gkd", "steady_completion_tokens_per_s_vs_gkd", ".2f"),
+    *keyed(".1f", "wall_s", "setup_s"),
+    ("peak_mb", "peak_mem_mb", ".0f"),
+    ("wait", "wait_frac", ".0%"),
+    ("steady wait", "steady_wait_frac", ".0%"),
+    ("startup wait_s", "startup_wait_s", ".2f"),
+    ("pad", "pad_frac", ".0%"),
+    ("mean len", "mean_completion_tokens", ".1f"),  # None in reports written before the field
+]
+# where the wall time went (the report's `time_s`), as shares of it
+TIME_COLUMNS = [
+    ("trainer", "trainer", ""),
+    ("generate", "inline_generation", ".0%"),
+    ("wait", "buffer_wait", ".0%"),
+    ("fwd+bwd", "forward_backward", ".0%"),
+    ("other", "other", ".0%"),
+]
+
+
+def print_summary(report: dict[str, Any]) -> None:
     by_name = {r["trainer"]: r for r in report["runs"]}
     gkd = by_name.get("gkd")
-
-    def vs_gkd(r: dict[str, Any], key: str) -> str:
-        return f"{r[key] / gkd[key]:.2f}x" if gkd else "-"
-
-    def share(value: float | None) -> str:
-        return "-" if value is None else f"{value:.0%}"
-
-    print(
-        f"{'trainer':13} {'samples/s':>9} {'vs gkd':>7} {'tokens/s':>9} {'vs gkd':>7} {'steady/s':>8} {'vs gkd':>7} "
-        f"{'steady tok/s':>12} {'vs gkd':>7} {'wall_s':>7} {'setup_s':>7} {'peak_mb':>8} {'wait':>5} "
-        f"{'steady wait':>11} {'startup wait_s':>14} {'pad':>5} {'mean len':>8}"
-    )
-    for r in report["runs"]:
-        startup = "-" if r["startup_wait_s"] is None else f"{r['startup_wait_s']:.2f}"
-        pad = "-" if r.get("pad_frac") is None else f"{r['pad_frac']:.0%}"
-        # reports written before the field have no mean length
-        mean_length = "-" if r.get("mean_completion_tokens") is None else f"{r['mean_completion_tokens']:.1f}"
-        print(
-            f"{r['trainer']:13} {r['samples_per_s']:9.2f} {vs_gkd(r, 'samples_per_s'):>7} "
-            f"{r['completion_tokens_per_s']:9.1f} {vs_gkd(r, 'completion_tokens_per_s'):>7} "
-            f"{r['steady_samples_per_s']:8.2f} {vs_gkd(r, 'steady_samples_per_s'):>7} "
-            f"{r['steady_completion_tokens_per_s']:12.1f} {vs_gkd(r, 'steady_completion_tokens_per_s'):>7} "
-            f"{r['wall_s']:7.1f} {r['setup_s']:7.1f} {r['peak_mem_mb']:8.0f} {share(r['wait_frac']):>5} "
-            f"{share(r['steady_wait_frac']):>11} {startup:>14} {pad:>5} {mean_length:>8}"
-        )
-    print(f"\n{'where the time goes':19} {'generate':>8} {'wait':>8} {'fwd+bwd':>8} {'other':>8}  (share of wall)")
-    for r in report["runs"]:
-        shares = [
-            r["time_s"][k] / r["wall_s"] for k in ("inline_generation", "buffer_wait", "forward_backward", "other")
-        ]
-        print(f"{r['trainer']:19} " + " ".join(f"{share:8.0%}" for share in shares))
+    print_table([{**r, **{f"{k}_vs_gkd": r[k] / gkd[k] for k in RATES if gkd}} for r in report["runs"]], COLUMNS)
+    print("\nwhere the time goes (share of wall)")
+    print_table([{**r, **{k: s / r["wall_s"] for k, s in r["time_s"].items()}} for r in report["runs"]], TIME_COLUMNS)
     npd = by_name.get("npd")
     if npd and report.get("ceiling_samples_per_s"):
         print(f"npd at {npd['samples_per_s'] / report['ceiling_samples_per_s']:.0%} of the ceiling")
@@ -471,8 +450,8 @@ def print_table(report: dict[str, Any]) -> None:
         packed, padded = by_name["npd"], by_name["npd-padded"]
         print(
             f"what packing saves: npd {packed['steady_samples_per_s'] / padded['steady_samples_per_s']:.2f}x "
-            f"npd-padded in steady state, padding {share(packed['pad_frac'])} of positions against "
-            f"{share(padded['pad_frac'])}"
+            f"npd-padded in steady state, padding {packed['pad_frac']:.0%} of positions against "
+            f"{padded['pad_frac']:.0%}"
         )
     if "distillation" in by_name:
         for name in ("npd-distillation", "npd", "npd-topk"):
@@ -533,8 +512,7 @@ def main() -> None:
 
     header = {
         "preset": args.preset,
-        "device": device_name(),
-        "date": datetime.date.today().isoformat(),
+        **stamp(),
         "commit": LOADED_COMMIT,
         **parameter_counts(preset),
         "new_tokens": preset["new_tokens"],
@@ -552,7 +530,7 @@ def main() -> None:
     report = {**header, "runs": runs, "complete": True, "ceiling_samples_per_s": ceiling}
     write_report(report, args.out)
     plot(report, args.plot or os.path.splitext(args.out)[0] + ".png")
-    print_table(report)
+    print_summary(report)
 
 
 if __name__ == "__main__":
