@@ -48,7 +48,6 @@ import copy
 import datetime
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -65,6 +64,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
 from datasets import Dataset
+from kit.arena_kit import add_time_to_gkd_final, at_fraction, ci_text, mean_ci, preset_and_methods, time_to
 from kit.cli import preset_parser
 from kit.registry import presets
 from kit.report import device_name, print_table, save_figure, subplots, write_report
@@ -177,11 +177,12 @@ def carry_partials(padded: str, d: int) -> list[int]:
     return partials
 
 
-def problem(rng: random.Random, digits: int) -> tuple[str, str]:
-    """(question, worked answer) for a random `digits`-digit number times a digit in 2..9."""
+def problem(rng: random.Random, digits: int, step: Callable[[int], str] = "{:02d}".format) -> tuple[str, str]:
+    """(question, worked answer) for a random `digits`-digit number times a digit in 2..9; `step` writes each
+    partial of the trace (a task variant's, arena_pilots.py, may draw from `rng` for it)."""
     a, d = rng.randrange(10**digits), rng.randrange(2, 10)
     padded = str(a).zfill(digits)
-    return f"{padded}*{d}", " ".join(f"{partial:02d}" for partial in carry_partials(padded, d)) + f":{a * d}"
+    return f"{padded}*{d}", " ".join(map(step, carry_partials(padded, d))) + f":{a * d}"
 
 
 def answer_of(completion: str) -> str:
@@ -582,73 +583,31 @@ def evaluate_curve(task: ArenaTask, curve: Curve, start: Start) -> list[dict[str
     return points
 
 
-def smoothed(curve: list[dict[str, float]], window: int, metric: str = "acc") -> list[float]:
-    """Trailing mean of `metric` (the greedy accuracy) over `window` checkpoints (fewer at the start)."""
-    values = [point[metric] for point in curve]
-    return [statistics.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
-
-
-def at_fraction(curve: list[dict[str, float]], window: int, fraction: float) -> float:
-    """The smoothed accuracy at the last checkpoint within `fraction` of the run's steps."""
-    last_step = curve[-1]["step"]
-    index = max(i for i, point in enumerate(curve) if point["step"] <= fraction * last_step)
-    return smoothed(curve, window)[index]
-
-
-# the field of a run's time to GKD's final value of a metric; the accuracy reaches it from below, the KL from above
-TIME_TO_GKD_FINAL = {"acc": "time_to_gkd_final_s", "kl_teacher": "time_to_gkd_final_kl_s"}
-
-
-def time_to(curve: list[dict[str, float]], window: int, level: float, metric: str = "acc") -> float | None:
-    """Training wall-clock at which the smoothed curve of `metric` first reaches `level` (at or above it; for the
-    KL, at or below it); None if it never does."""
-    for point, value in zip(curve, smoothed(curve, window, metric), strict=True):
-        if (value <= level + 1e-12) if metric == "kl_teacher" else (value >= level - 1e-12):
-            return point["wall_s"]
-    return None
-
-
 # ---- one seed ----------------------------------------------------------------------------------------------------
 def method_run(task: ArenaTask, method: str, lr: float, start: Start, seed: int, out: str | None) -> dict[str, Any]:
-    """One method's run from the seed's start: trained, its checkpoints evaluated, and recorded as a seed's JSON
-    holds it. An NPD method's per-sample records go next to `out` (none without it)."""
+    """One method's run from the seed's start, trained and its checkpoints evaluated, as a seed's JSON holds it: its
+    curve, and its final accuracy averaged over the last `final_points` checkpoints, greedy and sampled, and so
+    each of the task's `final_metrics`. An NPD method's per-sample records go next to `out` (none without it)."""
     samples_path = None
     if task.methods[method] is not None and out:
         samples_path = f"{os.path.splitext(out)[0]}.{method}.samples.jsonl"
     curve, reported = run_method(task, method, lr, start, seed, samples_path)
-    return run_record(task, method, lr, curve, evaluate_curve(task, curve, start), reported)
-
-
-def run_record(
-    task: ArenaTask, method: str, lr: float, curve: Curve, points: list[dict[str, float]], reported: dict
-) -> dict[str, Any]:
-    """One method's run as a seed's JSON holds it: its curve, and its final accuracy averaged over the last
-    `final_points` checkpoints, greedy and sampled, and so each of the task's `final_metrics`."""
+    points = evaluate_curve(task, curve, start)
     final = points[-task.preset["final_points"] :]
-    record = {
+    finals = {
+        f"final_{m}_smoothed": statistics.mean(p[m] for p in final)
+        for m in ("acc", "acc_sampled", *task.final_metrics)
+    }
+    return {
         "method": method,
         "lr": lr,
         "steps": task.preset["distill"]["steps"],
         "wall_s": curve.wall_s,
         "acc": points[-1]["acc"],
-        "final_acc_smoothed": statistics.mean(p["acc"] for p in final),
-        "final_acc_sampled_smoothed": statistics.mean(p["acc_sampled"] for p in final),
+        **finals,
         "curve": points,
         **reported,
     }
-    for metric in task.final_metrics:
-        record[f"final_{metric}_smoothed"] = statistics.mean(p[metric] for p in final)
-    return record
-
-
-def add_time_to_gkd_final(runs: list[dict[str, Any]], window: int, metric: str = "acc") -> None:
-    """Each run's `time_to_gkd_final_s` (`time_to_gkd_final_kl_s` for the KL to the teacher, `kl_teacher`): when
-    its curve of `metric`, averaged over `window` checkpoints as the final values are, first reaches the (first) GKD
-    run's final value; None for every run when there is no GKD run."""
-    gkd = next((run for run in runs if run["method"] == "gkd"), None)
-    for run in runs:
-        level = None if gkd is None else gkd[f"final_{metric}_smoothed"]
-        run[TIME_TO_GKD_FINAL[metric]] = None if level is None else time_to(run["curve"], window, level, metric)
 
 
 def run_seed(
@@ -787,18 +746,6 @@ def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
 
 
 # ---- summary over seeds ------------------------------------------------------------------------------------------
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def mean_ci(values: list[float]) -> dict[str, float]:
-    """Mean and two-sided 95% confidence interval (Student's t over the seeds)."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": len(values)}
-    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(values)}
-
-
 def summary_row(mine: list[dict], runs: list[dict[str, dict]], reports: list[dict]) -> dict[str, Any]:
     """A method's row of the summary from its run on each seed (`mine`), paired with the same seed's GKD run and,
     where every seed ran it, SFT run (`runs`: each seed's runs by method)."""
@@ -923,13 +870,13 @@ def summarize_records(paths: list[str], out: str) -> None:
             ),
         }
     write_report({"seeds_files": paths, "methods": report}, out)
-    rows = []
+    table = []
     for method, r in report.items():
         kept = r["ifd_delta_trained"]
         delta = None if kept is None else f"{kept['p5']:+.2f}/{kept['median']:+.2f}/{kept['p95']:+.2f}"
-        rows.append({**r, "method": method, "delta_trained": delta, "fates": str(r["fates"])})
+        table.append({**r, "method": method, "delta_trained": delta, "fates": str(r["fates"])})
     print_table(
-        rows,
+        table,
         [
             ("method", "method", ""),
             ("records", "records", "d"),
@@ -941,13 +888,6 @@ def summarize_records(paths: list[str], out: str) -> None:
             ("fates", "fates", ""),
         ],
     )
-
-
-def ci_text(stat: dict[str, float] | None, fmt: str = "+.1f", scale: float = 100.0) -> str | None:
-    """`mean_ci`'s interval as text, `mean [lo, hi]`, each times `scale` (points, by default); None without one."""
-    if stat is None:
-        return None
-    return f"{scale * stat['mean']:{fmt}} [{scale * stat['lo']:{fmt}}, {scale * stat['hi']:{fmt}}]"
 
 
 # the summary's paired differences: (header, field)
@@ -1023,8 +963,7 @@ def main() -> None:
         "--records", nargs="+", default=None, help="summarize the NPD runs' per-sample records of these seeds' JSON"
     )
     args = parser.parse_args()
-    if args.lr_grid and not args.tune:
-        parser.error("--lr-grid goes with --tune")
+    preset, methods = preset_and_methods(parser, args, PRESETS, METHODS)
     plot_path = os.path.splitext(args.out)[0] + ".png"  # accuracy against wall-clock
     if args.summarize:
         summarize(args.summarize, args.out, plot_path)
@@ -1032,14 +971,8 @@ def main() -> None:
     if args.records:
         summarize_records(args.records, args.out)
         return
-    preset = PRESETS[args.preset]
-    methods = args.methods.split(",")
-    if unknown := set(methods) - set(METHODS):
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     torch.set_num_threads(os.cpu_count() or 1)
     if args.tune:
-        if args.lr_grid:
-            preset = {**preset, "lr_grid": [float(lr) for lr in args.lr_grid.split(",")]}
         tune(preset, methods, args)
         return
     if args.seed == preset["tuning_seed"]:

@@ -42,6 +42,7 @@ from typing import Any
 
 import arena
 import torch
+from kit.arena_kit import at_fraction
 from kit.cli import preset_parser
 from kit.report import write_report
 
@@ -52,16 +53,14 @@ REPAIR_ROOM_TOKENS = 9  # generation room beyond the longest repaired answer: th
 def repaired_problem(rng: random.Random, digits: int, repair_rate: float) -> tuple[str, str]:
     """arena.problem's trace in which each step is, with probability `repair_rate`, a wrong partial within 12 of the
     right one, then `<` and the right one."""
-    a, d = rng.randrange(10**digits), rng.randrange(2, 10)
-    padded = str(a).zfill(digits)
-    steps = []
-    for partial in arena.carry_partials(padded, d):
+
+    def step(partial: int) -> str:
         if rng.random() < repair_rate:
             wrong = rng.choice([p for p in range(max(0, partial - 12), min(100, partial + 13)) if p != partial])
-            steps.append(f"{wrong:02d}<{partial:02d}")
-        else:
-            steps.append(f"{partial:02d}")
-    return f"{padded}*{d}", " ".join(steps) + f":{a * d}"
+            return f"{wrong:02d}<{partial:02d}"
+        return f"{partial:02d}"
+
+    return arena.problem(rng, digits, step)
 
 
 def clean(answer: str) -> str:
@@ -78,9 +77,10 @@ class Repaired(arena.Multiplication):
     """`repair`: the arena's task on traces with repairs (`repaired_problem`); `<` is a token of its own."""
 
     extra_chars = "<"
+    variant = "repair"
 
-    def __init__(self, preset: dict[str, Any], repair_rate: float, variant: str = "repair") -> None:
-        self.repair_rate, self.variant = repair_rate, variant
+    def __init__(self, preset: dict[str, Any], repair_rate: float) -> None:
+        self.repair_rate = repair_rate
         super().__init__(preset)
         # one room for every generation (the teacher's samples, the student's rollouts, evaluation), from the
         # repaired data: the `dagger` student trains on clean answers, but its own traces may repair as often
@@ -103,9 +103,7 @@ class Dagger(Repaired):
     answers (the teacher alone saw the repairs)."""
 
     untrained = staticmethod(wrong_digits)
-
-    def __init__(self, preset: dict[str, Any], repair_rate: float) -> None:
-        super().__init__(preset, repair_rate, variant="dagger")
+    variant = "dagger"
 
     def student_pairs(self) -> list[tuple[str, str]]:
         return [(q, clean(a)) for q, a in self.train]
@@ -140,7 +138,7 @@ def pilot(
 
     report = arena.run_seed(task, seed, runs, cache_dir, None, teacher_samples)
     for run in report["runs"]:
-        run["half_acc_smoothed"] = arena.at_fraction(run["curve"], preset["final_points"], 0.5)
+        run["half_acc_smoothed"] = at_fraction(run["curve"], preset["final_points"], 0.5)
     return {
         "preset": preset_name,
         "variant": variant,

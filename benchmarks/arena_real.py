@@ -54,6 +54,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import arena
 import smollm2
 import torch
+from kit.arena_kit import add_time_to_gkd_final, ci_text, mean_ci, preset_and_methods
 from kit.cli import preset_parser
 from kit.provenance import LOADED_COMMIT
 from kit.registry import presets
@@ -361,7 +362,7 @@ def add_times_to_gkd_final(runs: list[dict[str, Any]], window: int) -> None:
     (`time_to_gkd_final_kl_s`: its KL, averaged over `window` checkpoints as the final values are, first at or below
     GKD's final value); None: never, or no GKD run."""
     for metric in ("acc", "kl_teacher"):
-        arena.add_time_to_gkd_final(runs, window, metric)
+        add_time_to_gkd_final(runs, window, metric)
 
 
 # a seed's table: each run's final values (the last `final_points` checkpoints averaged), its time to GKD's
@@ -515,14 +516,14 @@ def summarize_real(paths: list[str], out: str) -> dict[str, Any]:
     summary = arena.summarize(paths, out, os.path.splitext(out)[0] + ".png", only=common)
     runs = [{run["method"]: run for run in report["runs"] if run["method"] in common} for report in reports]
     for report, by_method in zip(reports, runs, strict=True):
-        arena.add_time_to_gkd_final(list(by_method.values()), report["final_points"], "kl_teacher")
+        add_time_to_gkd_final(list(by_method.values()), report["final_points"], "kl_teacher")
     for row in summary["methods"]:
         method = row["method"]
         for metric in ("kl_teacher", "rouge_l", "reverse_kl"):
             key = f"final_{metric}_smoothed"
-            row[key] = arena.mean_ci([r[method][key] for r in runs])
-            row[f"{metric}_minus_gkd"] = arena.mean_ci([r[method][key] - r["gkd"][key] for r in runs])
-        row["wall_vs_gkd"] = arena.mean_ci([r[method]["wall_s"] / r["gkd"]["wall_s"] for r in runs])
+            row[key] = mean_ci([r[method][key] for r in runs])
+            row[f"{metric}_minus_gkd"] = mean_ci([r[method][key] - r["gkd"][key] for r in runs])
+        row["wall_vs_gkd"] = mean_ci([r[method]["wall_s"] / r["gkd"]["wall_s"] for r in runs])
         row["time_to_gkd_final_kl_vs_gkd_wall"] = [
             None if (t := r[method]["time_to_gkd_final_kl_s"]) is None else t / r["gkd"]["wall_s"] for r in runs
         ]
@@ -539,9 +540,9 @@ def summarize_real(paths: list[str], out: str) -> dict[str, Any]:
         rows.append(
             {
                 "method": row["method"],
-                "kl": arena.ci_text(row["kl_teacher_minus_gkd"], "+.3f", 1.0),
-                "rouge_l": arena.ci_text(row["rouge_l_minus_gkd"], "+.3f", 1.0),
-                "wall": arena.ci_text(row["wall_vs_gkd"], ".2f", 1.0),
+                "kl": ci_text(row["kl_teacher_minus_gkd"], "+.3f", 1.0),
+                "rouge_l": ci_text(row["rouge_l_minus_gkd"], "+.3f", 1.0),
+                "wall": ci_text(row["wall_vs_gkd"], ".2f", 1.0),
                 "to_kl": f"{statistics.median(reached):.2f}x ({len(reached)}/{len(runs)})" if reached else None,
             }
         )
@@ -621,18 +622,11 @@ def main() -> None:
         return
     if args.show:
         report = json.load(open(args.show))
-        arena.add_time_to_gkd_final(report["runs"], report["final_points"], "kl_teacher")
+        add_time_to_gkd_final(report["runs"], report["final_points"], "kl_teacher")
         print_real(report)
         return
-    if args.lr_grid and not args.tune:
-        parser.error("--lr-grid goes with --tune")
-    preset = PRESETS[args.preset]
-    methods = args.methods.split(",")
-    if unknown := set(methods) - set(METHODS):
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    preset, methods = preset_and_methods(parser, args, PRESETS, METHODS)
     if args.tune:
-        if args.lr_grid:
-            preset = {**preset, "lr_grid": [float(lr) for lr in args.lr_grid.split(",")]}
         tune(preset, methods, args)
         return
     lrs = dict(preset["lr"])
