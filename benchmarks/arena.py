@@ -43,13 +43,11 @@ what holds every distiller back is learning the teacher's smoothed distribution 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import copy
 import datetime
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -66,9 +64,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
 from datasets import Dataset
+from kit.arena_kit import add_time_to_gkd_final, at_fraction, ci_text, mean_ci, preset_and_methods, time_to
 from kit.cli import preset_parser
 from kit.registry import presets
-from kit.report import device_name, save_figure, subplots, write_report
+from kit.report import device_name, print_table, save_figure, subplots, write_report
 from kit.training import TrainingClock, quiet_args, train_timed
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -178,11 +177,12 @@ def carry_partials(padded: str, d: int) -> list[int]:
     return partials
 
 
-def problem(rng: random.Random, digits: int) -> tuple[str, str]:
-    """(question, worked answer) for a random `digits`-digit number times a digit in 2..9."""
+def problem(rng: random.Random, digits: int, step: Callable[[int], str] = "{:02d}".format) -> tuple[str, str]:
+    """(question, worked answer) for a random `digits`-digit number times a digit in 2..9; `step` writes each
+    partial of the trace (a task variant's, arena_pilots.py, may draw from `rng` for it)."""
     a, d = rng.randrange(10**digits), rng.randrange(2, 10)
     padded = str(a).zfill(digits)
-    return f"{padded}*{d}", " ".join(f"{partial:02d}" for partial in carry_partials(padded, d)) + f":{a * d}"
+    return f"{padded}*{d}", " ".join(map(step, carry_partials(padded, d))) + f":{a * d}"
 
 
 def answer_of(completion: str) -> str:
@@ -241,15 +241,12 @@ class Multiplication:
         return point
 
 
-def prompt_text(tokenizer: Any, question: str) -> str:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-
-
 def chat_ids(tokenizer: Any, question: str) -> list[int]:
     """The prompt's ids in the tokenizer's chat template, ready for the answer."""
-    return tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
@@ -511,73 +508,49 @@ def run_method(
     new_tokens = task.new_tokens(start.train)
     points = preset["curve_points"]
     curve_steps = {round(spec["steps"] * (i + 1) / points) for i in range(points)}
+    # the NPD methods log the npd/ metrics, policy_kl among them (the others log nothing: `quiet_args`)
+    npd_logging = dict(logging_steps=max(1, spec["steps"] // 50), log_samples=samples_path is not None)
+    sampling = dict(temperature=spec["temperature"], beta=spec["beta"])
     report: dict[str, Any] = {}
+    offset_s = 0.0
     with tempfile.TemporaryDirectory() as output_dir:
         if method in ("sft", "sft-truth"):
             began = time.perf_counter()
             completions = sft_completions(method, teacher, tokenizer, prompts, new_tokens, spec["temperature"], seed)
-            curve = Curve(curve_steps, offset_s=time.perf_counter() - began)
+            offset_s = time.perf_counter() - began
             dataset = Dataset.from_list(
                 [
                     {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": c}]}
                     for (q, _), c in zip(prompts, completions, strict=True)
                 ]
             )
-            args = training_args(
-                SFTConfig, preset, output_dir, seed, lr, max_length=None, packing=False, logging_steps=10**6
-            )
-            trainer = SFTTrainer(model=student, args=args, train_dataset=dataset, processing_class=tokenizer)
+            config, trainer_cls, settings = SFTConfig, SFTTrainer, dict(max_length=None, packing=False)
         # GKD's settings in DistillationConfig's names (lmbda=1: prompts only). Unlike GKD, DistillationTrainer also
         # applies the temperature to the divergence, not only to the sampling: that is its objective, kept as is
         elif method in ("distillation", "npd-distillation"):
-            curve = Curve(curve_steps)
             dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q, _ in prompts])
-            swapped = method == "npd-distillation"
-            args = training_args(
-                NPDDistillationConfig if swapped else DistillationConfig,
-                preset,
-                output_dir,
-                seed,
-                lr,
-                # the npd/ metrics, policy_kl among them, as for the other NPD methods
-                logging_steps=max(1, spec["steps"] // 50) if swapped else 10**6,
-                max_completion_length=new_tokens,
-                temperature=spec["temperature"],
-                beta=spec["beta"],
-                disable_dropout=True,
-                **({"log_samples": samples_path is not None} if swapped else {}),
-            )
-            trainer = (NPDDistillationTrainer if swapped else DistillationTrainer)(
-                model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
-            )
+            config, trainer_cls = DistillationConfig, DistillationTrainer
+            settings = dict(max_completion_length=new_tokens, disable_dropout=True, **sampling)
+            if method == "npd-distillation":
+                config, trainer_cls, settings = NPDDistillationConfig, NPDDistillationTrainer, settings | npd_logging
         else:
-            curve = Curve(curve_steps)
             dataset = Dataset.from_list(
                 [
                     {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                     for q, a in prompts
                 ]
             )
-            common = dict(lmbda=1.0, max_new_tokens=new_tokens, temperature=spec["temperature"], beta=spec["beta"])
-            if method == "gkd":
-                args = training_args(GKDConfig, preset, output_dir, seed, lr, logging_steps=10**6, **common)
-                cls: type = GKDTrainer
-            else:
-                args = training_args(
-                    NearPolicyDistillConfig,
-                    preset,
-                    output_dir,
-                    seed,
-                    lr,
-                    logging_steps=max(1, spec["steps"] // 50),  # the npd/ metrics, policy_kl among them
-                    log_samples=samples_path is not None,
-                    **common,
-                    **task.methods[method],
-                )
-                cls = NearPolicyDistillTrainer
-            trainer = cls(
-                model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
-            )
+            config, trainer_cls = GKDConfig, GKDTrainer
+            settings = dict(lmbda=1.0, max_new_tokens=new_tokens, **sampling)
+            if method != "gkd":
+                config, trainer_cls = NearPolicyDistillConfig, NearPolicyDistillTrainer
+                settings = settings | npd_logging | task.methods[method]
+        curve = Curve(curve_steps, offset_s)
+        args = training_args(config, preset, output_dir, seed, lr, **settings)
+        teacher_arg = {} if trainer_cls is SFTTrainer else {"teacher_model": teacher}
+        trainer = trainer_cls(
+            model=student, args=args, train_dataset=dataset, processing_class=tokenizer, **teacher_arg
+        )
         train_timed(trainer, curve)
         if hasattr(trainer, "npd_metrics"):
             totals = trainer.npd_metrics.totals
@@ -610,87 +583,58 @@ def evaluate_curve(task: ArenaTask, curve: Curve, start: Start) -> list[dict[str
     return points
 
 
-def smoothed(curve: list[dict[str, float]], window: int) -> list[float]:
-    """Trailing mean of the greedy accuracy over `window` checkpoints (fewer at the start)."""
-    accs = [point["acc"] for point in curve]
-    return [statistics.mean(accs[max(0, i - window + 1) : i + 1]) for i in range(len(accs))]
-
-
-def at_fraction(curve: list[dict[str, float]], window: int, fraction: float) -> float:
-    """The smoothed accuracy at the last checkpoint within `fraction` of the run's steps."""
-    last_step = curve[-1]["step"]
-    index = max(i for i, point in enumerate(curve) if point["step"] <= fraction * last_step)
-    return smoothed(curve, window)[index]
-
-
-def time_to(curve: list[dict[str, float]], window: int, level: float) -> float | None:
-    """Training wall-clock at which the smoothed curve first reaches `level`; None if it never does."""
-    for point, value in zip(curve, smoothed(curve, window), strict=True):
-        if value >= level - 1e-12:
-            return point["wall_s"]
-    return None
-
-
 # ---- one seed ----------------------------------------------------------------------------------------------------
 def method_run(task: ArenaTask, method: str, lr: float, start: Start, seed: int, out: str | None) -> dict[str, Any]:
-    """One method's run from the seed's start: trained, its checkpoints evaluated, and recorded as a seed's JSON
-    holds it. An NPD method's per-sample records go next to `out` (none without it)."""
+    """One method's run from the seed's start, trained and its checkpoints evaluated, as a seed's JSON holds it: its
+    curve, and its final accuracy averaged over the last `final_points` checkpoints, greedy and sampled, and so
+    each of the task's `final_metrics`. An NPD method's per-sample records go next to `out` (none without it)."""
     samples_path = None
     if task.methods[method] is not None and out:
         samples_path = f"{os.path.splitext(out)[0]}.{method}.samples.jsonl"
     curve, reported = run_method(task, method, lr, start, seed, samples_path)
-    return run_record(task, method, lr, curve, evaluate_curve(task, curve, start), reported)
-
-
-def run_record(
-    task: ArenaTask, method: str, lr: float, curve: Curve, points: list[dict[str, float]], reported: dict
-) -> dict[str, Any]:
-    """One method's run as a seed's JSON holds it: its curve, and its final accuracy averaged over the last
-    `final_points` checkpoints, greedy and sampled, and so each of the task's `final_metrics`."""
+    points = evaluate_curve(task, curve, start)
     final = points[-task.preset["final_points"] :]
-    record = {
+    finals = {
+        f"final_{m}_smoothed": statistics.mean(p[m] for p in final)
+        for m in ("acc", "acc_sampled", *task.final_metrics)
+    }
+    return {
         "method": method,
         "lr": lr,
         "steps": task.preset["distill"]["steps"],
         "wall_s": curve.wall_s,
         "acc": points[-1]["acc"],
-        "final_acc_smoothed": statistics.mean(p["acc"] for p in final),
-        "final_acc_sampled_smoothed": statistics.mean(p["acc_sampled"] for p in final),
+        **finals,
         "curve": points,
         **reported,
     }
-    for metric in task.final_metrics:
-        record[f"final_{metric}_smoothed"] = statistics.mean(p[metric] for p in final)
-    return record
 
 
-def add_time_to_gkd_final(runs: list[dict[str, Any]], window: int) -> None:
-    """Each run's `time_to_gkd_final_s`: when its smoothed curve first reaches the (first) GKD run's final accuracy;
-    None for every run when there is no GKD run."""
-    gkd = next((run for run in runs if run["method"] == "gkd"), None)
-    for run in runs:
-        level = None if gkd is None else gkd["final_acc_smoothed"]
-        run["time_to_gkd_final_s"] = None if level is None else time_to(run["curve"], window, level)
-
-
-def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[str, float], args: Any) -> dict:
+def run_seed(
+    task: Multiplication,
+    seed: int,
+    runs: list[tuple[str, float]],
+    cache_dir: str,
+    out: str | None,
+    about_start: Callable[[Start], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A seed's report: the cached teacher, the seed's warm-started student, and each (method, learning rate) of
+    `runs` trained from it, with its time to GKD's final accuracy. `about_start(start)`: the fields a task variant
+    adds about the start before the methods run (arena_pilots.py: how often the teacher's samples repair)."""
     started = time.perf_counter()
-    task = Multiplication(preset)
-    teacher, teacher_acc, cached = teacher_model(task, args.cache_dir)
+    teacher, teacher_acc, cached = teacher_model(task, cache_dir)
     print(f"teacher: {teacher_acc['greedy']:.1%} greedy, {teacher_acc['sampled']:.1%} sampled", flush=True)
-    student_init, warm_steps = warm_student(task, task.train, seed)
-    start = Start(student_init, teacher, task.train, {"acc": accuracy(student_init, task, task.held_out)})
+    train = task.student_pairs()
+    student_init, warm_steps = warm_student(task, train, seed)
+    start = Start(student_init, teacher, train, {"acc": accuracy(student_init, task, task.held_out)})
     print(f"student after {warm_steps} warm-up steps: {start.init['acc']:.1%}", flush=True)
-
-    runs = []
-    for method in methods:
-        run = method_run(task, method, lrs[method], start, seed, args.out)
-        runs.append(run)
-        print(
-            f"{method}: {run['final_acc_smoothed']:.1%} (last {run['acc']:.1%}) in {run['wall_s']:.1f} s",
-            flush=True,
-        )
-    add_time_to_gkd_final(runs, preset["final_points"])
+    about = about_start(start) if about_start else {}
+    records = []
+    for method, lr in runs:
+        records.append(run := method_run(task, method, lr, start, seed, out))
+        final, last, wall_s = run["final_acc_smoothed"], run["acc"], run["wall_s"]
+        print(f"{method} at {lr:g}: {final:.1%} (last {last:.1%}) in {wall_s:.1f} s", flush=True)
+    add_time_to_gkd_final(records, task.preset["final_points"])
     return {
         "task": task.name,
         "seed": seed,
@@ -699,14 +643,15 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
         "teacher_acc": teacher_acc["greedy"],
         "teacher_acc_sampled": teacher_acc["sampled"],
         "teacher_cached": cached,
+        **about,
         "student_init_acc": start.init["acc"],
         "student_warmup_steps": warm_steps,
         "student_params": sum(p.numel() for p in student_init.parameters()),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
         "eval_prompts": len(task.held_out),
-        "distill": preset["distill"],
-        "final_points": preset["final_points"],
-        "runs": runs,
+        "distill": task.preset["distill"],
+        "final_points": task.preset["final_points"],
+        "runs": records,
         "total_s": time.perf_counter() - started,
     }
 
@@ -727,30 +672,33 @@ def added_to(existing: dict[str, Any], report: dict[str, Any], preset: dict[str,
     return {**existing, "runs": existing["runs"] + report["runs"], "total_s": existing["total_s"] + report["total_s"]}
 
 
-def print_seed(report: dict[str, Any]) -> None:
-    print(f"{'method':17} {'lr':>7} {'final (smoothed)':>16} {'sampled':>8} {'wall_s':>7} {'to gkd':>7}")
-    for run in report["runs"]:
-        to_gkd = "-" if run["time_to_gkd_final_s"] is None else f"{run['time_to_gkd_final_s']:.0f}"
-        print(
-            f"{run['method']:17} {run['lr']:7.0e} {run['final_acc_smoothed']:16.1%} "
-            f"{run['final_acc_sampled_smoothed']:8.1%} {run['wall_s']:7.1f} "
-            f"{to_gkd:>7}"
-        )
-    print(
-        f"teacher {report['teacher_acc']:.1%}, student init {report['student_init_acc']:.1%}, "
-        f"total {report['total_s']:.0f} s"
-    )
+# a seed's table: each run's row (arena_pilots.py adds the accuracy at half the steps)
+RUN_COLUMNS = [
+    ("method", "method", ""),
+    ("lr", "lr", ".0e"),
+    ("final (smoothed)", "final_acc_smoothed", ".1%"),
+    ("sampled", "final_acc_sampled_smoothed", ".1%"),
+    ("wall_s", "wall_s", ".1f"),
+    ("to gkd", "time_to_gkd_final_s", ".0f"),
+]
+
+
+def print_seed(report: dict[str, Any], columns: list[tuple[str, str, str]] = RUN_COLUMNS) -> None:
+    print(f"{report['task']}, seed {report['seed']}")
+    print_table(report["runs"], columns)
+    init, total_s = report["student_init_acc"], report["total_s"]
+    print(f"teacher {report['teacher_acc']:.1%}, student init {init:.1%}, total {total_s:.0f} s")
+
+
+def accuracy_curve(run: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """A run's curve to plot: (training wall-clock, greedy accuracy in %) at each checkpoint."""
+    return [p["wall_s"] for p in run["curve"]], [100 * p["acc"] for p in run["curve"]]
 
 
 def plot_seed(report: dict[str, Any], path: str) -> None:
     fig, ax = subplots(figsize=(6.5, 4))
     for run in report["runs"]:
-        ax.plot(
-            [p["wall_s"] for p in run["curve"]],
-            [100 * p["acc"] for p in run["curve"]],
-            marker="o",
-            label=run["method"],
-        )
+        ax.plot(*accuracy_curve(run), marker="o", label=run["method"])
     ax.axhline(100 * report["teacher_acc"], color="grey", linestyle="--", label="teacher")
     ax.set_xlabel("training wall-clock (s)")
     ax.set_ylabel("held-out exact match, greedy (%)")
@@ -784,9 +732,7 @@ def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
         if ran := {f"{lr:g}" for lr in preset["lr_grid"]} & {rate for method in methods for rate in grid[method]}:
             raise SystemExit(f"--tune --add-to: that grid already has the rates {sorted(ran)}")
     for lr in preset["lr_grid"]:
-        report = run_seed(
-            preset, seed, methods, dict.fromkeys(methods, lr), argparse.Namespace(**{**vars(args), "out": None})
-        )
+        report = run_seed(Multiplication(preset), seed, [(method, lr) for method in methods], args.cache_dir, None)
         if reports and report["student_init_acc"] != reports[0]["student_init_acc"]:
             raise SystemExit("--tune: the warm-started student differs from the grid's first one; not the same setup")
         reports.append(report)
@@ -794,24 +740,50 @@ def tune(preset: dict[str, Any], methods: list[str], args: Any) -> None:
             grid.setdefault(run["method"], {})[f"{lr:g}"] = run["final_acc_smoothed"]
     best = {method: float(max(rates, key=rates.get)) for method, rates in grid.items()}
     write_report({"seed": seed, "grid": grid, "best_lr": best, "runs": reports}, args.out)
-    rates_run = sorted({float(lr) for rates in grid.values() for lr in rates})
-    print(f"{'method':17} " + " ".join(f"{lr:>8g}" for lr in rates_run) + "   best")
-    for method, rates in grid.items():
-        cells = [f"{rates[f'{lr:g}']:8.1%}" if f"{lr:g}" in rates else f"{'-':>8}" for lr in rates_run]
-        print(f"{method:17} " + " ".join(cells) + f"   {best[method]:g}")
+    rates_run = [f"{lr:g}" for lr in sorted({float(lr) for rates in grid.values() for lr in rates})]
+    columns = [("method", "method", ""), *((rate, rate, ".1%") for rate in rates_run), ("best", "best", "g")]
+    print_table([{"method": method, **rates, "best": best[method]} for method, rates in grid.items()], columns)
 
 
 # ---- summary over seeds ------------------------------------------------------------------------------------------
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+def summary_row(mine: list[dict], runs: list[dict[str, dict]], reports: list[dict]) -> dict[str, Any]:
+    """A method's row of the summary from its run on each seed (`mine`), paired with the same seed's GKD run and,
+    where every seed ran it, SFT run (`runs`: each seed's runs by method)."""
+    gkd = [r["gkd"] for r in runs]
 
+    def paired(key: str, other: list[dict] | None = None) -> dict[str, float]:
+        """Mean and CI over the seeds of the run's `key`, less `other`'s on the same seed."""
+        values = [run[key] for run in mine]
+        if other is not None:
+            values = [value - run[key] for value, run in zip(values, other, strict=True)]
+        return mean_ci(values)
 
-def mean_ci(values: list[float]) -> dict[str, float]:
-    """Mean and two-sided 95% confidence interval (Student's t over the seeds)."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": len(values)}
-    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(values)}
+    def at(fraction: float, seeds: list[dict]) -> list[float]:
+        return [
+            at_fraction(run["curve"], rep["final_points"], fraction) for run, rep in zip(seeds, reports, strict=True)
+        ]
+
+    final = [run["final_acc_smoothed"] for run in mine]
+    return {
+        "method": mine[0]["method"],
+        "lr": mine[0]["lr"],
+        "final_acc_smoothed": paired("final_acc_smoothed"),
+        "final_acc_sampled_smoothed": paired("final_acc_sampled_smoothed"),
+        "gain_over_init": mean_ci([a - rep["student_init_acc"] for a, rep in zip(final, reports, strict=True)]),
+        "minus_gkd": paired("final_acc_smoothed", gkd),
+        "minus_gkd_sampled": paired("final_acc_sampled_smoothed", gkd),
+        "minus_sft": paired("final_acc_smoothed", [r["sft"] for r in runs]) if "sft" in runs[0] else None,
+        # at equal steps along the way: the smoothed curve at half the steps, paired with GKD's there
+        "half_steps_minus_gkd": mean_ci([a - b for a, b in zip(at(0.5, mine), at(0.5, gkd), strict=True)]),
+        # has the curve flattened: the smoothed gain over the last quarter of the steps
+        "last_quarter_gain": mean_ci([a - b for a, b in zip(final, at(0.75, mine), strict=True)]),
+        "wall_s": paired("wall_s"),
+        "time_to_gkd_final_s": [run["time_to_gkd_final_s"] for run in mine],
+        "time_to_gkd_final_vs_gkd_wall": [
+            None if (t := run["time_to_gkd_final_s"]) is None else t / g["wall_s"]
+            for run, g in zip(mine, gkd, strict=True)
+        ],
+    }
 
 
 def summarize(paths: list[str], out: str, plot_path: str, only: list[str] | None = None) -> dict[str, Any]:
@@ -832,50 +804,7 @@ def summarize(paths: list[str], out: str, plot_path: str, only: list[str] | None
     if "gkd" not in methods:
         raise SystemExit(f"the summary pairs every method with gkd; these seeds ran only {methods}")
     runs = [{run["method"]: run for run in report["runs"]} for report in reports]  # per seed, by method
-    rows = []
-    for method in methods:
-        final = [r[method]["final_acc_smoothed"] for r in runs]
-        rows.append(
-            {
-                "method": method,
-                "lr": runs[0][method]["lr"],
-                "final_acc_smoothed": mean_ci(final),
-                "final_acc_sampled_smoothed": mean_ci([r[method]["final_acc_sampled_smoothed"] for r in runs]),
-                "gain_over_init": mean_ci(
-                    [a - rep["student_init_acc"] for a, rep in zip(final, reports, strict=True)]
-                ),
-                "minus_gkd": mean_ci([r[method]["final_acc_smoothed"] - r["gkd"]["final_acc_smoothed"] for r in runs]),
-                "minus_gkd_sampled": mean_ci(
-                    [r[method]["final_acc_sampled_smoothed"] - r["gkd"]["final_acc_sampled_smoothed"] for r in runs]
-                ),
-                "minus_sft": mean_ci([r[method]["final_acc_smoothed"] - r["sft"]["final_acc_smoothed"] for r in runs])
-                if "sft" in methods
-                else None,
-                # at equal steps along the way: the smoothed curve at half the steps, paired with GKD's there
-                "half_steps_minus_gkd": mean_ci(
-                    [
-                        at_fraction(r[method]["curve"], rep["final_points"], 0.5)
-                        - at_fraction(r["gkd"]["curve"], rep["final_points"], 0.5)
-                        for r, rep in zip(runs, reports, strict=True)
-                    ]
-                ),
-                # has the curve flattened: the smoothed gain over the last quarter of the steps
-                "last_quarter_gain": mean_ci(
-                    [
-                        r[method]["final_acc_smoothed"] - at_fraction(r[method]["curve"], rep["final_points"], 0.75)
-                        for r, rep in zip(runs, reports, strict=True)
-                    ]
-                ),
-                "wall_s": mean_ci([r[method]["wall_s"] for r in runs]),
-                "time_to_gkd_final_s": [r[method]["time_to_gkd_final_s"] for r in runs],
-                "time_to_gkd_final_vs_gkd_wall": [
-                    None
-                    if r[method]["time_to_gkd_final_s"] is None
-                    else r[method]["time_to_gkd_final_s"] / r["gkd"]["wall_s"]
-                    for r in runs
-                ],
-            }
-        )
+    rows = [summary_row([r[method] for r in runs], runs, reports) for method in methods]
     summary = {
         "task": reports[0]["task"],
         "seeds": [report["seed"] for report in reports],
@@ -941,56 +870,72 @@ def summarize_records(paths: list[str], out: str) -> None:
             ),
         }
     write_report({"seeds_files": paths, "methods": report}, out)
-    print(
-        f"{'method':17} {'records':>8} {'dropped':>8} {'stale mean':>10} {'max':>4} {'Δ trained p5/med/p95':>22} "
-        f"{'dropped Δ<0':>11}  fates"
-    )
+    table = []
     for method, r in report.items():
         kept = r["ifd_delta_trained"]
-        delta = "-" if kept is None else f"{kept['p5']:+.2f}/{kept['median']:+.2f}/{kept['p95']:+.2f}"
-        below = "-" if r["ifd_dropped_below_zero_frac"] is None else f"{r['ifd_dropped_below_zero_frac']:.0%}"
-        mean = "-" if r["staleness_mean"] is None else f"{r['staleness_mean']:.2f}"
-        print(
-            f"{method:17} {r['records']:8d} {r['dropped_frac']:8.1%} {mean:>10} {r['staleness_max']!s:>4} "
-            f"{delta:>22} {below:>11}  {r['fates']}"
-        )
+        delta = None if kept is None else f"{kept['p5']:+.2f}/{kept['median']:+.2f}/{kept['p95']:+.2f}"
+        table.append({**r, "method": method, "delta_trained": delta, "fates": str(r["fates"])})
+    print_table(
+        table,
+        [
+            ("method", "method", ""),
+            ("records", "records", "d"),
+            ("dropped", "dropped_frac", ".1%"),
+            ("stale mean", "staleness_mean", ".2f"),
+            ("max", "staleness_max", ""),
+            ("Δ trained p5/med/p95", "delta_trained", ""),
+            ("dropped Δ<0", "ifd_dropped_below_zero_frac", ".0%"),
+            ("fates", "fates", ""),
+        ],
+    )
+
+
+# the summary's paired differences: (header, field)
+SUMMARY_CIS = [
+    ("minus gkd [95% CI]", "minus_gkd"),
+    ("minus sft [95% CI]", "minus_sft"),
+    ("sampled - gkd", "minus_gkd_sampled"),
+    ("half steps - gkd", "half_steps_minus_gkd"),
+    ("last quarter gain", "last_quarter_gain"),
+]
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    def ci(stat: dict[str, float] | None, scale: float = 100.0, fmt: str = "+.1f") -> str:
-        if stat is None:
-            return "-"
-        return f"{scale * stat['mean']:{fmt}} [{scale * stat['lo']:{fmt}}, {scale * stat['hi']:{fmt}}]"
-
-    print(
-        f"{len(summary['seeds'])} seeds {summary['seeds']}; {summary['eval_prompts']} held-out prompts; teacher "
-        f"{summary['teacher_acc']:.1%}; student init " + " ".join(f"{a:.1%}" for a in summary["student_init_acc"])
-    )
-    print(
-        f"{'method':17} {'final acc':>9} {'minus gkd [95% CI]':>22} {'minus sft [95% CI]':>22} {'sampled - gkd':>20} "
-        f"{'half steps - gkd':>20} {'last quarter gain':>20}"
-    )
-    for row in summary["methods"]:
-        print(
-            f"{row['method']:17} {100 * row['final_acc_smoothed']['mean']:8.1f}% {ci(row['minus_gkd']):>22} "
-            f"{ci(row['minus_sft']):>22} {ci(row['minus_gkd_sampled']):>20} {ci(row['half_steps_minus_gkd']):>20} "
-            f"{ci(row['last_quarter_gain']):>20}"
-        )
-    print(
-        f"\n{'time to gkd final':17} {'wall_s (mean)':>13} {'per seed (s; - = not reached)':>40} {'vs gkd wall':>12}"
-    )
+    inits = " ".join(f"{a:.1%}" for a in summary["student_init_acc"])
+    seeds, prompts, teacher = summary["seeds"], summary["eval_prompts"], summary["teacher_acc"]
+    print(f"{len(seeds)} seeds {seeds}; {prompts} held-out prompts; teacher {teacher:.1%}; student init {inits}")
+    rows = []
     for row in summary["methods"]:
         reached = [t for t in row["time_to_gkd_final_vs_gkd_wall"] if t is not None]
-        per_seed = " ".join("-" if t is None else f"{t:.0f}" for t in row["time_to_gkd_final_s"])
-        ratio = f"{statistics.median(reached):.2f}x" if reached else "-"
-        print(f"{row['method']:17} {row['wall_s']['mean']:13.1f} {per_seed:>40} {ratio:>12}")
+        rows.append(
+            {
+                **{key: ci_text(row[key]) for _, key in SUMMARY_CIS},
+                "method": row["method"],
+                "final": row["final_acc_smoothed"]["mean"],
+                "wall_s": row["wall_s"]["mean"],
+                "per_seed": " ".join("-" if t is None else f"{t:.0f}" for t in row["time_to_gkd_final_s"]),
+                "vs_gkd_wall": statistics.median(reached) if reached else None,
+            }
+        )
+    print_table(rows, [("method", "method", ""), ("final acc", "final", ".1%"), *((h, k, "") for h, k in SUMMARY_CIS)])
+    print("\ntime to gkd final")
+    per_seed = ("per seed (s; - = not reached)", "per_seed", "")
+    print_table(
+        rows,
+        [
+            ("method", "method", ""),
+            ("wall_s (mean)", "wall_s", ".1f"),
+            per_seed,
+            ("median / gkd wall", "vs_gkd_wall", ".2f"),
+        ],
+    )
 
 
 def plot_summary(reports: list[dict[str, Any]], path: str) -> None:
     fig, axes = subplots(1, len(reports), figsize=(3.6 * len(reports), 3.4), sharey=True, squeeze=False)
     for ax, report in zip(axes[0], reports, strict=True):
         for run in report["runs"]:
-            ax.plot([p["wall_s"] for p in run["curve"]], [100 * p["acc"] for p in run["curve"]], label=run["method"])
+            ax.plot(*accuracy_curve(run), label=run["method"])
         ax.set_title(f"seed {report['seed']}", fontsize=9)
         ax.set_xlabel("training wall-clock (s)")
     axes[0][0].set_ylabel("held-out exact match, greedy (%)")
@@ -1004,7 +949,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="results/arena/seed-1.json")
-    parser.add_argument("--plot", default=None, help="PNG of accuracy against wall-clock (default: next to --out)")
     parser.add_argument("--cache-dir", default=os.path.join(".cache", "arena"), help="where the teacher is cached")
     parser.add_argument("--tune", action="store_true", help="run the learning-rate grid on the tuning seed")
     parser.add_argument("--lr-grid", default=None, help="with --tune: these rates (comma-separated), not the preset's")
@@ -1019,28 +963,22 @@ def main() -> None:
         "--records", nargs="+", default=None, help="summarize the NPD runs' per-sample records of these seeds' JSON"
     )
     args = parser.parse_args()
-    if args.lr_grid and not args.tune:
-        parser.error("--lr-grid goes with --tune")
-    plot_path = args.plot or os.path.splitext(args.out)[0] + ".png"
+    preset, methods = preset_and_methods(parser, args, PRESETS, METHODS)
+    plot_path = os.path.splitext(args.out)[0] + ".png"  # accuracy against wall-clock
     if args.summarize:
         summarize(args.summarize, args.out, plot_path)
         return
     if args.records:
         summarize_records(args.records, args.out)
         return
-    preset = PRESETS[args.preset]
-    methods = args.methods.split(",")
-    if unknown := set(methods) - set(METHODS):
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     torch.set_num_threads(os.cpu_count() or 1)
     if args.tune:
-        if args.lr_grid:
-            preset = {**preset, "lr_grid": [float(lr) for lr in args.lr_grid.split(",")]}
         tune(preset, methods, args)
         return
     if args.seed == preset["tuning_seed"]:
         raise SystemExit(f"seed {args.seed} is the tuning seed; compare on the others")
-    report = run_seed(preset, args.seed, methods, preset["lr"], args)
+    runs = [(method, preset["lr"][method]) for method in methods]
+    report = run_seed(Multiplication(preset), args.seed, runs, args.cache_dir, args.out)
     if args.add_to:
         report = added_to(json.load(open(args.add_to)), report, preset)
     write_report(report, args.out)

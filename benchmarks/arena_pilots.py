@@ -34,18 +34,17 @@ generation room and training data, which the arena's machinery runs as it runs i
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
 import os
 import random
 import re
-import time
 from typing import Any
 
 import arena
 import torch
-from kit.report import device_name, write_report
+from kit.arena_kit import at_fraction
+from kit.cli import preset_parser
+from kit.report import write_report
 
 VARIANTS = ("reverse-kl", "repair", "dagger")
 REPAIR_ROOM_TOKENS = 9  # generation room beyond the longest repaired answer: three more repairs of 3 characters
@@ -54,16 +53,14 @@ REPAIR_ROOM_TOKENS = 9  # generation room beyond the longest repaired answer: th
 def repaired_problem(rng: random.Random, digits: int, repair_rate: float) -> tuple[str, str]:
     """arena.problem's trace in which each step is, with probability `repair_rate`, a wrong partial within 12 of the
     right one, then `<` and the right one."""
-    a, d = rng.randrange(10**digits), rng.randrange(2, 10)
-    padded = str(a).zfill(digits)
-    steps = []
-    for partial in arena.carry_partials(padded, d):
+
+    def step(partial: int) -> str:
         if rng.random() < repair_rate:
             wrong = rng.choice([p for p in range(max(0, partial - 12), min(100, partial + 13)) if p != partial])
-            steps.append(f"{wrong:02d}<{partial:02d}")
-        else:
-            steps.append(f"{partial:02d}")
-    return f"{padded}*{d}", " ".join(steps) + f":{a * d}"
+            return f"{wrong:02d}<{partial:02d}"
+        return f"{partial:02d}"
+
+    return arena.problem(rng, digits, step)
 
 
 def clean(answer: str) -> str:
@@ -80,9 +77,10 @@ class Repaired(arena.Multiplication):
     """`repair`: the arena's task on traces with repairs (`repaired_problem`); `<` is a token of its own."""
 
     extra_chars = "<"
+    variant = "repair"
 
-    def __init__(self, preset: dict[str, Any], repair_rate: float, variant: str = "repair") -> None:
-        self.repair_rate, self.variant = repair_rate, variant
+    def __init__(self, preset: dict[str, Any], repair_rate: float) -> None:
+        self.repair_rate = repair_rate
         super().__init__(preset)
         # one room for every generation (the teacher's samples, the student's rollouts, evaluation), from the
         # repaired data: the `dagger` student trains on clean answers, but its own traces may repair as often
@@ -105,9 +103,7 @@ class Dagger(Repaired):
     answers (the teacher alone saw the repairs)."""
 
     untrained = staticmethod(wrong_digits)
-
-    def __init__(self, preset: dict[str, Any], repair_rate: float) -> None:
-        super().__init__(preset, repair_rate, variant="dagger")
+    variant = "dagger"
 
     def student_pairs(self) -> list[tuple[str, str]]:
         return [(q, clean(a)) for q, a in self.train]
@@ -127,63 +123,30 @@ def variant_task(variant: str, preset: dict[str, Any], repair_rate: float) -> ar
 def pilot(
     preset_name: str, variant: str, runs: list[tuple[str, float]], seed: int, repair_rate: float, cache_dir: str
 ) -> dict:
-    started = time.perf_counter()
+    """A seed's report of `variant` (arena.run_seed's, so that `arena.py --summarize` pairs the pilots of one
+    variant over seeds), with the variant's settings, how often the teacher's samples repair a step, and each
+    run's smoothed accuracy at half the steps."""
     task = variant_task(variant, arena.PRESETS[preset_name], repair_rate)
     preset, held_out = task.preset, task.held_out
-    teacher, teacher_acc, cached = arena.teacher_model(task, cache_dir)
-    samples = arena.complete(
-        teacher, task.tokenizer, [q for q, _ in held_out], task.new_tokens(held_out), preset["distill"]["temperature"]
-    )
-    teacher_repairs = sum("<" in sample for sample in samples) / len(samples)
-    print(
-        f"teacher: {teacher_acc['greedy']:.1%} greedy, {teacher_acc['sampled']:.1%} sampled, "
-        f"{teacher_repairs:.1%} of its samples repair a step",
-        flush=True,
-    )
-    train = task.student_pairs()
-    student_init, warm_steps = arena.warm_student(task, train, seed)
-    start = arena.Start(student_init, teacher, train, {"acc": arena.accuracy(student_init, task, held_out)})
-    print(f"student after {warm_steps} warm-up steps: {start.init['acc']:.1%}", flush=True)
-    results = []
-    for method, lr in runs:
-        run = arena.method_run(task, method, lr, start, seed, out=None)
-        run["half_acc_smoothed"] = arena.at_fraction(run["curve"], preset["final_points"], 0.5)
-        results.append(run)
-        print(f"{method} at {lr:g}: {run['final_acc_smoothed']:.1%} in {run['wall_s']:.0f} s", flush=True)
-    # as arena.py's seeds, so that `arena.py --summarize` pairs pilots of one variant over seeds
-    arena.add_time_to_gkd_final(results, preset["final_points"])
+
+    def teacher_samples(start: arena.Start) -> dict[str, float]:
+        questions, temperature = [q for q, _ in held_out], preset["distill"]["temperature"]
+        samples = arena.complete(start.teacher, task.tokenizer, questions, task.new_tokens(held_out), temperature)
+        repairing = sum("<" in sample for sample in samples) / len(samples)
+        print(f"{repairing:.1%} of the teacher's samples repair a step", flush=True)
+        return {"teacher_samples_repairing": repairing}
+
+    report = arena.run_seed(task, seed, runs, cache_dir, None, teacher_samples)
+    for run in report["runs"]:
+        run["half_acc_smoothed"] = at_fraction(run["curve"], preset["final_points"], 0.5)
     return {
         "preset": preset_name,
         "variant": variant,
-        "task": task.name,
         "repair_rate": None if variant == "reverse-kl" else repair_rate,
-        "seed": seed,
-        "device": device_name(),
-        "date": datetime.date.today().isoformat(),
-        "teacher_acc": teacher_acc["greedy"],
-        "teacher_acc_sampled": teacher_acc["sampled"],
-        "teacher_samples_repairing": teacher_repairs,
-        "teacher_cached": cached,
-        "student_init_acc": start.init["acc"],
-        "student_warmup_steps": warm_steps,
-        "eval_prompts": len(held_out),
-        "max_new_tokens": task.new_tokens(train),  # what the student's rollouts and SFT's samples get
+        **report,
+        "max_new_tokens": task.new_tokens(task.student_pairs()),  # what the student's rollouts and SFT's samples get
         "teacher": preset["teacher"],
-        "distill": preset["distill"],
-        "final_points": preset["final_points"],
-        "runs": results,
-        "total_s": time.perf_counter() - started,
     }
-
-
-def print_pilot(report: dict[str, Any]) -> None:
-    print(f"{report['task']}, seed {report['seed']}")
-    print(f"{'method':10} {'lr':>7} {'at half':>8} {'final (smoothed)':>16} {'sampled':>8} {'wall_s':>7}")
-    for run in report["runs"]:
-        print(
-            f"{run['method']:10} {run['lr']:7.0e} {run['half_acc_smoothed']:8.1%} {run['final_acc_smoothed']:16.1%} "
-            f"{run['final_acc_sampled_smoothed']:8.1%} {run['wall_s']:7.1f}"
-        )
 
 
 def parse_runs(text: str) -> list[tuple[str, float]]:
@@ -203,13 +166,12 @@ def parse_runs(text: str) -> list[tuple[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = preset_parser(__doc__, arena.PRESETS, default="cpu")  # micro: a smoke test
     parser.add_argument("--variant", choices=VARIANTS, required=True)
     parser.add_argument("--runs", required=True, help="METHOD@LR pairs, comma-separated, e.g. gkd@3e-3,sft@1e-2")
     parser.add_argument("--seed", type=int, default=None, help="default: the preset's tuning seed")
     parser.add_argument("--repair-rate", type=float, default=0.3, help="repair and dagger: fraction of steps")
     parser.add_argument("--cache-dir", default=os.path.join(".cache", "arena"), help="where teachers are cached")
-    parser.add_argument("--preset", choices=sorted(arena.PRESETS), default="cpu", help="micro: a smoke test")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)  # as arena.py's main: its thread count shapes the warm start
@@ -217,7 +179,7 @@ def main() -> None:
     seed = arena.PRESETS[args.preset]["tuning_seed"] if args.seed is None else args.seed
     report = pilot(args.preset, args.variant, runs, seed, args.repair_rate, args.cache_dir)
     write_report(report, args.out)
-    print_pilot(report)
+    arena.print_seed(report, [*arena.RUN_COLUMNS[:2], ("at half", "half_acc_smoothed", ".1%"), *arena.RUN_COLUMNS[2:]])
 
 
 if __name__ == "__main__":

@@ -54,10 +54,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import arena
 import smollm2
 import torch
+from kit.arena_kit import add_time_to_gkd_final, ci_text, mean_ci, preset_and_methods
 from kit.cli import preset_parser
 from kit.provenance import LOADED_COMMIT
 from kit.registry import presets
-from kit.report import device_name, write_json, write_report
+from kit.report import device_name, print_table, write_json, write_report
 
 # The NPD methods' settings. `npd` is the defaults of the code that ran (each run's JSON records the commit and the
 # resolved settings, `npd.config`): inline on a CPU until the generator process became the default everywhere, and
@@ -338,12 +339,9 @@ def run_seed(preset: dict[str, Any], seed: int, methods: list[str], lrs: dict[st
             f"{run['wall_s']:.1f} s",
             flush=True,
         )
-        arena.add_time_to_gkd_final(runs, preset["final_points"])
-        add_time_to_gkd_final_kl(runs, preset["final_points"])
+        add_times_to_gkd_final(runs, preset["final_points"])
         if args.out:  # after each method, so that a stopped session keeps what finished
             write_report(report(), args.out)
-    arena.add_time_to_gkd_final(runs, preset["final_points"])
-    add_time_to_gkd_final_kl(runs, preset["final_points"])
     return report()
 
 
@@ -359,40 +357,35 @@ def earlier_runs(path: str | None, seed: int, preset: dict, init: dict, methods:
     return [{"commit": earlier["commit"], **run} for run in earlier["runs"]]  # the code each run ran on
 
 
-def add_time_to_gkd_final_kl(runs: list[dict[str, Any]], window: int) -> None:
-    """Each run's `time_to_gkd_final_kl_s`: when its KL(teacher || student), averaged over `window` checkpoints as
-    the final values are, first reaches GKD's final value or below (None: never, or no GKD run)."""
-    gkd = next((run for run in runs if run["method"] == "gkd"), None)
-    for run in runs:
-        run["time_to_gkd_final_kl_s"] = None
-        if gkd is None:
-            continue
-        kls = [point["kl_teacher"] for point in run["curve"]]
-        for i, point in enumerate(run["curve"]):
-            if statistics.mean(kls[max(0, i - window + 1) : i + 1]) <= gkd["final_kl_teacher_smoothed"] + 1e-12:
-                run["time_to_gkd_final_kl_s"] = point["wall_s"]
-                break
+def add_times_to_gkd_final(runs: list[dict[str, Any]], window: int) -> None:
+    """Each run's time to GKD's final agreement (`time_to_gkd_final_s`) and to its final KL(teacher || student)
+    (`time_to_gkd_final_kl_s`: its KL, averaged over `window` checkpoints as the final values are, first at or below
+    GKD's final value); None: never, or no GKD run."""
+    for metric in ("acc", "kl_teacher"):
+        add_time_to_gkd_final(runs, window, metric)
+
+
+# a seed's table: each run's final values (the last `final_points` checkpoints averaged), its time to GKD's
+REAL_COLUMNS = [
+    ("method", "method", ""),
+    ("agreement", "final_acc_smoothed", ".1%"),
+    ("sampled", "final_acc_sampled_smoothed", ".1%"),
+    ("ROUGE-L", "final_rouge_l_smoothed", ".3f"),
+    ("KL(t||s)", "final_kl_teacher_smoothed", ".3f"),
+    ("reverse KL", "final_reverse_kl_smoothed", ".3f"),
+    ("wall_s", "wall_s", ".0f"),
+    ("to gkd agreement", "time_to_gkd_final_s", ".0f"),
+    ("to gkd KL", "time_to_gkd_final_kl_s", ".0f"),
+]
 
 
 def print_real(report: dict[str, Any]) -> None:
-    print(
-        f"{'method':18} {'agreement':>9} {'sampled':>8} {'ROUGE-L':>8} {'KL(t||s)':>9} {'reverse KL':>10} "
-        f"{'wall_s':>7} {'to gkd agreement':>16} {'to gkd KL':>10}"
-    )
-    for run in report["runs"]:
-        to_acc, to_kl = run.get("time_to_gkd_final_s"), run.get("time_to_gkd_final_kl_s")
-        print(
-            f"{run['method']:18} {run['final_acc_smoothed']:9.1%} {run['final_acc_sampled_smoothed']:8.1%} "
-            f"{run['final_rouge_l_smoothed']:8.3f} {run['final_kl_teacher_smoothed']:9.3f} "
-            f"{run['final_reverse_kl_smoothed']:10.3f} {run['wall_s']:7.0f} "
-            f"{'-' if to_acc is None else f'{to_acc:.0f}':>16} {'-' if to_kl is None else f'{to_kl:.0f}':>10}"
-        )
-    init = report["student_init"]
+    print_table(report["runs"], REAL_COLUMNS)
+    init, pruned, total_s = report["student_init"], report["student_pruned"], report["total_s"]
     print(
         f"warm-started student: agreement {init['acc']:.1%}, ROUGE-L {init['rouge_l']:.3f}, "
-        f"KL {init['kl_teacher']:.3f}"
-        f"; pruned: KL {report['student_pruned']['kl_teacher']:.3f}"
-        + ("" if report["total_s"] is None else f"; total {report['total_s']:.0f} s")
+        f"KL {init['kl_teacher']:.3f}; pruned: KL {pruned['kl_teacher']:.3f}"
+        + ("" if total_s is None else f"; total {total_s:.0f} s")
     )
 
 
@@ -482,8 +475,7 @@ def grid_from(sources: list[str], out: str) -> dict[str, Any]:
         for method, by_rate in runs.items()
     }
     tuned_runs = [runs[method][rate] for method, rate in best.items()]
-    arena.add_time_to_gkd_final(tuned_runs, first["final_points"])
-    add_time_to_gkd_final_kl(tuned_runs, first["final_points"])
+    add_times_to_gkd_final(tuned_runs, first["final_points"])
     commits = sorted({run["commit"] for by_rate in runs.values() for run in by_rate.values()})
     tuned = {**first, "commit": ",".join(commits), "runs": tuned_runs, "tuned_from": sources}
     tuned["total_s"] = None  # the sources' sessions, not one run of these methods
@@ -499,16 +491,15 @@ def grid_from(sources: list[str], out: str) -> dict[str, Any]:
     }
     write_report(result, out)
     write_report(tuned, f"{os.path.splitext(out)[0]}-best.json")
-    rates_run = sorted({float(rate) for by_rate in runs.values() for rate in by_rate})
-    print(f"{'method':17} " + " ".join(f"{lr:>15g}" for lr in rates_run) + "   best")
+    rates_run = [f"{lr:g}" for lr in sorted({float(rate) for by_rate in runs.values() for rate in by_rate})]
+    rows = []
     for method, by_rate in runs.items():
-        cells = [
-            f"{run['final_acc_smoothed']:6.1%} KL {run['final_kl_teacher_smoothed']:5.2f}"
-            if (run := by_rate.get(f"{lr:g}"))
-            else f"{'-':>15}"
-            for lr in rates_run
-        ]
-        print(f"{method:17} " + " ".join(cells) + f"   {best[method] if len(by_rate) > 1 else '- (one rate)'}")
+        cells = {
+            rate: f"{run['final_acc_smoothed']:.1%} KL {run['final_kl_teacher_smoothed']:.2f}"
+            for rate, run in by_rate.items()
+        }
+        rows.append({"method": method, **cells, "best": best[method] if len(by_rate) > 1 else "- (one rate)"})
+    print_table(rows, [("method", "method", ""), *((rate, rate, "") for rate in rates_run), ("best", "best", "")])
     return result
 
 
@@ -525,14 +516,14 @@ def summarize_real(paths: list[str], out: str) -> dict[str, Any]:
     summary = arena.summarize(paths, out, os.path.splitext(out)[0] + ".png", only=common)
     runs = [{run["method"]: run for run in report["runs"] if run["method"] in common} for report in reports]
     for report, by_method in zip(reports, runs, strict=True):
-        add_time_to_gkd_final_kl(list(by_method.values()), report["final_points"])
+        add_time_to_gkd_final(list(by_method.values()), report["final_points"], "kl_teacher")
     for row in summary["methods"]:
         method = row["method"]
         for metric in ("kl_teacher", "rouge_l", "reverse_kl"):
             key = f"final_{metric}_smoothed"
-            row[key] = arena.mean_ci([r[method][key] for r in runs])
-            row[f"{metric}_minus_gkd"] = arena.mean_ci([r[method][key] - r["gkd"][key] for r in runs])
-        row["wall_vs_gkd"] = arena.mean_ci([r[method]["wall_s"] / r["gkd"]["wall_s"] for r in runs])
+            row[key] = mean_ci([r[method][key] for r in runs])
+            row[f"{metric}_minus_gkd"] = mean_ci([r[method][key] - r["gkd"][key] for r in runs])
+        row["wall_vs_gkd"] = mean_ci([r[method]["wall_s"] / r["gkd"]["wall_s"] for r in runs])
         row["time_to_gkd_final_kl_vs_gkd_wall"] = [
             None if (t := r[method]["time_to_gkd_final_kl_s"]) is None else t / r["gkd"]["wall_s"] for r in runs
         ]
@@ -543,22 +534,22 @@ def summarize_real(paths: list[str], out: str) -> dict[str, Any]:
         for report, by_method in zip(reports, runs, strict=True)
     ]
     write_report(summary, out)
-    print(
-        f"\n{'paired with gkd':17} {'KL(t||s) - gkd':>22} {'ROUGE-L - gkd':>22} {'wall / gkd':>20} "
-        f"{'to gkd KL / wall':>18}"
-    )
+    rows = []
     for row in summary["methods"]:
         reached = [t for t in row["time_to_gkd_final_kl_vs_gkd_wall"] if t is not None]
-        to_kl = f"{statistics.median(reached):.2f}x ({len(reached)}/{len(runs)})" if reached else "-"
-        print(
-            f"{row['method']:17} {_ci(row['kl_teacher_minus_gkd'], '+.3f'):>22} "
-            f"{_ci(row['rouge_l_minus_gkd'], '+.3f'):>22} {_ci(row['wall_vs_gkd'], '.2f'):>20} {to_kl:>18}"
+        rows.append(
+            {
+                "method": row["method"],
+                "kl": ci_text(row["kl_teacher_minus_gkd"], "+.3f", 1.0),
+                "rouge_l": ci_text(row["rouge_l_minus_gkd"], "+.3f", 1.0),
+                "wall": ci_text(row["wall_vs_gkd"], ".2f", 1.0),
+                "to_kl": f"{statistics.median(reached):.2f}x ({len(reached)}/{len(runs)})" if reached else None,
+            }
         )
+    print("\npaired with gkd")
+    columns = [("KL(t||s) - gkd", "kl", ""), ("ROUGE-L - gkd", "rouge_l", ""), ("wall / gkd", "wall", "")]
+    print_table(rows, [("method", "method", ""), *columns, ("to gkd KL / wall", "to_kl", "")])
     return summary
-
-
-def _ci(stat: dict[str, float], fmt: str) -> str:
-    return f"{stat['mean']:{fmt}} [{stat['lo']:{fmt}}, {stat['hi']:{fmt}}]"
 
 
 def drift_summary(paths: list[str], out: str) -> None:
@@ -590,13 +581,13 @@ def drift_summary(paths: list[str], out: str) -> None:
             "by_staleness": by_staleness,
         }
     write_report({"files": paths, "methods": report}, out)
-    print(f"{'method':18} {'staleness':>9} {'samples':>8} {'drift median':>12} {'p90':>8}   syncs")
-    for method, r in report.items():
-        for staleness, s in r["by_staleness"].items():
-            print(
-                f"{method:18} {staleness:>9} {s['samples']:8d} {s['median']:12.4f} {s['p90']:8.4f}   "
-                f"{r['weight_syncs']}"
-            )
+    rows = [
+        {"method": method, "staleness": staleness, **drift, "syncs": str(r["weight_syncs"])}
+        for method, r in report.items()
+        for staleness, drift in r["by_staleness"].items()
+    ]
+    columns = [("staleness", "staleness", "d"), ("samples", "samples", "d"), ("drift median", "median", ".4f")]
+    print_table(rows, [("method", "method", ""), *columns, ("p90", "p90", ".4f"), ("syncs", "syncs", "")])
 
 
 def main() -> None:
@@ -604,7 +595,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--methods", default="sft,gkd,npd,npd-topk")
     parser.add_argument("--out", default=None, help="the JSON to write (default: results/arena-real/seed-N.json)")
-    parser.add_argument("--plot", default=None, help="PNG of agreement against wall-clock (default: next to --out)")
     parser.add_argument("--cache-dir", default=smollm2.CACHE_DIR, help="the model and the references")
     parser.add_argument("--tune", action="store_true", help="run the learning-rate grid on the tuning seed")
     parser.add_argument("--lr-grid", default=None, help="with --tune: these rates (comma-separated), not the preset's")
@@ -632,18 +622,11 @@ def main() -> None:
         return
     if args.show:
         report = json.load(open(args.show))
-        add_time_to_gkd_final_kl(report["runs"], report["final_points"])
+        add_time_to_gkd_final(report["runs"], report["final_points"], "kl_teacher")
         print_real(report)
         return
-    if args.lr_grid and not args.tune:
-        parser.error("--lr-grid goes with --tune")
-    preset = PRESETS[args.preset]
-    methods = args.methods.split(",")
-    if unknown := set(methods) - set(METHODS):
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    preset, methods = preset_and_methods(parser, args, PRESETS, METHODS)
     if args.tune:
-        if args.lr_grid:
-            preset = {**preset, "lr_grid": [float(lr) for lr in args.lr_grid.split(",")]}
         tune(preset, methods, args)
         return
     lrs = dict(preset["lr"])
@@ -654,7 +637,7 @@ def main() -> None:
         lrs[method] = float(rate)
     report = run_seed(preset, args.seed, methods, lrs, args)
     write_report(report, args.out)
-    arena.plot_seed(report, args.plot or os.path.splitext(args.out)[0] + ".png")
+    arena.plot_seed(report, os.path.splitext(args.out)[0] + ".png")  # agreement against wall-clock
     print_real(report)
 
 
