@@ -143,11 +143,15 @@ def test_the_warm_smollm2_preset_trains_the_real_arenas_seed_1_student(tmp_path,
 
 
 def test_a_table_aligns_its_columns_and_marks_missing_values(capsys):
-    rows = [{"name": "npd", "rate": 1.5, "ratio": None}, {"name": "gkd-long-name", "rate": 12.25, "ratio": 0.5}]
-    report.print_table(rows, [("trainer", "name", ""), ("samples/s", "rate", ".2f"), ("vs gkd", "ratio", ".2f")])
+    rows = [
+        {"name": "npd", "rate": 1.5, "ratio": None, "fits": True},
+        {"name": "gkd-long-name", "rate": 12.25, "ratio": 0.5, "fits": False},
+    ]
+    columns = [("trainer", "name", ""), ("samples/s", "rate", ".2f"), ("vs gkd", "ratio", ".2f"), ("fits", "fits", "")]
+    report.print_table(rows, columns)
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
-        "      trainer  samples/s    vs gkd",
-        "          npd       1.50         -",
-        "gkd-long-name      12.25      0.50",
+        "      trainer  samples/s    vs gkd      fits",
+        "          npd       1.50         -       yes",
+        "gkd-long-name      12.25      0.50        no",
     ]

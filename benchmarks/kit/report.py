@@ -66,8 +66,8 @@ def save_figure(fig: Any, path: str) -> None:
 
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
     """Print `rows` as an aligned table. Each column is `(header, key, format)`: `format` is a format spec such as
-    `".2f"` (empty for plain text); a missing or None value prints as `-`. Every benchmark's table goes through
-    here, so that their tables read alike."""
+    `".2f"` (empty for plain text); a missing or None value prints as `-`, a bool as `yes` or `no`. Every
+    benchmark's table goes through here, so that their tables read alike."""
     widths = [max(len(header), 8) for header, _, _ in columns]
     cells = [[_cell(row.get(key), fmt) for _, key, fmt in columns] for row in rows]
     for line in cells:
@@ -78,4 +78,6 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
 
 
 def _cell(value: Any, fmt: str) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     return "-" if value is None else format(value, fmt)
