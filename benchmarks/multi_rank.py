@@ -46,16 +46,12 @@ COLUMNS = [
 
 def worker(preset: dict[str, Any], placement: str) -> None:
     """One rank of a launched run; rank 0 hands the measurement back."""
-    from kit.training import TrainingClock, toy_npd_trainer, train_timed
+    from kit.training import TrainingClock, preset_npd_trainer, train_timed
 
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = toy_npd_trainer(
-            preset["pair"],
+        trainer = preset_npd_trainer(
+            preset,
             output_dir,
-            prompts=512,
-            max_steps=preset["steps"],
-            per_device_train_batch_size=preset["batch"],
-            max_new_tokens=preset["new_tokens"],
             max_length=preset["new_tokens"] + 64,
             lmbda=1.0,
             ifd_filter=False,

@@ -23,21 +23,17 @@ from kit.cli import preset_parser
 from kit.measure import keyed, stamp
 from kit.registry import presets
 from kit.report import print_table, write_report
-from kit.training import toy_npd_trainer
+from kit.training import preset_npd_trainer
 
 PRESETS = presets("overlap")  # kit/registry.py: the pair, steps, batch, new tokens
 
 
 def run(mode: str, preset: dict, output_dir: str, generator_threads: int | None = None, ifd: bool = True) -> dict:
-    trainer = toy_npd_trainer(
-        preset["pair"],
+    trainer = preset_npd_trainer(
+        preset,
         output_dir,
-        prompts=512,
-        max_steps=preset["steps"],
-        per_device_train_batch_size=preset["batch"],
         learning_rate=1e-4,
         lmbda=1.0,
-        max_new_tokens=preset["new_tokens"],
         max_length=256,
         generator_mode=mode,
         generator_num_threads=generator_threads,

@@ -79,3 +79,14 @@ def toy_npd_trainer(pair: str, output_dir: str, prompts: int, callbacks: list | 
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+
+
+def preset_npd_trainer(preset: dict[str, Any], output_dir: str, **settings: Any) -> Any:
+    """`toy_npd_trainer` on 512 prompts with a preset's `pair`, `steps`, `batch` and `new_tokens`: the shape the
+    NPD-only benchmarks share; `settings` add to or override it."""
+    shape = {
+        "max_steps": preset["steps"],
+        "per_device_train_batch_size": preset["batch"],
+        "max_new_tokens": preset["new_tokens"],
+    }
+    return toy_npd_trainer(preset["pair"], output_dir, prompts=512, **{**shape, **settings})
