@@ -15,6 +15,7 @@ served anything. The others use a thread, which runs the same stages.
 """
 
 import logging
+import math
 import os
 import re
 
@@ -227,6 +228,21 @@ def test_a_logit_change_the_config_does_not_name_is_refused_at_construction(
     if role == "teacher":  # the top-k objective projects the teacher too
         with pytest.raises(ValueError, match="cannot run teacher_top_k=4"):
             build_trainer(*models, tokenizer, dataset, npd_config(tmp_path, use_fused_loss=False, teacher_top_k=4))
+
+
+def test_float32_models_train_under_bf16_autocast(tmp_path, student, teacher, tokenizer, dataset):
+    """With bf16 (here CPU autocast, as on a GPU by default), accelerate runs the prepared teacher's forward under
+    autocast from construction on, so the probe compares bf16 logits with float32 ones. That rounding is not a
+    model doing something else: the run goes on, and a real logit change is still refused."""
+    assert next(teacher.parameters()).dtype == torch.float32
+    args = npd_config(tmp_path, use_cpu=True, bf16=True, max_steps=2, per_device_train_batch_size=4, logging_steps=1)
+    trainer = build_trainer(student, teacher, tokenizer, dataset, args)
+    trainer.train()
+    losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    doubled = DoubledLogits(teacher.config)
+    with pytest.raises(ValueError, match=r"The teacher .*differs from the logits of its own forward by 50\.0%"):
+        build_trainer(student, doubled, tokenizer, dataset, npd_config(tmp_path, use_cpu=True, bf16=True))
 
 
 def test_settings_a_model_cannot_run_are_refused_at_construction(tmp_path, student, teacher, tokenizer, dataset):

@@ -173,6 +173,12 @@ def chunked_logits_error(model: nn.Module, vocab_size: int) -> float:
     return float((full - chunked).abs().max() / full.abs().max().clamp_min(1e-6))
 
 
-def chunked_logits_tolerance(model: nn.Module) -> float:
-    """The largest `chunked_logits_error` that is only rounding: float32 agrees to ~1e-6, bf16/fp16 to ~1e-2."""
-    return 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+def chunked_logits_tolerance(model: nn.Module, mixed_precision: bool = False) -> float:
+    """The largest `chunked_logits_error` that is only rounding: float32 agrees to ~1e-6, bf16/fp16 to ~1e-2.
+
+    `mixed_precision`: the run trains under bf16/fp16 autocast. Accelerate then wraps a prepared model's forward
+    (the teacher's, at construction) in autocast, while the probe's backbone call is not, so float32 weights
+    still give half-precision logits on one side of the comparison.
+    """
+    half = mixed_precision or next(model.parameters()).dtype != torch.float32
+    return 5e-2 if half else 1e-3
