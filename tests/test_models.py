@@ -232,16 +232,23 @@ def test_a_logit_change_the_config_does_not_name_is_refused_at_construction(
 
 def test_float32_models_train_under_bf16_autocast(tmp_path, student, teacher, tokenizer, dataset):
     """With bf16 (here CPU autocast, as on a GPU by default), accelerate runs the prepared teacher's forward under
-    autocast from construction on, so the probe compares bf16 logits with float32 ones. That rounding is not a
-    model doing something else: the run goes on, and a real logit change is still refused."""
+    autocast from construction on. The probes measure the model's own forward, so a float32 teacher is neither
+    refused nor kept from packing for bf16 rounding, and a real logit change is still refused."""
     assert next(teacher.parameters()).dtype == torch.float32
     args = npd_config(tmp_path, use_cpu=True, bf16=True, max_steps=2, per_device_train_batch_size=4, logging_steps=1)
     trainer = build_trainer(student, teacher, tokenizer, dataset, args)
+    assert hasattr(trainer.teacher_model, "_original_forward")  # the premise: the teacher's forward is autocast
+    with torch.no_grad():
+        ids = torch.randint(3, 500, (1, 8))
+        autocast = trainer.teacher_model(input_ids=ids).logits.float()
+        own = trainer.teacher_model._original_forward(input_ids=ids).logits
+    assert (autocast - own).abs().max() > 1e-3 * own.abs().max()  # beyond the float32 tolerance the probes use
+    assert trainer._batches.pack  # packing was not switched off for the rounding
     trainer.train()
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     doubled = DoubledLogits(teacher.config)
-    with pytest.raises(ValueError, match=r"The teacher .*differs from the logits of its own forward by 50\.0%"):
+    with pytest.raises(ValueError, match=r"The teacher .*differs from the logits of its own forward by"):
         build_trainer(student, doubled, tokenizer, dataset, npd_config(tmp_path, use_cpu=True, bf16=True))
 
 

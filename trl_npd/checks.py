@@ -292,7 +292,7 @@ def check_chunked_projections(args: Any, student: nn.Module, teacher: nn.Module,
             error = chunked_logits_error(model, min(vocab, model.get_input_embeddings().num_embeddings))
         except ValueError as reason:  # a head the projections cannot read (a PEFT adapter on lm_head)
             raise ValueError(f"The {role} cannot run {', '.join(settings)}: {reason}") from None
-        if error > chunked_logits_tolerance(model, mixed_precision=bool(args.bf16 or args.fp16)):
+        if error > chunked_logits_tolerance(model):
             raise ValueError(
                 f"The {role} ({type(model).__name__}) cannot run {', '.join(settings)}: these project its hidden "
                 f"states through its LM head chunk by chunk, with the logit transform its config names "

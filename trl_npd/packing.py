@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .batching import IGNORE_INDEX, Sequence, on_policy_extras
+from .heads import own_forward
 
 
 @dataclass
@@ -118,8 +119,9 @@ def packing_leaks(model: torch.nn.Module, vocab_size: int) -> bool:
     was_training = model.training
     model.eval()
     try:
-        packed = model(input_ids=packed_ids, position_ids=position_ids, use_cache=False).logits[0, 3:].float()
-        alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
+        forward = own_forward(model)  # the model's computation, not the run's autocast (heads.own_forward)
+        packed = forward(input_ids=packed_ids, position_ids=position_ids, use_cache=False).logits[0, 3:].float()
+        alone = forward(input_ids=second[None].to(device), use_cache=False).logits[0].float()
     finally:
         model.train(was_training)
     tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
