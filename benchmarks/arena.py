@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import datetime
 import hashlib
 import json
 import os
@@ -67,7 +66,7 @@ from datasets import Dataset
 from kit.arena_kit import add_time_to_gkd_final, at_fraction, ci_text, mean_ci, preset_and_methods, time_to
 from kit.cli import preset_parser
 from kit.registry import presets
-from kit.report import device_name, print_table, save_figure, subplots, write_report
+from kit.report import print_table, save_figure, stamp, subplots, write_report
 from kit.training import TrainingClock, quiet_args, train_timed
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -638,8 +637,7 @@ def run_seed(
     return {
         "task": task.name,
         "seed": seed,
-        "device": device_name(),
-        "date": datetime.date.today().isoformat(),
+        **stamp(),
         "teacher_acc": teacher_acc["greedy"],
         "teacher_acc_sampled": teacher_acc["sampled"],
         "teacher_cached": cached,

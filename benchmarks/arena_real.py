@@ -36,7 +36,6 @@ summary (`--summarize`) have the toy arena's fields, `acc` meaning agreement her
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import hashlib
 import json
@@ -58,7 +57,7 @@ from kit.arena_kit import add_time_to_gkd_final, ci_text, mean_ci, preset_and_me
 from kit.cli import preset_parser
 from kit.provenance import LOADED_COMMIT
 from kit.registry import presets
-from kit.report import device_name, print_table, write_json, write_report
+from kit.report import print_table, stamp, write_json, write_report
 
 # The NPD methods' settings. `npd` is the defaults of the code that ran (each run's JSON records the commit and the
 # resolved settings, `npd.config`): inline on a CPU until the generator process became the default everywhere, and
@@ -397,8 +396,7 @@ def report_of(
     return {
         "task": TASK.format(layers=preset["student"]["layers"]),
         "seed": seed,
-        "device": device_name(),
-        "date": datetime.date.today().isoformat(),
+        **stamp(),
         "commit": LOADED_COMMIT,  # the code as it was loaded, not as it is when the report is written
         "teacher_acc": 1.0,  # the references are the teacher's greedy answers
         "teacher_acc_sampled": teacher_point["acc_sampled"],

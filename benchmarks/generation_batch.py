@@ -29,8 +29,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from kit.measure import stamp
-from kit.report import print_table, write_report
+from kit.report import print_table, stamp, write_report
 from throughput import PRESETS, build_models
 from transformers import DynamicCache
 

@@ -20,9 +20,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline, huggingface_hub sends no telemetry either
 
 from kit.cli import preset_parser
-from kit.measure import keyed, stamp
 from kit.registry import presets
-from kit.report import print_table, write_report
+from kit.report import keyed, print_table, stamp, write_report
 from kit.training import preset_npd_trainer
 
 PRESETS = presets("overlap")  # kit/registry.py: the pair, steps, batch, new tokens

@@ -22,8 +22,7 @@ from typing import Any
 
 from kit.child import run_child
 from kit.cli import preset_parser
-from kit.measure import stamp
-from kit.report import print_table, write_report
+from kit.report import print_table, stamp, write_report
 from throughput import PRESETS, one_trainer_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -30,9 +30,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline, huggingface_hub sends no telemetry either
 
 import psutil
-from kit.measure import stamp
 from kit.provenance import LOADED_COMMIT
-from kit.report import save_figure, subplots, write_report
+from kit.report import save_figure, stamp, subplots, write_report
 from kit.training import toy_npd_trainer
 from transformers import TrainerCallback
 

@@ -68,10 +68,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline, huggingface_hub sends n
 
 from kit.child import child_result, hand_back
 from kit.cli import preset_parser
-from kit.measure import keyed, stamp
 from kit.provenance import LOADED_COMMIT
 from kit.registry import PAIRS, PrunedSmolLM2, presets
-from kit.report import print_table, save_figure, subplots, write_report
+from kit.report import keyed, print_table, save_figure, stamp, subplots, write_report
 from kit.training import TrainingClock, quiet_args, train_timed
 
 # NPD's variants, each with the settings it changes from the defaults (`NearPolicyDistillConfig`'s)

@@ -3,6 +3,7 @@ machine in them."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -81,3 +82,14 @@ def _cell(value: Any, fmt: str) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     return "-" if value is None else format(value, fmt)
+
+
+def stamp() -> dict[str, str]:
+    """A report's `device` (`device_name`) and `date` (today): older than the `provenance` that `write_report`
+    adds, and kept because the plots' titles and the docs read them."""
+    return {"device": device_name(), "date": datetime.date.today().isoformat()}
+
+
+def keyed(fmt: str, *keys: str) -> list[tuple[str, str, str]]:
+    """`print_table`'s columns for `keys`, each headed by its report key and printed in format `fmt`."""
+    return [(key, key, fmt) for key in keys]
