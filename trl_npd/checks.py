@@ -13,7 +13,7 @@ from datasets import IterableDataset
 from torch import nn
 from trl.distributed import DistributedBackend
 
-from .heads import chunked_logits_error, chunked_logits_tolerance, logit_transform
+from .heads import chunked_logits_error, logit_transform, rounding_tolerance
 from .packing import packing_leaks
 
 logger = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ def check_chunked_projections(args: Any, student: nn.Module, teacher: nn.Module,
             error = chunked_logits_error(model, min(vocab, model.get_input_embeddings().num_embeddings))
         except ValueError as reason:  # a head the projections cannot read (a PEFT adapter on lm_head)
             raise ValueError(f"The {role} cannot run {', '.join(settings)}: {reason}") from None
-        if error > chunked_logits_tolerance(model):
+        if error > rounding_tolerance(model):
             raise ValueError(
                 f"The {role} ({type(model).__name__}) cannot run {', '.join(settings)}: these project its hidden "
                 f"states through its LM head chunk by chunk, with the logit transform its config names "

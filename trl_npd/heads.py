@@ -174,8 +174,9 @@ def chunked_logits_error(model: nn.Module, vocab_size: int) -> float:
     return float((full - chunked).abs().max() / full.abs().max().clamp_min(1e-6))
 
 
-def chunked_logits_tolerance(model: nn.Module) -> float:
-    """The largest `chunked_logits_error` that is only rounding: float32 agrees to ~1e-6, bf16/fp16 to ~1e-2."""
+def rounding_tolerance(model: nn.Module) -> float:
+    """The largest relative difference between two computations of `model`'s logits that is only rounding, for the
+    construction probes (`chunked_logits_error`, packing's leak probe): float32 agrees to ~1e-6, bf16/fp16 to ~1e-2."""
     return 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
 
 

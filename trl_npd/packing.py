@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .batching import IGNORE_INDEX, Sequence, on_policy_extras
-from .heads import own_forward
+from .heads import own_forward, rounding_tolerance
 
 
 @dataclass
@@ -124,5 +124,4 @@ def packing_leaks(model: torch.nn.Module, vocab_size: int) -> bool:
         alone = forward(input_ids=second[None].to(device), use_cache=False).logits[0].float()
     finally:
         model.train(was_training)
-    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
-    return bool((packed - alone).abs().max() > tolerance * max(1.0, float(alone.abs().max())))
+    return bool((packed - alone).abs().max() > rounding_tolerance(model) * max(1.0, float(alone.abs().max())))
