@@ -40,8 +40,8 @@ def add_time_to_gkd_final(runs: list[dict[str, Any]], window: int, metric: str =
     its curve of `metric`, averaged over `window` checkpoints as the final values are, first reaches the (first) GKD
     run's final value; None for every run when there is no GKD run."""
     gkd = next((run for run in runs if run["method"] == "gkd"), None)
+    level = None if gkd is None else gkd[f"final_{metric}_smoothed"]
     for run in runs:
-        level = None if gkd is None else gkd[f"final_{metric}_smoothed"]
         run[TIME_TO_GKD_FINAL[metric]] = None if level is None else time_to(run["curve"], window, level, metric)
 
 
